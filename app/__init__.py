@@ -1,0 +1,27 @@
+"""ollama-gw: an authenticating, rate-limiting gateway in front of Ollama."""
+import logging
+
+
+def create_app(settings=None):
+    """Build the WSGI app: settings -> logging -> database -> errors -> services -> routes."""
+    # Imported here, not at module level: gunicorn's master imports app.gunicorn_conf, and
+    # requests/ssl must not be loaded before gevent patches the worker after fork.
+    from flask import Flask
+
+    from app import auth, db, errors, ratelimit, routes, upstream
+    from app.config import load_settings
+
+    settings = settings or load_settings()
+    app = Flask(__name__, static_folder=None)
+    app.config["SETTINGS"] = settings
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    db.init_app(app)
+    errors.init_app(app)
+    auth.init_app(app)
+    ratelimit.init_app(app)
+    upstream.init_app(app)
+    routes.init_app(app)
+    return app

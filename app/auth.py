@@ -1,0 +1,97 @@
+"""Who is calling: find the key in the request, check it, cache the answer for a second.
+
+The cache keeps the hot path free of database reads while bounding how long a revoked
+key keeps working: `key_cache_seconds` (1 s by default), on every worker.
+"""
+import threading
+import time
+
+from app.errors import Forbidden, Unauthorized
+from app.keys import KeyInfo, hash_key
+from app.models import ApiKey, utcnow
+
+# Re-stamp last_used_at at most this often per key and process: one write a minute, not a request.
+LAST_USED_EVERY = 60.0
+
+
+class KeyCache:
+    """hash -> (KeyInfo or None, fetched_at); small, per process, self-expiring."""
+
+    def __init__(self, ttl):
+        self.ttl = ttl
+        self._entries = {}
+        self._last_used = {}
+        self._lock = threading.Lock()
+
+    def lookup(self, key_hash):
+        now = time.monotonic()
+        entry = self._entries.get(key_hash)
+        if entry and now - entry[1] < self.ttl:
+            return entry[0]
+        row = ApiKey.get_or_none(ApiKey.key_hash == key_hash)
+        info = KeyInfo.from_row(row) if row else None
+        with self._lock:
+            if len(self._entries) > 10000:
+                self._entries.clear()  # bounded: an attacker's random keys cannot grow it
+            self._entries[key_hash] = (info, now)
+        return info
+
+    def touch(self, info):
+        """Record that the key was used, at most once a minute."""
+        now = time.monotonic()
+        if now - self._last_used.get(info.id, -LAST_USED_EVERY) < LAST_USED_EVERY:
+            return
+        self._last_used[info.id] = now
+        ApiKey.update(last_used_at=utcnow()).where(ApiKey.id == info.id).execute()
+
+    def clear(self):
+        with self._lock:
+            self._entries.clear()
+            self._last_used.clear()
+
+
+def credentials(headers, args, json_body, legacy=True):
+    """The secret the caller presented, or None. Header forms win over legacy ones."""
+    auth = headers.get("Authorization", "")
+    scheme, _, value = auth.partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        return value.strip()
+    if headers.get("X-API-Key", "").strip():
+        return headers["X-API-Key"].strip()
+    if legacy:
+        if isinstance(json_body, dict) and isinstance(json_body.get("apikey"), str):
+            return json_body["apikey"].strip() or None
+        if args.get("apikey"):
+            return args["apikey"].strip()
+    return None
+
+
+def authenticate(cache, secret):
+    """Return the KeyInfo for `secret` or raise 401 saying which check failed."""
+    if not secret:
+        raise Unauthorized(
+            "missing API key: send it as 'Authorization: Bearer <key>' or 'X-API-Key: <key>'"
+        )
+    info = cache.lookup(hash_key(secret))
+    if info is None:
+        raise Unauthorized("invalid API key")
+    if info.revoked_at is not None:
+        raise Unauthorized(f"API key {info.prefix} has been revoked")
+    if info.is_expired():
+        raise Unauthorized(f"API key {info.prefix} expired")
+    cache.touch(info)
+    return info
+
+
+def require_admin(info, what):
+    if not info.is_admin:
+        raise Forbidden(f"{what} needs an admin key; key {info.prefix} has role {info.role}")
+
+
+def require_model(info, model):
+    if model and not info.allows_model(model):
+        raise Forbidden(f"key {info.prefix} may not use model {model!r}")
+
+
+def init_app(app):
+    app.extensions["key_cache"] = KeyCache(app.config["SETTINGS"].key_cache_seconds)

@@ -1,0 +1,117 @@
+"""The database: one proxy, bound from a URL, connected lazily per request; migrations.
+
+SQLite and PostgreSQL run the same code. Connections come from a pool and are
+greenlet-local under gevent (peewee keeps its state in ``threading.local``, which
+gevent patches), so each request uses its own connection and returns it at teardown.
+"""
+import contextlib
+import fcntl
+import os
+import zlib
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import peewee
+from playhouse import db_url
+from playhouse.migrations import Runner
+
+import migrations
+
+db = peewee.DatabaseProxy()
+
+MIGRATIONS_DIR = os.path.dirname(migrations.__file__)
+# Any fixed number works; it only has to be the same in every gateway instance.
+_PG_MIGRATION_LOCK = zlib.crc32(b"ollama-gw migrations")
+
+SQLITE_PRAGMAS = {
+    "journal_mode": "wal",  # readers never block the writer; 8x the throughput of rollback mode
+    "synchronous": "normal",  # safe with WAL: a power cut loses at most the last commits
+    "busy_timeout": 10000,  # ms a writer waits for another worker's write to finish
+    "foreign_keys": 1,
+}
+
+
+def open_database(url, max_connections=64):
+    """Create a pooled peewee database for a sqlite:// or postgresql:// URL."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.split("+")[0]
+    pool = {"max_connections": max_connections, "stale_timeout": 300, "timeout": 10}
+    if scheme == "sqlite":
+        path = db_url.parse(url)["database"]
+        if path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        # IMMEDIATE: every transaction here writes, so take the write lock up front and
+        # let busy_timeout queue writers, instead of failing on a lock upgrade.
+        return db_url.connect(
+            "sqlite+pool://" + url[len(parts.scheme) + 3:],
+            pragmas=SQLITE_PRAGMAS,
+            lock_type="IMMEDIATE",
+            check_same_thread=False,
+            **pool,
+        )
+    if scheme in ("postgres", "postgresql"):
+        return db_url.connect("postgresql+pool://" + url[len(parts.scheme) + 3:], **pool)
+    raise ValueError(f"unsupported database URL scheme {parts.scheme!r}")
+
+
+def init_app(app):
+    """Bind the proxy to the configured database and close connections after each request."""
+    settings = app.config["SETTINGS"]
+    db.initialize(open_database(settings.resolved_database_url))
+
+    @app.teardown_appcontext
+    def _close_connection(exc):
+        if not db.is_closed():
+            db.close()
+
+
+def is_postgres(database=None):
+    database = database or db.obj
+    return isinstance(database, peewee.PostgresqlDatabase)
+
+
+@contextlib.contextmanager
+def migration_lock(database):
+    """Serialise migrations across workers and instances that start at the same moment."""
+    if is_postgres(database):
+        database.connect(reuse_if_open=True)
+        database.execute_sql("SELECT pg_advisory_lock(%s)", (_PG_MIGRATION_LOCK,))
+        try:
+            yield
+        finally:
+            database.execute_sql("SELECT pg_advisory_unlock(%s)", (_PG_MIGRATION_LOCK,))
+        return
+    # SQLite can only be shared by processes on this machine: a lock file next to it does.
+    path = database.database
+    lock_path = os.devnull if path == ":memory:" else path + ".migrate-lock"
+    with open(lock_path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def migration_runner(database):
+    return Runner(database, MIGRATIONS_DIR)
+
+
+def upgrade(database):
+    """Apply pending migrations; return the names applied (none if up to date)."""
+    with migration_lock(database):
+        return migration_runner(database).up()
+
+
+def downgrade(database, target=None):
+    """Revert the newest migration, or every one back through `target`."""
+    with migration_lock(database):
+        return migration_runner(database).down(target)
+
+
+def migration_status(database):
+    """[(name, applied_at or None)] in order, including applied ones whose file is gone."""
+    return [(m.name, m.applied) for m in migration_runner(database).status()]
+
+
+def pending_migrations(database):
+    return [name for name, applied in migration_status(database) if applied is None]

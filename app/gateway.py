@@ -1,0 +1,126 @@
+"""The request path shared by every relaying route: read, authenticate, admit, forward.
+
+Views decide what is allowed for their endpoint; this module does the rest in the
+order the product promises: a refused request never reaches Ollama and a request
+that reaches Ollama always gives its concurrency slot back.
+"""
+import json
+import time
+from urllib.parse import urlencode
+
+from flask import Response, current_app, request
+from werkzeug.wsgi import get_input_stream
+
+from app import auth
+from app.errors import BadRequest, GatewayError
+from app.relay import (
+    ClientDisconnected,
+    ClientWatch,
+    RelayOutcome,
+    open_upstream,
+    relay_body,
+    response_headers,
+    streamed_body,
+)
+from app.upstream import forwardable_request_headers
+
+
+def services():
+    ext = current_app.extensions
+    return ext["key_cache"], ext["limiter"], ext["upstream"]
+
+
+def read_json_body():
+    """(raw bytes, parsed JSON or None); 400 for malformed JSON, 413 past max_body_bytes."""
+    raw = request.get_data(cache=True)
+    if not raw.strip():
+        return raw, None
+    try:
+        payload = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(payload, dict):
+        raise BadRequest("request body must be a JSON object")
+    for field in ("model", "name"):
+        if field in payload and not isinstance(payload[field], str):
+            raise BadRequest(f"'{field}' must be a string")
+    return raw, payload
+
+
+def current_key(payload=None):
+    """Authenticate the request's key (header, or legacy body/query field)."""
+    cache, _, _ = services()
+    legacy = current_app.config["SETTINGS"].legacy_apikey
+    secret = auth.credentials(request.headers, request.args, payload, legacy)
+    return auth.authenticate(cache, secret)
+
+
+def strip_legacy_key(raw, payload):
+    """The body and query to send upstream, without any `apikey` the client put there."""
+    query = request.query_string
+    if "apikey" in request.args:
+        query = urlencode(
+            [(k, v) for k, v in request.args.items(multi=True) if k != "apikey"]
+        ).encode()
+    if payload is not None and "apikey" in payload:
+        payload = {k: v for k, v in payload.items() if k != "apikey"}
+        raw = json.dumps(payload).encode()
+    return raw, query
+
+
+def forward(key, path, body, query=b"", transform=None):
+    """Admit the request for `key`, send it to Ollama and relay the answer.
+
+    `transform(json) -> json`, when given, rewrites a small JSON answer (e.g. /api/tags
+    filtered to the key's models) instead of streaming it through.
+    """
+    _, limiter, upstream = services()
+    admission = limiter.admit(key)
+    outcome = RelayOutcome(status=0, started=time.monotonic())
+    watch = ClientWatch(request.environ).start()
+    headers = forwardable_request_headers(request.headers)
+    try:
+        response = open_upstream(upstream, watch, request.method, path, query, headers, body)
+    except ClientDisconnected:
+        watch.stop()
+        limiter.release(admission)
+        return Response(status=499)  # nobody is listening; nginx's code for it
+    except GatewayError as exc:
+        watch.stop()
+        limiter.release(admission)
+        exc.headers.update(admission.headers())
+        raise
+    outcome.status = response.status_code
+
+    if transform is not None and response.ok:
+        watch.stop()
+        try:
+            data = transform(response.json())
+        except ValueError:
+            data = None
+        finally:
+            response.close()
+            limiter.release(admission)
+        if data is not None:
+            return current_app.response_class(
+                json.dumps(data), status=response.status_code,
+                headers=admission.headers(), mimetype="application/json",
+            )
+        raise GatewayError("Ollama answered with malformed JSON", status=502)
+
+    def finish(_outcome):
+        limiter.release(admission)
+
+    return Response(
+        relay_body(response, watch, outcome, finish),
+        status=response.status_code,
+        headers=response_headers(response, admission.headers()),
+        direct_passthrough=True,
+    )
+
+
+def request_body_for_upload():
+    """The raw request stream, unbuffered and exempt from max_body_bytes (blob uploads)."""
+    # Not request.stream: Flask treats a per-request limit of None as "use MAX_CONTENT_LENGTH".
+    stream = get_input_stream(request.environ, max_content_length=None)
+    return streamed_body(stream, request.content_length)

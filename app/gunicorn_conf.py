@@ -1,0 +1,43 @@
+"""gunicorn settings for ollama-gw.
+
+Read by `ollama-gw serve`, or by `gunicorn -c python:app.gunicorn_conf wsgi:app`.
+
+Values come from the gateway's own configuration so there is one place to set them.
+"""
+from app.config import load_settings
+
+_settings = load_settings()
+
+# host:port to listen on.
+bind = _settings.bind
+# Processes. Each gevent worker multiplexes thousands of connections on one core, so
+# one per core is right; more only adds memory.
+workers = _settings.workers
+# Cooperative I/O: a request waiting on Ollama costs a greenlet (~10 KiB), not a thread.
+worker_class = "gevent"
+# Simultaneous connections per worker (mostly long streams waiting on the GPU).
+worker_connections = 10000
+# Seconds a worker may go without a heartbeat before the master restarts it. With gevent
+# the heartbeat runs in its own greenlet, so long streams are NOT cut by this.
+timeout = 30
+# Seconds in-flight requests get to finish after SIGTERM or SIGHUP before being cut.
+graceful_timeout = _settings.graceful_timeout
+# Seconds an idle keep-alive connection stays open.
+keepalive = 5
+# Never preload: gevent patches the standard library in each worker after fork, and
+# the app must create its sockets and database pool after that.
+preload_app = False
+# The gateway writes its own log lines; gunicorn's access log would print query strings,
+# and legacy clients put keys there.
+accesslog = None
+errorlog = "-"
+loglevel = _settings.log_level
+proc_name = "ollama-gw"
+
+
+def post_fork(server, worker):
+    """Let psycopg2 yield to other greenlets while it waits on PostgreSQL."""
+    if _settings.resolved_database_url.startswith(("postgres://", "postgresql://")):
+        from psycogreen.gevent import patch_psycopg
+
+        patch_psycopg()

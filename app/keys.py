@@ -1,0 +1,237 @@
+"""Gateway keys: make them, find them, change them. Secrets exist only at creation.
+
+A key is ``ogw_`` + 43 URL-safe characters (256 random bits). It is stored as its
+SHA-256: keys are random, so a fast hash is as safe as a slow one and authentication
+costs microseconds. The first 12 characters (``ogw_`` + 8) are its public prefix.
+"""
+import dataclasses
+import datetime
+import fnmatch
+import hashlib
+import secrets
+
+import peewee
+
+from app.db import db
+from app.limits import format_rate_limit, parse_duration, parse_rate_limit
+from app.models import ApiKey, utcnow
+
+KEY_PREFIX = "ogw_"
+PREFIX_LENGTH = len(KEY_PREFIX) + 8
+ROLES = ("user", "admin")
+
+
+class KeyOpError(ValueError):
+    """A key operation cannot be done; the message says why (not found, ambiguous, …)."""
+
+
+def hash_key(secret):
+    return hashlib.sha256(secret.encode("utf-8")).hexdigest()
+
+
+def new_secret():
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def normalize_model(name):
+    """`llama3` and `llama3:latest` are the same model to Ollama."""
+    name = (name or "").strip()
+    return name if ":" in name.rsplit("/", 1)[-1] else name + ":latest"
+
+
+def parse_models(text):
+    """A comma-separated allow-list -> normalized tuple; empty or None allows all."""
+    if text is None:
+        return ()
+    items = text if isinstance(text, (list, tuple)) else str(text).split(",")
+    names = [str(item).strip() for item in items if str(item).strip()]
+    return tuple(name if "*" in name else normalize_model(name) for name in names)
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyInfo:
+    """What a request needs to know about its key, detached from the database row."""
+
+    id: int
+    prefix: str
+    name: str
+    role: str
+    rate_limit: int | None
+    rate_period: int
+    max_concurrent: int | None
+    models: tuple
+    expires_at: datetime.datetime | None
+    revoked_at: datetime.datetime | None
+
+    @classmethod
+    def from_row(cls, row):
+        return cls(
+            row.id, row.prefix, row.name, row.role, row.rate_limit, row.rate_period,
+            row.max_concurrent, parse_models(row.models), row.expires_at, row.revoked_at,
+        )
+
+    @property
+    def is_admin(self):
+        return self.role == "admin"
+
+    def is_expired(self, now=None):
+        return self.expires_at is not None and self.expires_at <= (now or utcnow())
+
+    def allows_model(self, model):
+        if not self.models:
+            return True
+        wanted = normalize_model(model)
+        return any(fnmatch.fnmatchcase(wanted, allowed) for allowed in self.models)
+
+
+def key_summary(row):
+    """A key as scripts and tables see it: never the secret or its hash."""
+    def iso(value):
+        return value.replace(tzinfo=datetime.timezone.utc).isoformat() if value else None
+
+    if row.revoked_at:
+        status = "revoked"
+    elif row.expires_at and row.expires_at <= utcnow():
+        status = "expired"
+    else:
+        status = "active"
+    return {
+        "id": row.id,
+        "prefix": row.prefix,
+        "name": row.name,
+        "role": row.role,
+        "rate_limit": format_rate_limit(row.rate_limit, row.rate_period),
+        "max_concurrent": row.max_concurrent,
+        "models": list(parse_models(row.models)),
+        "status": status,
+        "created_at": iso(row.created_at),
+        "last_used_at": iso(row.last_used_at),
+        "expires_at": iso(row.expires_at),
+        "revoked_at": iso(row.revoked_at),
+    }
+
+
+def _changes(role=None, rate_limit=None, max_concurrent=None, models=None, expires=None):
+    """Validate optional settings into column values; raise KeyOpError with the reason."""
+    values = {}
+    if role is not None:
+        if role not in ROLES:
+            raise KeyOpError(f"role must be one of {', '.join(ROLES)}, not {role!r}")
+        values["role"] = role
+    if rate_limit is not None:
+        try:
+            parsed = parse_rate_limit(rate_limit)
+        except ValueError as exc:
+            raise KeyOpError(str(exc)) from None
+        values["rate_limit"], values["rate_period"] = parsed or (None, 3600)
+    if max_concurrent is not None:
+        if int(max_concurrent) < 0:
+            raise KeyOpError("max concurrent requests must be 0 (no limit) or more")
+        values["max_concurrent"] = int(max_concurrent) or None
+    if models is not None:
+        values["models"] = ",".join(parse_models(models)) or None
+    if expires is not None:
+        if str(expires).strip().lower() in ("never", "none", ""):
+            values["expires_at"] = None
+        else:
+            try:
+                lifetime = datetime.timedelta(seconds=parse_duration(expires))
+                values["expires_at"] = utcnow() + lifetime
+            except ValueError as exc:
+                raise KeyOpError(str(exc)) from None
+    return values
+
+
+def create_key(name, role="user", rate_limit=None, max_concurrent=None, models=None,
+               expires=None, default_rate_limits=None):
+    """Create a key; return (row, secret). The secret is not recoverable afterwards."""
+    name = (name or "").strip()
+    if not name:
+        raise KeyOpError("a key needs a name (who or what uses it)")
+    if len(name) > 200:
+        raise KeyOpError("a key name is at most 200 characters")
+    if rate_limit is None:
+        defaults = default_rate_limits or {"user": "100/hour", "admin": "1000/hour"}
+        rate_limit = defaults.get(role, defaults.get("user"))
+    values = _changes(role or "user", rate_limit, max_concurrent, models, expires)
+    values.setdefault("role", "user")
+    for _ in range(5):
+        secret = new_secret()
+        try:
+            with db.atomic():
+                row = ApiKey.create(
+                    name=name, prefix=secret[:PREFIX_LENGTH], key_hash=hash_key(secret), **values
+                )
+            return row, secret
+        except peewee.IntegrityError:
+            continue  # a prefix clash: 48 random bits make this vanishingly rare
+    raise KeyOpError("could not generate a unique key prefix; try again")
+
+
+def find_key(ident):
+    """The key whose id or prefix is `ident`; a prefix must match exactly one key."""
+    ident = str(ident).strip()
+    if ident.isdigit():
+        row = ApiKey.get_or_none(ApiKey.id == int(ident))
+        if row:
+            return row
+    if len(ident) < 6:
+        if ident.isdigit():
+            raise KeyOpError(f"no key with id {ident}")
+        raise KeyOpError(f"key prefix {ident!r} is too short: give the id or 6+ characters")
+    if ident.startswith(KEY_PREFIX) and len(ident) > PREFIX_LENGTH:
+        # Someone pasted the whole secret: find it by hash, never by a guessable prefix.
+        row = ApiKey.get_or_none(ApiKey.key_hash == hash_key(ident))
+        if row:
+            return row
+        raise KeyOpError("no key matches that secret")
+    # startswith is LIKE/ILIKE, case-blind; prefixes are case-sensitive base64, so re-check.
+    matches = [row for row in ApiKey.select().where(ApiKey.prefix.startswith(ident))
+               if row.prefix.startswith(ident)]
+    if not matches:
+        raise KeyOpError(f"no key with prefix {ident!r}")
+    if len(matches) > 1:
+        raise KeyOpError(
+            f"prefix {ident!r} matches more than one key: give the id or a longer prefix"
+        )
+    return matches[0]
+
+
+def update_key(ident, name=None, **settings):
+    """Change a key's name or limits; return the updated row."""
+    row = find_key(ident)
+    values = _changes(**settings)
+    if name is not None:
+        if not name.strip():
+            raise KeyOpError("a key name cannot be empty")
+        values["name"] = name.strip()
+    if values:
+        ApiKey.update(values).where(ApiKey.id == row.id).execute()
+    return ApiKey.get_by_id(row.id)
+
+
+def revoke_key(ident):
+    """Revoke a key at once; return the row. Revoking twice is not an error."""
+    row = find_key(ident)
+    if row.revoked_at is None:
+        ApiKey.update(revoked_at=utcnow()).where(ApiKey.id == row.id).execute()
+    return ApiKey.get_by_id(row.id)
+
+
+def rotate_key(ident):
+    """Give a key a new secret, keeping its id and settings; return (row, secret)."""
+    row = find_key(ident)
+    if row.revoked_at is not None:
+        raise KeyOpError(f"key {row.prefix} is revoked; create a new key instead")
+    secret = new_secret()
+    ApiKey.update(prefix=secret[:PREFIX_LENGTH], key_hash=hash_key(secret)).where(
+        ApiKey.id == row.id
+    ).execute()
+    return ApiKey.get_by_id(row.id), secret
+
+
+def list_keys(include_revoked=True):
+    query = ApiKey.select().order_by(ApiKey.id)
+    if not include_revoked:
+        query = query.where(ApiKey.revoked_at.is_null())
+    return list(query)

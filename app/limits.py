@@ -1,0 +1,56 @@
+"""Parse and print the human forms of limits: `60/minute`, `30d`."""
+import re
+
+PERIODS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
+_ALIASES = {
+    "s": "second", "sec": "second", "secs": "second", "seconds": "second",
+    "m": "minute", "min": "minute", "mins": "minute", "minutes": "minute",
+    "h": "hour", "hr": "hour", "hours": "hour",
+    "d": "day", "days": "day",
+}
+UNLIMITED = ("none", "unlimited", "off")
+
+
+def parse_rate_limit(text):
+    """Return (count, period_seconds) for `N/unit`, or None for `none`/`unlimited`.
+
+    A bare number means per hour, as in ollama-api-service's `rate_limit: 100`.
+    """
+    raw = str(text).strip().lower()
+    if raw in UNLIMITED:
+        return None
+    if raw.isdigit():
+        raw += "/hour"
+    match = re.fullmatch(r"(\d+)\s*(?:/|per)\s*(\d*)\s*([a-z]+)", raw)
+    unit = match and _ALIASES.get(match.group(3), match.group(3))
+    if not match or unit not in PERIODS:
+        raise ValueError(
+            f"rate limit {text!r} is not N/unit: use e.g. 60/minute, 1000/hour, "
+            "10000/day (units: second, minute, hour, day) or 'none'"
+        )
+    count = int(match.group(1))
+    multiple = int(match.group(2) or 1)
+    if count < 1 or multiple < 1:
+        raise ValueError(f"rate limit {text!r} must allow at least 1 request per period")
+    return count, multiple * PERIODS[unit]
+
+
+def format_rate_limit(count, period):
+    """The inverse of parse_rate_limit: `60/minute`, `5/10minute`, `unlimited`."""
+    if not count:
+        return "unlimited"
+    for unit, seconds in sorted(PERIODS.items(), key=lambda item: -item[1]):
+        if period % seconds == 0:
+            multiple = period // seconds
+            return f"{count}/{unit}" if multiple == 1 else f"{count}/{multiple}{unit}"
+    return f"{count}/{period}second"
+
+
+def parse_duration(text):
+    """Seconds in `30d`, `12h`, `90m`, `45s`, `2w` (weeks), or a bare number of days."""
+    raw = str(text).strip().lower()
+    match = re.fullmatch(r"(\d+)\s*([smhdw]?)", raw)
+    if not match or int(match.group(1)) < 1:
+        raise ValueError(f"duration {text!r} is not like 30d, 12h, 90m, 45s or 2w")
+    unit = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, "": 86400}[match.group(2)]
+    return int(match.group(1)) * unit

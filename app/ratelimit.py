@@ -1,0 +1,158 @@
+"""Per-key limits that hold exactly across workers and instances sharing one database.
+
+Requests are counted in fixed windows aligned to the epoch (a `60/minute` key gets 60
+per clock minute), by a single ``INSERT … ON CONFLICT DO UPDATE … WHERE count < limit
+RETURNING count``: the database serialises concurrent increments, so N workers can never
+admit more than the limit between them. Concurrency slots are rows with a lease that
+the holding process renews; a crashed worker's slots lapse within one lease.
+Both checks run in one transaction, so a request refused by one consumes neither.
+"""
+import dataclasses
+import logging
+import math
+import os
+import socket
+import threading
+import time
+
+from app.db import db, is_postgres
+from app.errors import RateLimited
+from app.limits import format_rate_limit
+from app.models import ApiKey, ConcurrencySlot, RateCounter
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Admission:
+    """What admitting a request decided; becomes the X-RateLimit-* headers."""
+
+    limit: int | None = None
+    remaining: int | None = None
+    reset_at: int | None = None
+    slot_id: int | None = None
+
+    def headers(self):
+        if self.limit is None:
+            return {}
+        return {
+            "X-RateLimit-Limit": str(self.limit),
+            "X-RateLimit-Remaining": str(max(self.remaining, 0)),
+            "X-RateLimit-Reset": str(self.reset_at),
+        }
+
+
+class Limiter:
+    def __init__(self, lease_seconds=60):
+        self.lease_seconds = lease_seconds
+        self.holder = f"{socket.gethostname()}:{os.getpid()}"[:128]
+        self._held = set()
+        self._keeper = None
+        self._lock = threading.Lock()
+
+    def admit(self, key, now=None):
+        """Count one request for `key` and take a concurrency slot, or raise 429."""
+        now = time.time() if now is None else now
+        admission = Admission()
+        with db.atomic():
+            if key.max_concurrent and is_postgres():
+                # Serialise this key's slot checks; SQLite's write lock already does.
+                ApiKey.select(ApiKey.id).where(ApiKey.id == key.id).for_update().execute()
+            if key.rate_limit:
+                self._count(key, now, admission)
+            if key.max_concurrent:
+                admission.slot_id = self._take_slot(key, now, admission)
+        if admission.slot_id is not None:
+            self._hold(admission.slot_id)
+        return admission
+
+    def _count(self, key, now, admission):
+        window = int(now // key.rate_period * key.rate_period)
+        admission.limit = key.rate_limit
+        admission.reset_at = window + key.rate_period
+        cursor = (
+            RateCounter.insert(key=key.id, window_start=window, count=1)
+            .on_conflict(
+                conflict_target=[RateCounter.key, RateCounter.window_start],
+                update={RateCounter.count: RateCounter.count + 1},
+                where=(RateCounter.count < key.rate_limit),
+            )
+            .returning(RateCounter.count)
+            .tuples()
+            .execute()
+        )
+        row = next(iter(cursor), None)
+        if row is None:
+            admission.remaining = 0
+            retry = max(1, math.ceil(admission.reset_at - now))
+            raise RateLimited(
+                f"rate limit exceeded: key allows "
+                f"{format_rate_limit(key.rate_limit, key.rate_period)}; retry in {retry} s",
+                headers={"Retry-After": str(retry), **admission.headers()},
+            )
+        admission.remaining = key.rate_limit - row[0]
+        if row[0] == 1:
+            # First request of a new window: earlier windows of this key are history.
+            RateCounter.delete().where(
+                (RateCounter.key == key.id) & (RateCounter.window_start < window)
+            ).execute()
+
+    def _take_slot(self, key, now, admission):
+        ConcurrencySlot.delete().where(
+            (ConcurrencySlot.key == key.id) & (ConcurrencySlot.expires_at <= now)
+        ).execute()
+        busy = ConcurrencySlot.select().where(ConcurrencySlot.key == key.id).count()
+        if busy >= key.max_concurrent:
+            raise RateLimited(
+                f"too many concurrent requests: key allows {key.max_concurrent} at a time; "
+                "retry when one finishes",
+                headers={"Retry-After": "1", **admission.headers()},
+            )
+        return ConcurrencySlot.insert(
+            key=key.id, holder=self.holder, expires_at=now + self.lease_seconds
+        ).execute()
+
+    def release(self, admission):
+        """Give back the admission's concurrency slot; safe to call more than once."""
+        slot_id, admission.slot_id = admission.slot_id, None
+        if slot_id is None:
+            return
+        with self._lock:
+            self._held.discard(slot_id)
+        try:
+            with db.connection_context():
+                ConcurrencySlot.delete().where(ConcurrencySlot.id == slot_id).execute()
+        except Exception:  # the lease lapses on its own; never fail a response for this
+            log.warning("could not release concurrency slot %s; it lapses in %s s",
+                        slot_id, self.lease_seconds, exc_info=True)
+
+    def _hold(self, slot_id):
+        with self._lock:
+            self._held.add(slot_id)
+            if self._keeper is None or not self._keeper.is_alive():
+                self._keeper = threading.Thread(
+                    target=self._renew_forever, name="slot-lease-keeper", daemon=True
+                )
+                self._keeper.start()
+
+    def _renew_forever(self):
+        """Extend the leases of slots this process holds, so long streams keep theirs."""
+        while True:
+            time.sleep(self.lease_seconds / 3)
+            with self._lock:
+                held = list(self._held)
+            if held:
+                self.renew(held)
+
+    def renew(self, slot_ids):
+        try:
+            with db.connection_context():
+                ConcurrencySlot.update(expires_at=time.time() + self.lease_seconds).where(
+                    ConcurrencySlot.id.in_(slot_ids)
+                ).execute()
+        except Exception:
+            log.warning("could not renew %d concurrency slot leases", len(slot_ids), exc_info=True)
+
+
+def init_app(app):
+    app.extensions["limiter"] = Limiter(app.config["SETTINGS"].slot_lease_seconds)

@@ -1,0 +1,185 @@
+"""Relay Ollama's answer to the client as it arrives, and stop Ollama when the client leaves.
+
+Status and headers are decided before the first byte. Chunks pass through untouched
+(no decoding, no re-framing), so NDJSON stays NDJSON. Under gunicorn's gevent worker a
+watcher greenlet notices a client that hangs up, even while Ollama is silent (loading a
+model), and interrupts the wait: the upstream connection is closed at once, which is
+how Ollama learns to stop generating.
+"""
+import contextlib
+import dataclasses
+import json
+import logging
+import socket
+import time
+
+import requests
+import urllib3
+
+from app.upstream import forwardable_response_headers
+
+log = logging.getLogger(__name__)
+
+CHUNK_SIZE = 64 * 1024
+STREAM_TYPES = ("application/x-ndjson", "text/event-stream")
+
+
+class ClientDisconnected(Exception):
+    """The client closed its connection while the gateway waited on Ollama."""
+
+
+@dataclasses.dataclass
+class RelayOutcome:
+    """What happened on the wire; handed to the on_finish callback."""
+
+    status: int
+    started: float
+    first_byte_at: float | None = None
+    bytes: int = 0
+    client_aborted: bool = False
+    upstream_error: str | None = None
+    tail: bytes = b""  # the last bytes relayed: the final NDJSON line carries token counts
+
+
+def _gevent_active():
+    try:
+        from gevent import monkey
+    except ImportError:
+        return False
+    return monkey.is_module_patched("socket")
+
+
+class ClientWatch:
+    """Interrupts waits on Ollama when the client's socket reaches EOF."""
+
+    def __init__(self, environ):
+        self.sock = environ.get("gunicorn.socket") if _gevent_active() else None
+        self.gone = False
+        self._waiter = None
+        self._greenlet = None
+
+    def start(self):
+        if self.sock is not None:
+            import gevent
+
+            self._greenlet = gevent.spawn(self._watch)
+        return self
+
+    def stop(self):
+        self._waiter = None
+        if self._greenlet is not None:
+            self._greenlet.kill(block=False)
+
+    @contextlib.contextmanager
+    def waiting(self):
+        """Mark a wait on Ollama that a hang-up may interrupt with ClientDisconnected."""
+        if self.gone:
+            raise ClientDisconnected()
+        import greenlet
+
+        self._waiter = greenlet.getcurrent()
+        try:
+            yield
+        finally:
+            self._waiter = None
+
+    def _watch(self):
+        from gevent.socket import wait_read
+
+        try:
+            wait_read(self.sock.fileno())
+            eof = self.sock.recv(1, socket.MSG_PEEK) == b""
+        except OSError:
+            eof = True
+        if not eof:
+            return  # the client sent more (a pipelined request): not a hang-up
+        self.gone = True
+        if self._waiter is not None:
+            import gevent
+
+            # Throw from the hub, and only if the request is still inside a wait then.
+            gevent.get_hub().loop.run_callback(self._interrupt)
+
+    def _interrupt(self):
+        waiter = self._waiter
+        if waiter is not None:
+            waiter.throw(ClientDisconnected())
+
+
+def open_upstream(upstream, watch, *args, **kwargs):
+    """upstream.send() that a client hang-up interrupts (before any byte of the answer)."""
+    with watch.waiting():
+        return upstream.send(*args, **kwargs)
+
+
+def relay_body(response, watch, outcome, on_finish):
+    """Yield the upstream body chunk by chunk; always close it and report the outcome."""
+    is_ndjson = response.headers.get("Content-Type", "").startswith("application/x-ndjson")
+    chunks = response.raw.stream(CHUNK_SIZE, decode_content=False)
+    try:
+        while True:
+            try:
+                with watch.waiting():
+                    chunk = next(chunks, None)
+            except ClientDisconnected:
+                outcome.client_aborted = True
+                return
+            except (urllib3.exceptions.HTTPError, requests.RequestException, OSError) as exc:
+                outcome.upstream_error = f"{type(exc).__name__}: {exc}"
+                log.warning("upstream failed mid-answer after %d bytes: %s", outcome.bytes, exc)
+                if is_ndjson:
+                    # Ollama ends a failed stream with an error line; clients look for it.
+                    message = "the Ollama server stopped answering in the middle of the stream"
+                    yield (json.dumps({"error": message}) + "\n").encode()
+                return
+            if chunk is None:
+                return
+            if not chunk:
+                continue
+            if outcome.first_byte_at is None:
+                outcome.first_byte_at = time.monotonic()
+            outcome.bytes += len(chunk)
+            outcome.tail = (outcome.tail + chunk)[-8192:]
+            yield chunk
+    except GeneratorExit:
+        # The WSGI server closed us: the client went away while we were writing to it.
+        outcome.client_aborted = True
+        raise
+    finally:
+        watch.stop()
+        response.close()
+        on_finish(outcome)
+
+
+def response_headers(response, extra):
+    headers = forwardable_response_headers(response.headers)
+    content_type = response.headers.get("Content-Type", "")
+    if content_type.startswith(STREAM_TYPES):
+        headers.append(("X-Accel-Buffering", "no"))  # tell nginx in front not to buffer
+        headers = [(k, v) for k, v in headers if k.lower() != "content-length"]
+    headers.extend(extra.items())
+    return headers
+
+
+class Upload:
+    """A request body streamed to Ollama without buffering (blob uploads may be gigabytes)."""
+
+    def __init__(self, stream, length):
+        self._stream = stream
+        self._length = length
+
+    def read(self, size=CHUNK_SIZE):
+        return self._stream.read(size if size and size > 0 else CHUNK_SIZE)
+
+    def __iter__(self):
+        return iter(lambda: self.read(CHUNK_SIZE), b"")
+
+    def __len__(self):
+        return self._length
+
+
+def streamed_body(stream, content_length):
+    """A body for requests: sized when the client said its length, chunked otherwise."""
+    if content_length is not None:
+        return Upload(stream, content_length)
+    return iter(lambda: stream.read(CHUNK_SIZE), b"")

@@ -1,0 +1,7 @@
+"""Blueprints by API family, registered in one place."""
+from app.routes import meta, native
+
+
+def init_app(app):
+    app.register_blueprint(meta.bp)
+    app.register_blueprint(native.bp)

@@ -1,0 +1,102 @@
+"""Talking to Ollama: one pooled HTTP session per process, errors mapped to 502/504.
+
+Client-facing messages say what to check but never name the internal upstream URL
+(ollama-api-service leaked it); the log has it.
+"""
+import logging
+import time
+
+import requests
+from requests.adapters import HTTPAdapter
+
+from app.errors import UpstreamTimeout, UpstreamUnavailable
+
+log = logging.getLogger(__name__)
+
+# Never forwarded: hop-by-hop headers, the gateway's own credentials, and what requests recomputes.
+_DROP_REQUEST_HEADERS = {
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
+    "trailers", "transfer-encoding", "upgrade", "host", "content-length",
+    "authorization", "x-api-key", "cookie",
+}
+_DROP_RESPONSE_HEADERS = {
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
+    "trailers", "transfer-encoding", "upgrade", "server", "date",
+}
+
+
+def forwardable_request_headers(headers):
+    return {k: v for k, v in headers.items() if k.lower() not in _DROP_REQUEST_HEADERS}
+
+
+def forwardable_response_headers(headers):
+    return [(k, v) for k, v in headers.items() if k.lower() not in _DROP_RESPONSE_HEADERS]
+
+
+class Upstream:
+    """The Ollama server requests are relayed to."""
+
+    def __init__(self, base_url, connect_timeout=5.0, read_timeout=600.0):
+        self.base_url = base_url.rstrip("/")
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self.session = requests.Session()
+        self.session.trust_env = False  # an HTTP_PROXY meant for the internet must not catch Ollama
+        # Keep enough idle connections for a busy worker; urllib3 opens more when needed.
+        adapter = HTTPAdapter(pool_connections=4, pool_maxsize=256, max_retries=0)
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
+        self._health = (0.0, None)
+
+    def send(self, method, path, query=b"", headers=None, body=None):
+        """Open a streamed request to Ollama; raise 502/504 errors the client can act on."""
+        url = self.base_url + path + ("?" + query.decode("latin-1") if query else "")
+        try:
+            return self.session.request(
+                method, url, headers=headers, data=body, stream=True, allow_redirects=False,
+                timeout=(self.connect_timeout, self.read_timeout),
+            )
+        except requests.ConnectTimeout:
+            log.warning("upstream %s: no connection in %ss", self.base_url, self.connect_timeout)
+            raise UpstreamTimeout(
+                f"Ollama did not accept a connection within {self.connect_timeout:g} s; "
+                "check that the Ollama server is up and reachable from the gateway"
+            ) from None
+        except requests.ReadTimeout:
+            log.warning("upstream %s: no answer within %ss", self.base_url, self.read_timeout)
+            raise UpstreamTimeout(
+                f"Ollama sent no answer within {self.read_timeout:g} s; the model may still be "
+                "loading or the server is overloaded (the gateway's read_timeout sets this limit)"
+            ) from None
+        except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as exc:
+            log.warning("upstream %s unreachable: %s", self.base_url, exc)
+            raise UpstreamUnavailable(
+                "cannot reach the Ollama server; check that it is running and that the "
+                "gateway's upstream URL (OLLAMA_URL) points to it"
+            ) from None
+
+    def health(self, max_age=5.0):
+        """'healthy', 'unhealthy' (answers, but not OK) or 'unreachable'; cached a few seconds.
+
+        The cache keeps an unauthenticated /health from becoming a lever on Ollama.
+        """
+        checked_at, status = self._health
+        if status is not None and time.monotonic() - checked_at < max_age:
+            return status
+        try:
+            response = self.session.get(
+                self.base_url + "/api/version", timeout=(min(self.connect_timeout, 2.0), 2.0)
+            )
+            status = "healthy" if response.ok else "unhealthy"
+            response.close()
+        except requests.RequestException:
+            status = "unreachable"
+        self._health = (time.monotonic(), status)
+        return status
+
+
+def init_app(app):
+    settings = app.config["SETTINGS"]
+    app.extensions["upstream"] = Upstream(
+        settings.upstream, settings.connect_timeout, settings.read_timeout
+    )

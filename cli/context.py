@@ -1,0 +1,62 @@
+"""What every command needs: settings and an open, migrated database, or a clear error."""
+import json
+
+import click
+import peewee
+
+from app import db as database
+from app.config import ConfigError, load_settings
+
+
+def settings(**overrides):
+    try:
+        return load_settings(overrides=overrides)
+    except ConfigError as exc:
+        raise click.ClickException(f"configuration: {exc}") from None
+
+
+def open_db(migrate=True):
+    """Connect the models to the configured database; with `migrate`, make its schema current.
+
+    migrate=False only opens it: `db upgrade`, `db status` and `check` must work on a
+    database whose migrations are pending.
+    """
+    conf = settings()
+    url = conf.resolved_database_url
+    try:
+        instance = database.open_database(url)
+        database.db.initialize(instance)
+        instance.connect(reuse_if_open=True)
+        if migrate and conf.auto_migrate:
+            database.upgrade(instance)
+        elif migrate and database.pending_migrations(instance):
+            raise click.ClickException(
+                "the database schema is out of date: run `ollama-gw db upgrade`"
+            )
+    except (peewee.OperationalError, OSError) as exc:
+        raise click.ClickException(f"cannot open the database at {redact(url)}: {exc}") from None
+    return instance
+
+
+def redact(url):
+    """A database URL without its password, fit for messages."""
+    scheme, sep, rest = url.partition("://")
+    creds, at, host = rest.rpartition("@")
+    if at and ":" in creds:
+        creds = creds.split(":", 1)[0] + ":***"
+    return f"{scheme}{sep}{creds}{at}{host}"
+
+
+def echo_json(data):
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+def table(rows, columns):
+    """Print dict rows as an aligned text table for people."""
+    if not rows:
+        return
+    cells = [[("" if row.get(c) is None else str(row.get(c))) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    click.echo("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
+    for r in cells:
+        click.echo("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())

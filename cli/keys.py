@@ -1,0 +1,163 @@
+"""`ollama-gw keys`: create, inspect, change, revoke and rotate gateway keys."""
+import click
+
+from app import keys as keystore
+from cli.context import echo_json, open_db, settings, table
+
+LIST_COLUMNS = ["id", "prefix", "name", "role", "rate_limit", "max_concurrent", "models",
+                "status", "last_used_at", "expires_at"]
+
+limit_options = [
+    click.option("--role", type=click.Choice(keystore.ROLES), help="user (default) or admin."),
+    click.option("--rate-limit", metavar="N/UNIT",
+                 help="Requests per second|minute|hour|day, e.g. 60/minute, or 'none'."),
+    click.option("--max-concurrent", type=click.IntRange(min=0), metavar="N",
+                 help="Requests in flight at once (0: no limit)."),
+    click.option("--models", metavar="M1,M2",
+                 help="Models the key may use (names or patterns like 'llama3*'); '' for all."),
+    click.option("--expires", metavar="DURATION",
+                 help="Lifetime from now: 30d, 12h, 90m, 2w; 'never' to clear."),
+]
+
+
+def with_limit_options(func):
+    for option in reversed(limit_options):
+        func = option(func)
+    return func
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+
+
+def _row_for_people(summary):
+    models = summary["models"]
+    return {**summary, "models": ",".join(models) if models else "all",
+            "max_concurrent": summary["max_concurrent"] or "-",
+            "last_used_at": (summary["last_used_at"] or "never")[:19],
+            "expires_at": (summary["expires_at"] or "never")[:19]}
+
+
+def _fail(exc):
+    raise click.ClickException(str(exc)) from None
+
+
+@click.group()
+def keys():
+    """Manage gateway API keys (secrets are shown once, at creation or rotation)."""
+
+
+@keys.command("add")
+@click.option("--name", required=True, help="Who or what uses the key.")
+@with_limit_options
+@json_option
+def add(name, role, rate_limit, max_concurrent, models, expires, as_json):
+    """Create a key and print its secret once."""
+    conf = settings()
+    open_db()
+    defaults = {"user": conf.default_rate_limit_user, "admin": conf.default_rate_limit_admin}
+    try:
+        row, secret = keystore.create_key(name, role or "user", rate_limit, max_concurrent,
+                                          models, expires, defaults)
+    except keystore.KeyOpError as exc:
+        _fail(exc)
+    summary = keystore.key_summary(row)
+    if as_json:
+        echo_json({"key": secret, **summary})
+        return
+    click.echo(f"Created key {row.id} ({row.prefix}) for {row.name!r}: "
+               f"role {row.role}, {summary['rate_limit']}.")
+    click.echo("Secret (shown once, store it now):")
+    click.echo(secret)
+
+
+@keys.command("list")
+@click.option("--active", is_flag=True, help="Hide revoked keys.")
+@json_option
+def list_(active, as_json):
+    """List keys (never their secrets)."""
+    open_db()
+    summaries = [keystore.key_summary(row) for row in keystore.list_keys(not active)]
+    if as_json:
+        echo_json(summaries)
+    elif not summaries:
+        click.echo("no keys yet: create one with `ollama-gw keys add --name NAME`")
+    else:
+        table([_row_for_people(s) for s in summaries], LIST_COLUMNS)
+
+
+@keys.command()
+@click.argument("ident", metavar="ID_OR_PREFIX")
+@json_option
+def show(ident, as_json):
+    """Show one key's settings."""
+    open_db()
+    try:
+        summary = keystore.key_summary(keystore.find_key(ident))
+    except keystore.KeyOpError as exc:
+        _fail(exc)
+    if as_json:
+        echo_json(summary)
+        return
+    for field, value in _row_for_people(summary).items():
+        click.echo(f"{field + ':':16}{value if value is not None else '-'}")
+
+
+@keys.command()
+@click.argument("ident", metavar="ID_OR_PREFIX")
+@click.option("--name", help="New name.")
+@with_limit_options
+@json_option
+def update(ident, name, role, rate_limit, max_concurrent, models, expires, as_json):
+    """Change a key's name, role or limits (takes effect within a second)."""
+    open_db()
+    try:
+        row = keystore.update_key(ident, name=name, role=role, rate_limit=rate_limit,
+                                  max_concurrent=max_concurrent, models=models, expires=expires)
+    except keystore.KeyOpError as exc:
+        _fail(exc)
+    summary = keystore.key_summary(row)
+    if as_json:
+        echo_json(summary)
+    else:
+        click.echo(f"Updated key {row.id} ({row.prefix}).")
+
+
+@keys.command()
+@click.argument("ident", metavar="ID_OR_PREFIX")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@json_option
+def revoke(ident, yes, as_json):
+    """Revoke a key: requests with it fail within a second."""
+    open_db()
+    try:
+        row = keystore.find_key(ident)
+        if not yes:
+            click.confirm(f"Revoke key {row.id} ({row.prefix}, {row.name!r})?", abort=True)
+        row = keystore.revoke_key(row.id)
+    except keystore.KeyOpError as exc:
+        _fail(exc)
+    if as_json:
+        echo_json(keystore.key_summary(row))
+    else:
+        click.echo(f"Revoked key {row.id} ({row.prefix}).")
+
+
+@keys.command()
+@click.argument("ident", metavar="ID_OR_PREFIX")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@json_option
+def rotate(ident, yes, as_json):
+    """Give a key a new secret; the old one stops working within a second."""
+    open_db()
+    try:
+        row = keystore.find_key(ident)
+        if not yes:
+            click.confirm(f"Replace the secret of key {row.id} ({row.prefix})?", abort=True)
+        row, secret = keystore.rotate_key(row.id)
+    except keystore.KeyOpError as exc:
+        _fail(exc)
+    if as_json:
+        echo_json({"key": secret, **keystore.key_summary(row)})
+        return
+    click.echo(f"Rotated key {row.id}; new prefix {row.prefix}. Secret (shown once):")
+    click.echo(secret)

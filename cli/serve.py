@@ -1,0 +1,83 @@
+"""`ollama-gw serve` and `ollama-gw check`: run the gateway, or say why it would not run."""
+import os
+import sys
+
+import click
+import requests
+
+from app import db as database
+from cli.context import open_db, redact, settings
+
+
+@click.command()
+@click.option("--bind", metavar="HOST:PORT", help="Address to listen on [default: 127.0.0.1:8080].")
+@click.option("--port", "-port", type=click.IntRange(1, 65535),
+              help="Port on the configured host (go-ollama-api's -port).")
+@click.option("--ollama-url", "-ollama-url", metavar="URL",
+              help="The Ollama server (go-ollama-api's -ollama-url) "
+              "[default: http://127.0.0.1:11434].")
+@click.option("--workers", type=click.IntRange(min=1),
+              help="gunicorn worker processes [default: 2].")
+@click.option("--no-migrate", is_flag=True, help="Do not apply pending migrations at start.")
+def serve(bind, port, ollama_url, workers, no_migrate):
+    """Run the gateway under gunicorn with gevent workers (SIGTERM drains, SIGHUP reloads)."""
+    overrides = {}
+    if bind:
+        overrides["bind"] = bind
+    if port:
+        host = (bind or settings().bind).rpartition(":")[0]
+        overrides["bind"] = f"{host}:{port}"
+    if ollama_url:
+        overrides["upstreams"] = ollama_url
+    if workers:
+        overrides["workers"] = workers
+    if no_migrate:
+        overrides["auto_migrate"] = False
+    # Workers build their app from the environment: pass the overrides down that way.
+    env_names = {"bind": "BIND", "upstreams": "UPSTREAMS", "workers": "WORKERS",
+                 "auto_migrate": "AUTO_MIGRATE"}
+    for name, value in overrides.items():
+        os.environ["OLLAMA_GW_" + env_names[name]] = str(value)
+    if ollama_url:
+        os.environ.pop("OLLAMA_URL", None)  # the flag wins over the familiar variable
+    conf = settings()
+    # Migrate once, here, before any worker starts; other instances wait on the same lock.
+    open_db().close()  # --no-migrate set auto_migrate off: refuse a stale schema
+    click.echo(f"ollama-gw listening on http://{conf.bind} -> {', '.join(conf.upstreams)} "
+               f"({conf.workers} workers, database {redact(conf.resolved_database_url)})", err=True)
+    os.execv(sys.executable, [sys.executable, "-m", "gunicorn",
+                              "--config", "python:app.gunicorn_conf", "app:create_app()"])
+
+
+@click.command()
+def check():
+    """Validate the configuration, open the database and reach every upstream."""
+    problems = 0
+    conf = settings()
+    click.echo("configuration: ok")
+    url = redact(conf.resolved_database_url)
+    try:
+        instance = open_db(migrate=False)
+        pending = database.pending_migrations(instance)
+        if pending:
+            click.echo(f"database {url}: reachable, {len(pending)} migration(s) pending "
+                       "(`ollama-gw db upgrade`, or `serve` applies them)")
+        else:
+            click.echo(f"database {url}: ok")
+    except click.ClickException as exc:
+        problems += 1
+        click.echo(f"database: FAILED: {exc.message}")
+    for upstream in conf.upstreams:
+        try:
+            answer = requests.get(upstream + "/api/version",
+                                  timeout=(conf.connect_timeout, 10))
+            answer.raise_for_status()
+            version = answer.json().get("version", "?")
+            click.echo(f"upstream {upstream}: ok (Ollama {version})")
+        except (requests.RequestException, ValueError) as exc:
+            problems += 1
+            click.echo(f"upstream {upstream}: FAILED: {type(exc).__name__}: {exc}; "
+                       "is Ollama running there? (OLLAMA_URL / upstreams)")
+    if problems:
+        raise click.ClickException(f"{problems} problem(s) found")
+    click.echo("all checks passed")

@@ -1,0 +1,147 @@
+"""Fixtures: a fake Ollama, a fresh database per test (SQLite and PostgreSQL), the app.
+
+Every test that touches the database runs twice, once per backend. PostgreSQL is the
+real server on 127.0.0.1 (`OLLAMA_GW_TEST_POSTGRES_URL` to point elsewhere); without
+one the PostgreSQL half is skipped locally and fails under CI (CI=true).
+"""
+import os
+
+import peewee
+import pytest
+from click.testing import CliRunner
+
+from app import create_app
+from app import db as database
+from app.config import Settings
+from app.keys import create_key
+from tests.fake_ollama import FakeOllama
+
+# One database per test session, so that concurrent runs on one server do not collide.
+POSTGRES_URL = os.environ.get(
+    "OLLAMA_GW_TEST_POSTGRES_URL",
+    f"postgresql://postgres@127.0.0.1:5432/ollama_gw_test_{os.getpid()}",
+)
+
+
+def _postgres_admin(url, statement):
+    name = url.rsplit("/", 1)[1]
+    admin = peewee.PostgresqlDatabase("postgres", **_pg_params(url))
+    with admin.connection_context():
+        exists = admin.execute_sql("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
+        if statement == "create" and not exists.fetchone():
+            admin.execute_sql(f'CREATE DATABASE "{name}"')
+        elif statement == "drop" and exists.fetchone():
+            admin.execute_sql(f'DROP DATABASE "{name}" WITH (FORCE)')
+
+
+def _pg_params(url):
+    from playhouse.db_url import parse
+
+    params = parse(url)
+    params.pop("database")
+    return params
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    try:
+        _postgres_admin(POSTGRES_URL, "create")
+    except peewee.OperationalError as exc:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"PostgreSQL not reachable at {POSTGRES_URL}: {exc}")
+    yield POSTGRES_URL
+    if "OLLAMA_GW_TEST_POSTGRES_URL" not in os.environ:
+        _postgres_admin(POSTGRES_URL, "drop")
+
+
+def reset_postgres(url):
+    instance = database.open_database(url)
+    with instance.connection_context():
+        instance.execute_sql("DROP SCHEMA public CASCADE")
+        instance.execute_sql("CREATE SCHEMA public")
+    instance.close_all()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request, tmp_path):
+    """An empty database of each kind, as a URL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/gateway.db"
+    url = request.getfixturevalue("postgres_url")
+    reset_postgres(url)
+    return url
+
+
+@pytest.fixture(scope="session")
+def fake_ollama():
+    with FakeOllama() as fake:
+        yield fake
+
+
+@pytest.fixture
+def fake(fake_ollama):
+    """The shared fake Ollama, with its knobs and records reset for this test."""
+    fake_ollama.reset()
+    yield fake_ollama
+    fake_ollama.reset()
+
+
+@pytest.fixture
+def settings(database_url, fake, tmp_path):
+    return Settings(data_dir=str(tmp_path), database_url=database_url, upstreams=(fake.url,),
+                    read_timeout=10.0, connect_timeout=2.0)
+
+
+@pytest.fixture
+def migrated(settings):
+    """The test database with the schema applied, bound to the models."""
+    instance = database.open_database(settings.resolved_database_url)
+    database.db.initialize(instance)
+    database.upgrade(instance)
+    yield instance
+    instance.close_all()
+
+
+@pytest.fixture
+def app(settings, migrated):
+    app = create_app(settings)
+    app.config["TESTING"] = True
+    return app
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+@pytest.fixture
+def make_key(migrated):
+    """make_key(**options) -> (secret, row): a key created the way the CLI creates one."""
+
+    def make(name="test", **options):
+        options.setdefault("rate_limit", "1000/minute")
+        row, secret = create_key(name, **options)
+        return secret, row
+
+    return make
+
+
+@pytest.fixture
+def runner(settings, monkeypatch):
+    """Runs `ollama-gw` commands in-process against the test database."""
+    from cli import cli
+
+    monkeypatch.setenv("DATABASE_URL", settings.database_url)
+    monkeypatch.setenv("OLLAMA_URL", settings.upstream)
+    monkeypatch.delenv("OLLAMA_GW_CONFIG", raising=False)
+
+    class Runner(CliRunner):
+        def __call__(self, *args, input=None):
+            return self.invoke(cli, list(args), input=input, catch_exceptions=False)
+
+    return Runner()
+
+
+def auth_header(secret):
+    return {"Authorization": f"Bearer {secret}"}

@@ -1,0 +1,230 @@
+"""The gateway as users run it: `ollama-gw serve` (gunicorn, gevent, 2 workers) over sockets.
+
+Clients are the official `ollama` library and plain HTTP; the upstream is the fake Ollama.
+"""
+import concurrent.futures
+import json
+import signal
+import socket
+import threading
+import time
+
+import ollama
+import pytest
+import requests
+
+from tests.conftest import reset_postgres
+from tests.gateway_process import GatewayProcess
+
+pytestmark = pytest.mark.gateway
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def database(request, tmp_path_factory):
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path_factory.mktemp('gw')}/gateway.db"
+    url = request.getfixturevalue("postgres_url")
+    reset_postgres(url)
+    return url
+
+
+@pytest.fixture(scope="module")
+def gateway(database, fake_ollama, tmp_path_factory):
+    gw = GatewayProcess(database, fake_ollama.url, workers=2)
+    gw.start(tmp_path_factory.mktemp("log") / "gateway.log")
+    yield gw
+    gw.stop()
+
+
+@pytest.fixture
+def user_key(gateway, fake):
+    return gateway.add_key("--name", "user", "--rate-limit", "1000/minute")["key"]
+
+
+def client_for(gateway, key):
+    return ollama.Client(host=gateway.url, headers={"Authorization": f"Bearer {key}"})
+
+
+def test_ollama_client_generates_streaming_and_not(gateway, user_key):
+    client = client_for(gateway, user_key)
+    answer = client.generate(model="llama3.2", prompt="say hi", stream=False)
+    assert answer.done and answer.eval_count == 5
+    parts = list(client.generate(model="llama3.2", prompt="say hi", stream=True))
+    assert "".join(p.response for p in parts) == answer.response
+    assert parts[-1].done and parts[-1].eval_count == 5
+
+
+def test_ollama_client_chats_streaming_and_not(gateway, user_key):
+    client = client_for(gateway, user_key)
+    messages = [{"role": "user", "content": "hello there"}]
+    answer = client.chat(model="llama3.2", messages=messages)
+    assert answer.message.role == "assistant" and answer.message.content
+    parts = list(client.chat(model="llama3.2", messages=messages, stream=True))
+    assert "".join(p.message.content for p in parts) == answer.message.content
+
+
+def test_ollama_client_embeds_lists_shows_and_ps(gateway, user_key):
+    client = client_for(gateway, user_key)
+    assert len(client.embed(model="nomic-embed-text", input=["a", "b"]).embeddings) == 2
+    names = {m.model for m in client.list().models}
+    assert "llama3.2:latest" in names
+    assert client.show("llama3.2").details.family
+    assert client.ps().models is not None
+
+
+@pytest.mark.parametrize("headers, status, fragment", [
+    ({"Authorization": "Bearer ogw_not-a-real-key"}, 401, "invalid API key"),
+    ({}, 401, "missing API key"),
+])
+def test_ollama_client_sees_auth_failures_as_response_errors(gateway, headers, status, fragment):
+    client = ollama.Client(host=gateway.url, headers=headers)
+    with pytest.raises(ollama.ResponseError) as caught:
+        client.generate(model="llama3.2", prompt="hi", stream=False)
+    assert caught.value.status_code == status
+    assert fragment in caught.value.error
+
+
+def test_ollama_client_sees_unknown_model_and_forbidden_model(gateway):
+    key = gateway.add_key("--name", "narrow", "--models", "llama3.2")["key"]
+    client = client_for(gateway, key)
+    with pytest.raises(ollama.ResponseError) as forbidden:
+        client.chat(model="qwen2.5:0.5b", messages=[{"role": "user", "content": "x"}])
+    assert forbidden.value.status_code == 403
+    admin = client_for(gateway, gateway.add_key("--name", "admin", "--role", "admin")["key"])
+    with pytest.raises(ollama.ResponseError) as missing:
+        admin.generate(model="no-such-model", prompt="hi")
+    assert missing.value.status_code == 404
+    assert "not found" in missing.value.error
+
+
+def test_open_webui_style_probes_work_without_a_key(gateway):
+    assert requests.get(gateway.url + "/").text == "Ollama is running"
+    assert requests.head(gateway.url + "/").status_code == 200
+    assert requests.get(gateway.url + "/health").json()["database"] == "ok"
+
+
+def _wait_for_fresh_window(period=60, margin=15):
+    """Start a burst early in a fixed window so it cannot straddle two."""
+    into = time.time() % period
+    if into > period - margin:
+        time.sleep(period - into + 0.1)
+
+
+def test_rate_limit_is_exact_across_workers_and_instances(gateway, fake, database, tmp_path):
+    """40 concurrent callers, two gateways x two workers, one 25/minute key: exactly 25 pass."""
+    second = GatewayProcess(database, fake.url, workers=2).start(tmp_path / "second.log")
+    try:
+        key = gateway.add_key("--name", "burst", "--rate-limit", "25/minute")["key"]
+        body = {"model": "llama3.2", "prompt": "x", "stream": False}
+        urls = [gateway.url, second.url]
+        _wait_for_fresh_window()
+
+        def call(i):
+            r = requests.post(urls[i % 2] + "/api/generate", json=body,
+                              headers={"Authorization": f"Bearer {key}"}, timeout=30)
+            return r.status_code, r.headers
+
+        with concurrent.futures.ThreadPoolExecutor(40) as pool:
+            results = list(pool.map(call, range(120)))
+    finally:
+        second.stop()
+    statuses = [status for status, _ in results]
+    assert statuses.count(200) == 25
+    assert statuses.count(429) == 95
+    refused = [headers for status, headers in results if status == 429]
+    assert all(int(h["Retry-After"]) >= 1 for h in refused)
+    assert all(h["X-RateLimit-Remaining"] == "0" for h in refused)
+
+
+def _open_stream(gateway, key, **body):
+    response = requests.post(
+        gateway.url + "/api/generate", stream=True, timeout=30,
+        json={"model": "llama3.2", "prompt": "tell a long story", **body},
+        headers={"Authorization": f"Bearer {key}"},
+    )
+    assert response.status_code == 200
+    return response
+
+
+def _raw_stream(gateway, key, **body):
+    """A bare socket that sent a streaming request and saw its headers."""
+    payload = json.dumps({"model": "llama3.2", "prompt": "tell a long story", **body}).encode()
+    sock = socket.create_connection(("127.0.0.1", gateway.port), timeout=10)
+    sock.sendall(b"POST /api/generate HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
+                 b"Authorization: Bearer " + key.encode() + b"\r\n"
+                 b"Content-Length: " + str(len(payload)).encode() + b"\r\n\r\n" + payload)
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(1)
+    assert head.startswith(b"HTTP/1.1 200"), head
+    return sock
+
+
+def _retry_until(predicate, seconds):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+def test_client_that_drops_a_stream_stops_ollama_and_frees_its_slot(gateway, fake):
+    key = gateway.add_key("--name", "one-at-a-time", "--max-concurrent", "1")["key"]
+    fake.token_delay = 0.2
+    with _raw_stream(gateway, key, options={"num_predict": 200}) as sock:
+        assert b'"done":false' in sock.recv(65536)
+    dropped_at = time.monotonic()  # the client hung up, as a killed process would
+    assert fake.wait_for_cancellation(timeout=1.0), "Ollama was not told within a second"
+    assert fake.cancellations[0] - dropped_at < 1.0
+    fake.token_delay = 0.0
+    headers = {"Authorization": f"Bearer {key}"}
+    body = {"model": "llama3.2", "prompt": "again", "stream": False}
+    assert _retry_until(lambda: requests.post(gateway.url + "/api/generate", json=body,
+                                              headers=headers).status_code == 200, 2.0)
+
+
+def test_client_that_leaves_while_the_model_loads_stops_ollama(gateway, fake):
+    key = gateway.add_key("--name", "impatient")["key"]
+    fake.first_byte_delay = 5.0
+    calls = threading.Thread(target=lambda: _swallow(lambda: requests.post(
+        gateway.url + "/api/generate", timeout=0.5,
+        json={"model": "llama3.2", "prompt": "x"}, headers={"Authorization": f"Bearer {key}"})))
+    calls.start()
+    calls.join()
+    assert fake.wait_for_cancellation(timeout=1.5), "the upstream kept loading for nobody"
+
+
+def _swallow(func):
+    try:
+        func()
+    except requests.RequestException:
+        pass
+
+
+def test_revoked_key_stops_working_within_about_a_second(gateway):
+    created = gateway.add_key("--name", "leaver")
+    headers = {"Authorization": f"Bearer {created['key']}"}
+    for _ in range(4):  # warm both workers' caches
+        assert requests.get(gateway.url + "/api/version", headers=headers).status_code == 200
+    gateway.cli("keys", "revoke", str(created["id"]), "--yes")
+    time.sleep(1.2)
+    statuses = {requests.get(gateway.url + "/api/version", headers=headers).status_code
+                for _ in range(8)}
+    assert statuses == {401}
+
+
+def test_sigterm_lets_an_inflight_stream_finish(database, fake, tmp_path):
+    gw = GatewayProcess(database, fake.url, workers=1).start(tmp_path / "drain.log")
+    try:
+        key = gw.add_key("--name", "drain")["key"]
+        fake.token_delay = 0.2
+        stream = _open_stream(gw, key, options={"num_predict": 10})
+        lines = stream.iter_lines()
+        next(lines)
+        gw.proc.send_signal(signal.SIGTERM)
+        rest = [json.loads(line) for line in lines if line]
+        assert rest[-1]["done"] is True and rest[-1]["eval_count"] == 10
+        assert gw.proc.wait(15) == 0
+    finally:
+        gw.stop()

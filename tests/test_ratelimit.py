@@ -1,0 +1,136 @@
+"""Per-key limits: exact counts per window, concurrency slots, nothing consumed on refusal."""
+import threading
+import time
+
+import pytest
+
+from app.db import db
+from app.errors import RateLimited
+from app.keys import KeyInfo
+from app.models import ConcurrencySlot, RateCounter
+from app.ratelimit import Limiter
+
+T0 = 1_800_000_000.0  # a minute boundary: 1_800_000_000 % 60 == 0
+
+
+@pytest.fixture
+def limiter():
+    return Limiter(lease_seconds=60)
+
+
+def key_info(make_key, **options):
+    _, row = make_key(**options)
+    return KeyInfo.from_row(row)
+
+
+def admitted(limiter, key, attempts, now):
+    results = []
+    for _ in range(attempts):
+        try:
+            results.append(limiter.admit(key, now=now))
+        except RateLimited as exc:
+            results.append(exc)
+    return results
+
+
+def test_a_key_gets_exactly_its_limit_per_window_then_429(limiter, make_key):
+    key = key_info(make_key, rate_limit="5/minute")
+    results = admitted(limiter, key, 8, now=T0 + 10)
+    ok = [r for r in results if not isinstance(r, RateLimited)]
+    refused = [r for r in results if isinstance(r, RateLimited)]
+    assert [a.remaining for a in ok] == [4, 3, 2, 1, 0]
+    assert len(refused) == 3
+    assert refused[0].status == 429
+    assert refused[0].headers["Retry-After"] == "50"
+    assert refused[0].headers["X-RateLimit-Remaining"] == "0"
+    assert refused[0].headers["X-RateLimit-Reset"] == str(int(T0 + 60))
+
+
+def test_the_next_window_starts_afresh(limiter, make_key):
+    key = key_info(make_key, rate_limit="2/minute")
+    admitted(limiter, key, 3, now=T0 + 59)
+    assert limiter.admit(key, now=T0 + 60).remaining == 1
+
+
+def test_a_steady_client_under_the_limit_is_never_refused(limiter, make_key):
+    # go-ollama-api refused a steady 8/minute client at request 11 on a 10/minute key.
+    key = key_info(make_key, rate_limit="10/minute")
+    for request in range(80):  # 8 a minute for 10 minutes
+        limiter.admit(key, now=T0 + request * 7.5)
+
+
+def test_old_windows_are_deleted_when_a_new_one_starts(limiter, make_key):
+    key = key_info(make_key, rate_limit="5/minute")
+    for minute in range(4):
+        limiter.admit(key, now=T0 + minute * 60)
+    assert RateCounter.select().where(RateCounter.key == key.id).count() == 1
+
+
+def test_unlimited_keys_are_not_counted(limiter, make_key):
+    key = key_info(make_key, rate_limit="none")
+    admission = limiter.admit(key, now=T0)
+    assert admission.headers() == {}
+    assert RateCounter.select().count() == 0
+
+
+def test_concurrent_admissions_never_exceed_the_limit(limiter, make_key, database_url):
+    """Threads each with their own connection race for 37 admissions; exactly 37 win."""
+    key = key_info(make_key, rate_limit="37/hour")
+    wins, losses = [], []
+
+    def hammer():
+        with db.connection_context():
+            for result in admitted(limiter, key, 8, now=T0):
+                (losses if isinstance(result, RateLimited) else wins).append(result)
+
+    threads = [threading.Thread(target=hammer) for _ in range(10)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(wins) == 37
+    assert len(losses) == 80 - 37
+
+
+def test_a_key_cannot_exceed_its_concurrent_requests(limiter, make_key):
+    key = key_info(make_key, rate_limit="100/minute", max_concurrent=2)
+    first, second = limiter.admit(key, now=T0), limiter.admit(key, now=T0)
+    with pytest.raises(RateLimited, match="too many concurrent requests"):
+        limiter.admit(key, now=T0)
+    limiter.release(first)
+    third = limiter.admit(key, now=T0)
+    assert {second.slot_id, third.slot_id} == {s.id for s in ConcurrencySlot.select()}
+
+
+def test_a_concurrency_refusal_does_not_consume_the_rate_limit(limiter, make_key):
+    key = key_info(make_key, rate_limit="3/minute", max_concurrent=1)
+    held = limiter.admit(key, now=T0)
+    for _ in range(5):
+        with pytest.raises(RateLimited, match="concurrent"):
+            limiter.admit(key, now=T0)
+    limiter.release(held)
+    assert limiter.admit(key, now=T0).remaining == 1  # only 2 of 3 used, not 7
+
+
+def test_release_is_idempotent(limiter, make_key):
+    key = key_info(make_key, max_concurrent=1)
+    admission = limiter.admit(key, now=T0)
+    limiter.release(admission)
+    limiter.release(admission)
+    assert ConcurrencySlot.select().count() == 0
+
+
+def test_a_crashed_workers_slot_lapses_after_its_lease(limiter, make_key):
+    key = key_info(make_key, max_concurrent=1)
+    limiter.admit(key, now=T0)  # never released: its worker "crashed"
+    with pytest.raises(RateLimited):
+        limiter.admit(key, now=T0 + 59)
+    limiter.admit(key, now=T0 + 61)
+
+
+def test_renewing_a_lease_keeps_a_long_request_counted(limiter, make_key):
+    key = key_info(make_key, max_concurrent=1)
+    admission = limiter.admit(key, now=time.time() - 50)  # taken 50 s ago: 10 s left
+    limiter.renew([admission.slot_id])
+    with pytest.raises(RateLimited):
+        limiter.admit(key, now=time.time() + 30)  # without the renewal this would pass
