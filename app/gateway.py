@@ -16,9 +16,9 @@ from app.errors import BadRequest, GatewayError
 from app.relay import (
     ClientDisconnected,
     ClientWatch,
+    RelayBody,
     RelayOutcome,
     open_upstream,
-    relay_body,
     response_headers,
     streamed_body,
 )
@@ -112,7 +112,7 @@ def forward(key, path, body, query=b"", transform=None):
         limiter.release(admission)
 
     return Response(
-        relay_body(response, watch, outcome, finish),
+        RelayBody(response, watch, outcome, finish),
         status=response.status_code,
         headers=response_headers(response, admission.headers()),
         direct_passthrough=True,

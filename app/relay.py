@@ -112,19 +112,33 @@ def open_upstream(upstream, watch, *args, **kwargs):
         return upstream.send(*args, **kwargs)
 
 
-def relay_body(response, watch, outcome, on_finish):
-    """Yield the upstream body chunk by chunk; always close it and report the outcome."""
-    is_ndjson = response.headers.get("Content-Type", "").startswith("application/x-ndjson")
-    chunks = response.raw.stream(CHUNK_SIZE, decode_content=False)
-    try:
+class RelayBody:
+    """The WSGI body: Ollama's chunks as they arrive, then cleanup exactly once.
+
+    Cleanup lives in close(), which the WSGI server calls whether the body was read to
+    the end, abandoned by a client that hung up, or never iterated at all (HEAD).
+    """
+
+    def __init__(self, response, watch, outcome, on_finish):
+        self._response = response
+        self._watch = watch
+        self._outcome = outcome
+        self._on_finish = on_finish
+        self._complete = False
+        self._closed = False
+
+    def __iter__(self):
+        outcome = self._outcome
+        is_ndjson = self._response.headers.get("Content-Type", "").startswith(STREAM_TYPES[0])
+        chunks = self._response.raw.stream(CHUNK_SIZE, decode_content=False)
         while True:
             try:
-                with watch.waiting():
+                with self._watch.waiting():
                     chunk = next(chunks, None)
             except ClientDisconnected:
-                outcome.client_aborted = True
                 return
             except (urllib3.exceptions.HTTPError, requests.RequestException, OSError) as exc:
+                self._complete = True
                 outcome.upstream_error = f"{type(exc).__name__}: {exc}"
                 log.warning("upstream failed mid-answer after %d bytes: %s", outcome.bytes, exc)
                 if is_ndjson:
@@ -133,6 +147,7 @@ def relay_body(response, watch, outcome, on_finish):
                     yield (json.dumps({"error": message}) + "\n").encode()
                 return
             if chunk is None:
+                self._complete = True
                 return
             if not chunk:
                 continue
@@ -141,14 +156,16 @@ def relay_body(response, watch, outcome, on_finish):
             outcome.bytes += len(chunk)
             outcome.tail = (outcome.tail + chunk)[-8192:]
             yield chunk
-    except GeneratorExit:
-        # The WSGI server closed us: the client went away while we were writing to it.
-        outcome.client_aborted = True
-        raise
-    finally:
-        watch.stop()
-        response.close()
-        on_finish(outcome)
+
+    def close(self):
+        if self._closed:
+            return
+        self._closed = True
+        # Not read to the end (and Ollama did not fail): the client left or never read.
+        self._outcome.client_aborted = not self._complete
+        self._watch.stop()
+        self._response.close()
+        self._on_finish(self._outcome)
 
 
 def response_headers(response, extra):
