@@ -3,6 +3,7 @@
 Client-facing messages say what to check but never name the internal upstream URL
 (ollama-api-service leaked it); the log has it.
 """
+import http.cookiejar
 import logging
 import time
 
@@ -42,6 +43,11 @@ class Upstream:
         self.read_timeout = read_timeout
         self.session = requests.Session()
         self.session.trust_env = False  # an HTTP_PROXY meant for the internet must not catch Ollama
+        # One session serves every client: it must not keep cookies from one for the next,
+        # nor add headers of its own (an Accept-Encoding: gzip the client never sent would
+        # come back compressed, since bodies are relayed raw).
+        self.session.cookies.set_policy(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
+        self.session.headers.clear()
         # Keep enough idle connections for a busy worker; urllib3 opens more when needed.
         adapter = HTTPAdapter(pool_connections=4, pool_maxsize=256, max_retries=0)
         self.session.mount("http://", adapter)

@@ -1,0 +1,265 @@
+"""What the gateway sends Ollama and what it relays back, with Ollama faked by `responses`."""
+import dataclasses
+import json
+from urllib.parse import parse_qsl, urlsplit
+
+import pytest
+import requests
+import responses
+from requests.structures import CaseInsensitiveDict
+
+from app import create_app
+from app.relay import response_headers
+from app.upstream import forwardable_request_headers
+from tests.conftest import auth_header
+
+UPSTREAM = "http://ollama.test:11434"
+GENERATE = {"model": "llama3.2", "prompt": "hi", "stream": False}
+DONE = b'{"model":"llama3.2","response":"hello","done":true}'
+
+
+@pytest.fixture
+def app(settings, migrated):
+    """The gateway pointed at an upstream that only `responses` answers."""
+    app = create_app(dataclasses.replace(settings, upstreams=(UPSTREAM,)))
+    app.config["TESTING"] = True
+    return app
+
+
+@pytest.fixture
+def ollama():
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
+        yield mock
+
+
+@pytest.fixture
+def secret(make_key):
+    return make_key()[0]
+
+
+def only_call(ollama):
+    assert len(ollama.calls) == 1
+    return ollama.calls[0].request
+
+
+# --- what Ollama receives ------------------------------------------------------------------
+
+def test_credentials_and_hop_by_hop_headers_are_not_forwarded(client, ollama, secret):
+    ollama.post(UPSTREAM + "/api/generate", body=DONE, content_type="application/json")
+    response = client.post("/api/generate", json=GENERATE, headers={
+        **auth_header(secret),
+        "X-API-Key": "ogw_second-secret",
+        "Cookie": "session=browser-cookie",
+        "Proxy-Authorization": "Basic cHJveHk6c2VjcmV0",
+        "Connection": "Upgrade",
+        "Upgrade": "h2c",  # not websocket: werkzeug's router answers 400 to that itself
+        "Keep-Alive": "timeout=99",
+        "TE": "trailers",
+        "User-Agent": "my-client/1.0",
+        "X-Request-Id": "req-42",
+        "Accept": "application/x-ndjson",
+    })
+    assert response.status_code == 200
+
+    sent = only_call(ollama)
+    for name in ("Authorization", "X-API-Key", "Cookie", "Proxy-Authorization", "Upgrade",
+                 "Keep-Alive", "TE"):
+        assert name not in sent.headers, name
+    assert sent.headers.get("Connection") != "Upgrade"
+    assert (sent.headers["User-Agent"], sent.headers["X-Request-Id"], sent.headers["Accept"]) == (
+        "my-client/1.0", "req-42", "application/x-ndjson")
+    assert sent.headers["Content-Type"] == "application/json"
+    assert secret not in str(sent.headers) and "browser-cookie" not in str(sent.headers)
+
+
+def test_request_goes_to_the_upstream_host_not_the_gateways(client, ollama, secret):
+    ollama.post(UPSTREAM + "/api/generate", body=DONE, content_type="application/json")
+    client.post("/api/generate", json=GENERATE, headers=auth_header(secret),
+                base_url="http://gateway.example:8080")
+    sent = only_call(ollama)
+    assert urlsplit(sent.url).netloc == "ollama.test:11434"
+    assert sent.headers.get("Host", "ollama.test:11434") == "ollama.test:11434"
+    assert "gateway.example" not in str(sent.headers)
+
+
+def test_body_reaches_ollama_unchanged(client, ollama, secret):
+    ollama.post(UPSTREAM + "/api/generate", body=DONE, content_type="application/json")
+    raw = b'{"model": "llama3.2", "prompt": "caf\\u00e9 \xe2\x98\x95", "options": {"seed": 7}}'
+    client.post("/api/generate", data=raw, content_type="application/json",
+                headers=auth_header(secret))
+    assert only_call(ollama).body == raw
+
+
+@pytest.mark.parametrize("query, forwarded", [
+    ("verbose=1&apikey={secret}&x=a+b", [("verbose", "1"), ("x", "a b")]),
+    ("apikey={secret}", []),
+    ("verbose=1&tag=a%2Fb", [("verbose", "1"), ("tag", "a/b")]),
+])
+def test_query_is_forwarded_without_the_legacy_key(client, ollama, secret, query, forwarded):
+    ollama.get(UPSTREAM + "/api/tags", json={"models": []})
+    headers = {} if "apikey" in query else auth_header(secret)
+    response = client.get("/api/tags?" + query.format(secret=secret), headers=headers)
+    assert response.status_code == 200
+    sent_url = urlsplit(only_call(ollama).url)
+    assert sent_url.path == "/api/tags"
+    assert parse_qsl(sent_url.query) == forwarded
+    assert secret not in sent_url.query
+
+
+def test_legacy_body_key_is_removed_from_what_ollama_receives(client, ollama, secret):
+    ollama.post(UPSTREAM + "/api/generate", body=DONE, content_type="application/json")
+    response = client.post("/api/generate", json={**GENERATE, "apikey": secret})
+    assert response.status_code == 200
+    sent = only_call(ollama)
+    assert secret.encode() not in sent.body
+    assert json.loads(sent.body) == GENERATE
+
+
+# --- what the client receives --------------------------------------------------------------
+
+def test_response_headers_are_relayed_except_hop_by_hop(client, ollama, secret):
+    ollama.post(UPSTREAM + "/api/generate", body=DONE, content_type="application/json", headers={
+        "X-Ollama-Trace": "abc",
+        "Cache-Control": "no-store",
+        "Connection": "close",
+        "Keep-Alive": "timeout=5",
+        "Server": "ollama-internal/1.2",
+        "Date": "Mon, 01 Jan 2024 00:00:00 GMT",
+        "Trailer": "X-Checksum",
+        "Content-Length": str(len(DONE)),
+    })
+    response = client.post("/api/generate", json=GENERATE, headers=auth_header(secret))
+    assert response.status_code == 200
+    assert response.headers["X-Ollama-Trace"] == "abc"
+    assert response.headers["Cache-Control"] == "no-store"
+    assert response.headers["Content-Type"] == "application/json"
+    assert response.headers["Content-Length"] == str(len(DONE))
+    for name in ("Connection", "Keep-Alive", "Server", "Date", "Trailer"):
+        assert name not in response.headers, name
+    assert response.headers["X-RateLimit-Limit"] == "1000"
+    assert response.data == DONE
+
+
+def test_ndjson_stream_is_relayed_as_is_without_a_length(client, ollama, secret):
+    body = b'{"response":"a","done":false}\n{"response":"b","done":true,"eval_count":2}\n'
+    ollama.post(UPSTREAM + "/api/generate", body=body, content_type="application/x-ndjson",
+                headers={"Content-Length": str(len(body))})
+    response = client.post("/api/generate", json={"model": "llama3.2", "prompt": "hi"},
+                           headers=auth_header(secret))
+    assert response.data == body
+    assert response.headers["Content-Type"] == "application/x-ndjson"
+    assert response.headers["X-Accel-Buffering"] == "no"
+    assert "Content-Length" not in response.headers
+
+
+@pytest.mark.parametrize("status, body", [
+    (500, b'{"error":"llama runner process has terminated: exit status 2"}'),
+    (400, b'{"error":"invalid options: num_gpu"}'),
+    (404, b"404 page not found"),
+])
+def test_ollama_error_answers_pass_through_unchanged(client, ollama, secret, status, body):
+    ollama.post(UPSTREAM + "/api/generate", status=status, body=body,
+                content_type="application/json; charset=utf-8")
+    response = client.post("/api/generate", json=GENERATE, headers=auth_header(secret))
+    assert response.status_code == status
+    assert response.data == body
+
+
+def test_malformed_model_list_from_ollama_gets_502(client, ollama, make_key):
+    restricted, _ = make_key(models="llama3.2")
+    ollama.get(UPSTREAM + "/api/tags", body=b"<html>proxy error</html>", content_type="text/html")
+    response = client.get("/api/tags", headers=auth_header(restricted))
+    assert response.status_code == 502
+    assert response.get_json() == {"error": "Ollama answered with malformed JSON"}
+
+
+# --- upstream failures ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("failure, status, advice", [
+    (requests.ConnectionError("Connection refused"), 502, "check that it is running"),
+    (requests.exceptions.ChunkedEncodingError("broken"), 502, "check that it is running"),
+    (requests.ConnectTimeout("connect timed out"), 504, "check that the Ollama server is up"),
+    (requests.ReadTimeout("read timed out"), 504, "read_timeout"),
+], ids=["refused", "broken answer", "connect timeout", "read timeout"])
+def test_upstream_failure_says_what_to_check_without_naming_the_upstream(
+        client, ollama, secret, failure, status, advice):
+    ollama.post(UPSTREAM + "/api/generate", body=failure)
+    response = client.post("/api/generate", json=GENERATE, headers=auth_header(secret))
+    assert response.status_code == status
+    message = response.get_json()["error"]
+    assert advice in message
+    for leak in ("ollama.test", "11434", "http://", str(failure)):
+        assert leak not in message
+
+
+def test_upstream_failure_keeps_the_rate_limit_headers(client, ollama, secret):
+    ollama.post(UPSTREAM + "/api/generate", body=requests.ConnectionError("refused"))
+    response = client.post("/api/generate", json=GENERATE, headers=auth_header(secret))
+    assert response.status_code == 502
+    assert response.headers["X-RateLimit-Limit"] == "1000"
+    assert response.headers["X-RateLimit-Remaining"] == "999"
+
+
+# --- the header filters themselves ---------------------------------------------------------
+
+@pytest.mark.parametrize("name", [
+    "Authorization", "authorization", "X-API-Key", "x-api-key", "Cookie", "Connection",
+    "Keep-Alive", "Proxy-Authorization", "TE", "Trailer", "Transfer-Encoding", "Upgrade", "Host",
+    "Content-Length",
+])
+def test_forwardable_request_headers_drops(name):
+    assert forwardable_request_headers({name: "x", "Accept": "*/*"}) == {"Accept": "*/*"}
+
+
+@pytest.mark.parametrize("name", [
+    "User-Agent", "X-Request-Id", "Accept", "Accept-Language", "Content-Type", "Traceparent",
+    "X-Forwarded-For",
+])
+def test_forwardable_request_headers_keeps(name):
+    assert forwardable_request_headers({name: "v"}) == {name: "v"}
+
+
+def _upstream_response(headers):
+    response = requests.Response()
+    response.headers = CaseInsensitiveDict(headers)
+    return response
+
+
+@pytest.mark.parametrize("content_type", [
+    "application/x-ndjson", "text/event-stream", "text/event-stream; charset=utf-8"])
+def test_response_headers_for_a_stream_drop_the_length_and_ask_nginx_not_to_buffer(content_type):
+    upstream = _upstream_response({"Content-Type": content_type, "Content-Length": "10",
+                                   "Transfer-Encoding": "chunked", "X-Trace": "t"})
+    headers = response_headers(upstream, {"X-RateLimit-Limit": "5"})
+    assert headers == [("Content-Type", content_type), ("X-Trace", "t"),
+                       ("X-Accel-Buffering", "no"), ("X-RateLimit-Limit", "5")]
+
+
+def test_response_headers_for_json_keep_the_length_and_drop_hop_by_hop():
+    upstream = _upstream_response({
+        "Content-Type": "application/json; charset=utf-8", "Content-Length": "42",
+        "Connection": "keep-alive", "Keep-Alive": "timeout=5", "Server": "gin", "Date": "today",
+        "Proxy-Authenticate": "Basic", "Upgrade": "h2c", "Content-Encoding": "gzip",
+    })
+    headers = response_headers(upstream, {})
+    assert headers == [("Content-Type", "application/json; charset=utf-8"),
+                       ("Content-Length", "42"), ("Content-Encoding", "gzip")]
+
+
+def test_cookies_set_by_ollama_are_not_replayed_for_the_next_client(client, ollama, secret):
+    ollama.get(UPSTREAM + "/api/version", json={"version": "0.6.8"},
+               headers={"Set-Cookie": "session=of-the-first-client; Path=/"})
+    client.get("/api/version", headers=auth_header(secret))
+    client.get("/api/version", headers=auth_header(secret))
+    assert "Cookie" not in ollama.calls[1].request.headers
+
+
+def test_the_gateway_adds_no_headers_the_client_did_not_send(client, ollama, secret):
+    # A gzip Accept-Encoding added on the client's behalf would bring back a compressed
+    # body that is relayed raw to a client that cannot read it.
+    ollama.get(UPSTREAM + "/api/version", json={"version": "0.6.8"})
+    client.get("/api/version", headers=auth_header(secret))
+    sent = {name.lower() for name in only_call(ollama).headers}
+    assert "accept-encoding" not in sent
+    assert "user-agent" not in sent or "python-requests" not in only_call(ollama).headers.get(
+        "User-Agent", "")
