@@ -30,21 +30,42 @@ def services():
     return ext["key_cache"], ext["limiter"], ext["upstream"]
 
 
+class JsonBody:
+    """A request body read once: raw bytes for Ollama, parsed JSON for the gateway.
+
+    A malformed body is not refused here but by validated(), after authentication,
+    so that a caller without a valid key learns only that (401), never more.
+    """
+
+    def __init__(self, raw):
+        self.raw = raw
+        self.payload = None
+        self.problem = None
+        if not raw.strip():
+            return
+        try:
+            parsed = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            self.problem = f"request body is not valid JSON: {exc}"
+            return
+        if not isinstance(parsed, dict):
+            self.problem = "request body must be a JSON object"
+            return
+        self.payload = parsed
+        for field in ("model", "name"):
+            if field in parsed and not isinstance(parsed[field], str):
+                self.problem = f"'{field}' must be a string"
+
+    def validated(self):
+        """The parsed object (or None for an empty body); 400 if it is malformed."""
+        if self.problem:
+            raise BadRequest(self.problem)
+        return self.payload
+
+
 def read_json_body():
-    """(raw bytes, parsed JSON or None); 400 for malformed JSON, 413 past max_body_bytes."""
-    raw = request.get_data(cache=True)
-    if not raw.strip():
-        return raw, None
-    try:
-        payload = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"request body is not valid JSON: {exc}") from None
-    if not isinstance(payload, dict):
-        raise BadRequest("request body must be a JSON object")
-    for field in ("model", "name"):
-        if field in payload and not isinstance(payload[field], str):
-            raise BadRequest(f"'{field}' must be a string")
-    return raw, payload
+    """The request body (413 past max_body_bytes), parsed but not yet judged."""
+    return JsonBody(request.get_data(cache=True))
 
 
 def current_key(payload=None):

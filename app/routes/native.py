@@ -20,17 +20,19 @@ def relay(subpath):
         _, query = gateway.strip_legacy_key(None, None)  # a legacy ?apikey= must not reach Ollama
         return gateway.forward(key, path, gateway.request_body_for_upload(), query)
 
-    raw, payload = gateway.read_json_body()
-    key = gateway.current_key(payload)
+    body = gateway.read_json_body()
+    key = gateway.current_key(body.payload)
+    payload = body.validated()
     if path in MODEL_MANAGEMENT:
         auth.require_admin(key, path)
     if payload:
-        auth.require_model(key, payload.get("model") or payload.get("name"))
-    body, query = gateway.strip_legacy_key(raw, payload)
+        auth.require_model(key, payload.get("model"))
+        auth.require_model(key, payload.get("name"))  # the older spelling of the same field
+    raw, query = gateway.strip_legacy_key(body.raw, payload)
     transform = None
     if path in MODEL_LISTS and key.models:
         transform = lambda data: _only_allowed(data, key)  # noqa: E731
-    return gateway.forward(key, path, body or None, query, transform)
+    return gateway.forward(key, path, raw or None, query, transform)
 
 
 def _only_allowed(data, key):
