@@ -133,6 +133,8 @@ def _coerce(name, value):
             return tuple(str(item).strip().rstrip("/") for item in items if str(item).strip())
         if isinstance(default, (int, float)) and isinstance(value, bool):
             raise ValueError(value)
+        if isinstance(default, int) and isinstance(value, float) and not value.is_integer():
+            raise ValueError(value)  # int(2.5) would quietly make it 2
         return type(default)(value)
     except (TypeError, ValueError):
         kind = "a list" if isinstance(default, tuple) else type(default).__name__

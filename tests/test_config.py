@@ -1,0 +1,157 @@
+"""Settings: defaults, the TOML file, the environment over the file, and clear errors.
+
+Every call passes `environ` so the real environment cannot leak in; the tests that
+rely on no file at all skip if /etc/ollama-gw/config.toml exists on the machine.
+"""
+from pathlib import Path
+
+import pytest
+
+from app.config import DEFAULT_CONFIG_FILE, ConfigError, load_settings
+
+
+@pytest.fixture
+def toml_file(tmp_path):
+    """toml_file(text) -> path of a config file holding `text`."""
+
+    def write(text, name="config.toml"):
+        path = tmp_path / name
+        path.write_text(text)
+        return str(path)
+
+    return write
+
+
+@pytest.fixture
+def no_system_file():
+    if Path(DEFAULT_CONFIG_FILE).exists():
+        pytest.skip(f"{DEFAULT_CONFIG_FILE} exists on this machine")
+
+
+def test_defaults_work_with_no_file_and_no_environment(no_system_file, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    settings = load_settings(environ={})
+    assert settings.upstreams == ("http://127.0.0.1:11434",)
+    assert settings.upstream == "http://127.0.0.1:11434"
+    assert settings.bind == "127.0.0.1:8080"
+    assert settings.database_url == ""
+    assert settings.resolved_database_url == f"sqlite:///{tmp_path}/data/ollama-gw.db"
+
+
+def test_sqlite_file_lives_in_the_data_dir(no_system_file, tmp_path):
+    settings = load_settings(environ={"OLLAMA_GW_DATA_DIR": str(tmp_path / "var")})
+    assert settings.resolved_database_url == f"sqlite:///{tmp_path}/var/ollama-gw.db"
+
+
+def test_file_values_are_used(toml_file):
+    path = toml_file(
+        'bind = "0.0.0.0:9000"\n'
+        "workers = 4\n"
+        'upstreams = ["http://gpu1:11434", "http://gpu2:11434/"]\n'
+        'database_url = "postgresql://gw@db/gw"\n'
+        "legacy_apikey = false\n"
+        'default_rate_limit_user = "7/minute"\n'
+        "read_timeout = 30\n"
+    )
+    settings = load_settings(path=path, environ={})
+    assert settings.bind == "0.0.0.0:9000"
+    assert settings.workers == 4
+    assert settings.upstreams == ("http://gpu1:11434", "http://gpu2:11434")
+    assert settings.resolved_database_url == "postgresql://gw@db/gw"
+    assert settings.legacy_apikey is False
+    assert settings.default_rate_limit_user == "7/minute"
+    assert settings.read_timeout == 30.0
+
+
+@pytest.mark.parametrize("environ, attribute, expected", [
+    ({"OLLAMA_GW_WORKERS": "5"}, "workers", 5),
+    ({"OLLAMA_URL": "http://envhost:11434"}, "upstreams", ("http://envhost:11434",)),
+    ({"DATABASE_URL": "sqlite:////tmp/env.db"}, "database_url", "sqlite:////tmp/env.db"),
+    ({"OLLAMA_GW_DATABASE_URL": "sqlite:////tmp/env.db"}, "database_url", "sqlite:////tmp/env.db"),
+    ({"OLLAMA_GW_UPSTREAMS": "http://a:1, http://b:2/"}, "upstreams",
+     ("http://a:1", "http://b:2")),
+    ({"OLLAMA_GW_BIND": "0.0.0.0:80"}, "bind", "0.0.0.0:80"),
+    ({"OLLAMA_GW_LEGACY_APIKEY": "no"}, "legacy_apikey", False),
+    ({"OLLAMA_GW_LEGACY_APIKEY": "ON"}, "legacy_apikey", True),
+    ({"OLLAMA_GW_WORKERS": ""}, "workers", 3),  # empty means unset: the file's value stays
+])
+def test_environment_wins_over_the_file(toml_file, environ, attribute, expected):
+    path = toml_file(
+        "workers = 3\n"
+        'upstreams = ["http://filehost:11434"]\n'
+        'database_url = "sqlite:////tmp/file.db"\n'
+        'bind = "127.0.0.1:9999"\n'
+        "legacy_apikey = true\n"
+    )
+    assert getattr(load_settings(path=path, environ=environ), attribute) == expected
+
+
+def test_config_file_can_be_named_in_the_environment(toml_file):
+    path = toml_file("workers = 6\n")
+    assert load_settings(environ={"OLLAMA_GW_CONFIG": path}).workers == 6
+
+
+def test_explicit_path_wins_over_the_environment_file(toml_file):
+    named = toml_file("workers = 6\n", name="named.toml")
+    explicit = toml_file("workers = 9\n", name="explicit.toml")
+    assert load_settings(path=explicit, environ={"OLLAMA_GW_CONFIG": named}).workers == 9
+
+
+def test_overrides_win_over_everything(toml_file):
+    path = toml_file("workers = 3\n")
+    settings = load_settings(path=path, environ={"OLLAMA_GW_WORKERS": "5"},
+                             overrides={"workers": 8})
+    assert settings.workers == 8
+
+
+@pytest.mark.parametrize("file_text, environ, named", [
+    ("", {"OLLAMA_GW_WORKERS": "many"}, "workers"),
+    ('workers = "many"\n', {}, "workers"),
+    ("workers = 0\n", {}, "workers"),
+    ("", {"OLLAMA_GW_LEGACY_APIKEY": "maybe"}, "legacy_apikey"),
+    ('legacy_apikey = "maybe"\n', {}, "legacy_apikey"),
+    ("wrokers = 2\n", {}, "wrokers"),
+    ("workers = \n", {}, "TOML"),
+    ("[server\nbind = 1\n", {}, "TOML"),
+    ('bind = "127.0.0.1"\n', {}, "bind"),
+    ("", {"OLLAMA_GW_BIND": "localhost:http"}, "bind"),
+    ("", {"OLLAMA_GW_BIND": "localhost:70000"}, "bind"),
+    ("", {"OLLAMA_URL": "ftp://x"}, "upstream"),
+    ('upstreams = ["http://ok:1", "gpu2:11434"]\n', {}, "upstream"),
+    ("", {"OLLAMA_GW_UPSTREAMS": " , "}, "upstreams"),
+    ("", {"DATABASE_URL": "mysql://x"}, "database_url"),
+    ('default_rate_limit_user = "lots"\n', {}, "default_rate_limit_user"),
+    ("", {"OLLAMA_GW_DEFAULT_RATE_LIMIT_ADMIN": "0/hour"}, "default_rate_limit_admin"),
+    ("", {"OLLAMA_GW_READ_TIMEOUT": "-1"}, "read_timeout"),
+])
+def test_bad_value_is_refused_naming_the_setting(toml_file, file_text, environ, named):
+    path = toml_file(file_text)
+    with pytest.raises(ConfigError, match=named):
+        load_settings(path=path, environ=environ)
+
+
+def test_bad_value_error_shows_the_value_and_the_environment_variable():
+    with pytest.raises(ConfigError) as info:
+        load_settings(path=None, environ={"OLLAMA_GW_WORKERS": "many", "OLLAMA_GW_CONFIG": ""})
+    assert "'many'" in str(info.value)
+    assert "OLLAMA_GW_WORKERS" in str(info.value)
+
+
+def test_unknown_file_setting_lists_the_known_ones(toml_file):
+    with pytest.raises(ConfigError) as info:
+        load_settings(path=toml_file("wrokers = 2\n"), environ={})
+    assert "workers" in str(info.value).split("known:")[1]
+
+
+def test_missing_config_file_is_an_error_naming_it(tmp_path):
+    missing = str(tmp_path / "nope.toml")
+    with pytest.raises(ConfigError, match="nope.toml"):
+        load_settings(path=missing, environ={})
+
+
+
+def test_a_fractional_number_for_a_whole_number_setting_is_refused(tmp_path):
+    path = tmp_path / "config.toml"
+    path.write_text("workers = 2.5\n")
+    with pytest.raises(ConfigError, match="workers"):
+        load_settings(path=str(path), environ={})

@@ -1,0 +1,151 @@
+"""Migrations: from empty to exactly the models' schema, repeatable, reversible, race-safe."""
+import multiprocessing
+import os
+import subprocess
+import sys
+
+import peewee
+import pytest
+
+from app import db as database
+from app.models import MODELS
+
+HISTORY_TABLE = "schema_migration"
+MIGRATIONS = ["0001_initial"]
+
+
+@pytest.fixture
+def empty(database_url):
+    """An empty database of each kind, opened but not migrated."""
+    instance = database.open_database(database_url)
+    database.db.initialize(instance)
+    instance.connect()
+    yield instance
+    instance.close_all()
+
+
+def model_schema(model):
+    """What the model says its table looks like, in the terms introspection uses."""
+    meta = model._meta
+    primary = {field.column_name for field in meta.get_primary_keys()}
+    indexes = {((field.column_name,), bool(field.unique)) for field in meta.sorted_fields
+               if (field.unique or field.index) and not field.primary_key}
+    for fields, unique in meta.indexes:
+        indexes.add((tuple(meta.fields[name].column_name for name in fields), unique))
+    foreign_keys = {(field.column_name, field.rel_model._meta.table_name,
+                     field.rel_field.column_name, field.on_delete or "NO ACTION")
+                    for field in meta.sorted_fields if isinstance(field, peewee.ForeignKeyField)}
+    return {
+        "columns": {field.column_name: field.null for field in meta.sorted_fields},
+        "primary_key": primary,
+        "indexes": indexes,
+        "foreign_keys": foreign_keys,
+    }
+
+
+def table_schema(instance, table):
+    """The same description, read back from the database."""
+    columns = instance.get_columns(table)
+    primary = {column.name for column in columns if column.primary_key}
+    indexes = {(tuple(index.columns), bool(index.unique)) for index in instance.get_indexes(table)
+               if not (index.unique and set(index.columns) == primary)}
+    foreign_keys = {(fk.column, fk.dest_table, fk.dest_column, (fk.on_delete or "NO ACTION"))
+                    for fk in instance.get_foreign_keys(table)}
+    return {
+        "columns": {column.name: column.null for column in columns},
+        "primary_key": primary,
+        "indexes": indexes,
+        "foreign_keys": foreign_keys,
+    }
+
+
+def history(instance):
+    return [row[0] for row in instance.execute_sql(
+        f'SELECT name FROM "{HISTORY_TABLE}" ORDER BY name').fetchall()]
+
+
+def test_empty_database_gets_exactly_the_models_tables(empty):
+    assert empty.get_tables() == []
+    assert database.upgrade(empty) == MIGRATIONS
+    expected = {model._meta.table_name for model in MODELS} | {HISTORY_TABLE}
+    assert set(empty.get_tables()) == expected
+
+
+@pytest.mark.parametrize("model", MODELS, ids=lambda model: model.__name__)
+def test_migrated_table_matches_its_model(empty, model):
+    database.upgrade(empty)
+    assert table_schema(empty, model._meta.table_name) == model_schema(model)
+
+
+def test_migrations_are_recorded_once_and_reported_applied(empty):
+    assert database.pending_migrations(empty) == MIGRATIONS
+    database.upgrade(empty)
+    assert history(empty) == MIGRATIONS
+    assert database.pending_migrations(empty) == []
+    assert [name for name, applied in database.migration_status(empty) if applied] == MIGRATIONS
+
+
+def test_upgrading_twice_changes_nothing(empty):
+    database.upgrade(empty)
+    MODELS[0].create(prefix="ogw_abcdefgh", key_hash="0" * 64, name="kept")
+    before = {table: table_schema(empty, table) for table in empty.get_tables()}
+    assert database.upgrade(empty) == []
+    assert {table: table_schema(empty, table) for table in empty.get_tables()} == before
+    assert history(empty) == MIGRATIONS
+    assert [row.name for row in MODELS[0].select()] == ["kept"]
+
+
+def test_downgrade_removes_the_tables_and_upgrade_restores_them(empty):
+    database.upgrade(empty)
+    assert database.downgrade(empty) == list(reversed(MIGRATIONS))
+    assert set(empty.get_tables()) == {HISTORY_TABLE}
+    assert history(empty) == []
+    assert database.pending_migrations(empty) == MIGRATIONS
+    assert database.upgrade(empty) == MIGRATIONS
+    for model in MODELS:
+        assert table_schema(empty, model._meta.table_name) == model_schema(model)
+    MODELS[0].create(prefix="ogw_abcdefgh", key_hash="0" * 64, name="usable again")
+    assert MODELS[0].select().count() == 1
+
+
+def test_downgrade_with_nothing_applied_reverts_nothing(empty):
+    assert database.downgrade(empty) == []
+
+
+def _upgrade_when_all_are_ready(url, barrier, results):
+    """Child process: open the database, wait for the others, then upgrade at once."""
+    try:
+        instance = database.open_database(url)
+        database.db.initialize(instance)
+        instance.connect()
+        barrier.wait(timeout=30)
+        results.put(("ok", database.upgrade(instance)))
+    except Exception as exc:  # the parent reports it; a child traceback is lost otherwise
+        results.put(("error", repr(exc)))
+
+
+def test_two_processes_upgrading_at_once_both_succeed(database_url, empty):
+    context = multiprocessing.get_context("spawn")
+    barrier, results = context.Barrier(2), context.Queue()
+    workers = [context.Process(target=_upgrade_when_all_are_ready,
+                               args=(database_url, barrier, results)) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    outcomes = sorted(results.get(timeout=60) for _ in workers)
+    for worker in workers:
+        worker.join(timeout=30)
+    assert outcomes == [("ok", []), ("ok", MIGRATIONS)]
+    assert history(empty) == MIGRATIONS
+    assert {model._meta.table_name for model in MODELS} <= set(empty.get_tables())
+
+
+def test_two_cli_upgrades_at_once_both_succeed(database_url, empty, tmp_path):
+    env = {**os.environ, "DATABASE_URL": database_url}
+    env.pop("OLLAMA_GW_CONFIG", None)
+    command = [sys.executable, "-c", "from cli import main; main()", "db", "upgrade"]
+    runs = [subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outputs = sorted(run.communicate(timeout=60)[0].strip() for run in runs)
+    assert [run.returncode for run in runs] == [0, 0], outputs
+    assert outputs == ["already up to date", "applied: 0001_initial"]
+    assert history(empty) == MIGRATIONS
