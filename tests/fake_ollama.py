@@ -11,6 +11,7 @@ upstream crashes.  Output is deterministic: N tokens read "word0 word1 ...".
         requests.post(fake.url + "/api/generate", json={"model": "llama3.2", "prompt": "hi"})
         assert fake.requests[-1].json()["prompt"] == "hi"
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,10 +39,17 @@ CATALOG = {  # base name -> (family, parameter_size, quantization_level, size)
     "nomic-embed-text": ("nomic-bert", "137M", "F16", 274302450),
 }
 ROUTES = {  # (method, path) -> endpoint; POST/DELETE endpoints take a JSON body
-    **{(m, p): n for m in ("GET", "HEAD") for p, n in [("/", "root"), ("/api/version", "version"),
-                                                       ("/api/tags", "tags")]},
-    ("GET", "/api/ps"): "ps", ("DELETE", "/api/delete"): "delete",
-    **{("POST", "/api/" + n): n for n in ["show", "generate", "chat", "embed", "embeddings", "copy"]},
+    **{
+        (m, p): n
+        for m in ("GET", "HEAD")
+        for p, n in [("/", "root"), ("/api/version", "version"), ("/api/tags", "tags")]
+    },
+    ("GET", "/api/ps"): "ps",
+    ("DELETE", "/api/delete"): "delete",
+    **{
+        ("POST", "/api/" + n): n
+        for n in ["show", "generate", "chat", "embed", "embeddings", "copy"]
+    },
     **{("POST", "/api/" + n): "progress" for n in ["pull", "push", "create"]},
 }
 # Unknown-model texts differ by endpoint: GetModel failures vs. handleScheduleError.
@@ -86,7 +94,10 @@ def _digest(name: str) -> str:  # also the identity models are compared by (case
 
 
 def _vector(model: str, text: str) -> list[float]:
-    return [round(b / 127.5 - 1, 6) for b in hashlib.sha256(f"{model}\0{text}".encode()).digest()[:EMBED_DIM]]
+    return [
+        round(b / 127.5 - 1, 6)
+        for b in hashlib.sha256(f"{model}\0{text}".encode()).digest()[:EMBED_DIM]
+    ]
 
 
 class Headers(dict):
@@ -105,6 +116,7 @@ class Headers(dict):
 @dataclasses.dataclass
 class RecordedRequest:
     """One request as received.  Blob uploads are recorded with an empty body."""
+
     method: str
     path: str  # with the query string
     headers: Headers
@@ -146,7 +158,7 @@ class _Handler(BaseHTTPRequestHandler):
         cancellations = self.fake.cancellations  # so a reset() mid-request doesn't inherit this one
         try:
             if path.startswith("/api/blobs/") and self.command in ("HEAD", "POST"):
-                return self._blob(path[len("/api/blobs/"):])
+                return self._blob(path[len("/api/blobs/") :])
             body = b"".join(self._body_pieces())
             self.fake._record(self, body)
             name = ROUTES.get((self.command, path))
@@ -191,14 +203,20 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             req = json.loads(text)
         except json.JSONDecodeError as e:  # Go's wording, approximately
-            return self._error(400, "unexpected EOF" if e.pos >= len(text) else
-                               f"invalid character '{text[e.pos]}' looking for beginning of value")
+            return self._error(
+                400,
+                "unexpected EOF"
+                if e.pos >= len(text)
+                else f"invalid character '{text[e.pos]}' looking for beginning of value",
+            )
         if req is None or isinstance(req, dict):
             return req or {}  # Go decodes null into an empty struct
         kind = {list: "array", str: "string", bool: "bool"}.get(type(req), "number")
         endpoint = self.path.split("?", 1)[0].rsplit("/", 1)[-1]
         go_type = endpoint.capitalize().replace("Embeddings", "Embedding") + "Request"
-        return self._error(400, f"json: cannot unmarshal {kind} into Go value of type api.{go_type}")
+        return self._error(
+            400, f"json: cannot unmarshal {kind} into Go value of type api.{go_type}"
+        )
 
     def _send(self, status: int, body: bytes = b"", ctype: str | None = None):
         self.send_response(status)
@@ -239,7 +257,9 @@ class _Handler(BaseHTTPRequestHandler):
         (Go cancels the request context when it reads EOF on the connection)."""
         end = time.monotonic() + seconds
         while not self.fake._stopping:
-            if select.select([self.connection], [], [], 0)[0] and not self.connection.recv(1, socket.MSG_PEEK):
+            if select.select([self.connection], [], [], 0)[0] and not self.connection.recv(
+                1, socket.MSG_PEEK
+            ):
                 break  # readable and empty: the peer closed
             if (left := end - time.monotonic()) <= 0:
                 return
@@ -274,23 +294,41 @@ class _Handler(BaseHTTPRequestHandler):
         models = []
         for name, expires in list(self.fake._loaded.items()):
             info = {k: v for k, v in self.fake._describe(name).items() if k != "modified_at"}
-            models.append({**info, "expires_at": _now(expires - time.time()), "size_vram": info["size"]})
+            models.append(
+                {**info, "expires_at": _now(expires - time.time()), "size_vram": info["size"]}
+            )
         self._json({"models": models})
 
     def _api_show(self, req):
         if name := self._model(req, "model is required", NOT_FOUND):
             info = self.fake._describe(name)
             family = info["details"]["family"]
-            self._json({"modelfile": f'# Modelfile generated by "ollama show"\nFROM {name}\n',
-                        "parameters": 'stop                           "<|eot_id|>"',
-                        "template": "{{ .System }}\n{{ .Prompt }}", "details": info["details"],
-                        "model_info": {"general.architecture": family, f"{family}.context_length": 8192},
-                        "capabilities": ["embedding"] if self.fake._is_embedding(name) else ["completion"],
-                        "modified_at": info["modified_at"]})
+            self._json(
+                {
+                    "modelfile": f'# Modelfile generated by "ollama show"\nFROM {name}\n',
+                    "parameters": 'stop                           "<|eot_id|>"',
+                    "template": "{{ .System }}\n{{ .Prompt }}",
+                    "details": info["details"],
+                    "model_info": {
+                        "general.architecture": family,
+                        f"{family}.context_length": 8192,
+                    },
+                    "capabilities": ["embedding"]
+                    if self.fake._is_embedding(name)
+                    else ["completion"],
+                    "modified_at": info["modified_at"],
+                }
+            )
 
     def _api_generate(self, req):
         if model := self._model(req, "", NOT_FOUND):
-            self._complete(req, model, False, not req.get("prompt"), _words(req.get("system"), req.get("prompt")))
+            self._complete(
+                req,
+                model,
+                False,
+                not req.get("prompt"),
+                _words(req.get("system"), req.get("prompt")),
+            )
 
     def _api_chat(self, req):
         if model := self._model(req, "model is required", NOT_PULLED):
@@ -300,10 +338,14 @@ class _Handler(BaseHTTPRequestHandler):
     def _complete(self, req, model: str, chat: bool, empty: bool, prompt_count: int):
         """Generate and chat: capability check, load, tokens, final object with metrics."""
         if self.fake._is_embedding(model):
-            return self._error(400, f"{_q(model)} does not support {'chat' if chat else 'generate'}")
+            return self._error(
+                400, f"{_q(model)} does not support {'chat' if chat else 'generate'}"
+            )
 
         def frame(text, **extra):
-            body = {"message": {"role": "assistant", "content": text}} if chat else {"response": text}
+            body = (
+                {"message": {"role": "assistant", "content": text}} if chat else {"response": text}
+            )
             return {"model": model, "created_at": _now(), **body, **extra}
 
         if empty and req.get("keep_alive") in (0, "0", "0s", "0m"):  # Ollama's "unload model" call
@@ -323,15 +365,29 @@ class _Handler(BaseHTTPRequestHandler):
                 self._line(frame(f"word{i}" if i == 0 else f" word{i}", done=False))
         if self.fake.fail_after_tokens is not None and n >= self.fake.fail_after_tokens:
             raise _Crash
-        load, evals, prompt_eval = t_loaded - t0 + 1, time.monotonic_ns() - t_loaded + 1, 1000 * prompt_count
-        reason = "length" if limited else "stop"  # the runner says "length" when num_predict cuts it off
+        load, evals, prompt_eval = (
+            t_loaded - t0 + 1,
+            time.monotonic_ns() - t_loaded + 1,
+            1000 * prompt_count,
+        )
+        reason = (
+            "length" if limited else "stop"
+        )  # the runner says "length" when num_predict cuts it off
         final = frame("" if stream else fake_text(n))
         if chat:  # Go's field order: chat has done_reason before done, generate after
             final.update(done_reason=reason, done=True)
         else:
-            final.update(done=True, done_reason=reason, context=list(range(1, prompt_count + n + 1)))
-        final.update(total_duration=load + prompt_eval + evals, load_duration=load, prompt_eval_count=prompt_count,
-                     prompt_eval_duration=prompt_eval, eval_count=n, eval_duration=evals)
+            final.update(
+                done=True, done_reason=reason, context=list(range(1, prompt_count + n + 1))
+            )
+        final.update(
+            total_duration=load + prompt_eval + evals,
+            load_duration=load,
+            prompt_eval_count=prompt_count,
+            prompt_eval_duration=prompt_eval,
+            eval_count=n,
+            eval_duration=evals,
+        )
         if stream:
             self._line(final)
             self.wfile.write(b"0\r\n\r\n")
@@ -350,10 +406,19 @@ class _Handler(BaseHTTPRequestHandler):
             if not inputs:
                 return self._json({"model": model, "embeddings": []})
             vectors = [_vector(model, text) for text in inputs]
-            vectors = [[x / (sum(y * y for y in v) ** 0.5 or 1) for x in v] for v in vectors]  # embed normalizes
+            vectors = [
+                [x / (sum(y * y for y in v) ** 0.5 or 1) for x in v] for v in vectors
+            ]  # embed normalizes
             total = time.monotonic_ns() - t0 + 1
-            self._json({"model": model, "embeddings": vectors, "total_duration": total,
-                        "load_duration": total, "prompt_eval_count": _words(*inputs)})
+            self._json(
+                {
+                    "model": model,
+                    "embeddings": vectors,
+                    "total_duration": total,
+                    "load_duration": total,
+                    "prompt_eval_count": _words(*inputs),
+                }
+            )
 
     def _api_embeddings(self, req):
         if model := self._model(req, "model is required", NOT_PULLED):
@@ -369,13 +434,22 @@ class _Handler(BaseHTTPRequestHandler):
         digest, size = "sha256:" + _digest(name), self.fake._describe(name)["size"]
         short, layer = digest[7:19], {"digest": digest, "total": size}
         statuses = {
-            "pull": [{"status": "pulling manifest"},
-                     {"status": f"pulling {short}", **layer, "completed": size // 2},
-                     {"status": f"pulling {short}", **layer, "completed": size},
-                     {"status": "verifying sha256 digest"}, {"status": "writing manifest"}],
-            "push": [{"status": "retrieving manifest"},
-                     {"status": f"pushing {short}", **layer, "completed": size}, {"status": "pushing manifest"}],
-            "create": [{"status": f"using existing layer {digest}"}, {"status": "writing manifest"}],
+            "pull": [
+                {"status": "pulling manifest"},
+                {"status": f"pulling {short}", **layer, "completed": size // 2},
+                {"status": f"pulling {short}", **layer, "completed": size},
+                {"status": "verifying sha256 digest"},
+                {"status": "writing manifest"},
+            ],
+            "push": [
+                {"status": "retrieving manifest"},
+                {"status": f"pushing {short}", **layer, "completed": size},
+                {"status": "pushing manifest"},
+            ],
+            "create": [
+                {"status": f"using existing layer {digest}"},
+                {"status": "writing manifest"},
+            ],
         }[kind] + [{"status": "success"}]
         stream = req.get("stream") is not False
         self._begin(stream)
@@ -393,7 +467,10 @@ class _Handler(BaseHTTPRequestHandler):
     def _api_copy(self, req):
         src, dst = req.get("source") or "", req.get("destination") or ""
         if not src or not dst:
-            return self._error(400, f"source {_q(src)} is invalid" if not src else f"destination {_q(dst)} is invalid")
+            return self._error(
+                400,
+                f"source {_q(src)} is invalid" if not src else f"destination {_q(dst)} is invalid",
+            )
         if not self.fake._has(src):
             return self._error(404, f"model {_q(src)} not found")
         self.fake._add(dst)
@@ -433,10 +510,16 @@ class FakeOllama:
     many status lines; `cancellations` records every request whose client hung
     up before its answer was complete, streamed or not."""
 
-    def __init__(self, host="127.0.0.1", port=0, models=None, token_delay=0.0, first_byte_delay=0.0, tokens=5):
+    def __init__(
+        self, host="127.0.0.1", port=0, models=None, token_delay=0.0, first_byte_delay=0.0, tokens=5
+    ):
         self.host, self.port = host, port
-        self._defaults = {"models": list(DEFAULT_MODELS if models is None else models), "tokens": tokens,
-                          "token_delay": token_delay, "first_byte_delay": first_byte_delay}
+        self._defaults = {
+            "models": list(DEFAULT_MODELS if models is None else models),
+            "tokens": tokens,
+            "token_delay": token_delay,
+            "first_byte_delay": first_byte_delay,
+        }
         self._server: ThreadingHTTPServer | None = None
         self._conns: set[socket.socket] = set()
         self._lock, self._stopping, self._modified = threading.Lock(), False, _now()
@@ -463,8 +546,12 @@ class FakeOllama:
             self._server = ThreadingHTTPServer((self.host, self.port), _Handler)
             self._server.daemon_threads, self._server.fake = True, self
             self.port = self._server.server_address[1]
-            threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-                             name=f"fake-ollama:{self.port}", daemon=True).start()
+            threading.Thread(
+                target=self._server.serve_forever,
+                kwargs={"poll_interval": 0.05},
+                name=f"fake-ollama:{self.port}",
+                daemon=True,
+            ).start()
         return self
 
     def stop(self) -> None:
@@ -498,7 +585,11 @@ class FakeOllama:
         self.requests.append(RecordedRequest(handler.command, handler.path, headers, body))
 
     def _has(self, name) -> bool:
-        return isinstance(name, str) and bool(name) and _digest(name) in {_digest(m) for m in self.models}
+        return (
+            isinstance(name, str)
+            and bool(name)
+            and _digest(name) in {_digest(m) for m in self.models}
+        )
 
     def _add(self, name: str) -> None:
         if not self._has(name):
@@ -510,22 +601,43 @@ class FakeOllama:
     def _describe(self, name: str) -> dict:
         """The /api/tags entry for `name`, with plausible details."""
         full = _full(name)
-        family, params, quant, size = CATALOG.get(full.split(":")[0].lower(), ("llama", "7B", "Q4_0", 3826793677))
-        return {"name": full, "model": full, "modified_at": self._modified, "size": size, "digest": _digest(full),
-                "details": {"parent_model": "", "format": "gguf", "family": family, "families": [family],
-                            "parameter_size": params, "quantization_level": quant}}
+        family, params, quant, size = CATALOG.get(
+            full.split(":")[0].lower(), ("llama", "7B", "Q4_0", 3826793677)
+        )
+        return {
+            "name": full,
+            "model": full,
+            "modified_at": self._modified,
+            "size": size,
+            "digest": _digest(full),
+            "details": {
+                "parent_model": "",
+                "format": "gguf",
+                "family": family,
+                "families": [family],
+                "parameter_size": params,
+                "quantization_level": quant,
+            },
+        }
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description="Run the fake Ollama server in the foreground (Ctrl-C stops it).")
+    p = argparse.ArgumentParser(
+        description="Run the fake Ollama server in the foreground (Ctrl-C stops it)."
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=11434)
     p.add_argument("--token-delay", type=float, default=0.0)
     p.add_argument("--first-byte-delay", type=float, default=0.0)
     p.add_argument("--tokens", type=int, default=5)
     a = p.parse_args(argv)
-    with FakeOllama(a.host, a.port, token_delay=a.token_delay, first_byte_delay=a.first_byte_delay,
-                    tokens=a.tokens) as fake:
+    with FakeOllama(
+        a.host,
+        a.port,
+        token_delay=a.token_delay,
+        first_byte_delay=a.first_byte_delay,
+        tokens=a.tokens,
+    ) as fake:
         print(f"fake Ollama {VERSION} listening on {fake.url}", flush=True)
         with contextlib.suppress(KeyboardInterrupt):
             while True:

@@ -1,4 +1,5 @@
 """Tests for the fake Ollama server used by the integration tests."""
+
 import hashlib
 import json
 import socket
@@ -33,12 +34,22 @@ def test_version_and_tags_list_the_models(fake):
     models = requests.get(fake.url + "/api/tags", timeout=5).json()["models"]
     assert [m["name"] for m in models] == DEFAULT_MODELS
     assert set(models[0]) == {"name", "model", "modified_at", "size", "digest", "details"}
-    assert set(models[0]["details"]) == {"parent_model", "format", "family", "families",
-                                         "parameter_size", "quantization_level"}
+    assert set(models[0]["details"]) == {
+        "parent_model",
+        "format",
+        "family",
+        "families",
+        "parameter_size",
+        "quantization_level",
+    }
 
 
 def test_generate_without_stream_returns_the_whole_text_and_counts(fake):
-    r = post(fake, "/api/generate", {"model": "llama3.2", "prompt": "why is the sky blue", "stream": False})
+    r = post(
+        fake,
+        "/api/generate",
+        {"model": "llama3.2", "prompt": "why is the sky blue", "stream": False},
+    )
     assert r.status_code == 200 and r.headers["Content-Type"] == "application/json; charset=utf-8"
     body = r.json()
     assert body["response"] == fake_text(5) == "word0 word1 word2 word3 word4"
@@ -62,48 +73,80 @@ def test_generate_stream_sends_each_line_as_its_own_chunk(fake):
     assert [line["done"] for line in lines] == [False] * 5 + [True]
     final = lines[-1]
     assert final["response"] == "" and final["eval_count"] == 5 and final["prompt_eval_count"] == 1
-    assert {"total_duration", "load_duration", "prompt_eval_duration", "eval_duration"} <= set(final)
+    assert {"total_duration", "load_duration", "prompt_eval_duration", "eval_duration"} <= set(
+        final
+    )
     assert arrivals[4] - arrivals[0] > 0.08  # streamed as produced, not buffered
     assert fake.active_streams == 0
 
 
 def test_num_predict_sets_the_token_count_and_reports_length(fake):
-    body = post(fake, "/api/generate", {"model": "llama3.2", "prompt": "x", "stream": False,
-                                        "options": {"num_predict": 3}}).json()
-    assert (body["response"], body["eval_count"], body["done_reason"]) == (fake_text(3), 3, "length")
+    body = post(
+        fake,
+        "/api/generate",
+        {"model": "llama3.2", "prompt": "x", "stream": False, "options": {"num_predict": 3}},
+    ).json()
+    assert (body["response"], body["eval_count"], body["done_reason"]) == (
+        fake_text(3),
+        3,
+        "length",
+    )
 
 
 def test_empty_prompt_is_the_load_model_call(fake):
     body = post(fake, "/api/generate", {"model": "llama3.2"}).json()
     assert body["done"] is True and body["done_reason"] == "load" and body["response"] == ""
-    assert [m["name"] for m in requests.get(fake.url + "/api/ps", timeout=5).json()["models"]] == ["llama3.2:latest"]
+    assert [m["name"] for m in requests.get(fake.url + "/api/ps", timeout=5).json()["models"]] == [
+        "llama3.2:latest"
+    ]
 
 
 def test_chat_streams_assistant_messages_and_answers_whole_without_stream(fake):
     msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there"}]
-    lines = [json.loads(x) for x in post(fake, "/api/chat", {"model": "qwen2.5:0.5b", "messages": msgs},
-                                         stream=True).iter_lines()]
+    lines = [
+        json.loads(x)
+        for x in post(
+            fake, "/api/chat", {"model": "qwen2.5:0.5b", "messages": msgs}, stream=True
+        ).iter_lines()
+    ]
     assert all(line["message"]["role"] == "assistant" for line in lines)
     assert "".join(line["message"]["content"] for line in lines) == fake_text(5)
     assert lines[-1]["done"] is True and lines[-1]["prompt_eval_count"] == 4
-    whole = post(fake, "/api/chat", {"model": "qwen2.5:0.5b", "messages": msgs, "stream": False}).json()
-    assert whole["message"] == {"role": "assistant", "content": fake_text(5)} and whole["eval_count"] == 5
+    whole = post(
+        fake, "/api/chat", {"model": "qwen2.5:0.5b", "messages": msgs, "stream": False}
+    ).json()
+    assert (
+        whole["message"] == {"role": "assistant", "content": fake_text(5)}
+        and whole["eval_count"] == 5
+    )
 
 
 def test_embed_and_legacy_embeddings(fake):
     body = post(fake, "/api/embed", {"model": "nomic-embed-text", "input": ["a b", "c"]}).json()
     assert body["model"] == "nomic-embed-text" and len(body["embeddings"]) == 2
-    assert abs(sum(x * x for x in body["embeddings"][0]) - 1) < 1e-6 and body["prompt_eval_count"] == 3
+    assert (
+        abs(sum(x * x for x in body["embeddings"][0]) - 1) < 1e-6 and body["prompt_eval_count"] == 3
+    )
     single = post(fake, "/api/embed", {"model": "nomic-embed-text", "input": "a b"}).json()
     assert single["embeddings"] == body["embeddings"][:1]
-    assert len(post(fake, "/api/embeddings", {"model": "nomic-embed-text", "prompt": "x"}).json()["embedding"]) > 0
+    assert (
+        len(
+            post(fake, "/api/embeddings", {"model": "nomic-embed-text", "prompt": "x"}).json()[
+                "embedding"
+            ]
+        )
+        > 0
+    )
 
 
 def test_unknown_model_gets_ollamas_404_texts(fake):
     r = post(fake, "/api/generate", {"model": "nope", "prompt": "x"})
     assert (r.status_code, r.json()) == (404, {"error": "model 'nope' not found"})
     r = post(fake, "/api/chat", {"model": "nope", "messages": [{"role": "user", "content": "x"}]})
-    assert (r.status_code, r.json()) == (404, {"error": 'model "nope" not found, try pulling it first'})
+    assert (r.status_code, r.json()) == (
+        404,
+        {"error": 'model "nope" not found, try pulling it first'},
+    )
     assert post(fake, "/api/show", {"model": "nope"}).status_code == 404
 
 
@@ -118,7 +161,11 @@ def test_missing_model_and_bad_json_are_400(fake):
 
 def test_unknown_path_is_gos_plain_text_404(fake):
     r = requests.get(fake.url + "/api/nothing", timeout=5)
-    assert (r.status_code, r.text, r.headers["Content-Type"]) == (404, "404 page not found", "text/plain")
+    assert (r.status_code, r.text, r.headers["Content-Type"]) == (
+        404,
+        "404 page not found",
+        "text/plain",
+    )
 
 
 def test_blob_upload_reads_a_chunked_body_and_checks_the_digest(fake):
@@ -126,27 +173,42 @@ def test_blob_upload_reads_a_chunked_body_and_checks_the_digest(fake):
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
     url = f"{fake.url}/api/blobs/{digest}"
     assert requests.head(url, timeout=5).status_code == 404
-    r = requests.post(url, data=(data[i:i + 4096] for i in range(0, len(data), 4096)), timeout=5)
+    r = requests.post(url, data=(data[i : i + 4096] for i in range(0, len(data), 4096)), timeout=5)
     assert r.status_code == 201 and fake.requests[-1].headers["transfer-encoding"] == "chunked"
     assert requests.head(url, timeout=5).status_code == 200 and fake.blobs == {digest: len(data)}
     bad = "sha256:" + "0" * 64
     r = requests.post(f"{fake.url}/api/blobs/{bad}", data=b"other", timeout=5)
     assert r.status_code == 400
-    assert r.json()["error"] == f'digest mismatch, expected "{bad}", got "sha256:{hashlib.sha256(b"other").hexdigest()}"'
+    assert (
+        r.json()["error"]
+        == f'digest mismatch, expected "{bad}", got "sha256:{hashlib.sha256(b"other").hexdigest()}"'
+    )
 
 
 def test_pull_streams_status_and_adds_the_model_then_copy_and_delete(fake):
-    statuses = [json.loads(x)["status"] for x in post(fake, "/api/pull", {"model": "phi3"}).iter_lines()]
+    statuses = [
+        json.loads(x)["status"] for x in post(fake, "/api/pull", {"model": "phi3"}).iter_lines()
+    ]
     assert statuses[0] == "pulling manifest" and statuses[-1] == "success"
     assert "phi3:latest" in fake.models
-    assert post(fake, "/api/copy", {"source": "phi3", "destination": "phi3-copy"}).status_code == 200
-    assert requests.delete(fake.url + "/api/delete", json={"model": "phi3"}, timeout=5).status_code == 200
-    assert requests.delete(fake.url + "/api/delete", json={"model": "phi3"}, timeout=5).status_code == 404
+    assert (
+        post(fake, "/api/copy", {"source": "phi3", "destination": "phi3-copy"}).status_code == 200
+    )
+    assert (
+        requests.delete(fake.url + "/api/delete", json={"model": "phi3"}, timeout=5).status_code
+        == 200
+    )
+    assert (
+        requests.delete(fake.url + "/api/delete", json={"model": "phi3"}, timeout=5).status_code
+        == 404
+    )
     assert fake.models[-1] == "phi3-copy:latest"
 
 
 def test_requests_are_recorded_with_headers_and_body(fake):
-    post(fake, "/api/generate?x=1", {"model": "llama3.2", "prompt": "hi"}, headers={"X-Trace": "abc"})
+    post(
+        fake, "/api/generate?x=1", {"model": "llama3.2", "prompt": "hi"}, headers={"X-Trace": "abc"}
+    )
     rec = fake.requests[-1]
     assert (rec.method, rec.path, rec.json()["prompt"]) == ("POST", "/api/generate?x=1", "hi")
     assert rec.headers["x-trace"] == rec.headers["X-Trace"] == "abc"
@@ -169,7 +231,10 @@ def test_fail_after_tokens_ends_the_stream_without_a_done_line(fake):
     fake.fail_after_tokens = 2
     s = socket.create_connection(("127.0.0.1", fake.port), timeout=5)
     body = json.dumps({"model": "llama3.2", "prompt": "hi"}).encode()
-    s.sendall(b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    s.sendall(
+        b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+        % (len(body), body)
+    )
     raw = b""
     while chunk := s.recv(65536):
         raw += chunk
@@ -177,7 +242,11 @@ def test_fail_after_tokens_ends_the_stream_without_a_done_line(fake):
     assert raw.count(b'"done":false') == 2 and b'"done":true' not in raw
     assert not raw.endswith(b"0\r\n\r\n")  # no terminating chunk
     with pytest.raises(requests.exceptions.ChunkedEncodingError):
-        list(post(fake, "/api/generate", {"model": "llama3.2", "prompt": "hi"}, stream=True).iter_lines())
+        list(
+            post(
+                fake, "/api/generate", {"model": "llama3.2", "prompt": "hi"}, stream=True
+            ).iter_lines()
+        )
     assert fake.cancellations == []
 
 
@@ -186,7 +255,12 @@ def test_reset_restores_knobs_and_forgets_requests(fake):
     fake.models.append("extra:latest")
     requests.get(fake.url, timeout=5)
     fake.reset()
-    assert (fake.tokens, fake.token_delay, fake.fail_after_tokens, fake.requests) == (5, 0.0, None, [])
+    assert (fake.tokens, fake.token_delay, fake.fail_after_tokens, fake.requests) == (
+        5,
+        0.0,
+        None,
+        [],
+    )
     assert fake.models == DEFAULT_MODELS
 
 
@@ -198,7 +272,9 @@ def test_official_ollama_client_talks_to_the_fake(fake):
     assert "".join(p.response for p in parts) == fake_text(5) and parts[-1].done
     chat = client.chat(model="llama3.2", messages=[{"role": "user", "content": "hi"}])
     assert chat.message.content == fake_text(5) and chat.eval_count == 5
-    streamed = client.chat(model="llama3.2", messages=[{"role": "user", "content": "hi"}], stream=True)
+    streamed = client.chat(
+        model="llama3.2", messages=[{"role": "user", "content": "hi"}], stream=True
+    )
     assert "".join(p.message.content for p in streamed) == fake_text(5)
     assert [m.model for m in client.list().models] == DEFAULT_MODELS
     assert client.show("llama3.2").details.family == "llama"
