@@ -33,6 +33,10 @@ accesslog = None
 errorlog = "-"
 loglevel = _settings.log_level
 proc_name = "ollama-gw"
+# gunicorn 23+ opens a control socket at one fixed path per user: two instances on one
+# machine would fight over it, and a hardened unit cannot create it. The gateway is
+# managed with signals (TERM drains, HUP reloads) instead.
+control_socket_disable = True
 
 
 def post_fork(server, worker):

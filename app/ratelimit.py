@@ -54,6 +54,8 @@ class Limiter:
         """Count one request for `key` and take a concurrency slot, or raise 429."""
         now = time.time() if now is None else now
         admission = Admission()
+        if not key.rate_limit and not key.max_concurrent:
+            return admission  # nothing to count: no write transaction, no lock
         with db.atomic():
             if key.max_concurrent and is_postgres():
                 # Serialise this key's slot checks; SQLite's write lock already does.

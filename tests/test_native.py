@@ -601,3 +601,17 @@ def test_a_head_request_gives_its_concurrency_slot_back(client, make_key, fake):
         response = client.head("/api/tags", headers=auth_header(secret))
         assert response.status_code == 200
         response.close()
+
+
+def test_a_database_outage_is_a_503_that_says_what_to_check(fake, tmp_path):
+    from app.config import Settings
+
+    app = create_app(Settings(data_dir=str(tmp_path), upstreams=(fake.url,),
+                              database_url="postgresql://postgres@127.0.0.1:1/gone"))
+    response = app.test_client().post("/api/generate", json=GENERATE,
+                                      headers=auth_header("ogw_anything"))
+    assert response.status_code == 503
+    assert "DATABASE_URL" in error_of(response)
+    assert response.headers["Retry-After"]
+    health = app.test_client().get("/health")
+    assert health.status_code == 503 and health.get_json()["database"] == "unavailable"
