@@ -8,11 +8,12 @@ import json
 import time
 from urllib.parse import urlencode
 
+import requests
 from flask import Response, current_app, request
 from werkzeug.wsgi import get_input_stream
 
 from app import auth
-from app.errors import BadRequest, GatewayError
+from app.errors import BadRequest, GatewayError, UpstreamUnavailable
 from app.relay import (
     ClientDisconnected,
     ClientWatch,
@@ -116,18 +117,10 @@ def forward(key, path, body, query=b"", transform=None):
     if transform is not None and response.ok:
         watch.stop()
         try:
-            data = transform(response.json())
-        except ValueError:
-            data = None
+            return _rewritten(response, transform, admission)
         finally:
             response.close()
             limiter.release(admission)
-        if data is not None:
-            return current_app.response_class(
-                json.dumps(data), status=response.status_code,
-                headers=admission.headers(), mimetype="application/json",
-            )
-        raise GatewayError("Ollama answered with malformed JSON", status=502)
 
     def finish(_outcome):
         limiter.release(admission)
@@ -137,6 +130,21 @@ def forward(key, path, body, query=b"", transform=None):
         status=response.status_code,
         headers=response_headers(response, admission.headers()),
         direct_passthrough=True,
+    )
+
+
+def _rewritten(response, transform, admission):
+    """A small JSON answer passed through transform(); 502 if it cannot be read."""
+    try:
+        data = transform(response.json())
+    except (ValueError, TypeError, AttributeError, requests.RequestException) as exc:
+        raise UpstreamUnavailable(
+            "Ollama's answer could not be read (malformed JSON or a broken connection); "
+            "check the Ollama server's log", headers=admission.headers(),
+        ) from exc
+    return current_app.response_class(
+        json.dumps(data), status=response.status_code,
+        headers=admission.headers(), mimetype="application/json",
     )
 
 

@@ -165,12 +165,15 @@ def test_ollama_error_answers_pass_through_unchanged(client, ollama, secret, sta
     assert response.data == body
 
 
-def test_malformed_model_list_from_ollama_gets_502(client, ollama, make_key):
+@pytest.mark.parametrize("body", [
+    b"<html>proxy error</html>", b"[1, 2]", b'{"models": 5}', b'{"models": ["llama3.2"]}',
+], ids=["html", "array", "models not a list", "models not objects"])
+def test_malformed_model_list_from_ollama_gets_502(client, ollama, make_key, body):
     restricted, _ = make_key(models="llama3.2")
-    ollama.get(UPSTREAM + "/api/tags", body=b"<html>proxy error</html>", content_type="text/html")
+    ollama.get(UPSTREAM + "/api/tags", body=body, content_type="application/json")
     response = client.get("/api/tags", headers=auth_header(restricted))
     assert response.status_code == 502
-    assert response.get_json() == {"error": "Ollama answered with malformed JSON"}
+    assert "could not be read" in response.get_json()["error"]
 
 
 # --- upstream failures ---------------------------------------------------------------------
