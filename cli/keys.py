@@ -29,12 +29,19 @@ def with_limit_options(func):
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 
 
+def _when(iso, missing):
+    """`2026-12-22 05:17 UTC` from an ISO timestamp, or `missing` for none."""
+    return f"{iso[:10]} {iso[11:16]} UTC" if iso else missing
+
+
 def _row_for_people(summary):
     models = summary["models"]
     return {**summary, "models": ",".join(models) if models else "all",
             "max_concurrent": summary["max_concurrent"] or "-",
-            "last_used_at": (summary["last_used_at"] or "never")[:19],
-            "expires_at": (summary["expires_at"] or "never")[:19]}
+            "created_at": _when(summary["created_at"], "-"),
+            "last_used_at": _when(summary["last_used_at"], "never"),
+            "expires_at": _when(summary["expires_at"], "never"),
+            "revoked_at": _when(summary["revoked_at"], "-")}
 
 
 def _fail(exc):
