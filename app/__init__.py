@@ -13,6 +13,8 @@ def create_app(settings=None):
 
     settings = settings or load_settings()
     app = Flask(__name__, static_folder=None)
+    # `/api//pull` must reach the relay's path check, not a redirect to `/api/pull`.
+    app.url_map.merge_slashes = False
     app.config["SETTINGS"] = settings
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     logging.basicConfig(level=settings.log_level.upper(),

@@ -15,7 +15,7 @@ LAST_USED_EVERY = 60.0
 
 
 class KeyCache:
-    """hash -> (KeyInfo or None, fetched_at); small, per process, self-expiring."""
+    """hash -> (KeyInfo, fetched_at) for known keys; per process, self-expiring."""
 
     def __init__(self, ttl):
         self.ttl = ttl
@@ -29,10 +29,12 @@ class KeyCache:
         if entry and now - entry[1] < self.ttl:
             return entry[0]
         row = ApiKey.get_or_none(ApiKey.key_hash == key_hash)
-        info = KeyInfo.from_row(row) if row else None
+        if row is None:
+            return None  # misses are not cached: random keys must not crowd out real ones
+        info = KeyInfo.from_row(row)
         with self._lock:
-            if len(self._entries) > 10000:
-                self._entries.clear()  # bounded: an attacker's random keys cannot grow it
+            if len(self._entries) > 100_000:
+                self._entries.clear()  # only real keys land here; this is a backstop
             self._entries[key_hash] = (info, now)
         return info
 

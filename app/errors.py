@@ -7,6 +7,7 @@ import logging
 
 import peewee
 from flask import jsonify, request
+from playhouse.pool import MaxConnectionsExceeded
 from werkzeug.exceptions import HTTPException
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,7 @@ def init_app(app):
 
     @app.errorhandler(peewee.OperationalError)
     @app.errorhandler(peewee.InterfaceError)
+    @app.errorhandler(MaxConnectionsExceeded)
     def _database_error(exc):
         log.error("database error on %s %s: %s", request.method, request.path, exc)
         return error_response(

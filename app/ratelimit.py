@@ -15,12 +15,18 @@ import socket
 import threading
 import time
 
+import peewee
+from flask import g
+
 from app.db import db, is_postgres
 from app.errors import RateLimited
 from app.limits import format_rate_limit
 from app.models import ApiKey, ConcurrencySlot, RateCounter
 
 log = logging.getLogger(__name__)
+
+# Stand-ins for one request's values in the cached counting statement (see _count_sql).
+_KEY, _WINDOW, _LIMIT = -7001, -7002, -7003
 
 
 @dataclasses.dataclass
@@ -49,6 +55,8 @@ class Limiter:
         self._held = set()
         self._keeper = None
         self._lock = threading.Lock()
+        self._count_sql_for = None  # the database _count_sql_cached was rendered for
+        self._count_sql_cached = None
 
     def admit(self, key, now=None):
         """Count one request for `key` and take a concurrency slot, or raise 429."""
@@ -68,21 +76,51 @@ class Limiter:
             self._hold(admission.slot_id)
         return admission
 
-    def _count(self, key, now, admission):
+    def peek(self, key, now=None):
+        """The key's current window, as the headers show it, without counting a request."""
+        now = time.time() if now is None else now
+        admission = Admission()
+        if key.rate_limit:
+            window = self._window(key, now, admission)
+            used = (RateCounter.select(RateCounter.count)
+                    .where((RateCounter.key == key.id) & (RateCounter.window_start == window))
+                    .scalar()) or 0
+            admission.remaining = key.rate_limit - used
+        return admission
+
+    @staticmethod
+    def _window(key, now, admission):
         window = int(now // key.rate_period * key.rate_period)
         admission.limit = key.rate_limit
         admission.reset_at = window + key.rate_period
-        cursor = (
-            RateCounter.insert(key=key.id, window_start=window, count=1)
-            .on_conflict(
-                conflict_target=[RateCounter.key, RateCounter.window_start],
-                update={RateCounter.count: RateCounter.count + 1},
-                where=(RateCounter.count < key.rate_limit),
+        return window
+
+    def _count_sql(self):
+        """The counting upsert's (sql, params), rendered by peewee once per database.
+
+        Building the statement costs several times what running it does (bench/: about
+        0.2 ms a request on SQLite), and only its parameters change: they are the
+        sentinels below, replaced with each request's values in _count().
+        """
+        if self._count_sql_for is not db.obj:
+            query = (
+                RateCounter.insert(key=_KEY, window_start=_WINDOW, count=1)
+                .on_conflict(
+                    conflict_target=[RateCounter.key, RateCounter.window_start],
+                    update={RateCounter.count: RateCounter.count + 1},
+                    where=(RateCounter.count < _LIMIT),
+                )
+                .returning(RateCounter.count)
             )
-            .returning(RateCounter.count)
-            .tuples()
-            .execute()
-        )
+            self._count_sql_cached = query.sql()
+            self._count_sql_for = db.obj
+        return self._count_sql_cached
+
+    def _count(self, key, now, admission):
+        window = self._window(key, now, admission)
+        sql, params = self._count_sql()
+        values = {_KEY: key.id, _WINDOW: window, _LIMIT: key.rate_limit}
+        cursor = db.execute_sql(sql, [values.get(p, p) for p in params])
         row = next(iter(cursor), None)
         if row is None:
             admission.remaining = 0
@@ -105,10 +143,12 @@ class Limiter:
         ).execute()
         busy = ConcurrencySlot.select().where(ConcurrencySlot.key == key.id).count()
         if busy >= key.max_concurrent:
+            # No X-RateLimit-* here: this transaction's count is rolled back with the
+            # refusal. The after-request hook reads the true figures.
             raise RateLimited(
                 f"too many concurrent requests: key allows {key.max_concurrent} at a time; "
                 "retry when one finishes",
-                headers={"Retry-After": "1", **admission.headers()},
+                headers={"Retry-After": "1"},
             )
         return ConcurrencySlot.insert(
             key=key.id, holder=self.holder, expires_at=now + self.lease_seconds
@@ -157,4 +197,15 @@ class Limiter:
 
 
 def init_app(app):
-    app.extensions["limiter"] = Limiter(app.config["SETTINGS"].slot_lease_seconds)
+    limiter = app.extensions["limiter"] = Limiter(app.config["SETTINGS"].slot_lease_seconds)
+
+    @app.after_request
+    def _rate_limit_headers(response):
+        """Every answer to a limited key says where it stands, refusals included."""
+        key = g.get("key")
+        if key is not None and key.rate_limit and "X-RateLimit-Limit" not in response.headers:
+            try:
+                response.headers.update(limiter.peek(key).headers())
+            except peewee.PeeweeException:
+                pass  # the response itself already says what went wrong
+        return response

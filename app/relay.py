@@ -178,15 +178,33 @@ def response_headers(response, extra):
     return headers
 
 
+def _read_from_client(stream, size):
+    """Read the client's body; a broken or abandoned upload raises ClientDisconnected.
+
+    Raised inside requests' send, it is not mistaken for an Ollama failure (502), and
+    the connection to Ollama is closed so it stops waiting for the rest.
+    """
+    try:
+        return stream.read(size)
+    except Exception as exc:  # early EOF, bad chunk sizes: the server's own exceptions
+        raise ClientDisconnected() from exc
+
+
 class Upload:
     """A request body streamed to Ollama without buffering (blob uploads may be gigabytes)."""
 
     def __init__(self, stream, length):
         self._stream = stream
         self._length = length
+        self._left = length
 
     def read(self, size=CHUNK_SIZE):
-        return self._stream.read(size if size and size > 0 else CHUNK_SIZE)
+        size = size if size and size > 0 else CHUNK_SIZE
+        chunk = _read_from_client(self._stream, min(size, self._left)) if self._left else b""
+        if self._left and not chunk:
+            raise ClientDisconnected()  # the client promised more bytes than it sent
+        self._left -= len(chunk)
+        return chunk
 
     def __iter__(self):
         return iter(lambda: self.read(CHUNK_SIZE), b"")
@@ -199,4 +217,4 @@ def streamed_body(stream, content_length):
     """A body for requests: sized when the client said its length, chunked otherwise."""
     if content_length is not None:
         return Upload(stream, content_length)
-    return iter(lambda: stream.read(CHUNK_SIZE), b"")
+    return iter(lambda: _read_from_client(stream, CHUNK_SIZE), b"")

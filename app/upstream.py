@@ -6,6 +6,7 @@ Client-facing messages say what to check but never name the internal upstream UR
 import http.cookiejar
 import logging
 import time
+from urllib.parse import quote
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -56,10 +57,15 @@ class Upstream:
 
     def send(self, method, path, query=b"", headers=None, body=None):
         """Open a streamed request to Ollama; raise 502/504 errors the client can act on."""
-        url = self.base_url + path + ("?" + query.decode("latin-1") if query else "")
+        url = self.base_url + quote(path, safe="/:@!$&'()*+,;=-._~")
+        if query:
+            url += "?" + query.decode("latin-1")
         try:
-            return self.session.request(
-                method, url, headers=headers, data=body, stream=True, allow_redirects=False,
+            # Not session.request(): it merges environment, cookie and header settings this
+            # session never has (see __init__), about 0.1 ms a request (bench/).
+            prepared = requests.Request(method, url, headers=headers, data=body).prepare()
+            return self.session.send(
+                prepared, stream=True, allow_redirects=False,
                 timeout=(self.connect_timeout, self.read_timeout),
             )
         except requests.ConnectTimeout:

@@ -615,3 +615,82 @@ def test_a_database_outage_is_a_503_that_says_what_to_check(fake, tmp_path):
     assert response.headers["Retry-After"]
     health = app.test_client().get("/health")
     assert health.status_code == 503 and health.get_json()["database"] == "unavailable"
+
+
+@pytest.mark.parametrize("path", [
+    "/api/./pull", "/api/x/../pull", "/api/x%2F..%2Fpull", "/api/pull%3Fa=1", "/api/pull%23",
+    "/api/pull/", "/api/./blobs/sha256:00", "/api/./tags", "/api//pull",
+])
+def test_admin_endpoints_cannot_be_reached_by_spelling_the_path_differently(
+        client, user_key, fake, path):
+    response = client.post(path, headers=auth_header(user_key), json={"model": "llama3.2"})
+    assert response.status_code in (400, 404)
+    message = error_of(response)
+    assert "malformed path" in message or "is not an endpoint" in message
+    assert fake.requests == []
+
+
+@pytest.mark.parametrize("body", [
+    {"MODEL": "qwen2.5:0.5b", "prompt": "hi"},
+    {"model": "llama3.2", "Model": "qwen2.5:0.5b", "prompt": "hi"},
+    {"model": "llama3.2", "NAME": "qwen2.5:0.5b", "prompt": "hi"},
+], ids=["upper", "both, last wins in Go", "name"])
+def test_the_allow_list_sees_model_fields_in_any_letter_case(client, make_key, fake, body):
+    # Ollama decodes JSON with Go's encoding/json, which matches field names regardless of case.
+    secret, _ = make_key(models="llama3.2")
+    response = client.post("/api/generate", headers=auth_header(secret), json=body)
+    assert response.status_code == 403
+    assert fake.requests == []
+
+
+def test_a_model_field_of_the_wrong_type_in_any_case_is_refused(client, user_key, fake):
+    response = client.post("/api/generate", headers=auth_header(user_key), json={"Model": 5})
+    assert response.status_code == 400
+    assert "'Model' must be a string" in error_of(response)
+
+
+def test_a_legacy_key_field_in_any_letter_case_is_not_forwarded(client, user_key, fake):
+    body = {**GENERATE, "stream": False, "APIKEY": user_key, "ApiKey": user_key}
+    assert client.post("/api/generate", headers=auth_header(user_key), json=body).status_code == 200
+    assert user_key.encode() not in fake.requests[-1].body
+    query = client.get(f"/api/tags?ApiKey={user_key}", headers=auth_header(user_key))
+    assert query.status_code == 200 and user_key not in fake.requests[-1].path
+
+
+def test_deeply_nested_json_is_a_400_not_a_crash(client, user_key, fake):
+    body = b"[" * 100_000 + b"]" * 100_000
+    response = client.post("/api/generate", data=body, headers=auth_header(user_key),
+                           content_type="application/json")
+    assert response.status_code == 400
+    assert "not valid JSON" in error_of(response)
+
+
+def test_refusals_of_a_limited_key_still_say_where_it_stands(client, make_key, fake):
+    secret, _ = make_key(rate_limit="5/minute", models="llama3.2")
+    client.post("/api/generate", headers=auth_header(secret), json={**GENERATE, "stream": False})
+    forbidden = client.post("/api/generate", headers=auth_header(secret),
+                            json={"model": "qwen2.5:0.5b"})
+    malformed = client.post("/api/generate", headers=auth_header(secret), data=b"{",
+                            content_type="application/json")
+    for response in (forbidden, malformed):
+        assert response.status_code in (400, 403)
+        assert response.headers["X-RateLimit-Limit"] == "5"
+        assert response.headers["X-RateLimit-Remaining"] == "4"  # the refusals used nothing
+
+
+def test_a_concurrency_refusal_reports_the_true_remaining_count(client, make_key, fake):
+    secret, _ = make_key(rate_limit="10/minute", max_concurrent=1)
+    fake.token_delay = 0.05
+    first = client.post("/api/generate", headers=auth_header(secret), json=GENERATE,
+                        buffered=False)
+    refused = client.post("/api/generate", headers=auth_header(secret), json=GENERATE)
+    assert refused.status_code == 429
+    assert refused.headers["X-RateLimit-Remaining"] == "9"
+    first.close()
+
+
+def test_head_of_a_filtered_model_list_answers_like_get_without_a_body(client, make_key, fake):
+    secret, _ = make_key(models="llama3.2")
+    response = client.head("/api/tags", headers=auth_header(secret))
+    assert response.status_code == 200
+    assert response.data == b""

@@ -13,7 +13,7 @@ MODEL_LISTS = {"/api/tags", "/api/ps"}
 
 @bp.route("/api/<path:subpath>", methods=["GET", "HEAD", "POST", "PUT", "DELETE"])
 def relay(subpath):
-    path = "/api/" + subpath
+    path = gateway.canonical_path("/api/" + subpath)
     if path.startswith("/api/blobs/"):
         key = gateway.current_key()
         auth.require_admin(key, "uploading model blobs")
@@ -25,9 +25,8 @@ def relay(subpath):
     payload = body.validated()
     if path in MODEL_MANAGEMENT:
         auth.require_admin(key, path)
-    if payload:
-        auth.require_model(key, payload.get("model"))
-        auth.require_model(key, payload.get("name"))  # the older spelling of the same field
+    for model in body.models:  # `model`, the older `name`, in any letter case
+        auth.require_model(key, model)
     raw, query = gateway.strip_legacy_key(body.raw, payload)
     transform = None
     if path in MODEL_LISTS and key.models:
