@@ -23,6 +23,9 @@ class Settings:
     data_dir: str = "./data"
     # sqlite:///path or postgresql://user@host/db; empty means SQLite in data_dir.
     database_url: str = ""
+    # Database connections per worker. A request holds one only while it is checked and
+    # counted (about a millisecond), never while it waits on Ollama.
+    database_pool_size: int = 16
     # Ollama servers, tried in order; OLLAMA_URL sets a single one.
     upstreams: tuple = ("http://127.0.0.1:11434",)
     # host:port gunicorn listens on.
@@ -160,12 +163,16 @@ def validate(settings):
     host, _, port = settings.bind.rpartition(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ConfigError(f"bind {settings.bind!r} must be HOST:PORT, e.g. 127.0.0.1:8080")
-    for name in ("workers", "graceful_timeout", "max_body_bytes", "slot_lease_seconds"):
+    for name in ("workers", "graceful_timeout", "max_body_bytes", "slot_lease_seconds",
+                 "database_pool_size"):
         if getattr(settings, name) <= 0:
             raise ConfigError(f"{name} must be positive, got {getattr(settings, name)}")
     for name in ("connect_timeout", "read_timeout"):
         if getattr(settings, name) <= 0:
             raise ConfigError(f"{name} must be a positive number of seconds")
+    if settings.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ConfigError(f"log_level {settings.log_level!r} must be one of debug, info, "
+                          "warning, error, critical")
     for name in ("default_rate_limit_user", "default_rate_limit_admin"):
         try:
             parse_rate_limit(getattr(settings, name))

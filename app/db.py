@@ -31,7 +31,7 @@ SQLITE_PRAGMAS = {
 }
 
 
-def open_database(url, max_connections=64):
+def open_database(url, max_connections=16):
     """Create a pooled peewee database for a sqlite:// or postgresql:// URL."""
     parts = urlsplit(url)
     scheme = parts.scheme.split("+")[0]
@@ -56,13 +56,33 @@ def open_database(url, max_connections=64):
 
 def init_app(app):
     """Bind the proxy to the configured database and close connections after each request."""
+    _require_greenlet_local_connections()
     settings = app.config["SETTINGS"]
-    db.initialize(open_database(settings.resolved_database_url))
+    db.initialize(open_database(settings.resolved_database_url, settings.database_pool_size))
 
     @app.teardown_appcontext
     def _close_connection(exc):
         if not db.is_closed():
             db.close()
+
+
+def _require_greenlet_local_connections():
+    """Refuse to run where greenlets of one worker would share a database connection.
+
+    That happens when peewee is imported before gevent patches threading.local.
+    """
+    try:
+        from gevent import local, monkey
+    except ImportError:
+        return
+    if monkey.is_module_patched("threading") and not issubclass(
+        peewee._ConnectionLocal, local.local
+    ):
+        raise RuntimeError(
+            "peewee was imported before gevent patched this worker: greenlets would share "
+            "database connections. Do not import the app in gunicorn's master (no "
+            "preload_app, no app imports in gunicorn settings)."
+        )
 
 
 def is_postgres(database=None):

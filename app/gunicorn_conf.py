@@ -1,9 +1,13 @@
 """gunicorn settings for ollama-gw.
 
-Read by `ollama-gw serve`, or by `gunicorn -c python:app.gunicorn_conf wsgi:app`.
+Read by `ollama-gw serve` (through app/server.py), or by
+`gunicorn -c python:app.gunicorn_conf wsgi:app`.
 
 Values come from the gateway's own configuration so there is one place to set them.
 """
+import subprocess
+import sys
+
 from app.config import load_settings
 
 _settings = load_settings()
@@ -39,9 +43,22 @@ proc_name = "ollama-gw"
 control_socket_disable = True
 
 
+def on_starting(server):
+    """Apply pending migrations before any worker serves a request.
+
+    In a child process: the master must not import the database layer before gevent
+    patches the workers (app/server.py says why). `ollama-gw serve` has migrated already
+    and turns this off; it matters when gunicorn is run directly. Concurrent starts
+    queue on the migration lock.
+    """
+    if _settings.auto_migrate:
+        subprocess.run([sys.executable, "-P", "-c", "from cli import main; main()",
+                        "db", "upgrade"], check=True)
+
+
 def post_fork(server, worker):
     """Let psycopg2 yield to other greenlets while it waits on PostgreSQL."""
-    if _settings.resolved_database_url.startswith(("postgres://", "postgresql://")):
+    if _settings.resolved_database_url.startswith("postgres"):
         from psycogreen.gevent import patch_psycopg
 
         patch_psycopg()

@@ -3,7 +3,6 @@ import os
 import sys
 
 import click
-import requests
 
 from app import db as database
 from cli.context import open_db, redact, settings
@@ -42,11 +41,13 @@ def serve(bind, port, ollama_url, workers, no_migrate):
         os.environ.pop("OLLAMA_URL", None)  # the flag wins over the familiar variable
     conf = settings()
     # Migrate once, here, before any worker starts; other instances wait on the same lock.
-    open_db().close()  # --no-migrate set auto_migrate off: refuse a stale schema
+    open_db(migrate=not no_migrate).close()
     click.echo(f"ollama-gw listening on http://{conf.bind} -> {', '.join(conf.upstreams)} "
                f"({conf.workers} workers, database {redact(conf.resolved_database_url)})", err=True)
-    os.execv(sys.executable, [sys.executable, "-m", "gunicorn",
-                              "--config", "python:app.gunicorn_conf", "app:create_app()"])
+    # Done here, so the gunicorn master need not (see app/server.py for why it must not).
+    os.environ["OLLAMA_GW_AUTO_MIGRATE"] = "false"
+    # -P: the working directory is not put on sys.path, so no local `app` can stand in.
+    os.execv(sys.executable, [sys.executable, "-P", "-m", "app.server"])
 
 
 @click.command()
@@ -68,16 +69,30 @@ def check():
         problems += 1
         click.echo(f"database: FAILED: {exc.message}")
     for upstream in conf.upstreams:
-        try:
-            answer = requests.get(upstream + "/api/version",
-                                  timeout=(conf.connect_timeout, 10))
-            answer.raise_for_status()
-            version = answer.json().get("version", "?")
-            click.echo(f"upstream {upstream}: ok (Ollama {version})")
-        except (requests.RequestException, ValueError) as exc:
-            problems += 1
-            click.echo(f"upstream {upstream}: FAILED: {type(exc).__name__}: {exc}; "
-                       "is Ollama running there? (OLLAMA_URL / upstreams)")
+        ok, verdict = _check_upstream(upstream, conf.connect_timeout)
+        problems += not ok
+        click.echo(f"upstream {upstream}: {verdict}")
     if problems:
         raise click.ClickException(f"{problems} problem(s) found")
     click.echo("all checks passed")
+
+
+def _check_upstream(url, connect_timeout):
+    """(ok, what was found in plain words) for the Ollama server at `url`."""
+    # Imported here: the master must not load ssl before gevent patches the workers.
+    from app.upstream import Upstream
+
+    session = Upstream(url, connect_timeout, 10).session  # the gateway's own client settings
+    try:
+        answer = session.get(url + "/api/version", timeout=(connect_timeout, 10))
+    except Exception as exc:  # requests' errors: refused, DNS, timeout
+        return False, (f"FAILED: cannot connect ({type(exc).__name__}); is Ollama running "
+                       "there? (OLLAMA_URL / upstreams)")
+    try:
+        version = answer.json()["version"] if answer.ok else None
+    except (ValueError, TypeError, KeyError):
+        version = None
+    if not isinstance(version, str):
+        return False, (f"FAILED: answered HTTP {answer.status_code} to /api/version, "
+                       "not like an Ollama server")
+    return True, f"ok (Ollama {version})"

@@ -4,8 +4,11 @@ Clients are the official `ollama` library and plain HTTP; the upstream is the fa
 """
 import concurrent.futures
 import json
+import pathlib
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -17,6 +20,7 @@ from tests.conftest import reset_postgres
 from tests.gateway_process import GatewayProcess
 
 pytestmark = pytest.mark.gateway
+REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
@@ -181,7 +185,7 @@ def test_client_that_drops_a_stream_stops_ollama_and_frees_its_slot(gateway, fak
     headers = {"Authorization": f"Bearer {key}"}
     body = {"model": "llama3.2", "prompt": "again", "stream": False}
     assert _retry_until(lambda: requests.post(gateway.url + "/api/generate", json=body,
-                                              headers=headers).status_code == 200, 2.0)
+                                              headers=headers).status_code == 200, 1.0)
 
 
 def test_client_that_leaves_while_the_model_loads_stops_ollama(gateway, fake):
@@ -228,3 +232,82 @@ def test_sigterm_lets_an_inflight_stream_finish(database, fake, tmp_path):
         assert gw.proc.wait(15) == 0
     finally:
         gw.stop()
+
+
+def _send_raw(gateway, head, body=b"", close_after_send=False):
+    """Send bytes as they are (bad framing included); return the status line, or None."""
+    sock = socket.create_connection(("127.0.0.1", gateway.port), timeout=10)
+    with sock:
+        sock.sendall(head.replace(b"\n", b"\r\n") + b"\r\n" + body)
+        if close_after_send:
+            return None
+        answer = b""
+        while b"\r\n" not in answer:
+            piece = sock.recv(4096)
+            if not piece:
+                break
+            answer += piece
+        return answer.split(b"\r\n", 1)[0].decode()
+
+
+def _chunked_head(path, key, extra=b""):
+    return (b"POST " + path + b" HTTP/1.1\nHost: gw\nAuthorization: Bearer " + key.encode()
+            + b"\nContent-Type: application/json\nTransfer-Encoding: chunked\n" + extra)
+
+
+def test_a_chunked_body_over_the_limit_is_a_413(database, fake, tmp_path):
+    gw = GatewayProcess(database, fake.url, workers=1, max_body_bytes=1000)
+    gw.start(tmp_path / "small.log")
+    try:
+        key = gw.add_key("--name", "big")["key"]
+        payload = json.dumps({"model": "llama3.2", "prompt": "x" * 5000}).encode()
+        body = b"%x\r\n%s\r\n0\r\n\r\n" % (len(payload), payload)
+        status = _send_raw(gw, _chunked_head(b"/api/generate", key), body)
+        assert status.split()[1] == "413", status
+    finally:
+        gw.stop()
+
+
+def test_malformed_chunked_bodies_are_400_and_never_hold_a_slot(gateway, fake):
+    key = gateway.add_key("--name", "mangled", "--role", "admin", "--max-concurrent", "1")["key"]
+    for path in (b"/api/generate", b"/api/blobs/sha256:" + b"0" * 64):
+        status = _send_raw(gateway, _chunked_head(path, key), b"zz\r\nnot hex\r\n0\r\n\r\n")
+        assert status.split()[1] in ("400", "499"), status
+    response = requests.get(gateway.url + "/api/tags", headers={"Authorization": f"Bearer {key}"})
+    assert response.status_code == 200  # the slot came back: a leak would make this 429
+
+
+def test_an_abandoned_blob_upload_frees_its_slot_and_stops_ollama_waiting(gateway, fake):
+    key = gateway.add_key("--name", "uploader", "--role", "admin", "--max-concurrent", "1")["key"]
+    head = (b"POST /api/blobs/sha256:" + b"0" * 64 + b" HTTP/1.1\nHost: gw\nAuthorization: Bearer "
+            + key.encode() + b"\nContent-Length: 1000000\n")
+    _send_raw(gateway, head, b"x" * 1000, close_after_send=True)
+    headers = {"Authorization": f"Bearer {key}"}
+    assert _retry_until(
+        lambda: requests.get(gateway.url + "/api/tags", headers=headers).status_code == 200, 1.0)
+
+
+def test_gunicorn_run_directly_migrates_a_fresh_database(fake, tmp_path):
+    """The README's `gunicorn -c python:app.gunicorn_conf wsgi:app` needs no `db upgrade`."""
+    gw = GatewayProcess(f"sqlite:///{tmp_path}/direct.db", fake.url, workers=1)
+    log = open(tmp_path / "direct.log", "wb")
+    gw.proc = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "-c", "python:app.gunicorn_conf", "wsgi:app"],
+        env=gw.env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        assert _retry_until(lambda: _healthy(gw.url), 20)
+        status = json.loads(gw.cli("db", "status", "--json").stdout)
+        assert [row["applied_at"] is not None for row in status] == [True] * len(status)
+        key = gw.add_key("--name", "direct")["key"]
+        answer = requests.get(gw.url + "/api/tags", headers={"Authorization": f"Bearer {key}"})
+        assert answer.status_code == 200
+    finally:
+        gw.stop()
+        log.close()
+
+
+def _healthy(url):
+    try:
+        return requests.get(url + "/health", timeout=1).status_code == 200
+    except requests.ConnectionError:
+        return False

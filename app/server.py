@@ -1,0 +1,32 @@
+"""gunicorn running the gateway: what `ollama-gw serve` executes, in a fresh interpreter.
+
+The master must not import the database layer: gevent patches `threading.local` in each
+worker after fork, and peewee, if imported earlier, keeps the unpatched class, so all
+greenlets of a worker would share one connection. Here the master imports gunicorn and
+the settings only; workers build the app after gevent has patched them.
+"""
+from gunicorn.app.base import BaseApplication
+
+
+class GatewayServer(BaseApplication):
+    """gunicorn with the settings of app.gunicorn_conf and create_app() as the WSGI app.
+
+    Not `gunicorn app:create_app()`: gunicorn puts the working directory first on
+    sys.path, so a directory with its own `app` package would be served instead.
+    """
+
+    def load_config(self):
+        from app import gunicorn_conf
+
+        for name, value in vars(gunicorn_conf).items():
+            if name in self.cfg.settings:
+                self.cfg.set(name, value)
+
+    def load(self):
+        from app import create_app
+
+        return create_app()
+
+
+if __name__ == "__main__":
+    GatewayServer().run()
