@@ -125,8 +125,8 @@ def _changes(role=None, rate_limit=None, max_concurrent=None, models=None, expir
             raise KeyOpError(str(exc)) from None
         values["rate_limit"], values["rate_period"] = parsed or (None, 3600)
     if max_concurrent is not None:
-        if int(max_concurrent) < 0:
-            raise KeyOpError("max concurrent requests must be 0 (no limit) or more")
+        if not 0 <= int(max_concurrent) <= 1_000_000:
+            raise KeyOpError("max concurrent requests must be 0 (no limit) to 1000000")
         values["max_concurrent"] = int(max_concurrent) or None
     if models is not None:
         values["models"] = ",".join(parse_models(models)) or None

@@ -9,6 +9,9 @@ _ALIASES = {
     "d": "day", "days": "day",
 }
 UNLIMITED = ("none", "unlimited", "off")
+# Bounds that keep every value inside a 32-bit database integer.
+MAX_COUNT = 1_000_000_000
+MAX_SECONDS = 366 * 86400
 
 
 def parse_rate_limit(text):
@@ -32,6 +35,11 @@ def parse_rate_limit(text):
     multiple = int(match.group(2) or 1)
     if count < 1 or multiple < 1:
         raise ValueError(f"rate limit {text!r} must allow at least 1 request per period")
+    if count > MAX_COUNT:
+        raise ValueError(f"rate limit {text!r} is too large: at most {MAX_COUNT} per period, "
+                         "or 'none' for no limit")
+    if multiple * PERIODS[unit] > MAX_SECONDS:
+        raise ValueError(f"rate limit {text!r} has too long a period: at most a year")
     return count, multiple * PERIODS[unit]
 
 
@@ -53,4 +61,7 @@ def parse_duration(text):
     if not match or int(match.group(1)) < 1:
         raise ValueError(f"duration {text!r} is not like 30d, 12h, 90m, 45s or 2w")
     unit = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, "": 86400}[match.group(2)]
-    return int(match.group(1)) * unit
+    seconds = int(match.group(1)) * unit
+    if seconds > 100 * 365 * 86400:
+        raise ValueError(f"duration {text!r} is more than 100 years; use 'never' instead")
+    return seconds

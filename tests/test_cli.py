@@ -263,3 +263,13 @@ def test_bad_config_file_fails_naming_the_setting(runner, config_env, tmp_path):
     config.write_text('default_rate_limit_user = "lots"\n')
     result = runner("--config", str(config), "keys", "list")
     assert_clean_failure(result, "default_rate_limit_user", code=1)
+
+
+@pytest.mark.parametrize("option", [
+    ["--expires", "99999999999d"], ["--max-concurrent", "99999999999"],
+    ["--rate-limit", "99999999999/minute"],
+])
+def test_huge_values_are_refused_with_a_message_not_a_traceback(runner, option):
+    result = runner("keys", "add", "--name", "huge", *option)
+    assert result.exit_code == 1
+    assert "Traceback" not in result.output and "Error:" in result.output

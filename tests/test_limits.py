@@ -93,3 +93,14 @@ def test_duration_is_read_in_seconds(text, seconds):
 def test_bad_duration_is_refused_with_examples(text):
     with pytest.raises(ValueError, match="30d, 12h"):
         parse_duration(text)
+
+
+@pytest.mark.parametrize("text", ["99999999999/minute", "5/1000day"])
+def test_rate_limits_beyond_what_the_database_holds_are_refused(text):
+    with pytest.raises(ValueError, match="too"):
+        parse_rate_limit(text)
+
+
+def test_durations_beyond_a_century_are_refused():
+    with pytest.raises(ValueError, match="100 years"):
+        parse_duration("99999999999d")
