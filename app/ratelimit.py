@@ -64,6 +64,13 @@ class Limiter:
         admission = Admission()
         if not key.rate_limit and not key.max_concurrent:
             return admission  # nothing to count: no write transaction, no lock
+        if not key.max_concurrent:
+            # Only a rate to count: its one statement is atomic by itself. Outside a
+            # transaction it needs no BEGIN and COMMIT round trips, and holds the counter
+            # row's lock for the statement alone, not until a COMMIT comes back (bench/:
+            # 1.6x the throughput on PostgreSQL at 16 and 64 connections).
+            self._count(key, now, admission)
+            return admission
         with db.atomic():
             if key.max_concurrent and is_postgres():
                 # Serialise this key's slot checks; SQLite's write lock already does.
