@@ -3,8 +3,10 @@ import os
 import sys
 
 import click
+import requests
 
 from app import db as database
+from app.upstream import Upstream
 from cli.context import open_db, redact, settings
 
 
@@ -79,13 +81,10 @@ def check():
 
 def _check_upstream(url, connect_timeout):
     """(ok, what was found in plain words) for the Ollama server at `url`."""
-    # Imported here: the master must not load ssl before gevent patches the workers.
-    from app.upstream import Upstream
-
     session = Upstream(url, connect_timeout, 10).session  # the gateway's own client settings
     try:
         answer = session.get(url + "/api/version", timeout=(connect_timeout, 10))
-    except Exception as exc:  # requests' errors: refused, DNS, timeout
+    except requests.RequestException as exc:  # refused, unresolvable, timed out
         return False, (f"FAILED: cannot connect ({type(exc).__name__}); is Ollama running "
                        "there? (OLLAMA_URL / upstreams)")
     try:
