@@ -52,8 +52,7 @@ def on_starting(server):
     queue on the migration lock.
     """
     if _settings.auto_migrate:
-        subprocess.run([sys.executable, "-P", "-c", "from cli import main; main()",
-                        "db", "upgrade"], check=True)
+        subprocess.run([sys.executable, "-P", "-m", "cli", "db", "upgrade"], check=True)
 
 
 def post_fork(server, worker):

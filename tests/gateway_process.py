@@ -35,7 +35,7 @@ class GatewayProcess:
     def cli(self, *args, check=True):
         """Run an `ollama-gw` command against this gateway's configuration."""
         result = subprocess.run(
-            [sys.executable, "-c", "from cli import main; main()", *args],
+            [sys.executable, "-m", "cli", *args],
             env=self.env, capture_output=True, text=True, timeout=60,
         )
         if check and result.returncode != 0:
@@ -50,7 +50,7 @@ class GatewayProcess:
         self.log_path = log_path
         with open(log_path, "wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-c", "from cli import main; main()", "serve"],
+                [sys.executable, "-m", "cli", "serve"],
                 env=self.env, stdout=log, stderr=subprocess.STDOUT,
             )
         deadline = time.monotonic() + 30

@@ -1,0 +1,4 @@
+"""`python -m cli`: the ollama-gw command without its console script (child processes)."""
+from cli import main
+
+main()
