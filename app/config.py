@@ -1,4 +1,4 @@
-"""Every setting once, with its default.
+"""Every setting once, with its default and what it means.
 
 Precedence: environment (``OLLAMA_GW_<NAME>``, plus the familiar ``OLLAMA_URL`` and
 ``DATABASE_URL``) over the TOML file over the defaults below. The file is the one named
@@ -17,49 +17,75 @@ class ConfigError(Exception):
     """A setting is missing, malformed or contradictory; the message names it."""
 
 
+def setting(default, help):
+    """A Settings field whose help text the docs and the packaged config file are made from."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    # Where the SQLite database lives when DATABASE_URL is not set.
-    data_dir: str = "./data"
-    # sqlite:///path or postgresql://user@host/db; empty means SQLite in data_dir.
-    database_url: str = ""
-    # Database connections per worker. A request holds one only while it is checked and
-    # counted (about a millisecond), never while it waits on Ollama.
-    database_pool_size: int = 16
-    # Ollama servers, tried in order; OLLAMA_URL sets a single one.
-    upstreams: tuple = ("http://127.0.0.1:11434",)
-    # host:port gunicorn listens on.
-    bind: str = "127.0.0.1:8080"
-    # gunicorn worker processes (gevent: each holds thousands of streams).
-    workers: int = 2
-    # Seconds in-flight requests get to finish after SIGTERM / reload.
-    graceful_timeout: int = 60
-    # Seconds to open a TCP connection to Ollama before answering 504.
-    connect_timeout: float = 5.0
-    # Seconds of upstream silence before 504; generous because model loads take minutes.
-    read_timeout: float = 600.0
-    # Largest request body accepted (blob uploads to /api/blobs are exempt), in bytes.
-    max_body_bytes: int = 64 * 1024 * 1024
-    # Accept the key as an `apikey` JSON field or query parameter (the Go seed's way).
-    legacy_apikey: bool = True
-    # Apply pending migrations when `serve` starts.
-    auto_migrate: bool = True
-    # Rate limit given to new keys that do not name one (N/second|minute|hour|day).
-    default_rate_limit_user: str = "100/hour"
-    default_rate_limit_admin: str = "1000/hour"
-    # How long a worker trusts its cached view of a key (a revocation takes this long).
-    key_cache_seconds: float = 1.0
-    # A concurrency slot not renewed for this long is free again (crashed worker).
-    slot_lease_seconds: int = 60
-    # Python logging level name.
-    log_level: str = "info"
+    data_dir: str = setting(
+        "", "Directory of the SQLite database when database_url is empty. Must be absolute; "
+        "empty means $XDG_DATA_HOME/ollama-gw (~/.local/share/ollama-gw), the same for every "
+        "command run by the same user, wherever it runs.")
+    database_url: str = setting(
+        "", "sqlite:////absolute/path.db or postgresql://user:pass@host:5432/db; empty means "
+        "SQLite in data_dir. Use PostgreSQL to run several gateway instances.")
+    database_pool_size: int = setting(
+        16, "Database connections per worker. A request holds one only while its key is "
+        "checked and counted, never while it waits on Ollama.")
+    upstreams: tuple = setting(
+        ("http://127.0.0.1:11434",), "Ollama servers (OLLAMA_URL sets one; the environment "
+        "takes a comma-separated list). Only the first is used for now.")
+    bind: str = setting("127.0.0.1:8080", "HOST:PORT to listen on.")
+    workers: int = setting(2, "gunicorn gevent worker processes; one per core is right.")
+    graceful_timeout: int = setting(
+        60, "Seconds in-flight requests, streams included, get to finish on SIGTERM or reload.")
+    connect_timeout: float = setting(
+        5.0, "Seconds to open a connection to Ollama before answering 504.")
+    read_timeout: float = setting(
+        600.0, "Seconds of silence from Ollama before answering 504 (model loads take minutes).")
+    client_body_timeout: float = setting(
+        60.0, "Seconds a client may pause while sending its request body before the gateway "
+        "answers 408 and closes the connection.")
+    client_send_timeout: float = setting(
+        60.0, "Seconds a client may leave the answer unread (its connection open, reading "
+        "nothing) before the gateway closes it and stops Ollama's work for it.")
+    max_body_bytes: int = setting(
+        64 * 1024 * 1024, "Largest request body in bytes; larger gets 413. Blob uploads are "
+        "exempt and streamed.")
+    max_unauthenticated_body_bytes: int = setting(
+        1024 * 1024, "Most bytes of body read to find a legacy `apikey` field when no key "
+        "came in a header; a larger body must carry its key in a header or the query.")
+    legacy_apikey: bool = setting(
+        True, "Also accept the key as an `apikey` JSON field or query parameter (go-ollama-api).")
+    cors_origins: tuple = setting(
+        (), "Browser origins allowed to call the gateway (CORS), like OLLAMA_ORIGINS: e.g. "
+        "[\"https://chat.example.com\", \"http://localhost:*\"]. Empty: none.")
+    auto_migrate: bool = setting(
+        True, "Apply pending migrations when `serve` (or any CLI command) starts.")
+    default_rate_limit_user: str = setting(
+        "100/hour", "Rate limit of new user keys that name none (N/second|minute|hour|day).")
+    default_rate_limit_admin: str = setting(
+        "1000/hour", "Rate limit of new admin keys that name none.")
+    key_cache_seconds: float = setting(
+        1.0, "How long a worker trusts its cached view of a key: a revoked key stops working "
+        "within this.")
+    slot_lease_seconds: int = setting(
+        60, "A concurrency slot not renewed for this long (its worker crashed) is free again.")
+    log_level: str = setting("info", "debug, info, warning, error or critical.")
+
+    @property
+    def resolved_data_dir(self):
+        """The data directory: the setting, or the user's XDG data directory."""
+        return Path(self.data_dir or default_data_dir(os.environ)).expanduser()
 
     @property
     def resolved_database_url(self):
         """The database URL, defaulting to a SQLite file in the data directory."""
         if self.database_url:
             return self.database_url
-        return "sqlite:///" + str(Path(self.data_dir).resolve() / "ollama-gw.db")
+        return "sqlite:///" + str(self.resolved_data_dir / "ollama-gw.db")
 
     @property
     def upstream(self):
@@ -71,18 +97,30 @@ ENV_PREFIX = "OLLAMA_GW_"
 FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
 
 
+def default_data_dir(environ):
+    """$XDG_DATA_HOME/ollama-gw, else ~/.local/share/ollama-gw: per user, not per directory."""
+    xdg = environ.get("XDG_DATA_HOME", "")
+    if not os.path.isabs(xdg):  # the XDG spec says to ignore a relative value
+        home = environ.get("HOME") or os.path.expanduser("~")
+        xdg = os.path.join(home, ".local", "share")
+    return os.path.join(xdg, "ollama-gw")
+
+
 def load_settings(path=None, environ=None, overrides=None):
     """Build Settings from defaults, the TOML file, the environment and explicit overrides."""
     environ = os.environ if environ is None else environ
-    values = {}
+    values = {}  # name -> (value, where it came from, for error messages)
     path = path or environ.get(ENV_PREFIX + "CONFIG")
     if path is None and Path(DEFAULT_CONFIG_FILE).is_file():
         path = DEFAULT_CONFIG_FILE
     if path:
-        values.update(_read_toml(path))
+        values.update({name: (value, f"in {path}") for name, value in _read_toml(path).items()})
     values.update(_read_env(environ))
-    values.update(overrides or {})
-    settings = Settings(**{name: _coerce(name, value) for name, value in values.items()})
+    values.update({name: (value, "") for name, value in (overrides or {}).items()})
+    if not values.get("data_dir", ("",))[0]:
+        values["data_dir"] = (default_data_dir(environ), "")
+    settings = Settings(**{name: _coerce(name, value, source)
+                           for name, (value, source) in values.items()})
     validate(settings)
     return settings
 
@@ -93,6 +131,8 @@ def _read_toml(path):
             data = tomllib.load(fh)
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
+    except PermissionError:
+        raise ConfigError(f"config file {path} cannot be read by this user") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
     unknown = sorted(set(data) - set(FIELDS))
@@ -106,21 +146,21 @@ def _read_toml(path):
 
 def _read_env(environ):
     values = {}
-    if environ.get("OLLAMA_URL"):
-        values["upstreams"] = environ["OLLAMA_URL"]
-    if environ.get("DATABASE_URL"):
-        values["database_url"] = environ["DATABASE_URL"]
+    for familiar, name in (("OLLAMA_URL", "upstreams"), ("DATABASE_URL", "database_url")):
+        if environ.get(familiar):
+            values[name] = (environ[familiar], f"({familiar})")
     for name in FIELDS:
-        raw = environ.get(ENV_PREFIX + name.upper())
+        variable = ENV_PREFIX + name.upper()
+        raw = environ.get(variable)
         if raw is not None and raw != "":
-            values[name] = raw
+            values[name] = (raw, f"({variable})")
     return values
 
 
-def _coerce(name, value):
+def _coerce(name, value, source=""):
     """Turn a TOML or environment value into the type of the setting's default."""
     default = FIELDS[name].default
-    label = f"{name} ({ENV_PREFIX}{name.upper()})"
+    label = f"{name} {source}".strip()
     try:
         if isinstance(default, bool):
             if isinstance(value, bool):
@@ -132,12 +172,16 @@ def _coerce(name, value):
                 return False
             raise ValueError(value)
         if isinstance(default, tuple):
+            if not isinstance(value, (str, list, tuple)):
+                raise ValueError(value)
             items = value.split(",") if isinstance(value, str) else list(value)
             return tuple(str(item).strip().rstrip("/") for item in items if str(item).strip())
         if isinstance(default, (int, float)) and isinstance(value, bool):
             raise ValueError(value)
         if isinstance(default, int) and isinstance(value, float) and not value.is_integer():
             raise ValueError(value)  # int(2.5) would quietly make it 2
+        if isinstance(default, str) and not isinstance(value, str):
+            raise ValueError(value)  # a TOML number where a string belongs is a mistake
         return type(default)(value)
     except (TypeError, ValueError):
         kind = "a list" if isinstance(default, tuple) else type(default).__name__
@@ -154,20 +198,21 @@ def validate(settings):
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ConfigError(f"upstream {url!r} must be an http:// or https:// URL")
-    scheme = urlsplit(settings.resolved_database_url).scheme.split("+")[0]
-    if scheme not in ("sqlite", "postgres", "postgresql"):
+    if settings.data_dir and not Path(settings.data_dir).expanduser().is_absolute():
         raise ConfigError(
-            f"database_url scheme {scheme!r} is not supported: use sqlite:///PATH "
-            "or postgresql://USER@HOST/DB"
+            f"data_dir {settings.data_dir!r} is relative: give an absolute path, so that "
+            "the server and every command find the same database wherever they run"
         )
+    _validate_database_url(settings.resolved_database_url)
     host, _, port = settings.bind.rpartition(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ConfigError(f"bind {settings.bind!r} must be HOST:PORT, e.g. 127.0.0.1:8080")
     for name in ("workers", "graceful_timeout", "max_body_bytes", "slot_lease_seconds",
-                 "database_pool_size"):
+                 "database_pool_size", "max_unauthenticated_body_bytes"):
         if getattr(settings, name) <= 0:
             raise ConfigError(f"{name} must be positive, got {getattr(settings, name)}")
-    for name in ("connect_timeout", "read_timeout"):
+    for name in ("connect_timeout", "read_timeout", "client_body_timeout",
+                 "client_send_timeout"):
         if getattr(settings, name) <= 0:
             raise ConfigError(f"{name} must be a positive number of seconds")
     if settings.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
@@ -178,3 +223,42 @@ def validate(settings):
             parse_rate_limit(getattr(settings, name))
         except ValueError as exc:
             raise ConfigError(f"{name}: {exc}") from None
+    for origin in settings.cors_origins:
+        if origin != "*" and not urlsplit(origin).scheme:
+            raise ConfigError(f"cors_origins entry {origin!r} must be an origin like "
+                              "https://chat.example.com, a pattern like http://localhost:*, "
+                              "or *")
+
+
+def _validate_database_url(url):
+    parts = urlsplit(url)
+    scheme = parts.scheme.split("+")[0]
+    if scheme not in ("sqlite", "postgres", "postgresql"):
+        raise ConfigError(
+            f"database_url scheme {scheme!r} is not supported: use sqlite:////ABSOLUTE/PATH "
+            "or postgresql://USER@HOST/DB"
+        )
+    if scheme == "sqlite":
+        path = url.split("://", 1)[1][1:] if "://" in url else ""
+        if path != ":memory:" and not path.startswith("/"):
+            raise ConfigError(
+                f"database_url {url!r} names a relative SQLite path, which would depend on "
+                "the directory each command runs in: use four slashes and an absolute path, "
+                "e.g. sqlite:////var/lib/ollama-gw/ollama-gw.db"
+            )
+
+
+def example_config():
+    """A TOML file with every setting commented out at its default, each with its help."""
+    import json
+    import textwrap
+
+    lines = ["# ollama-gw configuration. Every setting is shown at its default; uncomment",
+             "# one to change it. Environment variables OLLAMA_GW_<NAME> override this file.",
+             ""]
+    for name, field in FIELDS.items():
+        lines += textwrap.wrap(field.metadata["help"], 88, initial_indent="# ",
+                               subsequent_indent="# ")
+        default = list(field.default) if isinstance(field.default, tuple) else field.default
+        lines += [f"# {name} = {json.dumps(default)}", ""]
+    return "\n".join(lines)

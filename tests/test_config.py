@@ -28,14 +28,38 @@ def no_system_file():
         pytest.skip(f"{DEFAULT_CONFIG_FILE} exists on this machine")
 
 
-def test_defaults_work_with_no_file_and_no_environment(no_system_file, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    settings = load_settings(environ={})
+def test_defaults_work_with_no_file_and_no_environment(no_system_file, tmp_path):
+    settings = load_settings(environ={"HOME": str(tmp_path)})
     assert settings.upstreams == ("http://127.0.0.1:11434",)
     assert settings.upstream == "http://127.0.0.1:11434"
     assert settings.bind == "127.0.0.1:8080"
     assert settings.database_url == ""
-    assert settings.resolved_database_url == f"sqlite:///{tmp_path}/data/ollama-gw.db"
+    assert settings.resolved_database_url == (
+        f"sqlite:///{tmp_path}/.local/share/ollama-gw/ollama-gw.db")
+
+
+def test_the_default_database_does_not_depend_on_the_working_directory(
+        no_system_file, tmp_path, monkeypatch):
+    found = set()
+    for where in (tmp_path, tmp_path / "elsewhere"):
+        where.mkdir(exist_ok=True)
+        monkeypatch.chdir(where)
+        found.add(load_settings(environ={"HOME": "/home/alice"}).resolved_database_url)
+    assert found == {"sqlite:////home/alice/.local/share/ollama-gw/ollama-gw.db"}
+
+
+def test_the_default_data_dir_follows_xdg_data_home(no_system_file):
+    settings = load_settings(environ={"XDG_DATA_HOME": "/srv/data", "HOME": "/home/alice"})
+    assert settings.resolved_database_url == "sqlite:////srv/data/ollama-gw/ollama-gw.db"
+
+
+@pytest.mark.parametrize("environ, named", [
+    ({"OLLAMA_GW_DATA_DIR": "./data"}, "data_dir './data' is relative"),
+    ({"DATABASE_URL": "sqlite:///data/gw.db"}, "relative SQLite path"),
+])
+def test_relative_database_locations_are_refused(environ, named):
+    with pytest.raises(ConfigError, match=named):
+        load_settings(environ=environ)
 
 
 def test_sqlite_file_lives_in_the_data_dir(no_system_file, tmp_path):
@@ -137,6 +161,43 @@ def test_bad_value_error_shows_the_value_and_the_environment_variable():
     assert "OLLAMA_GW_WORKERS" in str(info.value)
 
 
+def test_a_bad_value_in_the_file_names_the_file_not_an_environment_variable(toml_file):
+    path = toml_file('workers = "many"\nbind = 8080\n')
+    with pytest.raises(ConfigError) as info:
+        load_settings(path=path, environ={})
+    assert f"workers in {path} must be int, got 'many'" in str(info.value)
+    assert "OLLAMA_GW_" not in str(info.value)
+
+
+@pytest.mark.parametrize("text", ["bind = 8080\n", "upstreams = 5\n", "log_level = 1\n"])
+def test_a_number_where_text_belongs_is_refused(toml_file, text):
+    with pytest.raises(ConfigError, match=text.split()[0]):
+        load_settings(path=toml_file(text), environ={})
+
+
+def test_cors_origins_must_be_origins(toml_file):
+    ok = load_settings(path=toml_file('cors_origins = ["https://chat.example.com", '
+                                      '"http://localhost:*"]\n'), environ={})
+    assert ok.cors_origins == ("https://chat.example.com", "http://localhost:*")
+    with pytest.raises(ConfigError, match="cors_origins"):
+        load_settings(environ={"OLLAMA_GW_CORS_ORIGINS": "chat.example.com"})
+
+
+def test_the_example_config_lists_every_setting_at_its_default(tmp_path):
+    import tomllib
+
+    from app.config import FIELDS, Settings, example_config
+
+    text = example_config()
+    uncommented = "\n".join(line[2:] for line in text.splitlines()
+                            if line.startswith("# ") and " = " in line)
+    values = tomllib.loads(uncommented)
+    assert set(values) == set(FIELDS)
+    for name, value in values.items():
+        default = getattr(Settings(), name)
+        assert (tuple(value) if isinstance(value, list) else value) == default, name
+
+
 def test_unknown_file_setting_lists_the_known_ones(toml_file):
     with pytest.raises(ConfigError) as info:
         load_settings(path=toml_file("wrokers = 2\n"), environ={})
@@ -147,7 +208,6 @@ def test_missing_config_file_is_an_error_naming_it(tmp_path):
     missing = str(tmp_path / "nope.toml")
     with pytest.raises(ConfigError, match="nope.toml"):
         load_settings(path=missing, environ={})
-
 
 
 def test_a_fractional_number_for_a_whole_number_setting_is_refused(tmp_path):
