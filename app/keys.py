@@ -26,7 +26,8 @@ class KeyOpError(ValueError):
 
 
 def hash_key(secret):
-    return hashlib.sha256(secret.encode("utf-8")).hexdigest()
+    # surrogatepass: a lone surrogate from a JSON body is just a wrong key, not a crash.
+    return hashlib.sha256(secret.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def new_secret():
@@ -169,45 +170,53 @@ def create_key(name, role="user", rate_limit=None, max_concurrent=None, models=N
 
 
 def find_key(ident):
-    """The key whose id or prefix is `ident`; a prefix must match exactly one key."""
+    """The key whose id, prefix or name is `ident`; several matches are refused, never guessed."""
     ident = str(ident).strip()
+    if not ident:
+        raise KeyOpError("give a key's id, prefix or name")
     if ident.isdigit():
         row = ApiKey.get_or_none(ApiKey.id == int(ident))
         if row:
             return row
-    if len(ident) < 6:
-        if ident.isdigit():
-            raise KeyOpError(f"no key with id {ident}")
-        raise KeyOpError(f"key prefix {ident!r} is too short: give the id or 6+ characters")
     if ident.startswith(KEY_PREFIX) and len(ident) > PREFIX_LENGTH:
         # Someone pasted the whole secret: find it by hash, never by a guessable prefix.
         row = ApiKey.get_or_none(ApiKey.key_hash == hash_key(ident))
         if row:
             return row
         raise KeyOpError("no key matches that secret")
-    # startswith is LIKE/ILIKE, case-blind; prefixes are case-sensitive base64, so re-check.
-    matches = [row for row in ApiKey.select().where(ApiKey.prefix.startswith(ident))
-               if row.prefix.startswith(ident)]
-    if not matches:
-        raise KeyOpError(f"no key with prefix {ident!r}")
+    matches = {row.id: row for row in ApiKey.select().where(ApiKey.name == ident)}
+    if len(ident) >= 6:
+        # startswith is LIKE/ILIKE, case-blind; prefixes are case-sensitive base64, so re-check.
+        matches.update((row.id, row) for row in ApiKey.select().where(
+            ApiKey.prefix.startswith(ident)) if row.prefix.startswith(ident))
     if len(matches) > 1:
-        raise KeyOpError(
-            f"prefix {ident!r} matches more than one key: give the id or a longer prefix"
-        )
-    return matches[0]
+        ids = ", ".join(str(i) for i in sorted(matches))
+        raise KeyOpError(f"{ident!r} matches more than one key (ids {ids}): give the id "
+                         "or a longer prefix")
+    if matches:
+        return next(iter(matches.values()))
+    if ident.isdigit():
+        raise KeyOpError(f"no key with id {ident}")
+    if len(ident) < 6:
+        raise KeyOpError(f"no key named {ident!r}, and {ident!r} is too short for a prefix: "
+                         "give the id, the name or 6+ characters of the prefix")
+    if ident.startswith(KEY_PREFIX):
+        raise KeyOpError(f"no key with prefix {ident!r}")
+    raise KeyOpError(f"no key with prefix or name {ident!r}")
 
 
 def update_key(ident, name=None, **settings):
-    """Change a key's name or limits; return the updated row."""
+    """Change a key's name or limits; return (row, names of the settings that changed)."""
     row = find_key(ident)
     values = _changes(**settings)
     if name is not None:
         if not name.strip():
             raise KeyOpError("a key name cannot be empty")
         values["name"] = name.strip()
-    if values:
-        ApiKey.update(values).where(ApiKey.id == row.id).execute()
-    return ApiKey.get_by_id(row.id)
+    changed = {k: v for k, v in values.items() if getattr(row, k) != v}
+    if changed:
+        ApiKey.update(changed).where(ApiKey.id == row.id).execute()
+    return ApiKey.get_by_id(row.id), sorted(changed)
 
 
 def revoke_key(ident):

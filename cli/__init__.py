@@ -7,6 +7,8 @@ from cli import db, keys, serve
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="ollama-gw", prog_name="ollama-gw",
+                      message="%(prog)s %(version)s")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False),
               envvar="OLLAMA_GW_CONFIG",
               help="TOML configuration file [default: /etc/ollama-gw/config.toml if present].")

@@ -2,7 +2,7 @@
 import click
 
 from app import keys as keystore
-from cli.context import echo_json, open_db, settings, table
+from cli.context import echo_json, open_db, redact, settings, table
 
 LIST_COLUMNS = ["id", "prefix", "name", "role", "rate_limit", "max_concurrent", "models",
                 "status", "last_used_at", "expires_at"]
@@ -50,7 +50,11 @@ def _fail(exc):
 
 @click.group()
 def keys():
-    """Manage gateway API keys (secrets are shown once, at creation or rotation)."""
+    """Manage gateway API keys (secrets are shown once, at creation or rotation).
+
+    KEY names a key by its id, its prefix (6+ characters, e.g. ogw_9cRSO_FS) or its name;
+    one that matches several keys is refused.
+    """
 
 
 @keys.command("add")
@@ -73,6 +77,8 @@ def add(name, role, rate_limit, max_concurrent, models, expires, as_json):
         return
     click.echo(f"Created key {row.id} ({row.prefix}) for {row.name!r}: "
                f"role {row.role}, {summary['rate_limit']}.")
+    click.echo(f"Database: {redact(conf.resolved_database_url)} (a gateway using another "
+               "database will not know this key).")
     click.echo("Secret (shown once, store it now):")
     click.echo(secret)
 
@@ -93,7 +99,7 @@ def list_(active, as_json):
 
 
 @keys.command()
-@click.argument("ident", metavar="ID_OR_PREFIX")
+@click.argument("ident", metavar="KEY")
 @json_option
 def show(ident, as_json):
     """Show one key's settings."""
@@ -110,27 +116,33 @@ def show(ident, as_json):
 
 
 @keys.command()
-@click.argument("ident", metavar="ID_OR_PREFIX")
+@click.argument("ident", metavar="KEY")
 @click.option("--name", help="New name.")
 @with_limit_options
 @json_option
 def update(ident, name, role, rate_limit, max_concurrent, models, expires, as_json):
     """Change a key's name, role or limits (takes effect within a second)."""
+    changes = {"name": name, "role": role, "rate_limit": rate_limit,
+               "max_concurrent": max_concurrent, "models": models, "expires": expires}
+    if all(value is None for value in changes.values()):
+        raise click.UsageError("nothing to change: give at least one of --name, --role, "
+                               "--rate-limit, --max-concurrent, --models, --expires")
     open_db()
     try:
-        row = keystore.update_key(ident, name=name, role=role, rate_limit=rate_limit,
-                                  max_concurrent=max_concurrent, models=models, expires=expires)
+        row, changed = keystore.update_key(ident, **changes)
     except keystore.KeyOpError as exc:
         _fail(exc)
     summary = keystore.key_summary(row)
     if as_json:
-        echo_json(summary)
+        echo_json({**summary, "changed": changed})
+    elif changed:
+        click.echo(f"Updated key {row.id} ({row.prefix}): {', '.join(changed)}.")
     else:
-        click.echo(f"Updated key {row.id} ({row.prefix}).")
+        click.echo(f"Key {row.id} ({row.prefix}) already has these settings; nothing changed.")
 
 
 @keys.command()
-@click.argument("ident", metavar="ID_OR_PREFIX")
+@click.argument("ident", metavar="KEY")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @json_option
 def revoke(ident, yes, as_json):
@@ -150,7 +162,7 @@ def revoke(ident, yes, as_json):
 
 
 @keys.command()
-@click.argument("ident", metavar="ID_OR_PREFIX")
+@click.argument("ident", metavar="KEY")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @json_option
 def rotate(ident, yes, as_json):

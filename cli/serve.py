@@ -1,5 +1,7 @@
 """`ollama-gw serve` and `ollama-gw check`: run the gateway, or say why it would not run."""
+import errno
 import os
+import socket
 import sys
 
 import click
@@ -42,14 +44,42 @@ def serve(bind, port, ollama_url, workers, no_migrate):
     if ollama_url:
         os.environ.pop("OLLAMA_URL", None)  # the flag wins over the familiar variable
     conf = settings()
+    _require_free_port(conf.bind)
     # Migrate once, here, before any worker starts; other instances wait on the same lock.
     open_db(migrate=not no_migrate).close()
+    for upstream in conf.upstreams:
+        ok, verdict = _check_upstream(upstream, min(conf.connect_timeout, 2.0), 5.0)
+        if not ok:
+            click.echo(f"warning: Ollama at {upstream}: {verdict.removeprefix('FAILED: ')}; "
+                       "starting anyway, requests get 502 until it answers", err=True)
     click.echo(f"ollama-gw listening on http://{conf.bind} -> {', '.join(conf.upstreams)} "
                f"({conf.workers} workers, database {redact(conf.resolved_database_url)})", err=True)
     # Done here, so the gunicorn master need not (see app/server.py for why it must not).
     os.environ["OLLAMA_GW_AUTO_MIGRATE"] = "false"
     # -P: the working directory is not put on sys.path, so no local `app` can stand in.
     os.execv(sys.executable, [sys.executable, "-P", "-m", "app.server"])
+
+
+def _require_free_port(bind):
+    """Fail now, in plain words, if gunicorn could not listen on `bind`."""
+    host, _, port = bind.rpartition(":")
+    host = host.strip("[]")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, int(port),
+                                                             type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as exc:
+        raise click.ClickException(f"cannot listen on {bind}: host {host!r} is unknown "
+                                   f"({exc.strerror})") from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gunicorn binds
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise click.ClickException(
+                    f"port {port} on {host} is already in use (another ollama-gw, or another "
+                    "program); stop it or choose another with --port or --bind") from None
+            raise click.ClickException(f"cannot listen on {bind}: {exc.strerror}") from None
 
 
 @click.command()
@@ -79,14 +109,16 @@ def check():
     click.echo("all checks passed")
 
 
-def _check_upstream(url, connect_timeout):
+def _check_upstream(url, connect_timeout, read_timeout=10.0):
     """(ok, what was found in plain words) for the Ollama server at `url`."""
-    session = Upstream(url, connect_timeout, 10).session  # the gateway's own client settings
+    session = Upstream(url, connect_timeout, read_timeout).session  # the gateway's own settings
     try:
-        answer = session.get(url + "/api/version", timeout=(connect_timeout, 10))
+        answer = session.get(url + "/api/version", timeout=(connect_timeout, read_timeout))
     except requests.RequestException as exc:  # refused, unresolvable, timed out
         return False, (f"FAILED: cannot connect ({type(exc).__name__}); is Ollama running "
                        "there? (OLLAMA_URL / upstreams)")
+    finally:
+        session.close()
     try:
         version = answer.json()["version"] if answer.ok else None
     except (ValueError, TypeError, KeyError):

@@ -79,7 +79,7 @@ def test_prefix_is_matched_case_sensitively(make_key):
 
 @pytest.mark.parametrize("ident, message", [
     ("ogw_", "too short"),
-    ("abc", "too short"),
+    ("abc", "no key named 'abc'"),
     ("999", "no key with id 999"),
     ("ogw_zzzzzzzz", "no key with prefix"),
     ("ogw_" + "x" * 43, "no key matches that secret"),
@@ -127,8 +127,8 @@ def test_revoked_key_cannot_be_rotated(make_key):
 
 def test_update_changes_limits_models_role_and_expiry(make_key):
     _, row = make_key(name="before")
-    updated = update_key(row.id, name="after", rate_limit="10/day", models="llama3, qwen*",
-                         role="admin", max_concurrent=3, expires="2w")
+    updated, _ = update_key(row.id, name="after", rate_limit="10/day", models="llama3, qwen*",
+                            role="admin", max_concurrent=3, expires="2w")
     assert updated.name == "after"
     assert (updated.rate_limit, updated.rate_period) == (10, 86400)
     assert parse_models(updated.models) == ("llama3:latest", "qwen*")
@@ -140,7 +140,7 @@ def test_update_changes_limits_models_role_and_expiry(make_key):
 
 def test_update_can_clear_limits(make_key):
     _, row = make_key(models="llama3", max_concurrent=2, expires="1d")
-    cleared = update_key(row.id, rate_limit="none", models="", max_concurrent=0, expires="never")
+    cleared, _ = update_key(row.id, rate_limit="none", models="", max_concurrent=0, expires="never")
     assert cleared.rate_limit is None
     assert cleared.models is None
     assert cleared.max_concurrent is None
@@ -150,9 +150,25 @@ def test_update_can_clear_limits(make_key):
 
 def test_update_leaves_unnamed_settings_alone(make_key):
     _, row = make_key(rate_limit="5/minute", models="llama3", role="admin")
-    updated = update_key(row.id, name="renamed")
+    updated, changed = update_key(row.id, name="renamed")
+    assert changed == ["name"]
     assert (updated.rate_limit, updated.rate_period, updated.models, updated.role) == (
         5, 60, "llama3:latest", "admin")
+
+
+def test_update_to_the_settings_a_key_already_has_changes_nothing(make_key):
+    _, row = make_key(name="same", rate_limit="5/minute", models="llama3")
+    updated, changed = update_key(row.id, name="same", rate_limit="5/minute", models="llama3")
+    assert changed == []
+    assert (updated.name, updated.rate_limit, updated.models) == ("same", 5, "llama3:latest")
+
+
+def test_key_is_found_by_its_name_unless_two_keys_share_it(make_key):
+    _, alice = make_key(name="alice")
+    assert find_key("alice").id == alice.id
+    _, again = make_key(name="alice")
+    with pytest.raises(KeyOpError, match=f"more than one key \\(ids {alice.id}, {again.id}\\)"):
+        find_key("alice")
 
 
 @pytest.mark.parametrize("changes, message", [
