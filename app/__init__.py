@@ -8,8 +8,19 @@ def create_app(settings=None):
     # requests/ssl must not be loaded before gevent patches the worker after fork.
     from flask import Flask
 
-    from app import auth, db, errors, ratelimit, routes, upstream
+    from app import (
+        auth,
+        cors,
+        db,
+        errors,
+        health,
+        ratelimit,
+        request_body,
+        routes,
+        upstream,
+    )
     from app.config import load_settings
+    from app.redact import redact_handlers
 
     settings = settings or load_settings()
     app = Flask(__name__, static_folder=None)
@@ -19,11 +30,15 @@ def create_app(settings=None):
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    redact_handlers(logging.getLogger())  # no key in any log line, tracebacks included
 
     db.init_app(app)
     errors.init_app(app)
+    cors.init_app(app)
     auth.init_app(app)
     ratelimit.init_app(app)
+    request_body.init_app(app)
     upstream.init_app(app)
+    health.init_app(app)
     routes.init_app(app)
     return app

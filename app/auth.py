@@ -3,12 +3,17 @@
 The cache keeps the hot path free of database reads while bounding how long a revoked
 key keeps working: `key_cache_seconds` (1 s by default), on every worker.
 """
+import logging
 import threading
 import time
+
+import peewee
 
 from app.errors import Forbidden, Unauthorized
 from app.keys import KeyInfo, hash_key
 from app.models import ApiKey, utcnow
+
+log = logging.getLogger(__name__)
 
 # Re-stamp last_used_at at most this often per key and process: one write a minute, not a request.
 LAST_USED_EVERY = 60.0
@@ -39,12 +44,15 @@ class KeyCache:
         return info
 
     def touch(self, info):
-        """Record that the key was used, at most once a minute."""
+        """Record that the key was used, at most once a minute; never fail a request for it."""
         now = time.monotonic()
         if now - self._last_used.get(info.id, -LAST_USED_EVERY) < LAST_USED_EVERY:
             return
         self._last_used[info.id] = now
-        ApiKey.update(last_used_at=utcnow()).where(ApiKey.id == info.id).execute()
+        try:
+            ApiKey.update(last_used_at=utcnow()).where(ApiKey.id == info.id).execute()
+        except peewee.PeeweeException as exc:
+            log.warning("could not record that key %s was used: %s", info.prefix, exc)
 
     def clear(self):
         with self._lock:
@@ -52,20 +60,23 @@ class KeyCache:
             self._last_used.clear()
 
 
-def credentials(headers, args, json_body, legacy=True):
-    """The secret the caller presented, or None. Header forms win over legacy ones."""
-    auth = headers.get("Authorization", "")
-    scheme, _, value = auth.partition(" ")
+def header_credentials(headers):
+    """The secret from `Authorization: Bearer` or `X-API-Key`, or None."""
+    scheme, _, value = headers.get("Authorization", "").partition(" ")
     if scheme.lower() == "bearer" and value.strip():
         return value.strip()
-    if headers.get("X-API-Key", "").strip():
-        return headers["X-API-Key"].strip()
-    if legacy:
-        if isinstance(json_body, dict) and isinstance(json_body.get("apikey"), str):
-            return json_body["apikey"].strip() or None
-        if args.get("apikey"):
-            return args["apikey"].strip()
-    return None
+    return headers.get("X-API-Key", "").strip() or None
+
+
+def query_credentials(args):
+    """The legacy `?apikey=` secret (go-ollama-api), or None."""
+    return args.get("apikey", "").strip() or None
+
+
+def body_credentials(payload):
+    """The legacy `apikey` field of a JSON body, or None."""
+    value = payload.get("apikey") if isinstance(payload, dict) else None
+    return value.strip() or None if isinstance(value, str) else None
 
 
 def authenticate(cache, secret):

@@ -4,8 +4,10 @@ Native routes answer as Ollama does, ``{"error": "message"}``; ``/v1`` routes as
 does, ``{"error": {"message", "type", "code"}}``. A traceback never reaches a client.
 """
 import logging
+import sqlite3
 
 import peewee
+import psycopg2
 from flask import jsonify, request
 from playhouse.pool import MaxConnectionsExceeded
 from werkzeug.exceptions import HTTPException
@@ -41,6 +43,14 @@ class NotFound(GatewayError):
     status, kind = 404, "not_found_error"
 
 
+class MethodNotAllowed(GatewayError):
+    status, kind = 405, "invalid_request_error"
+
+
+class RequestTimeout(GatewayError):
+    status, kind = 408, "invalid_request_error"
+
+
 class RateLimited(GatewayError):
     status, kind = 429, "rate_limit_error"
 
@@ -52,9 +62,37 @@ class UpstreamUnavailable(GatewayError):
 class DatabaseUnavailable(GatewayError):
     status, kind = 503, "service_unavailable"
 
+    def __init__(self, cause):
+        super().__init__(database_problem(cause))
+        self.cause = cause
+
 
 class UpstreamTimeout(GatewayError):
     status, kind = 504, "upstream_timeout"
+
+
+# Failures of the database itself, whether peewee wrapped them or they escaped it raw
+# (sqlite3 raises some only when a row is fetched, outside peewee's wrapper).
+DATABASE_ERRORS = (
+    peewee.OperationalError, peewee.InterfaceError, MaxConnectionsExceeded,
+    sqlite3.OperationalError, sqlite3.InterfaceError,
+    psycopg2.OperationalError, psycopg2.InterfaceError,
+)
+
+
+def database_problem(exc):
+    """What to check, in words, for a database failure."""
+    text = str(exc).lower()
+    if "disk is full" in text or "no space" in text:
+        return ("the gateway's database cannot be written: the disk holding it is full; "
+                "free space there")
+    if "readonly" in text or "read-only" in text:
+        return ("the gateway's database cannot be written: the file or its directory is "
+                "read-only for the gateway's user; check its permissions")
+    if "database is locked" in text or "maximum connections" in text:
+        return "the gateway's database is too busy to answer in time; retry shortly"
+    return ("the gateway's database is unavailable; check DATABASE_URL and that the "
+            "database server is running (`ollama-gw check` tests it)")
 
 
 def error_body(status, message, kind="server_error", path=None):
@@ -89,20 +127,14 @@ def init_app(app):
         headers = [(k, v) for k, v in exc.get_headers() if k.lower() != "content-type"]
         return error_response(exc.code, message, "invalid_request_error", headers)
 
-    @app.errorhandler(peewee.OperationalError)
-    @app.errorhandler(peewee.InterfaceError)
-    @app.errorhandler(MaxConnectionsExceeded)
+    @app.errorhandler(DatabaseUnavailable)
     def _database_error(exc):
-        log.error("database error on %s %s: %s", request.method, request.path, exc)
-        return error_response(
-            503,
-            "the gateway's database is unavailable; check DATABASE_URL and that the "
-            "database server is running (`ollama-gw check` tests it)",
-            DatabaseUnavailable.kind,
-            {"Retry-After": "5"},
-        )
+        log.error("database error on %s %s: %s", request.method, request.path, exc.cause)
+        return error_response(503, exc.message, DatabaseUnavailable.kind, {"Retry-After": "5"})
 
     @app.errorhandler(Exception)
     def _unexpected(exc):
+        if isinstance(exc, DATABASE_ERRORS):
+            return _database_error(DatabaseUnavailable(exc))
         log.exception("unhandled error on %s %s", request.method, request.path)
         return error_response(500, "internal gateway error; the gateway log has the details")

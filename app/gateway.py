@@ -1,8 +1,9 @@
-"""The request path shared by every relaying route: read, authenticate, admit, forward.
+"""The request path shared by every relaying route: authenticate, read, admit, forward.
 
 Views decide what is allowed for their endpoint; this module does the rest in the
-order the product promises: a refused request never reaches Ollama and a request
-that reaches Ollama always gives its concurrency slot back.
+order the product promises: a key that came in a header is checked before a byte of
+the body is read, a refused request never reaches Ollama, and a request that reaches
+Ollama always gives its concurrency slot back.
 """
 import json
 import posixpath
@@ -11,12 +12,11 @@ from urllib.parse import urlencode
 
 import requests
 from flask import Response, current_app, g, request
-from werkzeug.exceptions import RequestEntityTooLarge
-from werkzeug.wsgi import get_input_stream
 
 from app import auth
 from app.db import db
-from app.errors import BadRequest, GatewayError, UpstreamUnavailable
+from app.errors import BadRequest, GatewayError, Unauthorized, UpstreamUnavailable
+from app.jsonbody import JsonBody
 from app.relay import (
     ClientDisconnected,
     ClientWatch,
@@ -24,14 +24,18 @@ from app.relay import (
     RelayOutcome,
     open_upstream,
     response_headers,
-    streamed_body,
 )
+from app.request_body import ClientStalled, read_body, stall_error
 from app.upstream import forwardable_request_headers
 
 
 def services():
     ext = current_app.extensions
     return ext["key_cache"], ext["limiter"], ext["upstream"]
+
+
+def settings():
+    return current_app.config["SETTINGS"]
 
 
 def canonical_path(path):
@@ -48,92 +52,50 @@ def canonical_path(path):
     return path
 
 
-# Field names are compared case-insensitively because Ollama (Go's encoding/json) does.
-MODEL_FIELDS = ("model", "name")
-
-
-class JsonBody:
-    """A request body read once: raw bytes for Ollama, parsed JSON for the gateway.
-
-    A malformed body is not refused here but by validated(), after authentication,
-    so that a caller without a valid key learns only that (401), never more.
-    """
-
-    def __init__(self, raw):
-        self.raw = raw
-        self.payload = None
-        self.models = []
-        self.problem = None
-        if not raw.strip():
-            return
-        try:
-            parsed = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-            self.problem = f"request body is not valid JSON: {str(exc)[:200]}"
-            return
-        if not isinstance(parsed, dict):
-            self.problem = "request body must be a JSON object"
-            return
-        self.payload = parsed
-        for field, value in parsed.items():
-            if field.lower() in MODEL_FIELDS:
-                if not isinstance(value, str):
-                    self.problem = f"'{field}' must be a string"
-                self.models.append(value)
-
-    def validated(self):
-        """The parsed object (or None for an empty body); 400 if it is malformed."""
-        if self.problem:
-            raise BadRequest(self.problem)
-        return self.payload
-
-
-def read_body(limit):
-    """The whole request body: 413 past `limit` bytes, 400 if it arrives malformed."""
-    if request.content_length is not None and request.content_length > limit:
-        raise RequestEntityTooLarge()
-    # Read past the limit ourselves: a chunked body has no length to check up front.
-    stream = get_input_stream(request.environ, max_content_length=None)
-    chunks, size = [], 0
-    try:
-        while chunk := stream.read(min(65536, limit + 1 - size)):
-            chunks.append(chunk)
-            size += len(chunk)
-            if size > limit:
-                raise RequestEntityTooLarge()
-    except RequestEntityTooLarge:
-        raise
-    except Exception as exc:  # the server's own errors: bad chunk sizes, early EOF
-        raise BadRequest(f"request body could not be read ({type(exc).__name__}); "
-                         "send it whole, with a correct length or chunked encoding") from None
-    return b"".join(chunks)
-
-
-def read_json_body():
-    """The request body (413 past max_body_bytes), parsed but not yet judged."""
-    return JsonBody(read_body(current_app.config["SETTINGS"].max_body_bytes))
-
-
-def current_key(payload=None):
-    """Authenticate the request's key (header, or legacy body/query field)."""
+def _authenticate(secret):
     cache, _, _ = services()
-    legacy = current_app.config["SETTINGS"].legacy_apikey
-    secret = auth.credentials(request.headers, request.args, payload, legacy)
     g.key = auth.authenticate(cache, secret)
     return g.key
 
 
-def strip_legacy_key(raw, payload):
-    """The body and query to send upstream, without any `apikey` the client put there."""
-    query = request.query_string
-    if any(k.lower() == "apikey" for k in request.args):
-        query = urlencode(
-            [(k, v) for k, v in request.args.items(multi=True) if k.lower() != "apikey"]
-        ).encode()
-    if payload is not None and any(k.lower() == "apikey" for k in payload):
-        payload = {k: v for k, v in payload.items() if k.lower() != "apikey"}
-        raw = json.dumps(payload).encode()
-    return raw, query
+def current_key():
+    """The key from a header, or the legacy query parameter: no body is read for it."""
+    conf = settings()
+    secret = auth.header_credentials(request.headers) or (
+        conf.legacy_apikey and auth.query_credentials(request.args))
+    return _authenticate(secret or None)
+
+
+def authenticated_body():
+    """(key, JsonBody) for a request with a JSON body, authenticating as early as possible.
+
+    A key in a header (or the query) is checked before the body is read, so a caller
+    without one cannot make the gateway read up to max_body_bytes. Only a legacy client
+    whose key is inside the body gets its body read first, and then at most
+    max_unauthenticated_body_bytes of it.
+    """
+    conf = settings()
+    secret = auth.header_credentials(request.headers) or (
+        conf.legacy_apikey and auth.query_credentials(request.args))
+    if secret or not conf.legacy_apikey:
+        key = _authenticate(secret or None)
+        return key, JsonBody(read_body(conf.max_body_bytes))
+    limit = conf.max_unauthenticated_body_bytes
+    raw = read_body(limit, too_large=lambda: Unauthorized(
+        f"missing API key: send it as 'Authorization: Bearer <key>' or 'X-API-Key: <key>'; "
+        f"an `apikey` field is looked for only in bodies up to {limit} bytes "
+        "(max_unauthenticated_body_bytes)"))
+    body = JsonBody(raw)
+    return _authenticate(auth.body_credentials(body.payload)), body
+
+
+def query_without_key():
+    """The query string to send upstream, without any `apikey` the client put there."""
+    if not any(k.lower() == "apikey" for k in request.args):
+        return request.query_string
+    return urlencode(
+        [(k, v) for k, v in request.args.items(multi=True) if k.lower() != "apikey"]
+    ).encode()
 
 
 def forward(key, path, body, query=b"", transform=None):
@@ -146,7 +108,7 @@ def forward(key, path, body, query=b"", transform=None):
     admission = limiter.admit(key)
     db.close()  # the wait on Ollama may take minutes: give the connection back now
     outcome = RelayOutcome(status=0, started=time.monotonic())
-    watch = ClientWatch(request.environ).start()
+    watch = ClientWatch(request.environ, settings().client_send_timeout).start()
 
     def finish(_outcome=None):
         watch.stop()
@@ -155,6 +117,9 @@ def forward(key, path, body, query=b"", transform=None):
     headers = forwardable_request_headers(request.headers)
     try:
         response = open_upstream(upstream, watch, request.method, path, query, headers, body)
+    except ClientStalled:
+        finish()
+        raise stall_error() from None
     except ClientDisconnected:
         finish()
         return Response(status=499)  # nobody is listening; nginx's code for it
@@ -202,9 +167,3 @@ def _rewritten(response, transform, admission):
         headers=admission.headers(), mimetype="application/json",
     )
 
-
-def request_body_for_upload():
-    """The raw request stream, unbuffered and exempt from max_body_bytes (blob uploads)."""
-    # Not request.stream: Flask treats a per-request limit of None as "use MAX_CONTENT_LENGTH".
-    stream = get_input_stream(request.environ, max_content_length=None)
-    return streamed_body(stream, request.content_length)

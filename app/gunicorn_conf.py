@@ -18,7 +18,11 @@ bind = _settings.bind
 # one per core is right; more only adds memory.
 workers = _settings.workers
 # Cooperative I/O: a request waiting on Ollama costs a greenlet (~10 KiB), not a thread.
-worker_class = "gevent"
+# gunicorn's gevent worker, plus closing connections whose body the gateway refused
+# unread and masking keys in gunicorn's 400 pages (app/worker.py).
+worker_class = "app.worker.GatewayWorker"
+# gunicorn's own log lines go through the same key redaction as the gateway's.
+logger_class = "app.worker.GatewayLogger"
 # Simultaneous connections per worker (mostly long streams waiting on the GPU).
 worker_connections = 10000
 # Seconds a worker may go without a heartbeat before the master restarts it. With gevent

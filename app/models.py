@@ -54,4 +54,11 @@ class ConcurrencySlot(BaseModel):
     expires_at = peewee.DoubleField(index=True)
 
 
-MODELS = [ApiKey, RateCounter, ConcurrencySlot]
+class Heartbeat(BaseModel):
+    """When each gateway process last wrote to the database: /health's proof that it can."""
+
+    holder = peewee.CharField(max_length=128, primary_key=True)
+    seen_at = peewee.DoubleField()
+
+
+MODELS = [ApiKey, RateCounter, ConcurrencySlot, Heartbeat]

@@ -25,6 +25,10 @@ from app.models import ApiKey, ConcurrencySlot, RateCounter
 
 log = logging.getLogger(__name__)
 
+# peewee's translation of driver errors into its own, as execute_sql() applies it.
+_peewee_errors = peewee.__exception_wrapper__
+# Seconds between retries of a slot release the database refused.
+RETRY_SECONDS = 1.0
 # Stand-ins for one request's values in the cached counting statement (see _count_sql).
 _KEY, _WINDOW, _LIMIT = -7001, -7002, -7003
 
@@ -53,6 +57,7 @@ class Limiter:
         self.lease_seconds = lease_seconds
         self.holder = f"{socket.gethostname()}:{os.getpid()}"[:128]
         self._held = set()
+        self._unreleased = set()  # slots whose delete failed; the keeper retries them
         self._keeper = None
         self._lock = threading.Lock()
         self._count_sql_for = None  # the database _count_sql_cached was rendered for
@@ -128,7 +133,8 @@ class Limiter:
         sql, params = self._count_sql()
         values = {_KEY: key.id, _WINDOW: window, _LIMIT: key.rate_limit}
         cursor = db.execute_sql(sql, [values.get(p, p) for p in params])
-        row = next(iter(cursor), None)
+        with _peewee_errors:  # sqlite3 reports a full disk only when the row is read
+            row = next(iter(cursor), None)
         if row is None:
             admission.remaining = 0
             retry = max(1, math.ceil(admission.reset_at - now))
@@ -162,35 +168,62 @@ class Limiter:
         ).execute()
 
     def release(self, admission):
-        """Give back the admission's concurrency slot; safe to call more than once."""
+        """Give back the admission's concurrency slot; safe to call more than once.
+
+        If the database cannot take the delete now, the slot is retried every second
+        in the background, so the key is not held at its limit until the lease lapses.
+        """
         slot_id, admission.slot_id = admission.slot_id, None
         if slot_id is None:
             return
         with self._lock:
             self._held.discard(slot_id)
+        if not self._delete_slots([slot_id]):
+            with self._lock:
+                self._unreleased.add(slot_id)
+            self._start_keeper()
+
+    def _delete_slots(self, slot_ids):
         try:
             with db.connection_context():
-                ConcurrencySlot.delete().where(ConcurrencySlot.id == slot_id).execute()
-        except Exception:  # the lease lapses on its own; never fail a response for this
-            log.warning("could not release concurrency slot %s; it lapses in %s s",
-                        slot_id, self.lease_seconds, exc_info=True)
+                ConcurrencySlot.delete().where(ConcurrencySlot.id.in_(slot_ids)).execute()
+            return True
+        except Exception as exc:  # never fail a response for this; the keeper retries
+            log.warning("could not release %d concurrency slot(s), retrying every %g s: %s",
+                        len(slot_ids), self._keeper_interval, exc)
+            return False
 
     def _hold(self, slot_id):
         with self._lock:
             self._held.add(slot_id)
+        self._start_keeper()
+
+    def _start_keeper(self):
+        with self._lock:
             if self._keeper is None or not self._keeper.is_alive():
                 self._keeper = threading.Thread(
-                    target=self._renew_forever, name="slot-lease-keeper", daemon=True
+                    target=self._keep_forever, name="slot-keeper", daemon=True
                 )
                 self._keeper.start()
 
-    def _renew_forever(self):
-        """Extend the leases of slots this process holds, so long streams keep theirs."""
+    @property
+    def _keeper_interval(self):
+        return min(RETRY_SECONDS, self.lease_seconds / 3)
+
+    def _keep_forever(self):
+        """Renew the leases of slots this process holds; retry releases that failed."""
+        renewed_at = time.monotonic()
         while True:
-            time.sleep(self.lease_seconds / 3)
+            time.sleep(self._keeper_interval)
             with self._lock:
-                held = list(self._held)
-            if held:
+                held, unreleased = list(self._held), list(self._unreleased)
+            if unreleased and self._delete_slots(unreleased):
+                with self._lock:
+                    self._unreleased.difference_update(unreleased)
+                log.info("released %d concurrency slot(s) once the database was back",
+                         len(unreleased))
+            if held and time.monotonic() - renewed_at >= self.lease_seconds / 3:
+                renewed_at = time.monotonic()
                 self.renew(held)
 
     def renew(self, slot_ids):

@@ -4,7 +4,8 @@ Status and headers are decided before the first byte. Chunks pass through untouc
 (no decoding, no re-framing), so NDJSON stays NDJSON. Under gunicorn's gevent worker a
 watcher greenlet notices a client that hangs up, even while Ollama is silent (loading a
 model), and interrupts the wait: the upstream connection is closed at once, which is
-how Ollama learns to stop generating.
+how Ollama learns to stop generating. A client that keeps its connection open but stops
+reading is treated the same way once a chunk has waited `client_send_timeout` for it.
 """
 import contextlib
 import dataclasses
@@ -16,6 +17,7 @@ import time
 import requests
 import urllib3
 
+from app.cooperative import gevent_active
 from app.upstream import forwardable_response_headers
 
 log = logging.getLogger(__name__)
@@ -41,22 +43,17 @@ class RelayOutcome:
     tail: bytes = b""  # the last bytes relayed: the final NDJSON line carries token counts
 
 
-def _gevent_active():
-    try:
-        from gevent import monkey
-    except ImportError:
-        return False
-    return monkey.is_module_patched("socket")
-
-
 class ClientWatch:
-    """Interrupts waits on Ollama when the client's socket reaches EOF."""
+    """Interrupts waits on Ollama when the client's socket reaches EOF; bounds sends to it."""
 
-    def __init__(self, environ):
-        self.sock = environ.get("gunicorn.socket") if _gevent_active() else None
+    def __init__(self, environ, send_timeout=None):
+        self.sock = environ.get("gunicorn.socket") if gevent_active() else None
+        self.send_timeout = send_timeout
         self.gone = False
+        self.stalled = False
         self._waiter = None
         self._greenlet = None
+        self._send_timer = None
 
     def start(self):
         if self.sock is not None:
@@ -69,6 +66,39 @@ class ClientWatch:
         self._waiter = None
         if self._greenlet is not None:
             self._greenlet.kill(block=False)
+        if self._send_timer is not None:
+            self._send_timer.close()
+            self._send_timer = None
+
+    @contextlib.contextmanager
+    def sending(self):
+        """Mark a chunk on its way to the client: past send_timeout, drop the connection."""
+        if self.sock is None or not self.send_timeout:
+            yield
+            return
+        if self._send_timer is None:
+            import gevent
+
+            self._send_timer = gevent.get_hub().loop.timer(self.send_timeout)
+        self._send_timer.start(self._drop_stalled_client)
+        try:
+            yield
+        finally:
+            if self._send_timer is not None:
+                self._send_timer.stop()
+
+    def _drop_stalled_client(self):
+        """The client left a chunk unread for send_timeout seconds: hang up on it.
+
+        Shutting the socket down fails the pending send with EPIPE, which gunicorn takes
+        quietly; it then closes the body, and that closes Ollama's connection and frees
+        the concurrency slot.
+        """
+        self.stalled = True
+        log.info("client stopped reading for %g s (client_send_timeout): closing its "
+                 "connection", self.send_timeout)
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
 
     @contextlib.contextmanager
     def waiting(self):
@@ -155,7 +185,8 @@ class RelayBody:
                 outcome.first_byte_at = time.monotonic()
             outcome.bytes += len(chunk)
             outcome.tail = (outcome.tail + chunk)[-8192:]
-            yield chunk
+            with self._watch.sending():
+                yield chunk
 
     def close(self):
         if self._closed:
@@ -176,45 +207,3 @@ def response_headers(response, extra):
         headers = [(k, v) for k, v in headers if k.lower() != "content-length"]
     headers.extend(extra.items())
     return headers
-
-
-def _read_from_client(stream, size):
-    """Read the client's body; a broken or abandoned upload raises ClientDisconnected.
-
-    Raised inside requests' send, it is not mistaken for an Ollama failure (502), and
-    the connection to Ollama is closed so it stops waiting for the rest.
-    """
-    try:
-        return stream.read(size)
-    except Exception as exc:  # early EOF, bad chunk sizes: the server's own exceptions
-        raise ClientDisconnected() from exc
-
-
-class Upload:
-    """A request body streamed to Ollama without buffering (blob uploads may be gigabytes)."""
-
-    def __init__(self, stream, length):
-        self._stream = stream
-        self._length = length
-        self._left = length
-
-    def read(self, size=CHUNK_SIZE):
-        size = size if size and size > 0 else CHUNK_SIZE
-        chunk = _read_from_client(self._stream, min(size, self._left)) if self._left else b""
-        if self._left and not chunk:
-            raise ClientDisconnected()  # the client promised more bytes than it sent
-        self._left -= len(chunk)
-        return chunk
-
-    def __iter__(self):
-        return iter(lambda: self.read(CHUNK_SIZE), b"")
-
-    def __len__(self):
-        return self._length
-
-
-def streamed_body(stream, content_length):
-    """A body for requests: sized when the client said its length, chunked otherwise."""
-    if content_length is not None:
-        return Upload(stream, content_length)
-    return iter(lambda: _read_from_client(stream, CHUNK_SIZE), b"")

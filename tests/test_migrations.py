@@ -11,7 +11,7 @@ from app import db as database
 from app.models import MODELS
 
 HISTORY_TABLE = "schema_migration"
-MIGRATIONS = ["0001_initial"]
+MIGRATIONS = ["0001_initial", "0002_heartbeat"]
 
 
 @pytest.fixture
@@ -97,7 +97,9 @@ def test_upgrading_twice_changes_nothing(empty):
 
 def test_downgrade_removes_the_tables_and_upgrade_restores_them(empty):
     database.upgrade(empty)
-    assert database.downgrade(empty) == list(reversed(MIGRATIONS))
+    assert database.downgrade(empty) == [MIGRATIONS[-1]]  # the newest only, by default
+    assert database.upgrade(empty) == [MIGRATIONS[-1]]
+    assert database.downgrade(empty, MIGRATIONS[0]) == list(reversed(MIGRATIONS))
     assert set(empty.get_tables()) == {HISTORY_TABLE}
     assert history(empty) == []
     assert database.pending_migrations(empty) == MIGRATIONS
@@ -131,9 +133,14 @@ def test_two_processes_upgrading_at_once_both_succeed(database_url, empty):
                                args=(database_url, barrier, results)) for _ in range(2)]
     for worker in workers:
         worker.start()
-    outcomes = sorted(results.get(timeout=60) for _ in workers)
-    for worker in workers:
-        worker.join(timeout=30)
+    try:
+        outcomes = sorted(results.get(timeout=120) for _ in workers)
+    finally:
+        for worker in workers:
+            worker.join(timeout=30)
+            if worker.is_alive():
+                worker.kill()
+                worker.join()
     assert outcomes == [("ok", []), ("ok", MIGRATIONS)]
     assert history(empty) == MIGRATIONS
     assert {model._meta.table_name for model in MODELS} <= set(empty.get_tables())
@@ -145,7 +152,13 @@ def test_two_cli_upgrades_at_once_both_succeed(database_url, empty, tmp_path):
     command = [sys.executable, "-c", "from cli import main; main()", "db", "upgrade"]
     runs = [subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True) for _ in range(2)]
-    outputs = sorted(run.communicate(timeout=60)[0].strip() for run in runs)
+    try:
+        outputs = sorted(run.communicate(timeout=120)[0].strip() for run in runs)
+    finally:
+        for run in runs:
+            if run.poll() is None:
+                run.kill()
+                run.wait()
     assert [run.returncode for run in runs] == [0, 0], outputs
-    assert outputs == ["already up to date", "applied: 0001_initial"]
+    assert outputs == ["already up to date", f"applied: {', '.join(MIGRATIONS)}"]
     assert history(empty) == MIGRATIONS

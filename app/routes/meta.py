@@ -1,10 +1,7 @@
 """What clients and load balancers probe without a key: `/` and `/health`."""
 import datetime
 
-import peewee
 from flask import Blueprint, Response, current_app, jsonify
-
-from app.db import db
 
 bp = Blueprint("meta", __name__)
 
@@ -17,18 +14,15 @@ def root():
 
 @bp.route("/health", methods=["GET", "HEAD"])
 def health():
-    """Liveness plus the state of the database and Ollama; 503 when the database is down."""
-    try:
-        db.execute_sql("SELECT 1")
-        database = "ok"
-    except peewee.DatabaseError:
-        database = "unavailable"
+    """Liveness plus the state of the database and Ollama; 503 when the database cannot write."""
+    ok, problem = current_app.extensions["database_health"].state()
     backend = current_app.extensions["upstream"].health()
-    ok = database == "ok"
     body = {
         "status": ("healthy" if backend == "healthy" else "degraded") if ok else "unhealthy",
-        "database": database,
+        "database": "ok" if ok else "unavailable",
         "ollama_backend": backend,
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(),
     }
+    if problem:
+        body["database_problem"] = problem
     return jsonify(body), 200 if ok else 503

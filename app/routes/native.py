@@ -1,37 +1,58 @@
 """Ollama's own API under /api, relayed for any key with the right role and models."""
-from flask import Blueprint
+from flask import Blueprint, request
 
 from app import auth, gateway
+from app.errors import MethodNotAllowed
+from app.request_body import upload_body
 
 bp = Blueprint("native", __name__)
 
+# Ollama's endpoints and the methods it serves them with (server/routes.go); a wrong
+# method gets a 405 here instead of Ollama's plain-text 404. Unknown paths are relayed
+# as they are, so endpoints newer than this table keep working.
+ENDPOINT_METHODS = {
+    **dict.fromkeys(["/api/generate", "/api/chat", "/api/embed", "/api/embeddings",
+                     "/api/show", "/api/pull", "/api/push", "/api/create", "/api/copy"],
+                    ("POST",)),
+    **dict.fromkeys(["/api/tags", "/api/version", "/api/ps"], ("GET", "HEAD")),
+    "/api/delete": ("DELETE",),
+}
+BLOB_METHODS = ("HEAD", "POST")
 # Endpoints that change what models exist on the server: admins only.
 MODEL_MANAGEMENT = {"/api/pull", "/api/push", "/api/create", "/api/copy", "/api/delete"}
 # Answers listing models, narrowed to a key's allow-list.
 MODEL_LISTS = {"/api/tags", "/api/ps"}
 
 
-@bp.route("/api/<path:subpath>", methods=["GET", "HEAD", "POST", "PUT", "DELETE"])
+@bp.route("/api/<path:subpath>", methods=["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH"])
 def relay(subpath):
     path = gateway.canonical_path("/api/" + subpath)
-    if path.startswith("/api/blobs/"):
+    is_blob = path.startswith("/api/blobs/")
+    _require_method(path, BLOB_METHODS if is_blob else ENDPOINT_METHODS.get(path))
+    if is_blob:
         key = gateway.current_key()
         auth.require_admin(key, "uploading model blobs")
-        _, query = gateway.strip_legacy_key(None, None)  # a legacy ?apikey= must not reach Ollama
-        return gateway.forward(key, path, gateway.request_body_for_upload(), query)
+        return gateway.forward(key, path, upload_body(), gateway.query_without_key())
 
-    body = gateway.read_json_body()
-    key = gateway.current_key(body.payload)
-    payload = body.validated()
+    key, body = gateway.authenticated_body()
+    body.validated()
     if path in MODEL_MANAGEMENT:
         auth.require_admin(key, path)
     for model in body.models:  # `model`, the older `name`, in any letter case
         auth.require_model(key, model)
-    raw, query = gateway.strip_legacy_key(body.raw, payload)
     transform = None
     if path in MODEL_LISTS and key.models:
         transform = lambda data: _only_allowed(data, key)  # noqa: E731
-    return gateway.forward(key, path, raw or None, query, transform)
+    raw = body.without("apikey")  # in any letter case: Ollama never sees a gateway key
+    return gateway.forward(key, path, raw or None, gateway.query_without_key(), transform)
+
+
+def _require_method(path, allowed):
+    if allowed is not None and request.method not in allowed:
+        raise MethodNotAllowed(
+            f"{request.method} is not allowed on {path}; use {' or '.join(allowed)}",
+            headers={"Allow": ", ".join(allowed)},
+        )
 
 
 def _only_allowed(data, key):

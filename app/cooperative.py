@@ -1,0 +1,54 @@
+"""Being a good citizen of a gevent worker: yield during long work, bound waits on clients.
+
+Under gunicorn's gevent worker one process serves thousands of connections on one
+thread; anything that runs long without yielding stalls all of them. Outside gevent
+(tests with Flask's client, the CLI) these helpers do nothing.
+"""
+import contextlib
+import functools
+import weakref
+
+# Connections to close once their current answer is sent; app/worker.py does it.
+closing_connections = weakref.WeakSet()
+
+
+@functools.cache
+def gevent_active():
+    try:
+        from gevent import monkey
+    except ImportError:
+        return False
+    return monkey.is_module_patched("socket")
+
+
+def pause():
+    """Let other greenlets run (streams on this worker) before going on."""
+    if gevent_active():
+        import gevent
+
+        gevent.sleep(0)
+
+
+@contextlib.contextmanager
+def deadline(seconds, exception):
+    """Raise `exception` in this greenlet if the block takes longer than `seconds`."""
+    if not gevent_active():
+        yield
+        return
+    import gevent
+
+    with gevent.Timeout(seconds, exception):
+        yield
+
+
+def close_after_response(environ):
+    """Close this connection after the answer instead of keeping it alive.
+
+    For an answer sent without reading the request body (401 before a large upload,
+    413, 408): gunicorn would otherwise read and discard the rest of the body to reach
+    the next request, which is the work refusing early was meant to save. A
+    `Connection: close` header from the app is not enough; gunicorn drops it.
+    """
+    sock = environ.get("gunicorn.socket")
+    if sock is not None:
+        closing_connections.add(sock)

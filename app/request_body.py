@@ -1,0 +1,133 @@
+"""What the client sends: read whole within limits, or streamed through; never waited on forever.
+
+Every read from the client is bounded by `client_body_timeout` (a client that stops
+sending gets 408), and a body the gateway refused without reading is not read later
+either: the connection closes after the refusal (app/worker.py says why that is needed).
+"""
+from flask import current_app, g, request
+from werkzeug.wsgi import get_input_stream
+
+from app.cooperative import close_after_response, deadline, pause
+from app.errors import BadRequest, GatewayError, RequestTimeout
+from app.relay import CHUNK_SIZE, ClientDisconnected
+
+
+class BodyTooLarge(GatewayError):
+    status, kind = 413, "invalid_request_error"
+
+
+class ClientStalled(ClientDisconnected):
+    """The client stopped sending its body for longer than client_body_timeout."""
+
+
+def _timeout():
+    return current_app.config["SETTINGS"].client_body_timeout
+
+
+def stall_error():
+    """The 408 for a body that stopped arriving (the relay raises it for a stalled upload)."""
+    return RequestTimeout(f"the request body stopped arriving for {_timeout():g} s "
+                          "(client_body_timeout); send it whole and without pauses")
+
+
+def has_body():
+    return bool(request.content_length) or "chunked" in request.headers.get(
+        "Transfer-Encoding", "").lower()
+
+
+def read_body(limit, too_large=None):
+    """The whole request body; 413 past `limit` bytes, 408 if it stalls, 400 if malformed.
+
+    Reads yield to other greenlets, so a large body arriving at loopback speed does not
+    hold up the streams of everyone else on this worker.
+    """
+    too_large = too_large or (lambda: BodyTooLarge(
+        f"request body is larger than the gateway's limit of {limit} bytes (max_body_bytes)"))
+    if request.content_length is not None and request.content_length > limit:
+        raise too_large()
+    # Not request.stream: Flask treats a per-request limit of None as MAX_CONTENT_LENGTH.
+    stream = get_input_stream(request.environ, max_content_length=None)
+    chunks, size, timeout = [], 0, _timeout()
+    try:
+        while True:
+            with deadline(timeout, ClientStalled):
+                chunk = stream.read(min(CHUNK_SIZE, limit + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > limit:
+                raise too_large()
+            pause()
+    except GatewayError:
+        raise
+    except ClientStalled:
+        raise stall_error() from None
+    except Exception as exc:  # the server's own errors: bad chunk sizes, early EOF
+        raise BadRequest(f"request body could not be read ({type(exc).__name__}); "
+                         "send it whole, with a correct length or chunked encoding") from None
+    g.body_consumed = True
+    return b"".join(chunks)
+
+
+def _read_from_client(stream, size, timeout):
+    """Read the client's body; a broken, abandoned or stalled upload raises ClientDisconnected.
+
+    Raised inside requests' send, it is not mistaken for an Ollama failure (502), and
+    the connection to Ollama is closed so it stops waiting for the rest.
+    """
+    try:
+        with deadline(timeout, ClientStalled):
+            chunk = stream.read(size)
+    except ClientStalled:
+        raise
+    except Exception as exc:  # early EOF, bad chunk sizes: the server's own exceptions
+        raise ClientDisconnected() from exc
+    if not chunk:
+        g.body_consumed = True
+    return chunk
+
+
+class Upload:
+    """A request body streamed to Ollama without buffering (blob uploads may be gigabytes)."""
+
+    def __init__(self, stream, length, timeout):
+        self._stream = stream
+        self._length = length
+        self._left = length
+        self._timeout = timeout
+
+    def read(self, size=CHUNK_SIZE):
+        size = size if size and size > 0 else CHUNK_SIZE
+        if not self._left:
+            g.body_consumed = True
+            return b""
+        chunk = _read_from_client(self._stream, min(size, self._left), self._timeout)
+        if not chunk:
+            raise ClientDisconnected()  # the client promised more bytes than it sent
+        self._left -= len(chunk)
+        return chunk
+
+    def __iter__(self):
+        return iter(lambda: self.read(CHUNK_SIZE), b"")
+
+    def __len__(self):
+        return self._length
+
+
+def upload_body():
+    """The raw request stream, unbuffered and exempt from max_body_bytes (blob uploads)."""
+    stream = get_input_stream(request.environ, max_content_length=None)
+    timeout = _timeout()
+    if request.content_length is not None:
+        return Upload(stream, request.content_length, timeout)
+    return iter(lambda: _read_from_client(stream, CHUNK_SIZE, timeout), b"")
+
+
+def init_app(app):
+    @app.after_request
+    def _close_if_body_unread(response):
+        """A refusal sent before the body was read ends the connection instead of reading it."""
+        if response.status_code >= 400 and has_body() and not g.get("body_consumed"):
+            close_after_response(request.environ)
+        return response
