@@ -66,6 +66,17 @@ def init_app(app):
             db.close()
 
 
+def forget_idle_connections():
+    """After a database failure, drop the pool's idle connections.
+
+    A database restart kills every pooled connection, and the pool only learns that a
+    connection is dead when a request fails on it: each of up to database_pool_size
+    connections per worker would fail one more request after the database is back.
+    """
+    with contextlib.suppress(Exception):
+        db.obj.close_idle()
+
+
 def _require_greenlet_local_connections():
     """Refuse to run where greenlets of one worker would share a database connection.
 

@@ -12,6 +12,8 @@ from flask import jsonify, request
 from playhouse.pool import MaxConnectionsExceeded
 from werkzeug.exceptions import HTTPException
 
+from app.db import forget_idle_connections
+
 log = logging.getLogger(__name__)
 
 
@@ -130,6 +132,7 @@ def init_app(app):
     @app.errorhandler(DatabaseUnavailable)
     def _database_error(exc):
         log.error("database error on %s %s: %s", request.method, request.path, exc.cause)
+        forget_idle_connections()
         return error_response(503, exc.message, DatabaseUnavailable.kind, {"Retry-After": "5"})
 
     @app.errorhandler(Exception)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import peewee
 
-from app.db import db, is_postgres
+from app.db import db, forget_idle_connections, is_postgres
 from app.errors import DATABASE_ERRORS, database_problem
 from app.models import Heartbeat
 
@@ -50,6 +50,7 @@ class DatabaseHealth:
             return True, None
         except (*DATABASE_ERRORS, peewee.DatabaseError) as exc:
             log.error("health check: the database failed a write: %s", exc)
+            forget_idle_connections()
             return False, database_problem(exc)
 
     @staticmethod

@@ -57,8 +57,9 @@ class JsonBody:
             return
         for field in self.field_names():
             if field.lower() in MODEL_FIELDS and not isinstance(self.payload.get(field), str):
-                kind = "too long" if field not in self.payload else "must be a string"
-                self.problem = f"'{field}' {kind}"
+                self.problem = f"'{field}' must be a string"
+                if field not in self.payload:
+                    self.problem += f" of at most {VALUE_LIMIT} bytes"
                 return
 
     def field_names(self):

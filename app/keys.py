@@ -79,10 +79,14 @@ class KeyInfo:
         return self.expires_at is not None and self.expires_at <= (now or utcnow())
 
     def allows_model(self, model):
+        """Whether the allow-list admits `model`, compared without regard to letter case.
+
+        Ollama resolves model names that way (LLAMA3.2 runs llama3.2), so the list must too.
+        """
         if not self.models:
             return True
-        wanted = normalize_model(model)
-        return any(fnmatch.fnmatchcase(wanted, allowed) for allowed in self.models)
+        wanted = normalize_model(model).lower()
+        return any(fnmatch.fnmatchcase(wanted, allowed.lower()) for allowed in self.models)
 
 
 def key_summary(row):

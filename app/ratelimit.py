@@ -18,7 +18,7 @@ import time
 import peewee
 from flask import g
 
-from app.db import db, is_postgres
+from app.db import db, forget_idle_connections, is_postgres
 from app.errors import RateLimited
 from app.limits import format_rate_limit
 from app.models import ApiKey, ConcurrencySlot, RateCounter
@@ -191,6 +191,7 @@ class Limiter:
         except Exception as exc:  # never fail a response for this; the keeper retries
             log.warning("could not release %d concurrency slot(s), retrying every %g s: %s",
                         len(slot_ids), self._keeper_interval, exc)
+            forget_idle_connections()
             return False
 
     def _hold(self, slot_id):
@@ -232,8 +233,9 @@ class Limiter:
                 ConcurrencySlot.update(expires_at=time.time() + self.lease_seconds).where(
                     ConcurrencySlot.id.in_(slot_ids)
                 ).execute()
-        except Exception:
-            log.warning("could not renew %d concurrency slot leases", len(slot_ids), exc_info=True)
+        except Exception as exc:
+            log.warning("could not renew %d concurrency slot leases: %s", len(slot_ids), exc)
+            forget_idle_connections()
 
 
 def init_app(app):

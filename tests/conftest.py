@@ -4,6 +4,7 @@ Every test that touches the database runs twice, once per backend. PostgreSQL is
 real server on 127.0.0.1 (`OLLAMA_GW_TEST_POSTGRES_URL` to point elsewhere); without
 one the PostgreSQL half is skipped locally and fails under CI (CI=true).
 """
+import logging
 import os
 
 import peewee
@@ -12,8 +13,9 @@ from click.testing import CliRunner
 
 from app import create_app
 from app import db as database
+from app import keys as keystore
 from app.config import Settings
-from app.keys import create_key
+from tests import leak_check
 from tests.fake_ollama import FakeOllama
 
 # One database per test session, so that concurrent runs on one server do not collide.
@@ -21,6 +23,36 @@ POSTGRES_URL = os.environ.get(
     "OLLAMA_GW_TEST_POSTGRES_URL",
     f"postgresql://postgres@127.0.0.1:5432/ollama_gw_test_{os.getpid()}",
 )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def log_recorder():
+    """Record every key the suite creates and every line it logs (tests/leak_check.py)."""
+    make_secret = keystore.new_secret
+
+    def recorded_secret():
+        secret = make_secret()
+        leak_check.remember_secrets([secret])
+        return secret
+
+    keystore.new_secret = recorded_secret
+    recorder = leak_check.Recorder()
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.INFO)  # what the gateway logs by default (log_level = info)
+    root.addHandler(recorder)
+    try:
+        yield recorder
+    finally:
+        root.removeHandler(recorder)
+        root.setLevel(level)
+        keystore.new_secret = make_secret
+
+
+def pytest_collection_modifyitems(items):
+    """The check that no log holds a key runs last, when every log has been written."""
+    last = [item for item in items if item.name == leak_check.FINAL_TEST]
+    items[:] = [item for item in items if item.name != leak_check.FINAL_TEST] + last
 
 
 def _postgres_admin(url, statement):
@@ -53,6 +85,16 @@ def postgres_url():
     yield POSTGRES_URL
     if "OLLAMA_GW_TEST_POSTGRES_URL" not in os.environ:
         _postgres_admin(POSTGRES_URL, "drop")
+
+
+@pytest.fixture
+def own_postgres(postgres_url, request):
+    """A PostgreSQL database for this test alone (others may be using the session's)."""
+    url = f"{postgres_url}_{abs(hash(request.node.nodeid)) % 10**8}"
+    _postgres_admin(url, "drop")
+    _postgres_admin(url, "create")
+    yield url
+    _postgres_admin(url, "drop")
 
 
 def reset_postgres(url):
@@ -121,7 +163,7 @@ def make_key(migrated):
 
     def make(name="test", **options):
         options.setdefault("rate_limit", "1000/minute")
-        row, secret = create_key(name, **options)
+        row, secret = keystore.create_key(name, **options)
         return secret, row
 
     return make

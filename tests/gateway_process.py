@@ -1,6 +1,12 @@
-"""A real gateway for integration tests: `ollama-gw serve` (gunicorn + gevent) in a subprocess."""
+"""A real gateway for integration tests: `ollama-gw serve` (gunicorn + gevent) in a subprocess.
+
+The machines tests run on are shared and slow down without warning: starting waits on
+the gateway's /health with a generous deadline, and a gateway that fails to start is
+stopped before the error is raised, so no server outlives its test.
+"""
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -9,11 +15,34 @@ import time
 
 import requests
 
+from tests import leak_check
+
+START_SECONDS = 90
+
 
 def free_port():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def kill_session(proc):
+    """SIGKILL whatever is left of `proc`'s session (a master's workers included), then reap."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait()
+
+
+def wait_for(predicate, seconds, interval=0.05):
+    """True as soon as predicate() is, False once `seconds` have passed without it."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())
 
 
 class GatewayProcess:
@@ -36,8 +65,9 @@ class GatewayProcess:
         """Run an `ollama-gw` command against this gateway's configuration."""
         result = subprocess.run(
             [sys.executable, "-m", "cli", *args],
-            env=self.env, capture_output=True, text=True, timeout=60,
+            env=self.env, capture_output=True, text=True, timeout=120,
         )
+        leak_check.remember_secrets(re.findall(r"ogw_[A-Za-z0-9_-]{43}", result.stdout))
         if check and result.returncode != 0:
             raise AssertionError(f"ollama-gw {' '.join(args)} failed: {result.stderr}")
         return result
@@ -47,34 +77,51 @@ class GatewayProcess:
         return json.loads(self.cli("keys", "add", "--json", *options).stdout)
 
     def start(self, log_path):
+        """Start `ollama-gw serve` and wait until it answers /health; stop it if it never does."""
         self.log_path = log_path
+        leak_check.remember_log(log_path)
         with open(log_path, "wb") as log:
+            # A session of its own: if it must be killed, its workers go with it.
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "cli", "serve"],
-                env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"gateway exited {self.proc.returncode}:\n{self.log()}")
-            try:
-                if requests.get(self.url + "/health", timeout=1).status_code == 200:
-                    return self
-            except requests.ConnectionError:
-                pass
-            time.sleep(0.1)
-        raise AssertionError(f"gateway did not become healthy:\n{self.log()}")
+        try:
+            if not wait_for(self._healthy, START_SECONDS, interval=0.1):
+                raise AssertionError(f"gateway did not become healthy in {START_SECONDS} s:\n"
+                                     f"{self.log()}")
+        except BaseException:
+            self.stop(signal.SIGKILL)
+            raise
+        return self
+
+    def _healthy(self):
+        if self.proc.poll() is not None:
+            raise AssertionError(f"gateway exited {self.proc.returncode}:\n{self.log()}")
+        try:
+            return requests.get(self.url + "/health", timeout=5).status_code == 200
+        except requests.RequestException:  # not listening yet, or a worker still booting
+            return False
 
     def log(self):
         with open(self.log_path, errors="replace") as fh:
             return fh.read()
 
-    def stop(self, sig=signal.SIGTERM, timeout=30):
-        if self.proc and self.proc.poll() is None:
+    def stop(self, sig=signal.SIGTERM, timeout=60):
+        """Stop the gateway and its workers; kill them all if they do not stop in `timeout`."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None and sig != signal.SIGKILL:
             self.proc.send_signal(sig)
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+                pass
+        kill_session(self.proc)
         return self.proc.returncode
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()

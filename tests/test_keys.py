@@ -259,6 +259,11 @@ def _info(models):
     ("hf.co/org/model", "hf.co/org/model", True),
     ("hf.co/org/*", "hf.co/org/model:Q4", True),
     ("hf.co/org/*", "hf.co/other/model:Q4", False),
+    # Letter case is ignored, as Ollama ignores it when it resolves a name.
+    ("llama3", "LLAMA3", True),
+    ("Llama3:8B", "llama3:8b", True),
+    ("QWEN*", "qwen2.5:0.5b", True),
+    ("llama3", "LLAMA3:70B", False),
 ])
 def test_model_allow_list(allowed, model, ok):
     assert _info(allowed).allows_model(model) is ok

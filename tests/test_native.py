@@ -60,10 +60,13 @@ def without_timings(obj):
     return {k: v for k, v in obj.items() if k != "created_at" and not k.endswith("_duration")}
 
 
-def start_of_fresh_window(period):
-    """Wait out the last moments of a fixed rate-limit window so a test fits in one."""
+def start_of_fresh_window(period, margin=10):
+    """Wait out the last moments of a fixed rate-limit window so a test fits in one.
+
+    A margin of seconds, not milliseconds: the machine may be busy.
+    """
     left = period - time.time() % period
-    if left < 2:
+    if left < margin:
         time.sleep(left + 0.05)
 
 
@@ -667,6 +670,7 @@ def test_deeply_nested_json_is_a_400_not_a_crash(client, user_key, fake):
 
 def test_refusals_of_a_limited_key_still_say_where_it_stands(client, make_key, fake):
     secret, _ = make_key(rate_limit="5/minute", models="llama3.2")
+    start_of_fresh_window(60)
     client.post("/api/generate", headers=auth_header(secret), json={**GENERATE, "stream": False})
     forbidden = client.post("/api/generate", headers=auth_header(secret),
                             json={"model": "qwen2.5:0.5b"})
@@ -680,6 +684,7 @@ def test_refusals_of_a_limited_key_still_say_where_it_stands(client, make_key, f
 
 def test_a_concurrency_refusal_reports_the_true_remaining_count(client, make_key, fake):
     secret, _ = make_key(rate_limit="10/minute", max_concurrent=1)
+    start_of_fresh_window(60)
     fake.token_delay = 0.05
     first = client.post("/api/generate", headers=auth_header(secret), json=GENERATE,
                         buffered=False)
@@ -694,3 +699,202 @@ def test_head_of_a_filtered_model_list_answers_like_get_without_a_body(client, m
     response = client.head("/api/tags", headers=auth_header(secret))
     assert response.status_code == 200
     assert response.data == b""
+
+
+# --- hardening (issue 6) -------------------------------------------------------------------
+
+@pytest.mark.parametrize("body, with_key, status, fragment", [
+    (b'{"apikey": "\\ud800", "model": "llama3.2"}', False, 401, "invalid API key"),
+    (b'{"model": "llama3.2", "seed": ' + b"9" * 4301 + b"}", True, 400, "not valid JSON"),
+    (b'{"model": "llama3.2", "seed": ' + b"9" * 4301 + b"}", False, 401, "missing API key"),
+], ids=["lone surrogate key", "huge number", "huge number without a key"])
+def test_inputs_that_once_crashed_the_gateway_are_4xx(client, user_key, fake, body, with_key,
+                                                       status, fragment):
+    headers = auth_header(user_key) if with_key else {}
+    response = client.post("/api/generate", data=body, headers=headers,
+                           content_type="application/json")
+    assert response.status_code == status
+    assert fragment in error_of(response)
+    assert fake.requests == []
+
+
+@pytest.mark.parametrize("method, path, allowed", [
+    ("GET", "/api/generate", "POST"),
+    ("DELETE", "/api/chat", "POST"),
+    ("POST", "/api/tags", "GET, HEAD"),
+    ("GET", "/api/delete", "DELETE"),
+    ("PUT", "/api/blobs/sha256:00", "HEAD, POST"),
+])
+def test_a_wrong_method_on_a_known_endpoint_is_a_json_405(client, user_key, fake, method, path,
+                                                          allowed):
+    response = client.open(path, method=method, headers=auth_header(user_key))
+    assert response.status_code == 405
+    assert response.headers["Allow"] == allowed
+    assert f"{method} is not allowed on {path}" in error_of(response)
+    assert fake.requests == []
+
+
+def test_an_unknown_endpoint_is_still_relayed(client, user_key, fake):
+    response = client.get("/api/some-future-endpoint", headers=auth_header(user_key))
+    assert response.status_code == 404  # Ollama's own answer
+    assert fake.requests[-1].path == "/api/some-future-endpoint"
+
+
+def test_with_legacy_keys_off_an_apikey_field_still_never_reaches_ollama(make_client, make_key,
+                                                                         fake):
+    client = make_client(legacy_apikey=False)
+    secret, _ = make_key()
+    response = client.post(f"/api/generate?apikey={secret}", headers=auth_header(secret),
+                           json={**GENERATE, "stream": False, "ApiKey": secret})
+    assert response.status_code == 200
+    assert secret.encode() not in fake.requests[-1].body
+    assert secret not in fake.requests[-1].path
+
+
+@pytest.mark.parametrize("model, status", [
+    ("LLAMA3.2", 200), ("Llama3.2:Latest", 200), ("QWEN2.5:0.5b", 403),
+])
+def test_the_allow_list_ignores_letter_case_as_ollama_does(client, make_key, fake, model, status):
+    # Ollama resolves model names without regard to case: LLAMA3.2 runs llama3.2.
+    secret, _ = make_key(models="llama3.2")
+    response = client.post("/api/generate", headers=auth_header(secret),
+                           json={"model": model, "prompt": "hi", "stream": False})
+    assert response.status_code == status
+
+
+def test_a_cached_key_is_trusted_for_key_cache_seconds(make_client, make_key, fake):
+    secret, row = make_key()
+    trusting = make_client(key_cache_seconds=300)
+    careful = make_client(key_cache_seconds=0.000001)
+    for client in (trusting, careful):
+        assert client.get("/api/version", headers=auth_header(secret)).status_code == 200
+    revoke_key(row.id)
+    assert trusting.get("/api/version", headers=auth_header(secret)).status_code == 200
+    assert careful.get("/api/version", headers=auth_header(secret)).status_code == 401
+
+
+def test_last_used_at_is_stamped_once_a_minute_not_on_every_request(client, make_key, fake):
+    secret, row = make_key()
+    assert ApiKey.get_by_id(row.id).last_used_at is None
+    client.get("/api/version", headers=auth_header(secret))
+    stamped = ApiKey.get_by_id(row.id).last_used_at
+    assert stamped is not None and abs(stamped - utcnow()) < datetime.timedelta(minutes=1)
+    past = stamped - datetime.timedelta(hours=1)
+    ApiKey.update(last_used_at=past).where(ApiKey.id == row.id).execute()
+    client.get("/api/version", headers=auth_header(secret))
+    assert ApiKey.get_by_id(row.id).last_used_at == past  # not written again within the minute
+
+
+@pytest.mark.parametrize("failure", ["502", "504"])
+def test_a_one_at_a_time_key_works_right_after_a_failed_request(make_client, make_key, fake,
+                                                                 failure):
+    secret, _ = make_key(max_concurrent=1)
+    if failure == "502":
+        failing = make_client(upstreams=("http://127.0.0.1:1",))
+    else:
+        fake.first_byte_delay = 1.5
+        failing = make_client(read_timeout=0.3)
+    assert failing.post("/api/generate", json=GENERATE,
+                        headers=auth_header(secret)).status_code == int(failure)
+    fake.first_byte_delay = 0
+    working = make_client()
+    response = working.post("/api/generate", json={**GENERATE, "stream": False},
+                            headers=auth_header(secret))
+    assert response.status_code == 200
+
+
+LARGE_IMAGE = "iVBORw0KGgo" + "A" * (3 * 1024 * 1024)  # a 3 MiB base64 'image'
+
+
+def test_a_large_body_reaches_ollama_byte_for_byte(client, user_key, fake):
+    body = json.dumps({"model": "llava", "prompt": "what is this?", "images": [LARGE_IMAGE],
+                       "stream": False}).encode()
+    fake.models.append("llava:latest")
+    response = client.post("/api/generate", data=body, headers=auth_header(user_key),
+                           content_type="application/json")
+    assert response.status_code == 200
+    assert fake.requests[-1].body == body
+
+
+def test_a_stray_key_is_cut_out_of_a_large_body_and_nothing_else_changes(client, user_key, fake):
+    fields = {"model": "llava", "images": [LARGE_IMAGE], "APIKEY": user_key, "prompt": "é\n"}
+    body = json.dumps(fields, ensure_ascii=False).encode()
+    fake.models.append("llava:latest")
+    response = client.post("/api/generate", data=body, headers=auth_header(user_key),
+                           content_type="application/json")
+    assert response.status_code == 200
+    received = fake.requests[-1]
+    assert user_key.encode() not in received.body
+    assert received.json() == {k: v for k, v in fields.items() if k != "APIKEY"}
+
+
+@pytest.mark.parametrize("position", ["first", "after the image"])
+def test_the_allow_list_sees_the_model_of_a_large_body(client, make_key, fake, position):
+    secret, _ = make_key(models="llama3.2")
+    fields = [("images", [LARGE_IMAGE]), ("prompt", "hi")]
+    fields.insert(0 if position == "first" else 2, ("model", "qwen2.5:0.5b"))
+    response = client.post("/api/generate", data=json.dumps(dict(fields)),
+                           headers=auth_header(secret), content_type="application/json")
+    assert response.status_code == 403
+    assert fake.requests == []
+
+
+@pytest.mark.parametrize("body, fragment", [
+    (b'{"model": "llama3.2", "images": ["' + b"A" * 2_000_000 + b'"', "not valid JSON"),
+    (b'{"model": "llama3.2", "images": ["' + b"A" * 2_000_000 + b'"]] }', "not valid JSON"),
+    (b'[{"model": "llama3.2"}, "' + b"A" * 2_000_000 + b'"]', "must be a JSON object"),
+    (b'{"model": ["' + b"A" * 2_000_000 + b'"]}', "'model' must be a string"),
+], ids=["unterminated", "unbalanced", "not an object", "model not a string"])
+def test_a_malformed_large_body_is_a_400(client, user_key, fake, body, fragment):
+    response = client.post("/api/generate", data=body, headers=auth_header(user_key),
+                           content_type="application/json")
+    assert response.status_code == 400
+    assert fragment in error_of(response)
+    assert fake.requests == []
+
+
+# --- CORS, the way Ollama does it -------------------------------------------------------------
+
+@pytest.fixture
+def browser_client(make_client):
+    return make_client(cors_origins=("https://chat.example.com", "http://localhost:*"))
+
+
+@pytest.mark.parametrize("origin", ["https://chat.example.com", "http://localhost:3000"])
+def test_an_allowed_origin_gets_cors_headers(browser_client, user_key, fake, origin):
+    response = browser_client.get("/api/tags", headers={**auth_header(user_key), "Origin": origin})
+    assert response.status_code == 200
+    assert response.headers["Access-Control-Allow-Origin"] == origin
+    assert "X-RateLimit-Remaining" in response.headers["Access-Control-Expose-Headers"]
+
+
+def test_a_preflight_from_an_allowed_origin_is_answered_without_a_key(browser_client, fake):
+    response = browser_client.options("/api/chat", headers={
+        "Origin": "https://chat.example.com", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type"})
+    assert response.status_code == 204
+    assert response.headers["Access-Control-Allow-Origin"] == "https://chat.example.com"
+    assert "POST" in response.headers["Access-Control-Allow-Methods"]
+    assert response.headers["Access-Control-Allow-Headers"] == "authorization, content-type"
+    assert fake.requests == []
+
+
+@pytest.mark.parametrize("make", [lambda m: m(), lambda m: m(cors_origins=("https://ok.test",))],
+                         ids=["default: no origins", "another origin listed"])
+def test_any_other_origin_is_refused_before_anything_happens(make_client, user_key, fake, make):
+    response = make(make_client).post("/api/generate", json=GENERATE, headers={
+        **auth_header(user_key), "Origin": "https://evil.example"})
+    assert response.status_code == 403
+    assert "origin https://evil.example is not allowed" in error_of(response)
+    assert "Access-Control-Allow-Origin" not in response.headers
+    assert fake.requests == []
+
+
+def test_requests_without_an_origin_or_from_the_gateways_own_host_are_not_cross_origin(
+        client, user_key, fake):
+    plain = client.get("/api/tags", headers=auth_header(user_key))
+    same = client.get("/api/tags", headers={**auth_header(user_key),
+                                            "Origin": "http://localhost"})
+    for response in (plain, same):
+        assert response.status_code == 200
+        assert "Access-Control-Allow-Origin" not in response.headers
