@@ -27,6 +27,9 @@ class ApiKey(BaseModel):
     rate_limit = peewee.IntegerField(null=True)
     rate_period = peewee.IntegerField(default=3600)
     max_concurrent = peewee.IntegerField(null=True)
+    # Prompt + completion tokens allowed per `token_period` ('day' or 'month', UTC); NULL: none.
+    token_quota = peewee.BigIntegerField(null=True)
+    token_period = peewee.CharField(max_length=8, null=True)
     # Comma-separated model names or fnmatch patterns; NULL allows every model.
     models = peewee.TextField(null=True)
     expires_at = peewee.DateTimeField(null=True)
@@ -61,4 +64,123 @@ class Heartbeat(BaseModel):
     seen_at = peewee.DoubleField()
 
 
-MODELS = [ApiKey, RateCounter, ConcurrencySlot, Heartbeat]
+# Upper bounds (ms) of the latency and time-to-first-byte histograms kept per hour; the
+# last bucket takes everything slower. Percentiles in statistics are read from these.
+LATENCY_BUCKETS_MS = (25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 120000,
+                      300000)
+
+
+def bucket_columns(prefix):
+    return [f"{prefix}_le_{bound}" for bound in LATENCY_BUCKETS_MS] + [f"{prefix}_le_inf"]
+
+
+class UsageLabel(BaseModel):
+    """A name usage rows refer to by id (an endpoint, a model, an upstream): rows stay slim."""
+
+    name = peewee.CharField(max_length=255, unique=True)
+
+
+class UsageRecord(BaseModel):
+    """One request as it ended, refusals included: ids and numbers only."""
+
+    id = peewee.BigAutoField()
+    at = peewee.DoubleField(index=True)  # epoch seconds when the request arrived
+    key_id = peewee.IntegerField(null=True)  # NULL: refused before a key was known
+    endpoint_id = peewee.IntegerField()
+    model_id = peewee.IntegerField(null=True)
+    upstream_id = peewee.IntegerField(null=True)
+    status = peewee.SmallIntegerField()
+    refusal = peewee.SmallIntegerField(default=0)  # app.usage.REFUSALS; 0: not refused
+    prompt_tokens = peewee.IntegerField(null=True)  # NULL: not known (an aborted stream)
+    completion_tokens = peewee.IntegerField(null=True)
+    latency_ms = peewee.IntegerField()
+    ttfb_ms = peewee.IntegerField(null=True)
+    eval_ms = peewee.IntegerField(null=True)  # Ollama's eval_duration: tokens per second
+    bytes = peewee.BigIntegerField(default=0)
+    aborted = peewee.BooleanField(default=False)
+
+    class Meta:
+        indexes = ((("key_id", "at"), False),)
+
+
+class UsageHourly(BaseModel):
+    """Usage summed per hour, key, model and endpoint: statistics read this, not raw rows."""
+
+    hour = peewee.BigIntegerField()  # epoch seconds at the start of the hour (UTC)
+    key_id = peewee.IntegerField()  # 0: no key
+    model_id = peewee.IntegerField()  # 0: no model
+    endpoint_id = peewee.IntegerField()
+    requests = peewee.IntegerField(default=0)
+    errors = peewee.IntegerField(default=0)  # answered with a status >= 400, not refused
+    refusals = peewee.IntegerField(default=0)
+    aborted = peewee.IntegerField(default=0)
+    prompt_tokens = peewee.BigIntegerField(default=0)
+    completion_tokens = peewee.BigIntegerField(default=0)
+    bytes = peewee.BigIntegerField(default=0)
+    latency_ms_sum = peewee.BigIntegerField(default=0)
+    ttfb_ms_sum = peewee.BigIntegerField(default=0)
+    ttfb_count = peewee.IntegerField(default=0)
+    eval_ms_sum = peewee.BigIntegerField(default=0)
+    eval_tokens = peewee.BigIntegerField(default=0)  # completion tokens of rows with eval_ms
+
+    class Meta:
+        primary_key = peewee.CompositeKey("hour", "key_id", "model_id", "endpoint_id")
+
+
+for _column in bucket_columns("latency") + bucket_columns("ttfb"):
+    UsageHourly._meta.add_field(_column, peewee.IntegerField(default=0))
+
+
+class TokenUsage(BaseModel):
+    """Tokens a key used in one quota period; charged as its usage is written."""
+
+    key_id = peewee.IntegerField()
+    period_start = peewee.BigIntegerField()
+    tokens = peewee.BigIntegerField(default=0)
+
+    class Meta:
+        primary_key = peewee.CompositeKey("key_id", "period_start")
+
+
+class Webhook(BaseModel):
+    """A receiver of events. Its signing secret is shown once, when it is added."""
+
+    url = peewee.TextField()
+    events = peewee.TextField()  # comma-separated event types
+    secret = peewee.CharField(max_length=128)  # whsec_… (Standard Webhooks)
+    include_prompt = peewee.BooleanField(default=False)
+    created_at = peewee.DateTimeField(default=utcnow)
+
+
+class WebhookDelivery(BaseModel):
+    """One event for one webhook: stored with the change that caused it (an outbox)."""
+
+    webhook = peewee.ForeignKeyField(Webhook, on_delete="CASCADE")
+    message_id = peewee.CharField(max_length=64, unique=True)  # the webhook-id header
+    event = peewee.CharField(max_length=64)
+    payload = peewee.TextField()  # the JSON body, fixed when the event happened
+    state = peewee.CharField(max_length=16, default="pending")  # pending, delivered, failed
+    attempts = peewee.IntegerField(default=0)
+    next_attempt_at = peewee.DoubleField()
+    claimed_until = peewee.DoubleField(null=True)  # a sender owns it until then
+    last_status = peewee.IntegerField(null=True)
+    last_error = peewee.TextField(null=True)
+    created_at = peewee.DoubleField()
+    delivered_at = peewee.DoubleField(null=True)
+
+    class Meta:
+        indexes = ((("state", "next_attempt_at"), False),)
+
+
+class WebhookAttempt(BaseModel):
+    """Every attempt to deliver, with what came of it."""
+
+    delivery = peewee.ForeignKeyField(WebhookDelivery, on_delete="CASCADE")
+    at = peewee.DoubleField()
+    status = peewee.IntegerField(null=True)  # NULL: no HTTP answer (refused, timed out)
+    error = peewee.TextField(null=True)
+    duration_ms = peewee.IntegerField()
+
+
+MODELS = [ApiKey, RateCounter, ConcurrencySlot, Heartbeat, UsageLabel, UsageRecord,
+          UsageHourly, TokenUsage, Webhook, WebhookDelivery, WebhookAttempt]

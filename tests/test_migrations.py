@@ -11,7 +11,7 @@ from app import db as database
 from app.models import MODELS
 
 HISTORY_TABLE = "schema_migration"
-MIGRATIONS = ["0001_initial", "0002_heartbeat"]
+MIGRATIONS = ["0001_initial", "0002_heartbeat", "0003_usage_quotas_webhooks"]
 
 
 @pytest.fixture
