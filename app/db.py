@@ -7,6 +7,7 @@ gevent patches), so each request uses its own connection and returns it at teard
 import contextlib
 import fcntl
 import os
+import time
 import zlib
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -14,6 +15,7 @@ from urllib.parse import urlsplit
 import peewee
 from playhouse import db_url
 from playhouse.migrations import Runner
+from playhouse.pool import PooledSqliteDatabase
 
 import migrations
 
@@ -26,9 +28,46 @@ _PG_MIGRATION_LOCK = zlib.crc32(b"ollama-gw migrations")
 SQLITE_PRAGMAS = {
     "journal_mode": "wal",  # readers never block the writer; 8x the throughput of rollback mode
     "synchronous": "normal",  # safe with WAL: a power cut loses at most the last commits
-    "busy_timeout": 10000,  # ms a writer waits for another worker's write to finish
+    # No waiting inside SQLite: its busy handler sleeps in C and would freeze every
+    # stream of a gevent worker. CooperativeSqliteDatabase waits instead.
+    "busy_timeout": 0,
     "foreign_keys": 1,
 }
+# How long a write waits for another process's write to finish, and how it polls.
+SQLITE_LOCK_WAIT = 10.0
+_FIRST_PAUSE, _LONGEST_PAUSE = 0.0005, 0.02
+
+
+class CooperativeSqliteDatabase(PooledSqliteDatabase):
+    """Pooled SQLite whose waits for the write lock let other greenlets run.
+
+    A write that finds the lock taken fails at once (busy_timeout 0) and is retried
+    after a short sleep, which under gevent is a yield. Only statements that cannot
+    have done anything are retried: a BEGIN, or a statement outside a transaction
+    (SQLite reports a busy lock before it changes a row). Inside a transaction begun
+    with BEGIN IMMEDIATE the lock is already held, so nothing there waits.
+    """
+
+    def begin(self, lock_type=None):
+        self._retry_while_locked(lambda: super(CooperativeSqliteDatabase, self).begin(lock_type))
+
+    def execute_sql(self, sql, params=None):
+        if self.in_transaction():
+            return super().execute_sql(sql, params)
+        return self._retry_while_locked(lambda: super(CooperativeSqliteDatabase, self)
+                                        .execute_sql(sql, params))
+
+    @staticmethod
+    def _retry_while_locked(run):
+        deadline, pause = time.monotonic() + SQLITE_LOCK_WAIT, _FIRST_PAUSE
+        while True:
+            try:
+                return run()
+            except peewee.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() + pause > deadline:
+                    raise
+            time.sleep(pause)  # gevent's sleep in a worker: other greenlets run
+            pause = min(pause * 2, _LONGEST_PAUSE)
 
 
 def open_database(url, max_connections=16):
@@ -40,15 +79,11 @@ def open_database(url, max_connections=16):
         path = db_url.parse(url)["database"]
         if path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        # IMMEDIATE: every transaction here writes, so take the write lock up front and
-        # let busy_timeout queue writers, instead of failing on a lock upgrade.
-        return db_url.connect(
-            "sqlite+pool://" + url[len(parts.scheme) + 3:],
-            pragmas=SQLITE_PRAGMAS,
-            lock_type="IMMEDIATE",
-            check_same_thread=False,
-            **pool,
-        )
+        # IMMEDIATE: every transaction here writes, so take the write lock up front
+        # (cooperatively, see above) instead of failing on a lock upgrade.
+        return CooperativeSqliteDatabase(
+            path, pragmas=SQLITE_PRAGMAS, lock_type="IMMEDIATE", check_same_thread=False,
+            **pool)
     if scheme in ("postgres", "postgresql"):
         return db_url.connect("postgresql+pool://" + url[len(parts.scheme) + 3:], **pool)
     raise ValueError(f"unsupported database URL scheme {parts.scheme!r}")
