@@ -13,7 +13,13 @@ import secrets
 import peewee
 
 from app.db import db
-from app.limits import format_rate_limit, parse_duration, parse_rate_limit
+from app.limits import (
+    format_rate_limit,
+    format_token_quota,
+    parse_duration,
+    parse_rate_limit,
+    parse_token_quota,
+)
 from app.models import ApiKey, utcnow
 
 KEY_PREFIX = "ogw_"
@@ -63,12 +69,15 @@ class KeyInfo:
     models: tuple
     expires_at: datetime.datetime | None
     revoked_at: datetime.datetime | None
+    token_quota: int | None = None
+    token_period: str | None = None
 
     @classmethod
     def from_row(cls, row):
         return cls(
             row.id, row.prefix, row.name, row.role, row.rate_limit, row.rate_period,
             row.max_concurrent, parse_models(row.models), row.expires_at, row.revoked_at,
+            row.token_quota, row.token_period,
         )
 
     @property
@@ -107,6 +116,7 @@ def key_summary(row):
         "role": row.role,
         "rate_limit": format_rate_limit(row.rate_limit, row.rate_period),
         "max_concurrent": row.max_concurrent,
+        "token_quota": format_token_quota(row.token_quota, row.token_period),
         "models": list(parse_models(row.models)),
         "status": status,
         "created_at": iso(row.created_at),
@@ -116,7 +126,8 @@ def key_summary(row):
     }
 
 
-def _changes(role=None, rate_limit=None, max_concurrent=None, models=None, expires=None):
+def _changes(role=None, rate_limit=None, max_concurrent=None, models=None, expires=None,
+             token_quota=None):
     """Validate optional settings into column values; raise KeyOpError with the reason."""
     values = {}
     if role is not None:
@@ -133,6 +144,12 @@ def _changes(role=None, rate_limit=None, max_concurrent=None, models=None, expir
         if not 0 <= int(max_concurrent) <= 1_000_000:
             raise KeyOpError("max concurrent requests must be 0 (no limit) to 1000000")
         values["max_concurrent"] = int(max_concurrent) or None
+    if token_quota is not None:
+        try:
+            parsed = parse_token_quota(token_quota)
+        except ValueError as exc:
+            raise KeyOpError(str(exc)) from None
+        values["token_quota"], values["token_period"] = parsed or (None, None)
     if models is not None:
         values["models"] = ",".join(parse_models(models)) or None
     if expires is not None:
@@ -148,7 +165,7 @@ def _changes(role=None, rate_limit=None, max_concurrent=None, models=None, expir
 
 
 def create_key(name, role="user", rate_limit=None, max_concurrent=None, models=None,
-               expires=None, default_rate_limits=None):
+               expires=None, default_rate_limits=None, token_quota=None):
     """Create a key; return (row, secret). The secret is not recoverable afterwards."""
     name = (name or "").strip()
     if not name:
@@ -158,7 +175,7 @@ def create_key(name, role="user", rate_limit=None, max_concurrent=None, models=N
     if rate_limit is None:
         defaults = default_rate_limits or {"user": "100/hour", "admin": "1000/hour"}
         rate_limit = defaults.get(role, defaults.get("user"))
-    values = _changes(role or "user", rate_limit, max_concurrent, models, expires)
+    values = _changes(role or "user", rate_limit, max_concurrent, models, expires, token_quota)
     values.setdefault("role", "user")
     for _ in range(5):
         secret = new_secret()

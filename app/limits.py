@@ -1,4 +1,6 @@
-"""Parse and print the human forms of limits: `60/minute`, `30d`."""
+"""Parse and print the human forms of limits: `60/minute`, `200000/day`, `30d`."""
+import calendar
+import datetime
 import re
 
 PERIODS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
@@ -65,3 +67,38 @@ def parse_duration(text):
     if seconds > 100 * 365 * 86400:
         raise ValueError(f"duration {text!r} is more than 100 years; use 'never' instead")
     return seconds
+
+
+QUOTA_PERIODS = ("day", "month")
+
+
+def parse_token_quota(text):
+    """Return (tokens, 'day'|'month') for `N/day` or `N/month`, or None for `none`."""
+    raw = str(text).strip().lower().replace(",", "").replace("_", "")
+    if raw in UNLIMITED:
+        return None
+    match = re.fullmatch(r"(\d+)\s*(?:/|per)\s*(day|month)s?", raw)
+    if not match:
+        raise ValueError(f"token quota {text!r} is not N/day or N/month: use e.g. 200000/day, "
+                         "5000000/month or 'none'")
+    tokens = int(match.group(1))
+    if not 1 <= tokens <= 10**15:
+        raise ValueError(f"token quota {text!r} must be between 1 and 10^15 tokens")
+    return tokens, match.group(2)
+
+
+def format_token_quota(tokens, period):
+    return f"{tokens}/{period}" if tokens else "none"
+
+
+def quota_period(period, now):
+    """(start, end) in epoch seconds of the UTC day or month that contains `now`."""
+    moment = datetime.datetime.fromtimestamp(now, datetime.timezone.utc)
+    if period == "day":
+        start = moment.replace(hour=0, minute=0, second=0, microsecond=0)
+        end = start + datetime.timedelta(days=1)
+    else:
+        start = moment.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+        days = calendar.monthrange(start.year, start.month)[1]
+        end = start + datetime.timedelta(days=days)
+    return int(start.timestamp()), int(end.timestamp())

@@ -4,8 +4,8 @@ import click
 from app import keys as keystore
 from cli.context import echo_json, open_db, redact, settings, table
 
-LIST_COLUMNS = ["id", "prefix", "name", "role", "rate_limit", "max_concurrent", "models",
-                "status", "last_used_at", "expires_at"]
+LIST_COLUMNS = ["id", "prefix", "name", "role", "rate_limit", "max_concurrent", "token_quota",
+                "models", "status", "last_used_at", "expires_at"]
 
 limit_options = [
     click.option("--role", type=click.Choice(keystore.ROLES), help="user (default) or admin."),
@@ -13,6 +13,9 @@ limit_options = [
                  help="Requests per second|minute|hour|day, e.g. 60/minute, or 'none'."),
     click.option("--max-concurrent", type=click.IntRange(min=0), metavar="N",
                  help="Requests in flight at once (0: no limit)."),
+    click.option("--token-quota", metavar="N/day|N/month",
+                 help="Prompt + completion tokens per UTC day or month, e.g. 200000/day; "
+                 "'none' for no quota."),
     click.option("--models", metavar="M1,M2",
                  help="Models the key may use (names or patterns like 'llama3*'); '' for all."),
     click.option("--expires", metavar="DURATION",
@@ -61,14 +64,14 @@ def keys():
 @click.option("--name", required=True, help="Who or what uses the key.")
 @with_limit_options
 @json_option
-def add(name, role, rate_limit, max_concurrent, models, expires, as_json):
+def add(name, role, rate_limit, max_concurrent, token_quota, models, expires, as_json):
     """Create a key and print its secret once."""
     conf = settings()
     open_db()
     defaults = {"user": conf.default_rate_limit_user, "admin": conf.default_rate_limit_admin}
     try:
         row, secret = keystore.create_key(name, role or "user", rate_limit, max_concurrent,
-                                          models, expires, defaults)
+                                          models, expires, defaults, token_quota)
     except keystore.KeyOpError as exc:
         _fail(exc)
     summary = keystore.key_summary(row)
@@ -120,13 +123,16 @@ def show(ident, as_json):
 @click.option("--name", help="New name.")
 @with_limit_options
 @json_option
-def update(ident, name, role, rate_limit, max_concurrent, models, expires, as_json):
+def update(ident, name, role, rate_limit, max_concurrent, token_quota, models, expires,
+           as_json):
     """Change a key's name, role or limits (takes effect within a second)."""
     changes = {"name": name, "role": role, "rate_limit": rate_limit,
-               "max_concurrent": max_concurrent, "models": models, "expires": expires}
+               "max_concurrent": max_concurrent, "token_quota": token_quota, "models": models,
+               "expires": expires}
     if all(value is None for value in changes.values()):
         raise click.UsageError("nothing to change: give at least one of --name, --role, "
-                               "--rate-limit, --max-concurrent, --models, --expires")
+                               "--rate-limit, --max-concurrent, --token-quota, --models, "
+                               "--expires")
     open_db()
     try:
         row, changed = keystore.update_key(ident, **changes)
