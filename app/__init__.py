@@ -16,6 +16,7 @@ def create_app(settings=None):
         health,
         ratelimit,
         request_body,
+        request_record,
         routes,
         upstream,
     )
@@ -38,6 +39,7 @@ def create_app(settings=None):
     auth.init_app(app)
     ratelimit.init_app(app)
     request_body.init_app(app)
+    request_record.init_app(app)
     upstream.init_app(app)
     health.init_app(app)
     routes.init_app(app)

@@ -74,6 +74,17 @@ class Settings:
     slot_lease_seconds: int = setting(
         60, "A concurrency slot not renewed for this long (its worker crashed) is free again.")
     log_level: str = setting("info", "debug, info, warning, error or critical.")
+    access_log: bool = setting(
+        True, "Log one JSON line per relayed request (key prefix, model, status, timings, "
+        "tokens; never a key or prompt text) to the logger ollama_gw.access.")
+    usage_flush_seconds: float = setting(
+        0.25, "How often usage records are written to the database (also whenever 200 are "
+        "waiting).")
+    usage_buffer_records: int = setting(
+        100_000, "Usage records a worker keeps in memory while the database is away; past "
+        "this the oldest are dropped and counted (ollama_gw_usage_dropped_records).")
+    metrics_public: bool = setting(
+        False, "Serve /metrics without a key. Off: Prometheus must send an admin key.")
 
     @property
     def resolved_data_dir(self):
@@ -208,11 +219,12 @@ def validate(settings):
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ConfigError(f"bind {settings.bind!r} must be HOST:PORT, e.g. 127.0.0.1:8080")
     for name in ("workers", "graceful_timeout", "max_body_bytes", "slot_lease_seconds",
-                 "database_pool_size", "max_unauthenticated_body_bytes"):
+                 "database_pool_size", "max_unauthenticated_body_bytes",
+                 "usage_buffer_records"):
         if getattr(settings, name) <= 0:
             raise ConfigError(f"{name} must be positive, got {getattr(settings, name)}")
     for name in ("connect_timeout", "read_timeout", "client_body_timeout",
-                 "client_send_timeout"):
+                 "client_send_timeout", "usage_flush_seconds"):
         if getattr(settings, name) <= 0:
             raise ConfigError(f"{name} must be a positive number of seconds")
     if settings.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):

@@ -8,7 +8,7 @@ import sqlite3
 
 import peewee
 import psycopg2
-from flask import jsonify, request
+from flask import g, jsonify, request
 from playhouse.pool import MaxConnectionsExceeded
 from werkzeug.exceptions import HTTPException
 
@@ -20,25 +20,32 @@ log = logging.getLogger(__name__)
 class GatewayError(Exception):
     status = 500
     kind = "server_error"
+    # Why the gateway turned the request away, for usage records; None: not a refusal.
+    refusal = None
 
-    def __init__(self, message, status=None, headers=None):
+    def __init__(self, message, status=None, headers=None, refusal=None):
         super().__init__(message)
         self.message = message
         if status is not None:
             self.status = status
+        if refusal is not None:
+            self.refusal = refusal
         self.headers = dict(headers or {})
 
 
 class BadRequest(GatewayError):
     status, kind = 400, "invalid_request_error"
+    refusal = "invalid"
 
 
 class Unauthorized(GatewayError):
     status, kind = 401, "authentication_error"
+    refusal = "auth"
 
 
 class Forbidden(GatewayError):
     status, kind = 403, "permission_error"
+    refusal = "forbidden"
 
 
 class NotFound(GatewayError):
@@ -47,14 +54,17 @@ class NotFound(GatewayError):
 
 class MethodNotAllowed(GatewayError):
     status, kind = 405, "invalid_request_error"
+    refusal = "invalid"
 
 
 class RequestTimeout(GatewayError):
     status, kind = 408, "invalid_request_error"
+    refusal = "invalid"
 
 
 class RateLimited(GatewayError):
     status, kind = 429, "rate_limit_error"
+    refusal = "rate"
 
 
 class UpstreamUnavailable(GatewayError):
@@ -115,6 +125,7 @@ def error_response(status, message, kind="server_error", headers=None):
 def init_app(app):
     @app.errorhandler(GatewayError)
     def _gateway_error(exc):
+        g.refusal = exc.refusal  # for the usage record (app/request_record.py)
         return error_response(exc.status, exc.message, exc.kind, exc.headers)
 
     @app.errorhandler(HTTPException)

@@ -13,7 +13,7 @@ from urllib.parse import urlencode
 import requests
 from flask import Response, current_app, g, request
 
-from app import auth
+from app import auth, request_record
 from app.db import db
 from app.errors import BadRequest, GatewayError, Unauthorized, UpstreamUnavailable
 from app.jsonbody import JsonBody
@@ -55,6 +55,9 @@ def canonical_path(path):
 def _authenticate(secret):
     cache, _, _ = services()
     g.key = auth.authenticate(cache, secret)
+    pending = request_record.current()
+    if pending is not None:
+        pending.key = g.key
     return g.key
 
 
@@ -108,6 +111,9 @@ def forward(key, path, body, query=b"", transform=None):
     admission = limiter.admit(key)
     db.close()  # the wait on Ollama may take minutes: give the connection back now
     outcome = RelayOutcome(status=0, started=time.monotonic())
+    pending = request_record.current()
+    if pending is not None:
+        pending.outcome, pending.upstream = outcome, upstream.base_url
     watch = ClientWatch(request.environ, settings().client_send_timeout).start()
 
     def finish(_outcome=None):
@@ -131,39 +137,54 @@ def forward(key, path, body, query=b"", transform=None):
         finish()
         raise
     outcome.status = response.status_code
+    timing = _server_timing(outcome.started, time.monotonic())
 
     try:
         if transform is not None and response.ok and request.method == "GET":
             watch.stop()
             try:
-                return _rewritten(response, transform, admission)
+                return _rewritten(response, transform, {**admission.headers(), **timing})
             finally:
                 response.close()
                 finish()
         # From here the body owns the cleanup: the WSGI server calls its close().
-        return Response(
+        relayed = Response(
             RelayBody(response, watch, outcome, finish),
             status=response.status_code,
-            headers=response_headers(response, admission.headers()),
+            headers=response_headers(response, {**admission.headers(), **timing}),
             direct_passthrough=True,
         )
+        if pending is not None:
+            request_record.relaying(pending)
+        return relayed
     except BaseException:
         response.close()
         finish()
         raise
 
 
-def _rewritten(response, transform, admission):
+def _server_timing(sent_at, answered_at):
+    """Server-Timing: the gateway's own time before Ollama had the request, and Ollama's.
+
+    `gateway` runs from the request's arrival (reading its body included) to the moment
+    it left for Ollama; `ollama` from then to Ollama's response headers.
+    """
+    arrived = g.get("started", sent_at)
+    return {"Server-Timing": f"gateway;dur={(sent_at - arrived) * 1000:.2f}, "
+                             f"ollama;dur={(answered_at - sent_at) * 1000:.2f}"}
+
+
+def _rewritten(response, transform, headers):
     """A small JSON answer passed through transform(); 502 if it cannot be read."""
     try:
         data = transform(response.json())
     except (ValueError, TypeError, AttributeError, requests.RequestException) as exc:
         raise UpstreamUnavailable(
             "Ollama's answer could not be read (malformed JSON or a broken connection); "
-            "check the Ollama server's log", headers=admission.headers(),
+            "check the Ollama server's log", headers=headers,
         ) from exc
     return current_app.response_class(
-        json.dumps(data), status=response.status_code,
-        headers=admission.headers(), mimetype="application/json",
+        json.dumps(data), status=response.status_code, headers=headers,
+        mimetype="application/json",
     )
 

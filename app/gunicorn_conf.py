@@ -5,12 +5,19 @@ Read by `ollama-gw serve` (through app/server.py), or by
 
 Values come from the gateway's own configuration so there is one place to set them.
 """
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 from app.config import load_settings
 
 _settings = load_settings()
+# Every worker writes its metrics here and /metrics sums them (prometheus-client's
+# multiprocess mode). A fresh directory per server: old files would be summed in too.
+_metrics_dir = tempfile.mkdtemp(prefix="ollama-gw-metrics-")
+os.environ["PROMETHEUS_MULTIPROC_DIR"] = _metrics_dir
 
 # host:port to listen on.
 bind = _settings.bind
@@ -65,3 +72,27 @@ def post_fork(server, worker):
         from psycogreen.gevent import patch_psycopg
 
         patch_psycopg()
+
+
+def worker_exit(server, worker):
+    """After a worker's last request (SIGTERM, reload): write its usage records.
+
+    What the database does not take within a few seconds is saved to a file in the
+    data directory and written by the next gateway to start (app/usage.py).
+    """
+    app = getattr(worker, "wsgi", None)
+    if app is not None and "usage" in getattr(app, "extensions", {}):
+        from app.request_record import flush_at_exit
+
+        flush_at_exit(app)
+
+
+def child_exit(server, worker):
+    """A worker is gone: its live gauges (streams in flight, buffer depth) go with it."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server):
+    shutil.rmtree(_metrics_dir, ignore_errors=True)

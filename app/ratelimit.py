@@ -20,8 +20,8 @@ from flask import g
 
 from app.db import db, forget_idle_connections, is_postgres
 from app.errors import RateLimited
-from app.limits import format_rate_limit
-from app.models import ApiKey, ConcurrencySlot, RateCounter
+from app.limits import format_rate_limit, format_token_quota, quota_period
+from app.models import ApiKey, ConcurrencySlot, RateCounter, TokenUsage
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,8 @@ class Limiter:
         """Count one request for `key` and take a concurrency slot, or raise 429."""
         now = time.time() if now is None else now
         admission = Admission()
+        if key.token_quota:
+            self._check_quota(key, now)
         if not key.rate_limit and not key.max_concurrent:
             return admission  # nothing to count: no write transaction, no lock
         if not key.max_concurrent:
@@ -87,6 +89,26 @@ class Limiter:
         if admission.slot_id is not None:
             self._hold(admission.slot_id)
         return admission
+
+    @staticmethod
+    def _check_quota(key, now):
+        """429 once the key's tokens this UTC day or month reach its quota.
+
+        Tokens are charged as usage is written, so requests already admitted when the
+        quota runs out still finish and are charged: the README states the bound.
+        """
+        start, end = quota_period(key.token_period, now)
+        used = (TokenUsage.select(TokenUsage.tokens)
+                .where((TokenUsage.key_id == key.id) & (TokenUsage.period_start == start))
+                .scalar()) or 0
+        if used >= key.token_quota:
+            retry = max(1, math.ceil(end - now))
+            raise RateLimited(
+                f"token quota used up: key allows "
+                f"{format_token_quota(key.token_quota, key.token_period)} tokens (prompt + "
+                f"completion, UTC {key.token_period}) and has used {used}; retry in {retry} s",
+                headers={"Retry-After": str(retry)}, refusal="quota",
+            )
 
     def peek(self, key, now=None):
         """The key's current window, as the headers show it, without counting a request."""
@@ -161,7 +183,7 @@ class Limiter:
             raise RateLimited(
                 f"too many concurrent requests: key allows {key.max_concurrent} at a time; "
                 "retry when one finishes",
-                headers={"Retry-After": "1"},
+                headers={"Retry-After": "1"}, refusal="concurrency",
             )
         return ConcurrencySlot.insert(
             key=key.id, holder=self.holder, expires_at=now + self.lease_seconds
@@ -218,6 +240,9 @@ class Limiter:
             time.sleep(self._keeper_interval)
             with self._lock:
                 held, unreleased = list(self._held), list(self._unreleased)
+                if not held and not unreleased:
+                    self._keeper = None  # nothing to keep: the next slot starts a new one
+                    return
             if unreleased and self._delete_slots(unreleased):
                 with self._lock:
                     self._unreleased.difference_update(unreleased)

@@ -38,6 +38,8 @@ class RelayOutcome:
     started: float
     first_byte_at: float | None = None
     bytes: int = 0
+    lines: int = 0  # NDJSON lines relayed: tokens, for a stream cut short
+    complete: bool = False  # Ollama's answer was relayed to its end
     client_aborted: bool = False
     upstream_error: str | None = None
     tail: bytes = b""  # the last bytes relayed: the final NDJSON line carries token counts
@@ -177,13 +179,15 @@ class RelayBody:
                     yield (json.dumps({"error": message}) + "\n").encode()
                 return
             if chunk is None:
-                self._complete = True
+                self._complete = outcome.complete = True
                 return
             if not chunk:
                 continue
             if outcome.first_byte_at is None:
                 outcome.first_byte_at = time.monotonic()
             outcome.bytes += len(chunk)
+            if is_ndjson:
+                outcome.lines += chunk.count(b"\n")
             outcome.tail = (outcome.tail + chunk)[-8192:]
             with self._watch.sending():
                 yield chunk

@@ -16,6 +16,7 @@ LARGE_STEP = 1024 * 1024  # read size for bodies larger than this
 
 class BodyTooLarge(GatewayError):
     status, kind = 413, "invalid_request_error"
+    refusal = "invalid"
 
 
 class ClientStalled(ClientDisconnected):

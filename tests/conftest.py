@@ -15,6 +15,7 @@ from app import create_app
 from app import db as database
 from app import keys as keystore
 from app.config import Settings
+from app.usage import UsageWriter
 from tests import leak_check
 from tests.fake_ollama import FakeOllama
 
@@ -142,6 +143,8 @@ def migrated(settings):
     database.db.initialize(instance)
     database.upgrade(instance)
     yield instance
+    for writer in list(UsageWriter.running):  # no app's writer outlives its database
+        writer.stop()
     instance.close_all()
 
 

@@ -9,6 +9,7 @@ import pytest
 import requests
 
 from tests.fake_ollama import DEFAULT_MODELS, FakeOllama, fake_text
+from tests.gateway_process import wait_for
 
 
 @pytest.fixture
@@ -59,14 +60,14 @@ def test_generate_without_stream_returns_the_whole_text_and_counts(fake):
 
 
 def test_generate_stream_sends_each_line_as_its_own_chunk(fake):
-    fake.token_delay = 0.03
+    fake.token_delay = 0.3
     r = post(fake, "/api/generate", {"model": "llama3.2", "prompt": "hi"}, stream=True)
     assert r.headers["Content-Type"] == "application/x-ndjson"
     assert r.headers["Transfer-Encoding"] == "chunked"
-    chunks, arrivals = [], []
+    chunks, generating = [], []
     for chunk in r.raw.read_chunked():
         chunks.append(chunk)
-        arrivals.append(time.monotonic())
+        generating.append(fake.active_streams)
     lines = [json.loads(c) for c in chunks]
     assert all(c.endswith(b"\n") and c.count(b"\n") == 1 for c in chunks)
     assert "".join(line["response"] for line in lines) == fake_text(5)
@@ -76,7 +77,7 @@ def test_generate_stream_sends_each_line_as_its_own_chunk(fake):
     assert {"total_duration", "load_duration", "prompt_eval_duration", "eval_duration"} <= set(
         final
     )
-    assert arrivals[4] - arrivals[0] > 0.08  # streamed as produced, not buffered
+    assert generating[0] == 1  # the first line came while the rest was still being made
     assert fake.active_streams == 0
 
 
@@ -215,16 +216,16 @@ def test_requests_are_recorded_with_headers_and_body(fake):
 
 
 def test_client_closing_mid_stream_is_recorded_as_a_cancellation(fake):
-    fake.token_delay, fake.tokens = 0.2, 50
+    fake.token_delay, fake.tokens = 5.0, 50
     r = post(fake, "/api/generate", {"model": "llama3.2", "prompt": "hi"}, stream=True)
     first = next(r.iter_lines())
     assert json.loads(first)["response"] == "word0" and fake.active_streams == 1
     closed = time.monotonic()
     r.close()
-    assert fake.wait_for_cancellation(1.0)
-    assert fake.cancellations[0] - closed < 0.15  # noticed while sleeping, not at the next write
-    time.sleep(0.05)
-    assert fake.active_streams == 0
+    assert fake.wait_for_cancellation(30)
+    # Noticed while sleeping, not at the next write five seconds later.
+    assert fake.cancellations[0] - closed < 4
+    assert wait_for(lambda: fake.active_streams == 0, 30)
 
 
 def test_fail_after_tokens_ends_the_stream_without_a_done_line(fake):

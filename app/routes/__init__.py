@@ -1,7 +1,8 @@
 """Blueprints by API family, registered in one place."""
-from app.routes import meta, native
+from app.routes import meta, native, stats
 
 
 def init_app(app):
     app.register_blueprint(meta.bp)
+    app.register_blueprint(stats.bp)
     app.register_blueprint(native.bp)

@@ -1,7 +1,9 @@
-"""What clients and load balancers probe without a key: `/` and `/health`."""
+"""What clients, load balancers and Prometheus probe: `/`, `/health`, `/metrics`."""
 import datetime
 
 from flask import Blueprint, Response, current_app, jsonify
+
+from app import auth, gateway, metrics
 
 bp = Blueprint("meta", __name__)
 
@@ -26,3 +28,12 @@ def health():
     if problem:
         body["database_problem"] = problem
     return jsonify(body), 200 if ok else 503
+
+
+@bp.get("/metrics")
+def prometheus_metrics():
+    """Prometheus text format, summed over every worker; an admin key unless metrics_public."""
+    if not current_app.config["SETTINGS"].metrics_public:
+        auth.require_admin(gateway.current_key(), "/metrics")
+    body, content_type = metrics.exposition()
+    return Response(body, content_type=content_type)

@@ -1,7 +1,7 @@
 """Ollama's own API under /api, relayed for any key with the right role and models."""
 from flask import Blueprint, request
 
-from app import auth, gateway
+from app import auth, gateway, request_record
 from app.errors import MethodNotAllowed
 from app.request_body import upload_body
 
@@ -27,6 +27,7 @@ MODEL_LISTS = {"/api/tags", "/api/ps"}
 @bp.route("/api/<path:subpath>", methods=["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH"])
 def relay(subpath):
     path = gateway.canonical_path("/api/" + subpath)
+    pending = request_record.begin("/api/blobs" if path.startswith("/api/blobs/") else path)
     is_blob = path.startswith("/api/blobs/")
     _require_method(path, BLOB_METHODS if is_blob else ENDPOINT_METHODS.get(path))
     if is_blob:
@@ -36,6 +37,7 @@ def relay(subpath):
 
     key, body = gateway.authenticated_body()
     body.validated()
+    pending.model = next(iter(body.models), None)
     if path in MODEL_MANAGEMENT:
         auth.require_admin(key, path)
     for model in body.models:  # `model`, the older `name`, in any letter case

@@ -1,0 +1,167 @@
+"""What each relayed request did, taken as it ends: usage record, access-log line, metrics.
+
+A request that reaches the relay says so with begin(); the gateway fills in its key,
+model and the relay's outcome. When the WSGI server closes the response (after its
+last byte, or when the client left) finish() builds the Record and hands it on. That
+costs a few microseconds on the request's own greenlet; the database write happens
+later, in app/usage.py's writer.
+"""
+import dataclasses
+import json
+import logging
+import time
+from urllib.parse import urlencode
+
+from flask import current_app, g, request
+from werkzeug.wsgi import ClosingIterator
+
+from app import metrics
+from app.keys import normalize_model
+from app.usage import Record, UsageWriter, load_spills, spill, token_counts
+
+access_log = logging.getLogger("ollama_gw.access")
+
+
+@dataclasses.dataclass
+class Pending:
+    """A request in progress, as much as is known of it so far."""
+
+    endpoint: str
+    method: str
+    at: float
+    started: float
+    key: object = None  # KeyInfo
+    model: str | None = None
+    upstream: str | None = None
+    outcome: object = None  # RelayOutcome, once the request was forwarded
+    relaying: bool = False  # the answer is being streamed by a RelayBody
+    prompt: dict | None = None
+    status: int = 0
+    refusal: str | None = None
+    remote: str | None = None
+    query: str = ""
+
+
+def begin(endpoint):
+    """Account for this request (a relayed endpoint) from now on."""
+    g.usage = Pending(endpoint, request.method, time.time(), g.get("started", time.monotonic()))
+    return g.usage
+
+
+def current():
+    return g.get("usage")
+
+
+def relaying(pending):
+    """The answer starts streaming: count it in flight until finish()."""
+    pending.relaying = True
+    metrics.INFLIGHT.inc()
+
+
+def finish(writer, pending, response, log_access):
+    end = time.monotonic()
+    outcome = pending.outcome
+    relayed = outcome is not None and outcome.first_byte_at is not None
+    prompt = completion = eval_ms = None
+    if outcome is not None:
+        prompt, completion, eval_ms = token_counts(
+            outcome.tail, outcome.lines, outcome.complete and not outcome.upstream_error)
+    status = pending.status
+    if relayed and outcome.upstream_error:
+        status = 502  # Ollama broke off mid-answer: a failure, whatever status line went out
+    key = pending.key
+    record = Record(
+        at=pending.at, endpoint=pending.endpoint, status=status,
+        latency_ms=round((end - pending.started) * 1000),
+        key_id=key.id if key else None, key_prefix=key.prefix if key else None,
+        key_name=key.name if key else None,
+        quota_period=key.token_period if key and key.token_quota else None,
+        model=normalize_model(pending.model).lower() if pending.model else None,
+        upstream=pending.upstream, refusal=pending.refusal,
+        prompt_tokens=prompt, completion_tokens=completion, eval_ms=eval_ms,
+        ttfb_ms=round((outcome.first_byte_at - pending.started) * 1000) if relayed else None,
+        bytes=outcome.bytes if relayed else (response.content_length or 0),
+        aborted=bool(outcome is not None and outcome.client_aborted),
+        prompt=pending.prompt,
+    )
+    dropped = writer.dropped
+    writer.add(record)
+    if writer.dropped != dropped:
+        metrics.USAGE_DROPPED.inc()
+    metrics.USAGE_BUFFER.set(writer.depth)
+    if pending.relaying:
+        metrics.INFLIGHT.dec()
+    metrics.observe(record, outcome)
+    if log_access:
+        access_log.info(json.dumps(_access_line(pending, record), separators=(",", ":")))
+
+
+def _access_line(pending, record):
+    """One JSON object per request: the key's public prefix, never the key; no prompt text."""
+    return {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.at))
+        + f".{int(record.at % 1 * 1000):03d}Z",
+        "remote": pending.remote, "method": pending.method, "path": pending.endpoint,
+        "query": pending.query, "status": pending.status, "ms": record.latency_ms,
+        "ttfb_ms": record.ttfb_ms, "bytes": record.bytes, "key": record.key_prefix,
+        "model": record.model, "prompt_tokens": record.prompt_tokens,
+        "completion_tokens": record.completion_tokens, "aborted": record.aborted,
+        "refused": record.refusal,
+    }
+
+
+def _query_without_keys():
+    """The query string with any `apikey` value masked: it is logged."""
+    if not request.query_string:
+        return ""
+    return urlencode([(k, "[redacted]" if k.lower() == "apikey" else v)
+                      for k, v in request.args.items(multi=True)])
+
+
+def flush_at_exit(app, seconds=10.0):
+    """Write what the buffer holds before the worker exits; spill what the database refuses."""
+    writer = app.extensions["usage"]
+    deadline = time.monotonic() + seconds
+    while not writer.write_pending() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    left = writer.take_all()
+    if left:
+        path = spill(left, app.config["SETTINGS"].resolved_data_dir)
+        logging.getLogger(__name__).error(
+            "the database took no usage records for %g s: %d record(s) saved to %s, to be "
+            "written by the next gateway that starts", seconds, len(left), path)
+
+
+def init_app(app):
+    settings = app.config["SETTINGS"]
+    writer = app.extensions["usage"] = UsageWriter(settings.usage_buffer_records,
+                                                   settings.usage_flush_seconds)
+    load_spills(settings.resolved_data_dir, writer)
+
+    @app.before_request
+    def _started():
+        g.started = time.monotonic()
+
+    @app.after_request
+    def _finish_when_closed(response):
+        pending = g.get("usage")
+        if pending is not None:
+            pending.status = response.status_code
+            pending.refusal = g.get("refusal")
+            pending.remote = request.remote_addr
+            pending.query = _query_without_keys()
+            log_access = current_app.config["SETTINGS"].access_log
+            _when_closed(response, lambda: finish(writer, pending, response, log_access))
+        return response
+
+
+def _when_closed(response, callback):
+    """Call `callback` once the server closes the response, relayed streams included.
+
+    werkzeug hands a direct_passthrough body (the relay's) to the server as it is, so
+    call_on_close would never run for it: wrap that body instead; its close() runs first.
+    """
+    if response.direct_passthrough:
+        response.response = ClosingIterator(response.response, callback)
+    else:
+        response.call_on_close(callback)

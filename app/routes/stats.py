@@ -1,0 +1,61 @@
+"""Usage statistics over HTTP: a key's own (`/api/stats`), everyone's for admins.
+
+The answers keep ollama-api-service's fields (total_requests, requests_by_model,
+requests_by_endpoint, average_response_time, last_24h_requests) and add tokens,
+percentiles and per-day rows. These routes take precedence over the /api relay.
+"""
+import time
+
+from flask import Blueprint, jsonify, request
+
+from app import auth, gateway, stats
+from app.errors import BadRequest
+from app.limits import parse_duration
+
+bp = Blueprint("stats", __name__)
+
+
+def _since():
+    text = request.args.get("since", "30d")
+    try:
+        return None if text == "all" else time.time() - parse_duration(text)
+    except ValueError as exc:
+        raise BadRequest(f"since: {exc}") from None
+
+
+def _summary(since, key_id=None):
+    by_model = stats.usage(since, "model", key_id)
+    by_endpoint = stats.usage(since, "endpoint", key_id)
+    overall = stats.totals(by_model)
+    latency = [r["latency_ms_avg"] * r["requests"] for r in by_model if r["requests"]]
+    recent = stats.totals(stats.usage(time.time() - 86400, "model", key_id))
+    return {
+        "since": None if since is None else time.strftime(
+            "%Y-%m-%dT%H:00:00Z", time.gmtime(since)),
+        "total_requests": overall["requests"],
+        "requests_by_model": {r["model"] or "(none)": r["requests"] for r in by_model},
+        "requests_by_endpoint": {r["endpoint"]: r["requests"] for r in by_endpoint},
+        "average_response_time": round(sum(latency) / overall["requests"] / 1000, 4)
+        if overall["requests"] else None,
+        "last_24h_requests": recent["requests"],
+        **{k: overall[k] for k in ("errors", "refused", "prompt_tokens", "completion_tokens")},
+        "by_model": by_model,
+        "by_day": stats.usage(since, "day", key_id),
+    }
+
+
+@bp.get("/api/stats")
+def own_stats():
+    """The calling key's own usage; any valid key."""
+    key = gateway.current_key()
+    return jsonify({"key": {"id": key.id, "prefix": key.prefix, "name": key.name,
+                            "role": key.role}, **_summary(_since(), key.id)})
+
+
+@bp.get("/api/admin/stats")
+def all_stats():
+    """Every key's usage; admin keys only."""
+    key = gateway.current_key()
+    auth.require_admin(key, "/api/admin/stats")
+    since = _since()
+    return jsonify({**_summary(since), "keys": stats.usage(since, "key")})

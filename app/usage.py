@@ -1,0 +1,309 @@
+"""Who used what: a record per request, taken in passing and written off the request path.
+
+A request only appends its record to a bounded in-memory buffer. A writer (a greenlet
+under gunicorn's gevent worker) turns batches of records into usage rows, the hourly
+roll-up, token-quota charges and webhook events, in one transaction each, so either
+all of a batch is written or none of it. While the database is away the batch waits
+and is retried; at worker exit the buffer is flushed, and what still cannot be written
+is spilled to a file in data_dir that the next writer loads (spill() / load_spills()).
+"""
+import bisect
+import collections
+import dataclasses
+import json
+import logging
+import os
+import re
+import threading
+import time
+import weakref
+
+from peewee import EXCLUDED
+
+from app.cooperative import pause
+from app.db import db, forget_idle_connections
+from app.limits import quota_period
+from app.models import (
+    LATENCY_BUCKETS_MS,
+    TokenUsage,
+    UsageHourly,
+    UsageLabel,
+    UsageRecord,
+    bucket_columns,
+)
+
+log = logging.getLogger(__name__)
+
+REFUSALS = {"auth": 1, "forbidden": 2, "rate": 3, "concurrency": 4, "quota": 5, "invalid": 6}
+REFUSAL_NAMES = {code: name for name, code in REFUSALS.items()}
+BATCH = 200  # records per transaction: a SQLite write holds its worker this long, no longer
+LATENCY_COLUMNS, TTFB_COLUMNS = bucket_columns("latency"), bucket_columns("ttfb")
+SUM_COLUMNS = ("requests", "errors", "refusals", "aborted", "prompt_tokens",
+               "completion_tokens", "bytes", "latency_ms_sum", "ttfb_ms_sum", "ttfb_count",
+               "eval_ms_sum", "eval_tokens", *LATENCY_COLUMNS, *TTFB_COLUMNS)
+
+# Ollama's final object ends with its counts; the last 8 KiB of an answer hold them.
+_COUNTS = re.compile(rb'"(prompt_eval_count|eval_count|eval_duration)"\s*:\s*(\d+)')
+
+
+@dataclasses.dataclass
+class Record:
+    """One request as it ended: what its usage row, access-log line and events are made of."""
+
+    at: float  # epoch seconds when it arrived
+    endpoint: str
+    status: int
+    latency_ms: int
+    key_id: int | None = None
+    key_prefix: str | None = None
+    key_name: str | None = None
+    quota_period: str | None = None  # 'day'/'month' when the key has a token quota
+    model: str | None = None
+    upstream: str | None = None
+    refusal: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    eval_ms: int | None = None
+    ttfb_ms: int | None = None
+    bytes: int = 0
+    aborted: bool = False
+    prompt: dict | None = None  # the Go predecessor's fields, for webhooks that want them
+
+    @property
+    def is_error(self):
+        return self.refusal is None and self.status >= 400
+
+    @property
+    def tokens(self):
+        return (self.prompt_tokens or 0) + (self.completion_tokens or 0)
+
+
+def token_counts(tail, lines, complete):
+    """(prompt, completion, eval ms) from an answer's last bytes, read in passing.
+
+    A complete answer ends with Ollama's counts. One cut short (the client left, Ollama
+    failed) has none: its completion tokens are the NDJSON lines relayed so far, one per
+    token, and its prompt tokens are unknown (None), never a made-up zero.
+    """
+    found = {name.decode(): int(value) for name, value in _COUNTS.findall(tail)}
+    if "eval_count" in found or "prompt_eval_count" in found:
+        duration = found.get("eval_duration")
+        return (found.get("prompt_eval_count"), found.get("eval_count"),
+                duration // 1_000_000 if duration else None)
+    if not complete and lines:
+        return None, lines, None
+    return None, None, None
+
+
+class Labels:
+    """Names (endpoints, models, upstreams) as the small ids usage rows carry."""
+
+    def __init__(self):
+        self._ids = {}
+
+    def resolve(self, names):
+        """{name: id} for `names`, adding new ones; call inside the batch's transaction."""
+        missing = [n for n in names if n not in self._ids]
+        found = {}
+        if missing:
+            UsageLabel.insert_many([{"name": n} for n in missing]).on_conflict_ignore().execute()
+            found = {row.name: row.id for row in
+                     UsageLabel.select().where(UsageLabel.name.in_(missing))}
+        return {**self._ids, **found}
+
+    def remember(self, ids):
+        """Keep ids once their transaction committed (a rolled-back insert made none)."""
+        self._ids.update(ids)
+
+
+class UsageWriter:
+    """The bounded buffer and the writer that empties it into the database."""
+
+    running = weakref.WeakSet()  # every writer with a thread, so tests can stop them all
+
+    def __init__(self, capacity=100_000, interval=0.25, on_batch=None):
+        self.capacity = capacity
+        self.interval = interval
+        self.on_batch = on_batch or (lambda records: None)  # webhook events, in the txn
+        self.dropped = 0
+        self._buffer = collections.deque()
+        self._labels = Labels()
+        self._wake = threading.Event()
+        self._write_lock = threading.Lock()
+        self._thread = None
+        self._stopped = False
+        self._failing_since = None
+
+    @property
+    def depth(self):
+        return len(self._buffer)
+
+    def add(self, record):
+        """Queue a record (never blocks). A full buffer drops its oldest record, counted."""
+        if len(self._buffer) >= self.capacity:
+            self._buffer.popleft()
+            self.dropped += 1
+            if self.dropped in (1, 10, 100) or self.dropped % 1000 == 0:
+                log.error("usage buffer full (%d records; the database has been failing): "
+                          "%d oldest record(s) dropped so far", self.capacity, self.dropped)
+        self._buffer.append(record)
+        if len(self._buffer) >= BATCH:
+            self._wake.set()
+        if self._thread is None and not self._stopped:
+            self._thread = threading.Thread(target=self._run, name="usage-writer", daemon=True)
+            self._thread.start()
+            UsageWriter.running.add(self)
+
+    def stop(self):
+        """Write what is buffered, once, and end the writer's thread."""
+        self._stopped = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(30)
+        self.write_pending()
+
+    def _run(self):
+        pause_after_failure = 0.5
+        while not self._stopped:
+            self._wake.wait(self.interval)
+            self._wake.clear()
+            if self._stopped:
+                return
+            if self.write_pending():
+                pause_after_failure = 0.5
+            else:
+                time.sleep(pause_after_failure)
+                pause_after_failure = min(pause_after_failure * 2, 10.0)
+
+    def write_pending(self):
+        """Write everything buffered, a batch per transaction; False if the database failed."""
+        with self._write_lock:
+            while self._buffer:
+                batch = [self._buffer[i] for i in range(min(BATCH, len(self._buffer)))]
+                try:
+                    self._write(batch)
+                except Exception as exc:  # the batch stays; the next turn retries it
+                    if self._failing_since is None:
+                        self._failing_since = time.monotonic()
+                        log.warning("could not write %d usage record(s), retrying: %s",
+                                    len(self._buffer), exc)
+                    forget_idle_connections()
+                    return False
+                for _ in batch:
+                    self._buffer.popleft()
+                if self._failing_since is not None:
+                    log.info("usage records written again after %.0f s",
+                             time.monotonic() - self._failing_since)
+                    self._failing_since = None
+                pause()  # a long backlog is written without holding up the streams
+            return True
+
+    def _write(self, records):
+        with db.connection_context(), db.atomic():
+            names = {_label(n) for r in records for n in (r.endpoint, r.model, r.upstream) if n}
+            ids = self._labels.resolve(names)
+            UsageRecord.insert_many([_row(r, ids) for r in records]).execute()
+            for group, sums in _rollup(records, ids).items():
+                _add_to(UsageHourly, dict(zip(("hour", "key_id", "model_id", "endpoint_id"),
+                                              group, strict=True)), sums)
+            for (key_id, start), tokens in _charges(records).items():
+                _add_to(TokenUsage, {"key_id": key_id, "period_start": start},
+                        {"tokens": tokens})
+            self.on_batch(records)
+        self._labels.remember(ids)
+
+    def take_all(self):
+        """Empty the buffer and return what it held (for spilling at exit)."""
+        with self._write_lock:
+            records = list(self._buffer)
+            self._buffer.clear()
+            return records
+
+
+def _label(name):
+    return name[:255] if name else None
+
+
+def _row(r, ids):
+    return {
+        "at": r.at, "key_id": r.key_id, "endpoint_id": ids[_label(r.endpoint)],
+        "model_id": ids.get(_label(r.model)), "upstream_id": ids.get(_label(r.upstream)),
+        "status": r.status, "refusal": REFUSALS.get(r.refusal, 0),
+        "prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
+        "latency_ms": r.latency_ms, "ttfb_ms": r.ttfb_ms, "eval_ms": r.eval_ms,
+        "bytes": r.bytes, "aborted": r.aborted,
+    }
+
+
+def _bucket(prefix, ms):
+    return f"{prefix}_le_{(*LATENCY_BUCKETS_MS, 'inf')[bisect.bisect_left(LATENCY_BUCKETS_MS, ms)]}"
+
+
+def _rollup(records, ids):
+    """{(hour, key, model, endpoint): {column: amount}} for a batch."""
+    groups = collections.defaultdict(collections.Counter)
+    for r in records:
+        sums = groups[(int(r.at // 3600 * 3600), r.key_id or 0,
+                       ids.get(_label(r.model), 0), ids[_label(r.endpoint)])]
+        sums["requests"] += 1
+        sums["errors"] += r.is_error
+        sums["refusals"] += r.refusal is not None
+        sums["aborted"] += r.aborted
+        sums["prompt_tokens"] += r.prompt_tokens or 0
+        sums["completion_tokens"] += r.completion_tokens or 0
+        sums["bytes"] += r.bytes
+        sums["latency_ms_sum"] += r.latency_ms
+        sums[_bucket("latency", r.latency_ms)] += 1
+        if r.ttfb_ms is not None:
+            sums["ttfb_ms_sum"] += r.ttfb_ms
+            sums["ttfb_count"] += 1
+            sums[_bucket("ttfb", r.ttfb_ms)] += 1
+        if r.eval_ms:
+            sums["eval_ms_sum"] += r.eval_ms
+            sums["eval_tokens"] += r.completion_tokens or 0
+    return groups
+
+
+def _charges(records):
+    """{(key id, quota period start): tokens} for the keys with a quota."""
+    charges = collections.Counter()
+    for r in records:
+        if r.quota_period and r.tokens:
+            charges[(r.key_id, quota_period(r.quota_period, r.at)[0])] += r.tokens
+    return charges
+
+
+def _add_to(model, key, amounts):
+    """INSERT the row, or add `amounts` to the one already there: one atomic statement."""
+    conflict = [getattr(model, name) for name in key]
+    update = {getattr(model, c): getattr(model, c) + getattr(EXCLUDED, c) for c in amounts}
+    model.insert(**key, **amounts).on_conflict(conflict_target=conflict, update=update).execute()
+
+
+def spill(records, directory):
+    """Write records the database would not take to a file, so that exiting loses none."""
+    path = directory / f"usage-spill-{os.getpid()}-{time.time_ns()}.jsonl"
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        for record in records:
+            fh.write(json.dumps(dataclasses.asdict(record)) + "\n")
+    return path
+
+
+def load_spills(directory, writer):
+    """Queue the records earlier processes spilled; each file is taken by one process."""
+    loaded = 0
+    for path in sorted(directory.glob("usage-spill-*.jsonl")):
+        taken = path.with_name(f"loading-{os.getpid()}-{path.name}")
+        try:
+            path.rename(taken)  # atomic: two workers starting together cannot both take it
+        except OSError:
+            continue
+        with open(taken) as fh:
+            for line in fh:
+                writer.add(Record(**json.loads(line)))
+                loaded += 1
+        taken.unlink()
+    if loaded:
+        log.info("loaded %d usage record(s) spilled by an earlier exit", loaded)
+    return loaded

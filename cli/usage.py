@@ -1,0 +1,96 @@
+"""`ollama-gw usage`: who used which model, how much and how fast; and trimming old rows."""
+import csv
+import sys
+import time
+
+import click
+
+from app import keys as keystore
+from app import stats
+from app.keys import normalize_model
+from app.limits import parse_duration
+from app.models import UsageRecord
+from cli.context import echo_json, open_db, table
+
+LABELS = {"key": ["key_prefix", "key_name"], "model": ["model"], "endpoint": ["endpoint"],
+          "day": ["day"], "hour": ["hour"]}
+NUMBERS = ["requests", "errors", "refused", "prompt_tokens", "completion_tokens",
+           "latency_ms_p50", "latency_ms_p95", "ttfb_ms_p50", "tokens_per_second"]
+HEADINGS = {"key_prefix": "key", "key_name": "name", "prompt_tokens": "tokens_in",
+            "completion_tokens": "tokens_out", "latency_ms_p50": "p50_ms",
+            "latency_ms_p95": "p95_ms", "ttfb_ms_p50": "ttfb_p50_ms",
+            "tokens_per_second": "tok/s"}
+
+
+def _since(text):
+    if text.strip().lower() == "all":
+        return None
+    try:
+        return time.time() - parse_duration(text)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+@click.group(invoke_without_command=True)
+@click.option("--key", "ident", metavar="KEY", help="Only this key (id, prefix or name).")
+@click.option("--model", help="Only this model.")
+@click.option("--since", default="7d", show_default=True,
+              help="How far back: 24h, 7d, 30d, … or 'all' (whole hours).")
+@click.option("--by", type=click.Choice(stats.GROUPS), default="key", show_default=True,
+              help="One row per key, model, day, endpoint or hour.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list of rows.")
+@click.option("--csv", "as_csv", is_flag=True, help="Print CSV with a header line.")
+@click.pass_context
+def usage(ctx, ident, model, since, by, as_json, as_csv):
+    """Requests, errors, tokens, latency and tokens per second, by key, model or day."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if as_json and as_csv:
+        raise click.UsageError("choose one of --json and --csv")
+    open_db()
+    key_id = None
+    if ident:
+        try:
+            key_id = keystore.find_key(ident).id
+        except keystore.KeyOpError as exc:
+            raise click.ClickException(str(exc)) from None
+    rows = stats.usage(_since(since), by, key_id, normalize_model(model).lower()
+                       if model else None)
+    columns = LABELS[by] + NUMBERS
+    if as_json:
+        echo_json(rows)
+    elif as_csv:
+        writer = csv.DictWriter(sys.stdout, fieldnames=list(rows[0]) if rows else columns,
+                                lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    elif not rows:
+        click.echo(f"no requests in that time (--since {since})")
+    else:
+        shown = [{HEADINGS.get(c, c): ("-" if row.get(c) is None else row[c]) for c in columns}
+                 for row in rows]
+        table(shown, [HEADINGS.get(c, c) for c in columns])
+
+
+@usage.command()
+@click.option("--older-than", required=True, metavar="DURATION",
+              help="Delete per-request rows older than this, e.g. 90d.")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+def prune(older_than, yes):
+    """Delete old per-request rows; the hourly totals (and so statistics) are kept."""
+    try:
+        cutoff = time.time() - parse_duration(older_than)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--older-than") from None
+    open_db()
+    count = UsageRecord.select().where(UsageRecord.at < cutoff).count()
+    if count and not yes:
+        click.confirm(f"Delete {count} usage row(s) older than {older_than}?", abort=True)
+    deleted = 0
+    while True:  # in slices, so a huge prune does not hold the database for long
+        ids = [r.id for r in UsageRecord.select(UsageRecord.id)
+               .where(UsageRecord.at < cutoff).limit(10_000)]
+        if not ids:
+            break
+        deleted += UsageRecord.delete().where(UsageRecord.id.in_(ids)).execute()
+    click.echo(f"deleted {deleted} usage row(s) older than {older_than}; hourly totals kept")

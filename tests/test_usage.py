@@ -1,0 +1,320 @@
+"""Usage accounting in-process: what each request used, the roll-up, quotas, statistics.
+
+Requests go through the gateway to the fake Ollama on a real socket; the test then
+writes the usage buffer (`flush`) and reads what reached the database.
+"""
+import dataclasses
+import json
+import logging
+import time
+
+import pytest
+from flask.testing import FlaskClient
+
+from app import create_app, stats
+from app.models import TokenUsage, UsageHourly, UsageLabel, UsageRecord
+from app.request_record import flush_at_exit
+from app.usage import REFUSALS, Record, UsageWriter, load_spills, token_counts
+from tests.conftest import auth_header
+from tests.fake_ollama import fake_text
+
+GENERATE = {"model": "llama3.2", "prompt": "why is the sky blue"}  # 5 prompt words
+CHAT = {"model": "llama3.2", "messages": [{"role": "user", "content": "hello there"}]}
+
+
+class ClosingClient(FlaskClient):
+    """Reads each answer to its end and closes it, as a WSGI server does: that is when a
+    request's usage is taken. `buffered=False` keeps an answer open, to read it slowly."""
+
+    def open(self, *args, buffered=True, **kwargs):
+        return super().open(*args, buffered=buffered, **kwargs)
+
+
+@pytest.fixture
+def make_client(settings, migrated):
+    def make(**overrides):
+        app = create_app(dataclasses.replace(settings, **overrides))
+        app.config["TESTING"] = True
+        app.test_client_class = ClosingClient
+        return app.test_client()
+
+    return make
+
+
+@pytest.fixture
+def client(make_client):
+    return make_client()
+
+
+def flush(client):
+    """Write everything the gateway has buffered; the rows, in order."""
+    assert client.application.extensions["usage"].write_pending()
+    return list(UsageRecord.select().order_by(UsageRecord.id))
+
+
+def label(row_id):
+    return UsageLabel.get_by_id(row_id).name if row_id else None
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/api/generate", {**GENERATE, "stream": False}),
+    ("/api/generate", GENERATE),
+    ("/api/chat", {**CHAT, "stream": False}),
+    ("/api/chat", CHAT),
+], ids=["generate", "generate streamed", "chat", "chat streamed"])
+def test_a_completed_answer_records_ollamas_token_counts(client, make_key, fake, path, body):
+    secret, key = make_key()
+    fake.tokens = 7
+    response = client.post(path, json=body, headers=auth_header(secret))
+    assert response.status_code == 200
+    [row] = flush(client)
+    prompt_words = 5 if path == "/api/generate" else 2
+    assert (row.prompt_tokens, row.completion_tokens) == (prompt_words, 7)
+    assert (row.key_id, label(row.endpoint_id), label(row.model_id)) == (
+        key.id, path, "llama3.2:latest")
+    assert (row.status, row.refusal, row.aborted) == (200, 0, False)
+    assert row.bytes == len(response.data)
+    assert row.ttfb_ms is not None and 0 <= row.ttfb_ms <= row.latency_ms
+    assert label(row.upstream_id) == fake.url
+
+
+def test_embeddings_record_their_prompt_tokens(client, make_key, fake):
+    secret, _ = make_key()
+    body = {"model": "nomic-embed-text", "input": ["one two", "three"]}
+    assert client.post("/api/embed", json=body, headers=auth_header(secret)).status_code == 200
+    [row] = flush(client)
+    assert (row.prompt_tokens, row.completion_tokens) == (3, None)
+
+
+def test_an_aborted_stream_records_the_tokens_relayed_so_far(client, make_key, fake):
+    secret, _ = make_key()
+    fake.tokens, fake.token_delay = 50, 0.05
+    response = client.post("/api/generate", json=GENERATE, headers=auth_header(secret),
+                           buffered=False)
+    chunks = iter(response.response)
+    relayed = [json.loads(next(chunks)) for _ in range(3)]
+    response.close()  # the client hangs up after three tokens
+    assert fake.wait_for_cancellation(30)
+    [row] = flush(client)
+    assert row.aborted is True
+    assert row.completion_tokens == len(relayed) == 3  # counted, never a silent zero
+    assert row.prompt_tokens is None  # Ollama never said: unknown, not zero
+
+
+@pytest.mark.parametrize("make_request, status, refusal", [
+    (lambda c, s: c.post("/api/generate", json=GENERATE), 401, "auth"),
+    (lambda c, s: c.post("/api/pull", json={"model": "x"}, headers=auth_header(s)), 403,
+     "forbidden"),
+    (lambda c, s: c.post("/api/generate", data=b"{", headers=auth_header(s)), 400, "invalid"),
+], ids=["no key", "admin only", "bad json"])
+def test_refusals_are_recorded_with_their_reason(client, make_key, fake, make_request, status,
+                                                 refusal):
+    secret, key = make_key()
+    assert make_request(client, secret).status_code == status
+    [row] = flush(client)
+    assert (row.status, row.refusal) == (status, REFUSALS[refusal])
+    assert row.key_id == (None if refusal == "auth" else key.id)
+    assert fake.requests == []
+
+
+def test_rate_limit_refusals_are_recorded(client, make_key, fake):
+    secret, key = make_key(rate_limit="1/hour")
+    statuses = [client.get("/api/version", headers=auth_header(secret)).status_code
+                for _ in range(3)]
+    assert statuses == [200, 429, 429]
+    rows = flush(client)
+    assert [r.refusal for r in rows] == [0, REFUSALS["rate"], REFUSALS["rate"]]
+
+
+def test_an_ollama_crash_mid_stream_counts_as_an_error(client, make_key, fake):
+    secret, _ = make_key()
+    fake.fail_after_tokens = 2
+    assert client.post("/api/generate", json=GENERATE,
+                       headers=auth_header(secret)).status_code == 200
+    [row] = flush(client)
+    assert (row.status, row.completion_tokens) == (502, 2)
+
+
+def test_the_hourly_roll_up_adds_up_the_rows(client, make_key, fake):
+    secret, key = make_key()
+    fake.tokens = 4
+    for _ in range(3):
+        client.post("/api/generate", json={**GENERATE, "stream": False},
+                    headers=auth_header(secret))
+    client.post("/api/chat", json={**CHAT, "stream": False}, headers=auth_header(secret))
+    rows = flush(client)
+    hourly = list(UsageHourly.select())
+    assert sum(h.requests for h in hourly) == len(rows) == 4
+    assert sum(h.prompt_tokens for h in hourly) == sum(r.prompt_tokens for r in rows) == 17
+    assert sum(h.completion_tokens for h in hourly) == 16
+    assert {h.key_id for h in hourly} == {key.id}
+
+
+def test_statistics_by_key_model_and_day(client, make_key, fake):
+    alice, alice_row = make_key(name="alice")
+    bob, _ = make_key(name="bob")
+    fake.tokens = 3
+    for secret, model, times in ((alice, "llama3.2", 2), (bob, "qwen2.5:0.5b", 1)):
+        for _ in range(times):
+            client.post("/api/generate", json={"model": model, "prompt": "hi", "stream": False},
+                        headers=auth_header(secret))
+    client.post("/api/generate", json=GENERATE)  # refused: no key
+    flush(client)
+    by_key = {row["key_name"]: row for row in stats.usage(time.time() - 3600, "key")}
+    assert by_key["alice"]["requests"] == 2 and by_key["alice"]["completion_tokens"] == 6
+    assert by_key["bob"]["requests"] == 1
+    assert by_key[None]["refused"] == 1
+    assert by_key["alice"]["latency_ms_p50"] is not None
+    by_model = {row["model"]: row["requests"] for row in stats.usage(None, "model")}
+    assert by_model == {"llama3.2:latest": 2, "qwen2.5:0.5b": 1, None: 1}
+    [today] = stats.usage(None, "day", key_id=alice_row.id)
+    assert today["day"] == time.strftime("%Y-%m-%d", time.gmtime())
+
+
+@pytest.mark.parametrize("counts, q, expected", [
+    ([0] * 14, 0.5, None),
+    ([10] + [0] * 13, 0.5, 12.5),  # all in (0, 25]: the middle of the bucket
+    ([0, 0, 10] + [0] * 11, 0.95, 97.5),  # (50, 100]
+    ([0] * 13 + [4], 0.5, 300000.0),  # beyond the last bound: at least that
+])
+def test_percentiles_are_read_from_the_histogram(counts, q, expected):
+    assert stats.percentile(counts, q) == expected
+
+
+def test_token_counts_are_read_from_the_last_bytes_of_an_answer():
+    final = b'{"done":true,"prompt_eval_count":12,"eval_count":34,"eval_duration":2500000000}\n'
+    assert token_counts(b'{"response":"x"}\n' + final, 2, True) == (12, 34, 2500)
+    assert token_counts(b'{"response":"x"}\n' * 3, 3, False) == (None, 3, None)
+    assert token_counts(b"", 0, True) == (None, None, None)
+
+
+# --- token quotas ------------------------------------------------------------------------------
+
+def test_a_token_quota_refuses_once_used_up_and_says_when_it_resets(client, make_key, fake):
+    secret, key = make_key(token_quota="12/day")
+    fake.tokens = 4
+    body = {**GENERATE, "stream": False}  # 5 prompt + 4 completion = 9 tokens
+    for _ in range(2):  # 0 and 9 tokens used before each: both admitted
+        assert client.post("/api/generate", json=body, headers=auth_header(secret)).status_code \
+            == 200
+        flush(client)
+    refused = client.post("/api/generate", json=body, headers=auth_header(secret))
+    assert refused.status_code == 429
+    message = refused.get_json()["error"]
+    assert "token quota used up" in message and "12/day" in message and "used 18" in message
+    midnight = (int(time.time()) // 86400 + 1) * 86400
+    assert abs(int(refused.headers["Retry-After"]) - (midnight - time.time())) <= 5
+    assert len(fake.requests) == 2
+    [charged] = TokenUsage.select().where(TokenUsage.key_id == key.id)
+    assert charged.tokens == 18
+    rows = flush(client)
+    assert rows[-1].refusal == REFUSALS["quota"]
+
+
+def test_keys_without_a_quota_are_not_charged(client, make_key, fake):
+    secret, _ = make_key()
+    client.post("/api/generate", json={**GENERATE, "stream": False}, headers=auth_header(secret))
+    flush(client)
+    assert TokenUsage.select().count() == 0
+
+
+# --- nothing lost ------------------------------------------------------------------------------
+
+def test_records_the_database_refuses_at_exit_are_spilled_and_loaded_by_the_next_gateway(
+        settings, migrated, tmp_path):
+    records = [Record(at=time.time(), endpoint="/api/generate", status=200, latency_ms=5,
+                      key_id=1, prompt_tokens=3, completion_tokens=4) for _ in range(3)]
+    app = create_app(dataclasses.replace(settings, data_dir=str(tmp_path)))
+    writer = app.extensions["usage"]
+    for record in records:
+        writer._buffer.append(record)  # buffered, as if requests had just ended
+    migrated.close_all()
+    broken = dataclasses.replace(settings, database_url="postgresql://x@127.0.0.1:1/gone")
+    from app import db as database
+
+    database.db.initialize(database.open_database(broken.database_url))
+    flush_at_exit(app, seconds=0.5)
+    assert len(list(tmp_path.glob("usage-spill-*.jsonl"))) == 1
+    database.db.initialize(migrated)
+    fresh = UsageWriter()
+    assert load_spills(tmp_path, fresh) == 3
+    assert fresh.write_pending()
+    assert [r.completion_tokens for r in UsageRecord.select()] == [4, 4, 4]
+    assert list(tmp_path.glob("usage-spill-*")) == [] and list(tmp_path.glob("loading-*")) == []
+    fresh.stop()
+
+
+def test_a_full_buffer_drops_its_oldest_records_and_counts_them():
+    writer = UsageWriter(capacity=3)
+    writer._thread = object()  # no writer thread: nothing empties the buffer here
+    for i in range(5):
+        writer.add(Record(at=float(i), endpoint="/api/tags", status=200, latency_ms=1))
+    assert writer.dropped == 2
+    assert [r.at for r in writer.take_all()] == [2.0, 3.0, 4.0]
+
+
+# --- statistics over HTTP and /metrics ---------------------------------------------------------
+
+def test_a_key_sees_its_own_statistics(client, make_key, fake):
+    alice, _ = make_key(name="alice")
+    bob, _ = make_key(name="bob")
+    fake.tokens = 2
+    client.post("/api/generate", json={**GENERATE, "stream": False}, headers=auth_header(alice))
+    client.post("/api/chat", json={**CHAT, "stream": False}, headers=auth_header(bob))
+    flush(client)
+    own = client.get("/api/stats", headers=auth_header(alice)).get_json()
+    assert own["key"]["name"] == "alice"
+    assert own["total_requests"] == 1 and own["last_24h_requests"] == 1
+    assert own["requests_by_model"] == {"llama3.2:latest": 1}
+    assert own["requests_by_endpoint"] == {"/api/generate": 1}
+    assert own["completion_tokens"] == 2 and own["average_response_time"] > 0
+
+
+def test_everyones_statistics_need_an_admin_key(client, make_key, fake):
+    user, _ = make_key(name="user")
+    admin, _ = make_key(name="admin", role="admin")
+    client.post("/api/generate", json={**GENERATE, "stream": False}, headers=auth_header(user))
+    flush(client)
+    assert client.get("/api/admin/stats").status_code == 401
+    assert client.get("/api/admin/stats", headers=auth_header(user)).status_code == 403
+    everyone = client.get("/api/admin/stats", headers=auth_header(admin)).get_json()
+    assert [k["key_name"] for k in everyone["keys"]] == ["user"]
+    assert everyone["total_requests"] == 1
+    assert fake.requests[-1].path == "/api/generate"  # /api/admin/stats never reached Ollama
+
+
+def test_metrics_need_an_admin_key_unless_public(make_client, make_key, fake):
+    user, _ = make_key(name="user")
+    admin, _ = make_key(name="admin", role="admin")
+    client = make_client()
+    client.post("/api/generate", json={**GENERATE, "stream": False}, headers=auth_header(user))
+    assert client.get("/metrics").status_code == 401
+    assert client.get("/metrics", headers=auth_header(user)).status_code == 403
+    scraped = client.get("/metrics", headers=auth_header(admin))
+    assert scraped.status_code == 200 and scraped.mimetype == "text/plain"
+    assert 'ollama_gw_requests_total{endpoint="/api/generate",status="200"}' in scraped.text
+    assert 'ollama_gw_tokens_total{kind="completion",model="llama3.2:latest"}' in scraped.text
+    assert make_client(metrics_public=True).get("/metrics").status_code == 200
+
+
+def test_each_relayed_request_gets_one_json_access_log_line_without_secrets(
+        client, make_key, fake, caplog):
+    secret, key = make_key()
+    with caplog.at_level(logging.INFO, logger="ollama_gw.access"):
+        response = client.post(f"/api/generate?apikey={secret}&keep=1",
+                               json={**GENERATE, "stream": False, "prompt": "top secret words"})
+    assert response.status_code == 200
+    [line] = [r.getMessage() for r in caplog.records if r.name == "ollama_gw.access"]
+    entry = json.loads(line)
+    assert (entry["key"], entry["status"], entry["path"]) == (key.prefix, 200, "/api/generate")
+    assert entry["query"] == "apikey=%5Bredacted%5D&keep=1"
+    assert secret not in line and "top secret" not in line
+    assert entry["completion_tokens"] == fake.tokens
+
+
+def test_the_gateway_reports_its_own_time_in_server_timing(client, make_key, fake):
+    secret, _ = make_key()
+    response = client.post("/api/generate", json=GENERATE, headers=auth_header(secret))
+    timing = response.headers["Server-Timing"]
+    assert timing.startswith("gateway;dur=") and ", ollama;dur=" in timing
+    assert fake_text(fake.tokens)  # the answer itself is untouched

@@ -1,0 +1,180 @@
+"""Usage accounting as gunicorn runs it: several workers, signals, a database that goes away.
+
+Usage is read back the way an admin reads it, with `ollama-gw usage --json`.
+"""
+import concurrent.futures
+import json
+import re
+import signal
+import sqlite3
+import threading
+import time
+
+import pytest
+import requests
+
+from tests.conftest import reset_postgres
+from tests.gateway_process import GatewayProcess, wait_for
+from tests.tcp_proxy import TcpProxy
+
+pytestmark = pytest.mark.gateway
+GENERATE = {"model": "llama3.2", "prompt": "hi", "stream": False}  # 1 prompt token
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request, tmp_path):
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/usage.db"
+    url = request.getfixturevalue("postgres_url")
+    reset_postgres(url)
+    return url
+
+
+def bearer(key):
+    return {"Authorization": f"Bearer {key}"}
+
+
+def usage_of(gw, key_prefix):
+    """The key's row of `ollama-gw usage --by key --json` (requests, tokens, …)."""
+    rows = json.loads(gw.cli("usage", "--by", "key", "--since", "1d", "--json").stdout)
+    return next((row for row in rows if row["key_prefix"] == key_prefix), None)
+
+
+def test_sigterm_with_streams_in_flight_loses_no_usage_record(database, fake, tmp_path):
+    with GatewayProcess(database, fake.url, workers=2) as gw:
+        gw.start(tmp_path / "term.log")
+        created = gw.add_key("--name", "busy", "--rate-limit", "none")
+        fake.token_delay = 0.2
+        started = threading.Barrier(25)
+        finals = []
+
+        def stream(_):
+            answer = requests.post(gw.url + "/api/generate", headers=bearer(created["key"]),
+                                   json={**GENERATE, "stream": True,
+                                         "options": {"num_predict": 10}},
+                                   stream=True, timeout=120)
+            lines = answer.iter_lines()
+            next(lines)
+            started.wait(60)  # every stream is under way before SIGTERM
+            finals.append(json.loads(list(lines)[-1]))
+
+        with concurrent.futures.ThreadPoolExecutor(24) as pool:
+            futures = [pool.submit(stream, i) for i in range(24)]
+            started.wait(60)
+            gw.proc.send_signal(signal.SIGTERM)
+            for future in futures:
+                future.result()
+        assert gw.proc.wait(90) == 0
+        assert [f["eval_count"] for f in finals] == [10] * 24  # every stream finished
+        recorded = usage_of(gw, created["prefix"])
+    assert recorded["requests"] == 24
+    assert recorded["completion_tokens"] == 240 and recorded["aborted"] == 0
+
+
+def test_a_token_quota_holds_across_workers(database, fake, tmp_path):
+    with GatewayProcess(database, fake.url, workers=2) as gw:
+        gw.start(tmp_path / "quota.log")
+        created = gw.add_key("--name", "metered", "--rate-limit", "none",
+                             "--token-quota", "60/day")
+        fake.tokens = 5  # 6 tokens a request: the quota allows 10, plus the ones in flight
+
+        def status():
+            return requests.post(gw.url + "/api/generate", json=GENERATE,
+                                 headers=bearer(created["key"]), timeout=60)
+
+        answers = [status() for _ in range(10)]
+        assert [a.status_code for a in answers] == [200] * 10
+        assert wait_for(lambda: status().status_code == 429, 60)
+        refusals = [status() for _ in range(8)]  # whichever worker takes each
+        assert all(r.status_code == 429 and "token quota used up" in r.json()["error"]
+                   for r in refusals)
+        assert all(int(r.headers["Retry-After"]) > 0 for r in refusals)
+        recorded = usage_of(gw, created["prefix"])
+        assert recorded["prompt_tokens"] + recorded["completion_tokens"] >= 60
+        assert recorded["refused"] >= 8
+
+
+def test_metrics_are_summed_over_every_worker(database, fake, tmp_path):
+    with GatewayProcess(database, fake.url, workers=2, metrics_public="true") as gw:
+        gw.start(tmp_path / "metrics.log")
+        key = gw.add_key("--name", "counted", "--rate-limit", "none")["key"]
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            statuses = list(pool.map(lambda _: requests.post(
+                gw.url + "/api/generate", json=GENERATE, headers=bearer(key),
+                timeout=60).status_code, range(20)))
+        assert statuses == [200] * 20
+        sample = re.compile(r'^ollama_gw_requests_total\{endpoint="/api/generate",'
+                            r'status="200"\} (\S+)$', re.M)
+        for _ in range(4):  # whichever worker answers the scrape, it reports both
+            text = requests.get(gw.url + "/metrics", timeout=30).text
+            assert float(sample.search(text).group(1)) == 20
+        assert 'ollama_gw_tokens_total{kind="completion",model="llama3.2:latest"} 100.0' in text
+        assert "ollama_gw_request_duration_seconds_bucket" in text
+
+
+def test_access_log_lines_are_json_with_the_key_prefix(database, fake, tmp_path):
+    with GatewayProcess(database, fake.url, workers=1) as gw:
+        gw.start(tmp_path / "access.log")
+        created = gw.add_key("--name", "logged")
+        requests.post(gw.url + "/api/generate", json=GENERATE, headers=bearer(created["key"]),
+                      timeout=60)
+        assert wait_for(lambda: '"path":"/api/generate"' in gw.log(), 30)
+        line = next(line for line in gw.log().splitlines() if '"path":"/api/generate"' in line)
+        entry = json.loads(line[line.index("{"):])
+        assert (entry["key"], entry["status"], entry["model"]) == (
+            created["prefix"], 200, "llama3.2:latest")
+
+
+def test_records_made_while_postgres_is_away_are_written_once_it_is_back(
+        own_postgres, fake, tmp_path):
+    host_port = own_postgres.rpartition("@")[2].partition("/")[0]
+    host, _, port = host_port.partition(":")
+    with TcpProxy(host, int(port or 5432)) as proxy:
+        through_proxy = own_postgres.replace(host_port, f"127.0.0.1:{proxy.port}")
+        with GatewayProcess(through_proxy, fake.url, workers=1, key_cache_seconds=300) as gw:
+            gw.start(tmp_path / "away.log")
+            created = gw.add_key("--name", "steady", "--rate-limit", "none")
+            assert requests.post(gw.url + "/api/generate", json=GENERATE, timeout=60,
+                                 headers=bearer(created["key"])).status_code == 200
+            proxy.cut()
+            # The key is cached and unlimited: requests need no database, only their records.
+            for _ in range(5):
+                assert requests.post(gw.url + "/api/generate", json=GENERATE, timeout=60,
+                                     headers=bearer(created["key"])).status_code == 200
+            assert wait_for(lambda: "could not write" in gw.log(), 30)
+            proxy.restore()
+            direct = GatewayProcess(own_postgres, fake.url)  # the CLI, not through the proxy
+            assert wait_for(lambda: (usage_of(direct, created["prefix"]) or {})
+                            .get("requests") == 6, 60)
+
+
+def test_a_sqlite_write_that_waits_for_the_lock_does_not_stall_other_streams(fake, tmp_path):
+    path = tmp_path / "locked.db"
+    with GatewayProcess(f"sqlite:///{path}", fake.url, workers=1) as gw:
+        gw.start(tmp_path / "locked.log")
+        streaming = gw.add_key("--name", "reader", "--rate-limit", "none")["key"]
+        counted = gw.add_key("--name", "writer", "--rate-limit", "1000/hour")["key"]
+        fake.token_delay = 0.05
+        stream = requests.post(gw.url + "/api/generate", headers=bearer(streaming),
+                               stream=True, timeout=120,
+                               json={**GENERATE, "stream": True,
+                                     "options": {"num_predict": 200}})
+        lines = stream.iter_lines()
+        next(lines)
+        holder = sqlite3.connect(path, isolation_level=None, timeout=30)
+        holder.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+        waiting = concurrent.futures.ThreadPoolExecutor(1).submit(
+            lambda: requests.post(gw.url + "/api/generate", json=GENERATE,
+                                  headers=bearer(counted), timeout=120).status_code)
+        held_until = time.monotonic() + 2
+        during = 0
+        while time.monotonic() < held_until:
+            next(lines)
+            during += 1
+        holder.execute("COMMIT")
+        holder.close()
+        assert not waiting.done() or waiting.result() == 200
+        assert waiting.result(timeout=60) == 200  # it waited for the lock, then counted
+        stream.close()
+    # ~40 tokens in those 2 s; a worker frozen in SQLite's busy wait relays none.
+    assert during >= 10
