@@ -76,6 +76,17 @@ def build_deb(tree):
     return deb
 
 
+_built = {}
+
+
+def current_deb(tmp_path_factory):
+    """This tree's .deb, built once per test session for every module that needs it."""
+    if "current" not in _built:
+        tree = stage_source(tmp_path_factory.mktemp("deb") / "ollama-gw")
+        _built["current"] = build_deb(tree)
+    return _built["current"]
+
+
 def apt(*args):
     """apt-get, non-interactive; keeps an edited conffile as a scripted upgrade would."""
     return run(["apt-get", "-y", "-q", "-o", "Dpkg::Options::=--force-confold", *args],

@@ -26,6 +26,7 @@ from tests.packaging_tools import (
     apt,
     build_deb,
     bump_version,
+    current_deb,
     healthy,
     run,
     stage_source,
@@ -74,9 +75,8 @@ def cli(*args, cwd="/root"):
 def debs(tmp_path_factory):
     """(this tree's .deb, a .deb of the same tree one release later with one more migration)."""
     require_root_and(BUILD_TOOLS)
-    builds = tmp_path_factory.mktemp("deb")
-    current = build_deb(stage_source(builds / "current" / "ollama-gw"))
-    later = stage_source(builds / "later" / "ollama-gw")
+    current = current_deb(tmp_path_factory)
+    later = stage_source(tmp_path_factory.mktemp("deb-later") / "ollama-gw")
     version = run(["dpkg-parsechangelog", "-S", "Version"], cwd=later).stdout.strip()
     bump_version(later, f"{version}+upgrade1", "Packaging test: an upgrade with a migration.")
     (later / "migrations" / "9999_upgrade_probe.py").write_text(
@@ -127,8 +127,11 @@ def test_lintian_reports_no_errors(debs):
 
 def test_install_creates_user_settings_and_data_directory(installed, upstream):
     assert cli("--version").stdout.strip() == "ollama-gw " + installed_version()
-    checked = cli("check")
+    checked = cli("check")  # the command read OLLAMA_URL from /etc/default/ollama-gw
     assert "all checks passed" in checked.stdout and upstream.url in checked.stdout
+    overridden = run(["ollama-gw", "check"], check=False, cwd="/root", env={
+        "PATH": SYSTEM_PATH, "HOME": "/root", "OLLAMA_URL": "http://127.0.0.1:9"})
+    assert overridden.returncode == 1 and "http://127.0.0.1:9" in overridden.stdout
     user = pwd.getpwnam(SERVICE_USER)
     assert user.pw_dir == DATA_DIR and user.pw_shell == "/usr/sbin/nologin"
     stat = os.stat(DATA_DIR)
@@ -178,7 +181,8 @@ def stream_lines(url, key, lines, started):
 def signal_during_stream(service, url, key, sig):
     """Send `sig` to the service while a stream is in flight; return the stream's lines."""
     lines, started = [], threading.Event()
-    reader = threading.Thread(target=stream_lines, args=(url, key, lines, started))
+    reader = threading.Thread(target=stream_lines, args=(url, key, lines, started),
+                              daemon=True)
     reader.start()
     try:
         assert started.wait(30), "the stream did not start"
