@@ -3,7 +3,7 @@ import os
 
 import click
 
-from cli import db, keys, serve, usage
+from cli import config, db, keys, serve, usage
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -26,6 +26,7 @@ cli.add_command(serve.check)
 cli.add_command(db.db_group)
 cli.add_command(keys.keys)
 cli.add_command(usage.usage)
+cli.add_command(config.config_group)
 
 
 def main():
