@@ -75,8 +75,8 @@ class Settings:
         60, "A concurrency slot not renewed for this long (its worker crashed) is free again.")
     log_level: str = setting("info", "debug, info, warning, error or critical.")
     access_log: bool = setting(
-        True, "Log one JSON line per relayed request (key prefix, model, status, timings, "
-        "tokens; never a key or prompt text) to the logger ollama_gw.access.")
+        True, "Write one JSON line per relayed request to stderr (key prefix, model, status, "
+        "timings, tokens; never a key or prompt text).")
     usage_flush_seconds: float = setting(
         0.25, "How often usage records are written to the database (also whenever 200 are "
         "waiting).")

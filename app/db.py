@@ -35,7 +35,7 @@ SQLITE_PRAGMAS = {
 }
 # How long a write waits for another process's write to finish, and how it polls.
 SQLITE_LOCK_WAIT = 10.0
-_FIRST_PAUSE, _LONGEST_PAUSE = 0.0005, 0.02
+_FIRST_PAUSE, _LONGEST_PAUSE = 0.0002, 0.002
 
 
 class CooperativeSqliteDatabase(PooledSqliteDatabase):

@@ -5,6 +5,7 @@ worker starts; each worker then writes its samples to files there, and /metrics 
 them up. Without that variable (tests, one process) the process's own registry is used.
 Labels are bounded: endpoints from a fixed list, models only once Ollama answered for them.
 """
+import functools
 import os
 
 from prometheus_client import (
@@ -52,23 +53,29 @@ def endpoint_label(path):
     return path if path in KNOWN_ENDPOINTS else "other"
 
 
+@functools.cache
+def _child(metric, *labels):
+    """metric.labels(*labels), looked up once: labels() takes a lock and a dict every call."""
+    return metric.labels(*labels)
+
+
 def observe(record, outcome):
     """Count one finished request (app/request_record.py calls this)."""
     endpoint = endpoint_label(record.endpoint)
-    REQUESTS.labels(endpoint, str(record.status)).inc()
-    LATENCY.labels(endpoint).observe(record.latency_ms / 1000)
+    _child(REQUESTS, endpoint, str(record.status)).inc()
+    _child(LATENCY, endpoint).observe(record.latency_ms / 1000)
     if record.ttfb_ms is not None:
-        TTFB.labels(endpoint).observe(record.ttfb_ms / 1000)
+        _child(TTFB, endpoint).observe(record.ttfb_ms / 1000)
     if record.refusal:
-        REFUSALS.labels(record.refusal).inc()
+        _child(REFUSALS, record.refusal).inc()
     elif record.status in (502, 504):
-        UPSTREAM_ERRORS.labels("unreachable" if record.status == 502 else "timeout").inc()
+        _child(UPSTREAM_ERRORS, "unreachable" if record.status == 502 else "timeout").inc()
     elif outcome is not None and outcome.upstream_error:
-        UPSTREAM_ERRORS.labels("mid_answer").inc()
+        _child(UPSTREAM_ERRORS, "mid_answer").inc()
     if record.model and record.prompt_tokens:
-        TOKENS.labels(record.model, "prompt").inc(record.prompt_tokens)
+        _child(TOKENS, record.model, "prompt").inc(record.prompt_tokens)
     if record.model and record.completion_tokens:
-        TOKENS.labels(record.model, "completion").inc(record.completion_tokens)
+        _child(TOKENS, record.model, "completion").inc(record.completion_tokens)
 
 
 def exposition():

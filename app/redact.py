@@ -19,12 +19,20 @@ _NAMED = re.compile(
 _KEY = re.compile(r"(ogw_[A-Za-z0-9_-]{8})[A-Za-z0-9_-]+")
 
 
+# Cheap substring tests first: most lines hold none of these, and skip both regexes.
+_NAME_HINTS = ("apikey", "api_key", "api-key", "bearer")
+
+
 def redact(text):
     """`text` with every key, and every value named like one, masked."""
     if not text:
         return text
-    text = _NAMED.sub(lambda m: m["lead"] + MASK, text)
-    return _KEY.sub(r"\1…", text)
+    lowered = text.lower()
+    if any(hint in lowered for hint in _NAME_HINTS):
+        text = _NAMED.sub(lambda m: m["lead"] + MASK, text)
+    if "ogw_" in text:
+        text = _KEY.sub(r"\1…", text)
+    return text
 
 
 class RedactingFormatter(logging.Formatter):

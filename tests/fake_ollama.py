@@ -503,6 +503,12 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(201)
 
 
+class _Server(ThreadingHTTPServer):
+    # Go's net/http listens with the system's somaxconn; socketserver's default of 5
+    # resets connections when a gateway opens a few dozen at once.
+    request_queue_size = 1024
+
+
 class FakeOllama:
     """A fake Ollama server on a real socket; see the module docstring.
 
@@ -543,7 +549,7 @@ class FakeOllama:
     def start(self) -> Self:
         if self._server is None:
             self._stopping = False
-            self._server = ThreadingHTTPServer((self.host, self.port), _Handler)
+            self._server = _Server((self.host, self.port), _Handler)
             self._server.daemon_threads, self._server.fake = True, self
             self.port = self._server.server_address[1]
             threading.Thread(
