@@ -19,20 +19,20 @@ def fake():
 
 
 def post(fake, path, body, **kw):
-    return requests.post(fake.url + path, json=body, timeout=5, **kw)
+    return requests.post(fake.url + path, json=body, timeout=60, **kw)
 
 
 def test_root_answers_ollama_is_running_for_get_and_head(fake):
-    r = requests.get(fake.url, timeout=5)
+    r = requests.get(fake.url, timeout=60)
     assert (r.status_code, r.text) == (200, "Ollama is running")
     assert r.headers["Content-Type"].startswith("text/plain")
-    head = requests.head(fake.url, timeout=5)
+    head = requests.head(fake.url, timeout=60)
     assert head.status_code == 200 and head.content == b""
 
 
 def test_version_and_tags_list_the_models(fake):
-    assert requests.get(fake.url + "/api/version", timeout=5).json()["version"].count(".") == 2
-    models = requests.get(fake.url + "/api/tags", timeout=5).json()["models"]
+    assert requests.get(fake.url + "/api/version", timeout=60).json()["version"].count(".") == 2
+    models = requests.get(fake.url + "/api/tags", timeout=60).json()["models"]
     assert [m["name"] for m in models] == DEFAULT_MODELS
     assert set(models[0]) == {"name", "model", "modified_at", "size", "digest", "details"}
     assert set(models[0]["details"]) == {
@@ -97,7 +97,7 @@ def test_num_predict_sets_the_token_count_and_reports_length(fake):
 def test_empty_prompt_is_the_load_model_call(fake):
     body = post(fake, "/api/generate", {"model": "llama3.2"}).json()
     assert body["done"] is True and body["done_reason"] == "load" and body["response"] == ""
-    assert [m["name"] for m in requests.get(fake.url + "/api/ps", timeout=5).json()["models"]] == [
+    assert [m["name"] for m in requests.get(fake.url + "/api/ps", timeout=60).json()["models"]] == [
         "llama3.2:latest"
     ]
 
@@ -154,14 +154,14 @@ def test_unknown_model_gets_ollamas_404_texts(fake):
 def test_missing_model_and_bad_json_are_400(fake):
     r = post(fake, "/api/chat", {"messages": []})
     assert (r.status_code, r.json()) == (400, {"error": "model is required"})
-    r = requests.post(fake.url + "/api/generate", data=b"{not json", timeout=5)
+    r = requests.post(fake.url + "/api/generate", data=b"{not json", timeout=60)
     assert r.status_code == 400 and "invalid character" in r.json()["error"]
-    r = requests.post(fake.url + "/api/generate", data=b"", timeout=5)
+    r = requests.post(fake.url + "/api/generate", data=b"", timeout=60)
     assert (r.status_code, r.json()) == (400, {"error": "missing request body"})
 
 
 def test_unknown_path_is_gos_plain_text_404(fake):
-    r = requests.get(fake.url + "/api/nothing", timeout=5)
+    r = requests.get(fake.url + "/api/nothing", timeout=60)
     assert (r.status_code, r.text, r.headers["Content-Type"]) == (
         404,
         "404 page not found",
@@ -173,12 +173,12 @@ def test_blob_upload_reads_a_chunked_body_and_checks_the_digest(fake):
     data = b"gguf" * 50_000
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
     url = f"{fake.url}/api/blobs/{digest}"
-    assert requests.head(url, timeout=5).status_code == 404
-    r = requests.post(url, data=(data[i : i + 4096] for i in range(0, len(data), 4096)), timeout=5)
+    assert requests.head(url, timeout=60).status_code == 404
+    r = requests.post(url, data=(data[i : i + 4096] for i in range(0, len(data), 4096)), timeout=60)
     assert r.status_code == 201 and fake.requests[-1].headers["transfer-encoding"] == "chunked"
-    assert requests.head(url, timeout=5).status_code == 200 and fake.blobs == {digest: len(data)}
+    assert requests.head(url, timeout=60).status_code == 200 and fake.blobs == {digest: len(data)}
     bad = "sha256:" + "0" * 64
-    r = requests.post(f"{fake.url}/api/blobs/{bad}", data=b"other", timeout=5)
+    r = requests.post(f"{fake.url}/api/blobs/{bad}", data=b"other", timeout=60)
     assert r.status_code == 400
     assert (
         r.json()["error"]
@@ -196,11 +196,11 @@ def test_pull_streams_status_and_adds_the_model_then_copy_and_delete(fake):
         post(fake, "/api/copy", {"source": "phi3", "destination": "phi3-copy"}).status_code == 200
     )
     assert (
-        requests.delete(fake.url + "/api/delete", json={"model": "phi3"}, timeout=5).status_code
+        requests.delete(fake.url + "/api/delete", json={"model": "phi3"}, timeout=60).status_code
         == 200
     )
     assert (
-        requests.delete(fake.url + "/api/delete", json={"model": "phi3"}, timeout=5).status_code
+        requests.delete(fake.url + "/api/delete", json={"model": "phi3"}, timeout=60).status_code
         == 404
     )
     assert fake.models[-1] == "phi3-copy:latest"
@@ -230,7 +230,7 @@ def test_client_closing_mid_stream_is_recorded_as_a_cancellation(fake):
 
 def test_fail_after_tokens_ends_the_stream_without_a_done_line(fake):
     fake.fail_after_tokens = 2
-    s = socket.create_connection(("127.0.0.1", fake.port), timeout=5)
+    s = socket.create_connection(("127.0.0.1", fake.port), timeout=60)
     body = json.dumps({"model": "llama3.2", "prompt": "hi"}).encode()
     s.sendall(
         b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
@@ -254,7 +254,7 @@ def test_fail_after_tokens_ends_the_stream_without_a_done_line(fake):
 def test_reset_restores_knobs_and_forgets_requests(fake):
     fake.tokens, fake.token_delay, fake.fail_after_tokens = 9, 1.0, 1
     fake.models.append("extra:latest")
-    requests.get(fake.url, timeout=5)
+    requests.get(fake.url, timeout=60)
     fake.reset()
     assert (fake.tokens, fake.token_delay, fake.fail_after_tokens, fake.requests) == (
         5,
