@@ -149,7 +149,7 @@ def _open_stream(gateway, key, **body):
 def _raw_stream(gateway, key, **body):
     """A bare socket that sent a streaming request and saw its headers."""
     payload = json.dumps({"model": "llama3.2", "prompt": "tell a long story", **body}).encode()
-    sock = socket.create_connection(("127.0.0.1", gateway.port), timeout=10)
+    sock = socket.create_connection(("127.0.0.1", gateway.port), timeout=60)
     sock.sendall(b"POST /api/generate HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
                  b"Authorization: Bearer " + key.encode() + b"\r\n"
                  b"Content-Length: " + str(len(payload)).encode() + b"\r\n\r\n" + payload)
@@ -225,7 +225,7 @@ def test_sigterm_lets_an_inflight_stream_finish(database, fake, tmp_path):
 
 def _send_raw(gateway, head, body=b"", close_after_send=False):
     """Send bytes as they are (bad framing included); return the status line, or None."""
-    sock = socket.create_connection(("127.0.0.1", gateway.port), timeout=10)
+    sock = socket.create_connection(("127.0.0.1", gateway.port), timeout=60)
     with sock:
         sock.sendall(head.replace(b"\n", b"\r\n") + b"\r\n" + body)
         if close_after_send:

@@ -365,7 +365,7 @@ def test_embed_answers_one_vector_per_input(client, user_key):
     ("POST", "/api/no-such-endpoint", b"{}"),
 ])
 def test_answer_is_relayed_byte_for_byte(client, fake, user_key, method, path, body):
-    direct = requests.request(method, fake.url + path, data=body, timeout=5)
+    direct = requests.request(method, fake.url + path, data=body, timeout=60)
     response = client.open(path, method=method, data=body, headers=auth_header(user_key))
     assert response.status_code == direct.status_code
     assert response.headers["Content-Type"] == direct.headers["Content-Type"]
@@ -389,7 +389,7 @@ def test_unknown_model_gets_ollamas_own_error(client, user_key, path, body, stat
     ("/api/chat", {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}]}),
 ])
 def test_stream_carries_the_same_lines_as_ollama_sends(client, fake, user_key, path, body):
-    direct = requests.post(fake.url + path, json=body, timeout=5)
+    direct = requests.post(fake.url + path, json=body, timeout=60)
     response = client.post(path, json=body, headers=auth_header(user_key))
     assert [without_timings(x) for x in ndjson(response.data)] == [
         without_timings(x) for x in ndjson(direct.content)]
