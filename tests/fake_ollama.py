@@ -1,7 +1,8 @@
 """A fake Ollama server for integration tests (standard library only).
 
 It listens on a real socket and speaks Ollama's wire format, modelled on Ollama
-v0.6.8 (server/routes.go, api/types.go, docs/api.md): chunked
+v0.6.8 (server/routes.go, api/types.go, docs/api.md) and, for its OpenAI-compatible
+/v1 endpoints, on Ollama's openai package (tests/fake_ollama_v1.py): chunked
 `application/x-ndjson` streams written one line per chunk, Go-style JSON, and the
 same error texts and status codes.  So the gateway, and the official `ollama`
 Python client, can be tested against real streaming, client disconnects and
@@ -22,11 +23,14 @@ import json
 import re
 import select
 import socket
+import sys
 import threading
 import time
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Self
+
+from tests.fake_ollama_v1 import OpenAIRoutes
 
 VERSION = "0.6.8"
 DEFAULT_MODELS = ["llama3.2:latest", "qwen2.5:0.5b", "nomic-embed-text:latest"]
@@ -133,7 +137,7 @@ class _Crash(Exception):
     """Raised to drop the connection the way a crashing Ollama would."""
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(OpenAIRoutes, BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True  # each NDJSON chunk leaves at once
 
@@ -161,6 +165,8 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._blob(path[len("/api/blobs/") :])
             body = b"".join(self._body_pieces())
             self.fake._record(self, body)
+            if path.startswith("/v1/"):
+                return self._v1_dispatch(path, body)
             name = ROUTES.get((self.command, path))
             if name is None:  # gin's NoRoute answer, for wrong methods too
                 self._send(404, b"404 page not found", "text/plain")
@@ -507,6 +513,11 @@ class _Server(ThreadingHTTPServer):
     # Go's net/http listens with the system's somaxconn; socketserver's default of 5
     # resets connections when a gateway opens a few dozen at once.
     request_queue_size = 1024
+
+    def handle_error(self, request, client_address):
+        """A client that hangs up on an idle connection is not an error worth a traceback."""
+        if not isinstance(sys.exc_info()[1], OSError):
+            super().handle_error(request, client_address)
 
 
 class FakeOllama:

@@ -55,6 +55,9 @@ class GatewayProcess:
             "OLLAMA_URL": upstream,
             "OLLAMA_GW_WORKERS": str(workers),
             "OLLAMA_GW_BIND": f"127.0.0.1:{self.port}",
+            # PostgreSQL here takes 100 connections, shared by every suite on the machine:
+            # four per worker keep two suites running at once under it.
+            "OLLAMA_GW_DATABASE_POOL_SIZE": "4",
             **{f"OLLAMA_GW_{k.upper()}": str(v) for k, v in settings.items()},
         }
         self.env.pop("OLLAMA_GW_CONFIG", None)

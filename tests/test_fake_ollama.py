@@ -78,7 +78,7 @@ def test_generate_stream_sends_each_line_as_its_own_chunk(fake):
         final
     )
     assert generating[0] == 1  # the first line came while the rest was still being made
-    assert fake.active_streams == 0
+    assert wait_for(lambda: fake.active_streams == 0, 30)
 
 
 def test_num_predict_sets_the_token_count_and_reports_length(fake):

@@ -1,0 +1,242 @@
+"""Ollama's OpenAI-compatible API (/v1) for the fake Ollama.
+
+Modelled on Ollama's openai/openai.go and middleware/openai.go: the same objects in
+Go's field order, `text/event-stream` answers one event per HTTP chunk, the usage
+chunk (`"choices": []`) only with `stream_options.include_usage`, `data: [DONE]` at
+the end of chat and completion streams, and errors as
+`{"error": {"message", "type", "param", "code"}}`. `stream` defaults to false here, as
+in the OpenAI API. The fake's knobs (tokens, delays, crashes) apply as on /api.
+"""
+import json
+import random
+import time
+
+from tests import fake_ollama as base  # partly initialised when this is imported: used late
+
+V1_JSON = "application/json"  # the middleware sets it without a charset
+SSE = "text/event-stream"
+ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error"}
+
+
+def _usage(prompt, completion):
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion}
+
+
+class OpenAIRoutes:
+    """Mixed into the fake's request handler: answers paths under /v1."""
+
+    def _v1_dispatch(self, path, body):
+        if self.command == "GET" and path == "/v1/models":
+            return self._v1_models()
+        if self.command == "GET" and path.startswith("/v1/models/"):
+            return self._v1_model(path[len("/v1/models/"):])
+        handler = {"/v1/chat/completions": self._v1_chat, "/v1/completions": self._v1_complete,
+                   "/v1/embeddings": self._v1_embed, "/v1/responses": self._v1_responses}
+        if self.command != "POST" or path not in handler:
+            return self._send(404, b"404 page not found", "text/plain")
+        try:
+            req = json.loads(body or b"null")
+        except ValueError as exc:
+            return self._v1_error(400, str(exc))
+        if not isinstance(req, dict):
+            return self._v1_error(400, "json: cannot unmarshal into Go value of type request")
+        handler[path](req)
+
+    # -- plumbing
+
+    def _v1_json(self, obj, status=200):
+        self._send(status, base._dumps(obj) + b"\n", V1_JSON)  # Go's json.Encoder adds a newline
+
+    def _v1_error(self, status, message):
+        self._v1_json({"error": {"message": message, "type": ERROR_TYPES.get(status, "api_error"),
+                                 "param": None, "code": None}}, status)
+
+    def _event(self, payload: bytes):
+        """One SSE event as its own HTTP chunk; the first one sends the headers."""
+        if not self._started:
+            self._started = True
+            self.send_response(200)
+            self.send_header("Content-Type", SSE)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(payload), payload))
+
+    def _data(self, obj):
+        self._event(b"data: " + base._dumps(obj) + b"\n\n")
+
+    def _end_stream(self):
+        self.wfile.write(b"0\r\n\r\n")
+
+    def _v1_model_or_error(self, req, unknown):
+        name = req.get("model") or ""
+        if not self.fake._has(name):
+            self._v1_error(404, unknown.format(name=name, q=base._q(name)))
+            return None
+        return name
+
+    def _generate(self, stream, req, count_from=0):
+        """Yield (number, token text) for the answer's tokens, honouring the fake's knobs."""
+        self._begin(stream)
+        max_tokens = req.get("max_tokens") or req.get("max_output_tokens")
+        n = max_tokens if isinstance(max_tokens, int) and max_tokens > 0 else self.fake.tokens
+        for i in range(n):
+            self._tick(i)
+            yield i + count_from, f"word{i}" if i == 0 else f" word{i}"
+        if self.fake.fail_after_tokens is not None and n >= self.fake.fail_after_tokens:
+            raise base._Crash
+        self._reason = "length" if isinstance(max_tokens, int) and max_tokens > 0 else "stop"
+
+    # -- endpoints
+
+    def _v1_chat(self, req):
+        messages = req.get("messages")
+        if not messages:
+            return self._v1_error(400, "[] is too short - 'messages'")
+        if not (model := self._v1_model_or_error(req, base.NOT_PULLED)):
+            return
+        prompt = base._words(*(m.get("content") for m in messages if isinstance(m, dict)))
+        head = {"id": f"chatcmpl-{random.randrange(999)}", "object": "chat.completion.chunk",
+                "created": int(time.time()), "model": model, "system_fingerprint": "fp_ollama"}
+        if not req.get("stream"):
+            text = "".join(token for _, token in self._generate(False, req))
+            return self._v1_json({**head, "object": "chat.completion", "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": text},
+                 "finish_reason": self._reason}], "usage": _usage(prompt, len(text.split()))})
+        n = 0
+        for n, token in self._generate(True, req, count_from=1):  # noqa: B007 (n: the count)
+            self._data({**head, "choices": [{"index": 0, "delta": {
+                "role": "assistant", "content": token}, "finish_reason": None}]})
+        final = {**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                      "finish_reason": self._reason}]}
+        self._data(final)
+        if (req.get("stream_options") or {}).get("include_usage"):
+            self._data({**final, "choices": [], "usage": _usage(prompt, n)})
+        self._event(b"data: [DONE]\n\n")
+        self._end_stream()
+
+    def _v1_complete(self, req):
+        if not (model := self._v1_model_or_error(req, base.NOT_FOUND)):
+            return
+        prompt = base._words(req.get("prompt"))
+        usage_wanted = bool((req.get("stream_options") or {}).get("include_usage"))
+
+        def chunk(text, reason, usage=None):
+            obj = {"id": head_id, "object": "text_completion", "created": created,
+                   "choices": [{"text": text, "index": 0, "finish_reason": reason}],
+                   "model": model, "system_fingerprint": "fp_ollama"}
+            if usage_wanted:  # Ollama puts a zeroed usage in every chunk then
+                obj["usage"] = usage or _usage(0, 0)
+            return obj
+
+        head_id, created = f"cmpl-{random.randrange(999)}", int(time.time())
+        if not req.get("stream"):
+            text = "".join(token for _, token in self._generate(False, req))
+            return self._v1_json({"id": head_id, "object": "text_completion",
+                                  "created": created, "model": model,
+                                  "system_fingerprint": "fp_ollama",
+                                  "choices": [{"text": text, "index": 0,
+                                               "finish_reason": self._reason}],
+                                  "usage": _usage(prompt, len(text.split()))})
+        n = 0
+        for n, token in self._generate(True, req, count_from=1):  # noqa: B007 (n: the count)
+            self._data(chunk(token, None))
+        self._data(chunk("", self._reason))
+        if usage_wanted:
+            final = chunk("", self._reason, _usage(prompt, n))
+            self._data({**final, "choices": []})
+        self._event(b"data: [DONE]\n\n")
+        self._end_stream()
+
+    def _v1_embed(self, req):
+        raw = req.get("input")
+        inputs = [raw] if isinstance(raw, str) else raw
+        if not inputs or not all(isinstance(x, str) for x in inputs):
+            return self._v1_error(400, "invalid input")
+        if not (model := self._v1_model_or_error(req, base.NOT_PULLED)):
+            return
+        self._begin(False)
+        count = base._words(*inputs)
+        self._v1_json({"object": "list", "data": [
+            {"object": "embedding", "embedding": base._vector(model, text), "index": i}
+            for i, text in enumerate(inputs)], "model": model,
+            "usage": {"prompt_tokens": count, "total_tokens": count}})
+
+    def _v1_models(self):
+        self._v1_json({"object": "list", "data": [self._model_object(m)
+                                                   for m in self.fake.models]})
+
+    def _v1_model(self, name):
+        if not self.fake._has(name):
+            return self._v1_error(404, f"model '{name}' not found")
+        self._v1_json(self._model_object(name))
+
+    def _model_object(self, name):
+        parts = name.split("/")
+        owner = parts[-2] if len(parts) > 1 else "library"
+        return {"id": name, "object": "model", "created": 1735689600, "owned_by": owner}
+
+    def _v1_responses(self, req):
+        if not (model := self._v1_model_or_error(req, base.NOT_PULLED)):
+            return
+        given = req.get("input")
+        texts = [given] if isinstance(given, str) else [
+            item.get("content") for item in given or [] if isinstance(item, dict)]
+        prompt = base._words(*texts)
+        response_id, item_id = f"resp_{random.randrange(999999)}", f"msg_{random.randrange(999999)}"
+
+        def response(status, output, usage=None):
+            return {"id": response_id, "object": "response", "created_at": int(time.time()),
+                    "completed_at": int(time.time()) if status == "completed" else None,
+                    "status": status, "incomplete_details": None, "model": model,
+                    "previous_response_id": None, "instructions": req.get("instructions"),
+                    "output": output, "error": None, "tools": [], "tool_choice": "auto",
+                    "truncation": "disabled", "parallel_tool_calls": True,
+                    "text": {"format": {"type": "text"}}, "top_p": 1.0,
+                    "presence_penalty": 0, "frequency_penalty": 0, "top_logprobs": 0,
+                    "temperature": 1.0, "reasoning": None, "usage": usage,
+                    "max_output_tokens": req.get("max_output_tokens"), "max_tool_calls": None,
+                    "store": False, "background": False, "service_tier": "default",
+                    "metadata": {}, "safety_identifier": None, "prompt_cache_key": None}
+
+        def message(text, status):
+            return {"id": item_id, "type": "message", "status": status, "role": "assistant",
+                    "content": [{"type": "output_text", "text": text, "annotations": [],
+                                 "logprobs": []}]}
+
+        def usage(n):
+            return {"input_tokens": prompt, "output_tokens": n, "total_tokens": prompt + n,
+                    "input_tokens_details": {"cached_tokens": 0},
+                    "output_tokens_details": {"reasoning_tokens": 0}}
+
+        if not req.get("stream"):
+            text = "".join(token for _, token in self._generate(False, req))
+            return self._v1_json(response("completed", [message(text, "completed")],
+                                          usage(len(text.split()))))
+        sequence = iter(range(10**6))
+
+        def event(kind, **data):
+            self._event(b"event: %s\ndata: %s\n\n" % (kind.encode(), base._dumps(
+                {"type": kind, "sequence_number": next(sequence), **data})))
+
+        event("response.created", response=response("in_progress", []))
+        event("response.in_progress", response=response("in_progress", []))
+        text, n = "", 0
+        for n, token in self._generate(True, req, count_from=1):  # noqa: B007 (n: the count)
+            if not text:
+                event("response.output_item.added", output_index=0,
+                      item={**message("", "in_progress"), "content": []})
+                event("response.content_part.added", item_id=item_id, output_index=0,
+                      content_index=0, part={"type": "output_text", "text": "",
+                                             "annotations": [], "logprobs": []})
+            text += token
+            event("response.output_text.delta", item_id=item_id, output_index=0,
+                  content_index=0, delta=token, logprobs=[])
+        event("response.output_text.done", item_id=item_id, output_index=0, content_index=0,
+              text=text, logprobs=[])
+        event("response.content_part.done", item_id=item_id, output_index=0, content_index=0,
+              part=message(text, "completed")["content"][0])
+        event("response.output_item.done", output_index=0, item=message(text, "completed"))
+        event("response.completed", response=response("completed", [message(text, "completed")],
+                                                       usage(n)))
+        self._end_stream()
