@@ -18,6 +18,7 @@ def create_app(settings=None):
         request_body,
         routes,
         upstream,
+        webhook_delivery,
     )
     from app.config import load_settings
     from app.redact import redact_handlers
@@ -40,5 +41,6 @@ def create_app(settings=None):
     request_body.init_app(app)
     upstream.init_app(app)
     health.init_app(app)
+    webhook_delivery.init_app(app)
     routes.init_app(app)
     return app

@@ -65,3 +65,15 @@ def post_fork(server, worker):
         from psycogreen.gevent import patch_psycopg
 
         patch_psycopg()
+
+
+def worker_exit(server, worker):
+    """Let a stopping worker finish (or record as cut) the webhook attempts it has in flight.
+
+    Runs in the worker after it stopped serving. Also called in the master for a worker
+    that vanished; that has no app (and the master must not import one).
+    """
+    app = getattr(worker, "wsgi", None)
+    dispatcher = getattr(app, "extensions", {}).get("webhook_dispatcher")
+    if dispatcher is not None:
+        dispatcher.stop()

@@ -15,6 +15,7 @@ import peewee
 from app.db import db
 from app.limits import format_rate_limit, parse_duration, parse_rate_limit
 from app.models import ApiKey, utcnow
+from app.webhooks import enqueue, key_event_data
 
 KEY_PREFIX = "ogw_"
 PREFIX_LENGTH = len(KEY_PREFIX) + 8
@@ -167,6 +168,7 @@ def create_key(name, role="user", rate_limit=None, max_concurrent=None, models=N
                 row = ApiKey.create(
                     name=name, prefix=secret[:PREFIX_LENGTH], key_hash=hash_key(secret), **values
                 )
+                enqueue("key.created", key_event_data(row))  # committed with the key, or not at all
             return row, secret
         except peewee.IntegrityError:
             continue  # a prefix clash: 48 random bits make this vanishingly rare
@@ -226,8 +228,11 @@ def update_key(ident, name=None, **settings):
 def revoke_key(ident):
     """Revoke a key at once; return the row. Revoking twice is not an error."""
     row = find_key(ident)
-    if row.revoked_at is None:
-        ApiKey.update(revoked_at=utcnow()).where(ApiKey.id == row.id).execute()
+    with db.atomic():
+        # Only the revocation that changes the row reports it: twice is one key.revoked.
+        if ApiKey.update(revoked_at=utcnow()).where(
+                (ApiKey.id == row.id) & ApiKey.revoked_at.is_null()).execute():
+            enqueue("key.revoked", key_event_data(row))
     return ApiKey.get_by_id(row.id)
 
 
@@ -237,10 +242,13 @@ def rotate_key(ident):
     if row.revoked_at is not None:
         raise KeyOpError(f"key {row.prefix} is revoked; create a new key instead")
     secret = new_secret()
-    ApiKey.update(prefix=secret[:PREFIX_LENGTH], key_hash=hash_key(secret)).where(
-        ApiKey.id == row.id
-    ).execute()
-    return ApiKey.get_by_id(row.id), secret
+    with db.atomic():
+        ApiKey.update(prefix=secret[:PREFIX_LENGTH], key_hash=hash_key(secret)).where(
+            ApiKey.id == row.id
+        ).execute()
+        rotated = ApiKey.get_by_id(row.id)
+        enqueue("key.rotated", key_event_data(rotated, previous_prefix=row.prefix))
+    return rotated, secret
 
 
 def list_keys(include_revoked=True):
