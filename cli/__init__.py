@@ -3,7 +3,7 @@ import os
 
 import click
 
-from cli import db, keys, serve
+from cli import db, keys, serve, webhooks
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -25,6 +25,7 @@ cli.add_command(serve.serve)
 cli.add_command(serve.check)
 cli.add_command(db.db_group)
 cli.add_command(keys.keys)
+cli.add_command(webhooks.webhooks)
 
 
 def main():
