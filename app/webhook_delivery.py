@@ -128,8 +128,9 @@ class Dispatcher:
         if self._loop is not None:
             self._loop.join(timeout)
             self._loop.kill()
-        if self._pool is not None:
-            self._pool.join(timeout)
+        if self._pool is not None and not self._pool.join(timeout):
+            log.warning("stopping with %d webhook attempt(s) unanswered after %g s: recorded as "
+                        "interrupted, to be retried", len(self._pool), timeout)
             self._pool.kill(timeout=timeout)  # each greenlet records its cut attempt
         if self._session is not None:
             self._session.close()
