@@ -88,7 +88,10 @@ class Outcome:
         """`delivered: HTTP 200 in 12 ms`, or what went wrong."""
         answer = f"HTTP {self.status}" if self.status is not None else "no answer"
         text = f"{'delivered' if self.ok else 'failed'}: {answer} in {self.duration_ms} ms"
-        return text + (f" ({self.error})" if self.error and not self.ok else "")
+        detail = (self.error or "").removeprefix(answer).lstrip(": ").strip()
+        if detail.startswith("(") and detail.endswith(")"):
+            detail = detail[1:-1]
+        return text + (f" ({detail})" if detail and not self.ok else "")
 
 
 class Dispatcher:
@@ -276,11 +279,11 @@ class Dispatcher:
             if 200 <= answer.status_code < 300:
                 return answer.status_code, None
             text = answer.raw.read(ERROR_BODY_CHARS, decode_content=False) or b""
-            error = f"HTTP {answer.status_code}"
+            snippet = text.decode("utf-8", "replace").strip()
+            error = f"HTTP {answer.status_code}" + (f": {snippet}" if snippet else "")
             if 300 <= answer.status_code < 400:
                 error += " (redirects are not followed: give the final URL)"
-            snippet = text.decode("utf-8", "replace").strip()
-            return answer.status_code, error + (f": {snippet}" if snippet else "")
+            return answer.status_code, error
         except requests.RequestException as exc:
             return answer.status_code, f"HTTP {answer.status_code}: {_short(exc)}"
         finally:
