@@ -32,8 +32,12 @@ log = logging.getLogger(__name__)
 
 # Seconds between looks for due deliveries written by other processes and instances.
 POLL_SECONDS = 1.0
-# After being woken by an enqueue in this process, look again this much later: the
-# caller's transaction may not have committed at the first look.
+# After a wake (an enqueue in this process, a sender done), wait this long before claiming,
+# so one claim serves every sender freed meanwhile: while deliveries flow, claims are a
+# few write transactions a second, not one per delivery.
+COALESCE_SECONDS = 0.05
+# Then look again this much later: the enqueue's transaction may not have committed at
+# the first look.
 COMMIT_GRACE_SECONDS = 0.2
 # A claim outlives the attempt's own timeout by this much before another sender may retry.
 CLAIM_MARGIN = 60.0
@@ -143,8 +147,9 @@ class Dispatcher:
             try:
                 self._fill()
                 woken = self._wake.wait(POLL_SECONDS)
-                self._wake.clear()
                 if woken and not self._stopping:
+                    time.sleep(COALESCE_SECONDS)  # gevent's, in a worker
+                    self._wake.clear()
                     self._fill()
                     # The enqueue that woke us may commit a moment later: look once more
                     # soon, rather than at the next poll.
