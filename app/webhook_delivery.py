@@ -14,15 +14,13 @@ webhook_timeout: a receiver that is slow, failing or hanging holds only those gr
 never a client request.
 """
 import dataclasses
-import datetime
 import logging
 import threading
 import time
 
 import peewee
-import requests
-from requests.adapters import HTTPAdapter
 
+from app import webhook_http
 from app.cooperative import deadline, gevent_active
 from app.db import db, forget_idle_connections, is_postgres
 from app.models import Webhook, WebhookAttempt, WebhookDelivery
@@ -44,9 +42,6 @@ CLAIM_MARGIN = 60.0
 # Seconds attempts in flight get to finish when a worker stops; then they are cut, recorded
 # as interrupted and retried later (by any worker).
 STOP_SECONDS = 5.0
-# Characters of a failing receiver's answer kept in the attempt's error.
-ERROR_BODY_CHARS = 200
-
 _running = None  # the Dispatcher of this process, if one runs (a gunicorn worker)
 
 
@@ -243,56 +238,14 @@ class Dispatcher:
 
     @property
     def session(self):
-        """A session of the dispatcher's own: no proxy from the environment, no cookies."""
         if self._session is None:
-            import http.cookiejar
-
-            session = requests.Session()
-            session.trust_env = False
-            session.cookies.set_policy(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
-            session.headers.clear()
-            adapter = HTTPAdapter(pool_connections=8, pool_maxsize=self.concurrency,
-                                  max_retries=0)
-            session.mount("http://", adapter)
-            session.mount("https://", adapter)
-            self._session = session
+            self._session = webhook_http.new_session(self.concurrency)
         return self._session
 
     def send(self, claim):
-        """POST the payload, signed now; return (HTTP status or None, error or None)."""
-        from standardwebhooks import Webhook as Signer
-
-        signed_at = int(time.time())
-        when = datetime.datetime.fromtimestamp(signed_at, datetime.timezone.utc)
-        headers = {
-            "Content-Type": "application/json",
-            "User-Agent": "ollama-gw-webhooks",
-            "webhook-id": claim.message_id,
-            "webhook-timestamp": str(signed_at),
-            "webhook-signature": Signer(claim.secret).sign(claim.message_id, when,
-                                                           claim.payload),
-        }
-        try:
-            answer = self.session.post(claim.url, data=claim.payload.encode("utf-8"),
-                                       headers=headers, timeout=(self.timeout, self.timeout),
-                                       allow_redirects=False, stream=True)
-        except requests.Timeout:
-            return None, f"no answer within {self.timeout:g} s (webhook_timeout)"
-        except requests.RequestException as exc:
-            return None, f"cannot reach the receiver: {_short(exc)}"
-        try:
-            if 200 <= answer.status_code < 300:
-                return answer.status_code, None
-            text = answer.raw.read(ERROR_BODY_CHARS, decode_content=False) or b""
-            snippet = text.decode("utf-8", "replace").strip()
-            error = f"HTTP {answer.status_code}" + (f": {snippet}" if snippet else "")
-            if 300 <= answer.status_code < 400:
-                error += " (redirects are not followed: give the final URL)"
-            return answer.status_code, error
-        except requests.RequestException as exc:
-            return answer.status_code, f"HTTP {answer.status_code}: {_short(exc)}"
-        finally:
-            answer.close()
+        """POST the claim's payload, signed now; return (HTTP status or None, error or None)."""
+        return webhook_http.post(self.session, claim.url, claim.message_id, claim.secret,
+                                 claim.payload, self.timeout)
 
     def record(self, claim, at, status, error, duration_ms):
         """Keep the attempt and set what happens next: delivered, a retry, or failed."""
@@ -363,24 +316,3 @@ def init_app(app):
 
 def _ms_since(clock):
     return int((time.monotonic() - clock) * 1000)
-
-
-def _short(exc):
-    """What went wrong in a few words: the OS's reason (`Connection refused`) if there is one.
-
-    requests wraps it in urllib3's retry and pool errors, whose text repeats the URL.
-    """
-    seen, todo = set(), [exc]
-    while todo:
-        cause = todo.pop(0)
-        if cause is None or id(cause) in seen:
-            continue
-        seen.add(id(cause))
-        if type(cause).__module__ == "builtins" and isinstance(cause, OSError) and cause.strerror:
-            return cause.strerror
-        if type(cause).__module__ == "socket" and cause.args:  # gaierror: an unknown host
-            return f"{cause.args[-1]}"
-        todo += [*(a for a in cause.args if isinstance(a, BaseException)),
-                 getattr(cause, "reason", None), cause.__cause__, cause.__context__]
-    text = str(exc) or type(exc).__name__
-    return text if len(text) <= 300 else text[:300] + "…"
