@@ -72,11 +72,15 @@ def list_(as_json):
     elif not summaries:
         click.echo("no webhooks yet: add one with `ollama-gw webhooks add URL`")
     else:
-        table([{**s, "events": ",".join(s["events"]),
+        table([{**s, "events": _events_for_people(s["events"]),
                 "prompt": "yes" if s["include_prompt"] else "no",
                 "created_at": s["created_at"][:16].replace("T", " ") + " UTC", **s["deliveries"]}
                for s in summaries],
               ["id", "url", "events", "prompt", "pending", "delivered", "failed", "created_at"])
+
+
+def _events_for_people(events):
+    return "all six" if tuple(events) == hooks.EVENTS else ",".join(events)
 
 
 @webhooks.command()
