@@ -19,6 +19,7 @@ def create_app(settings=None):
         request_record,
         routes,
         upstream,
+        webhook_delivery,
     )
     from app.config import load_settings
     from app.redact import redact_handlers
@@ -42,5 +43,6 @@ def create_app(settings=None):
     request_record.init_app(app)
     upstream.init_app(app)
     health.init_app(app)
+    webhook_delivery.init_app(app)
     routes.init_app(app)
     return app

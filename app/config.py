@@ -73,6 +73,16 @@ class Settings:
         "within this.")
     slot_lease_seconds: int = setting(
         60, "A concurrency slot not renewed for this long (its worker crashed) is free again.")
+    webhook_timeout: float = setting(
+        10.0, "Seconds one webhook delivery attempt may take, from connecting to the "
+        "receiver's answer; a slower attempt counts as failed and is retried.")
+    webhook_concurrency: int = setting(
+        8, "Webhook deliveries each worker sends at once; others wait their turn. Client "
+        "requests never wait on them.")
+    webhook_retry_seconds: tuple = setting(
+        (5, 300, 1800, 7200, 18000, 36000, 36000), "Seconds before each retry of a failed "
+        "webhook delivery (5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 10 h: eight attempts over "
+        "about 27 hours); after the last the delivery is marked failed. [] never retries.")
     log_level: str = setting("info", "debug, info, warning, error or critical.")
     access_log: bool = setting(
         True, "Write one JSON line per relayed request to stderr (key prefix, model, status, "
@@ -186,6 +196,8 @@ def _coerce(name, value, source=""):
             if not isinstance(value, (str, list, tuple)):
                 raise ValueError(value)
             items = value.split(",") if isinstance(value, str) else list(value)
+            if default and all(isinstance(item, (int, float)) for item in default):
+                return _numbers(items)
             return tuple(str(item).strip().rstrip("/") for item in items if str(item).strip())
         if isinstance(default, (int, float)) and isinstance(value, bool):
             raise ValueError(value)
@@ -196,7 +208,16 @@ def _coerce(name, value, source=""):
         return type(default)(value)
     except (TypeError, ValueError):
         kind = "a list" if isinstance(default, tuple) else type(default).__name__
+        if isinstance(default, tuple) and default and not isinstance(default[0], str):
+            kind = "a list of numbers"
         raise ConfigError(f"setting {label} must be {kind}, got {value!r}") from None
+
+
+def _numbers(items):
+    """A list of numbers from TOML or `5,300,1800` in the environment; never bools."""
+    if any(isinstance(item, bool) for item in items):
+        raise ValueError(items)
+    return tuple(float(item) for item in items if str(item).strip())
 
 
 def validate(settings):
@@ -240,6 +261,14 @@ def validate(settings):
             raise ConfigError(f"cors_origins entry {origin!r} must be an origin like "
                               "https://chat.example.com, a pattern like http://localhost:*, "
                               "or *")
+    if settings.webhook_timeout <= 0:
+        raise ConfigError("webhook_timeout must be a positive number of seconds")
+    if not 1 <= settings.webhook_concurrency <= 1000:
+        raise ConfigError("webhook_concurrency must be 1 to 1000, got "
+                          f"{settings.webhook_concurrency}")
+    if any(not 0 < seconds < 10**7 for seconds in settings.webhook_retry_seconds):
+        raise ConfigError("webhook_retry_seconds must be positive numbers of seconds (each "
+                          "under 10 million), e.g. [5, 300, 1800]")
 
 
 def _validate_database_url(url):

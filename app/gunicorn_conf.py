@@ -75,16 +75,24 @@ def post_fork(server, worker):
 
 
 def worker_exit(server, worker):
-    """After a worker's last request (SIGTERM, reload): write its usage records.
+    """After a worker's last request (SIGTERM, reload): write its usage, then its webhooks.
 
-    What the database does not take within a few seconds is saved to a file in the
-    data directory and written by the next gateway to start (app/usage.py).
+    Usage first: its batch stores webhook events, which the dispatcher then tries to
+    send before it stops (or leaves in the database for the next sender). Usage the
+    database does not take within a few seconds is saved to a file in the data
+    directory and written by the next gateway to start (app/usage.py). Also called in
+    the master for a worker that vanished; that has no app, and the master must not
+    import one.
     """
     app = getattr(worker, "wsgi", None)
-    if app is not None and "usage" in getattr(app, "extensions", {}):
+    extensions = getattr(app, "extensions", {})
+    if "usage" in extensions:
         from app.request_record import flush_at_exit
 
         flush_at_exit(app)
+    dispatcher = extensions.get("webhook_dispatcher")
+    if dispatcher is not None:
+        dispatcher.stop()
 
 
 def child_exit(server, worker):

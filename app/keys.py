@@ -21,6 +21,7 @@ from app.limits import (
     parse_token_quota,
 )
 from app.models import ApiKey, utcnow
+from app.webhooks import enqueue, key_event_data
 
 KEY_PREFIX = "ogw_"
 PREFIX_LENGTH = len(KEY_PREFIX) + 8
@@ -184,6 +185,7 @@ def create_key(name, role="user", rate_limit=None, max_concurrent=None, models=N
                 row = ApiKey.create(
                     name=name, prefix=secret[:PREFIX_LENGTH], key_hash=hash_key(secret), **values
                 )
+                enqueue("key.created", key_event_data(row))  # committed with the key, or not at all
             return row, secret
         except peewee.IntegrityError:
             continue  # a prefix clash: 48 random bits make this vanishingly rare
@@ -243,8 +245,11 @@ def update_key(ident, name=None, **settings):
 def revoke_key(ident):
     """Revoke a key at once; return the row. Revoking twice is not an error."""
     row = find_key(ident)
-    if row.revoked_at is None:
-        ApiKey.update(revoked_at=utcnow()).where(ApiKey.id == row.id).execute()
+    with db.atomic():
+        # Only the revocation that changes the row reports it: twice is one key.revoked.
+        if ApiKey.update(revoked_at=utcnow()).where(
+                (ApiKey.id == row.id) & ApiKey.revoked_at.is_null()).execute():
+            enqueue("key.revoked", key_event_data(row))
     return ApiKey.get_by_id(row.id)
 
 
@@ -254,10 +259,13 @@ def rotate_key(ident):
     if row.revoked_at is not None:
         raise KeyOpError(f"key {row.prefix} is revoked; create a new key instead")
     secret = new_secret()
-    ApiKey.update(prefix=secret[:PREFIX_LENGTH], key_hash=hash_key(secret)).where(
-        ApiKey.id == row.id
-    ).execute()
-    return ApiKey.get_by_id(row.id), secret
+    with db.atomic():
+        ApiKey.update(prefix=secret[:PREFIX_LENGTH], key_hash=hash_key(secret)).where(
+            ApiKey.id == row.id
+        ).execute()
+        rotated = ApiKey.get_by_id(row.id)
+        enqueue("key.rotated", key_event_data(rotated, previous_prefix=row.prefix))
+    return rotated, secret
 
 
 def list_keys(include_revoked=True):

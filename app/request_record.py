@@ -16,7 +16,7 @@ from urllib.parse import urlencode
 from flask import current_app, g, request
 from werkzeug.wsgi import ClosingIterator
 
-from app import metrics
+from app import metrics, webhooks
 from app.keys import normalize_model
 from app.redact import redact
 from app.usage import Record, UsageWriter, load_spills, spill, token_counts
@@ -50,6 +50,19 @@ def begin(endpoint):
 
 def current():
     return g.get("usage")
+
+
+def keep_prompt(pending, payload):
+    """Keep go-ollama-api's webhook fields (prompt, stream, images, raw) if a webhook wants
+    them; otherwise no prompt text is held at all."""
+    if payload and webhooks.wants_prompts():
+        messages = payload.get("messages")
+        prompt = payload.get("prompt")
+        if prompt is None and isinstance(messages, list) and messages:
+            last = messages[-1]
+            prompt = last.get("content") if isinstance(last, dict) else None
+        pending.prompt = {"prompt": prompt, "stream": payload.get("stream", True),
+                          "images": payload.get("images") or [], "raw": payload.get("raw")}
 
 
 def relaying(pending):
@@ -144,6 +157,7 @@ def init_app(app):
     settings = app.config["SETTINGS"]
     writer = app.extensions["usage"] = UsageWriter(
         settings.usage_buffer_records, settings.usage_flush_seconds,
+        on_batch=webhooks.enqueue_usage,  # events stored with the records: the outbox
         on_written=lambda depth: metrics.USAGE_BUFFER.set(depth))
     load_spills(settings.resolved_data_dir, writer)
 

@@ -317,3 +317,68 @@ def test_the_gateway_reports_its_own_time_in_server_timing(client, make_key, fak
     timing = response.headers["Server-Timing"]
     assert timing.startswith("gateway;dur=") and ", ollama;dur=" in timing
     assert fake_text(fake.tokens)  # the answer itself is untouched
+
+
+# --- usage as webhook events -----------------------------------------------------------------
+
+def _events(event):
+    from app.models import WebhookDelivery
+
+    return [json.loads(d.payload) for d in WebhookDelivery.select().where(
+        WebhookDelivery.event == event).order_by(WebhookDelivery.id)]
+
+
+def test_a_relayed_request_becomes_a_request_completed_event_with_its_usage(client, make_key,
+                                                                           fake):
+    from app import webhooks
+
+    webhooks.add_webhook("http://127.0.0.1:9/hook", "request.completed")
+    secret, key = make_key(name="alice")
+    fake.tokens = 3
+    client.post("/api/generate", json={**GENERATE, "stream": False}, headers=auth_header(secret))
+    client.post("/api/generate", json=GENERATE)  # refused: not a request.completed
+    flush(client)
+    [event] = _events("request.completed")
+    data = event["data"]
+    assert (data["key_id"], data["key_prefix"], data["key_name"]) == (key.id, key.prefix, "alice")
+    assert (data["endpoint"], data["model"], data["status"]) == (
+        "/api/generate", "llama3.2:latest", 200)
+    assert (data["prompt_tokens"], data["completion_tokens"]) == (5, 3)
+    assert secret not in json.dumps(event) and "prompt" not in data  # no prompt unless asked
+
+
+def test_the_go_predecessors_fields_come_only_to_a_webhook_that_asks(client, make_key, fake):
+    from app import webhooks
+
+    webhooks.add_webhook("http://127.0.0.1:9/plain", "request.completed")
+    webhooks.add_webhook("http://127.0.0.1:9/go", "request.completed", include_prompt=True)
+    secret, _ = make_key()
+    client.post("/api/generate", headers=auth_header(secret),
+                json={**GENERATE, "stream": False, "images": ["aGk=", "aGk="], "raw": True})
+    flush(client)
+    plain, with_prompt = (e["data"] for e in _events("request.completed"))
+    assert "prompt" not in plain
+    assert (with_prompt["prompt"], with_prompt["stream"], with_prompt["images"],
+            with_prompt["raw"]) == (GENERATE["prompt"], False, 2, True)
+
+
+@pytest.mark.parametrize("key_options, event, reason", [
+    ({"rate_limit": "1/hour"}, "ratelimit.exceeded", "rate"),
+    ({"token_quota": "1/day"}, "quota.exceeded", "quota"),
+])
+def test_refusals_for_limits_become_their_events(client, make_key, fake, key_options, event,
+                                                 reason):
+    from app import webhooks
+
+    webhooks.add_webhook("http://127.0.0.1:9/hook", event)
+    secret, key = make_key(**key_options)
+    for _ in range(2):
+        client.post("/api/generate", json={**GENERATE, "stream": False},
+                    headers=auth_header(secret))
+        flush(client)
+    assert client.post("/api/generate", json=GENERATE,
+                       headers=auth_header(secret)).status_code == 429
+    flush(client)
+    events = _events(event)
+    assert events and all(e["data"]["reason"] == reason for e in events)
+    assert events[-1]["data"]["key_id"] == key.id and events[-1]["data"]["status"] == 429

@@ -36,8 +36,9 @@ def relay(subpath):
         return gateway.forward(key, path, upload_body(), gateway.query_without_key())
 
     key, body = gateway.authenticated_body()
-    body.validated()
+    payload = body.validated()
     pending.model = next(iter(body.models), None)
+    request_record.keep_prompt(pending, payload)
     if path in MODEL_MANAGEMENT:
         auth.require_admin(key, path)
     for model in body.models:  # `model`, the older `name`, in any letter case

@@ -1,0 +1,294 @@
+"""Webhooks: who receives which events, and the outbox events are written to.
+
+An event is stored as one WebhookDelivery row per subscribed webhook by `enqueue()`,
+inside the caller's transaction: the change and the news of it commit together or not
+at all, so no event is lost to a crash and none is sent for a change that rolled back.
+app/webhook_delivery.py sends the rows. Receivers verify them the Standard Webhooks way
+(https://www.standardwebhooks.com/) with the secret `add_webhook()` returns once.
+"""
+import base64
+import contextlib
+import datetime
+import json
+import logging
+import secrets
+import threading
+import time
+from urllib.parse import urlsplit
+
+import peewee
+
+from app.db import db
+from app.models import Webhook, WebhookDelivery
+
+log = logging.getLogger(__name__)
+
+EVENTS = ("request.completed", "ratelimit.exceeded", "quota.exceeded", "key.created",
+          "key.revoked", "key.rotated")
+# Sent only by `ollama-gw webhooks test`, to the one webhook tested, whatever it subscribes to.
+TEST_EVENT = "webhook.test"
+ALL = "*"
+# go-ollama-api's payload fields, for webhooks that ask for prompts (include_prompt).
+PROMPT_FIELDS = ("prompt", "stream", "images", "raw")
+# Longer prompts are cut (and say so): a payload is a database row and an HTTP body.
+MAX_PROMPT_CHARS = 100_000
+# Seconds a process trusts its cached list of webhooks; one added elsewhere (the CLI, another
+# instance) receives events from at most this long after it was added.
+CACHE_SECONDS = 2.0
+MAX_URL_LENGTH = 2000
+
+
+class WebhookOpError(ValueError):
+    """A webhook operation cannot be done; the message says why."""
+
+
+@contextlib.contextmanager
+def connection():
+    """Use this greenlet's open connection, or open one for the block and give it back.
+
+    Not db.connection_context(), which closes the connection even when the caller (a
+    request, a CLI command) had it open and still needs it.
+    """
+    if not db.is_closed():
+        yield
+        return
+    with db.connection_context():
+        yield
+
+
+def new_secret():
+    """A Standard Webhooks signing secret: `whsec_` and 32 random bytes in base64."""
+    return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode("ascii")
+
+
+def new_message_id():
+    """The webhook-id header: unique per event and webhook, the same on every retry."""
+    return "msg_" + secrets.token_urlsafe(18)
+
+
+def parse_events(events):
+    """`e1,e2` or a list -> a tuple of known event names (or `*`); None means all six."""
+    if events is None:
+        return EVENTS
+    items = events.split(",") if isinstance(events, str) else list(events)
+    names = tuple(dict.fromkeys(str(item).strip() for item in items if str(item).strip()))
+    if not names:
+        raise WebhookOpError(f"give at least one event: {', '.join(EVENTS)}, or * for all")
+    unknown = [name for name in names if name not in EVENTS and name != ALL]
+    if unknown:
+        raise WebhookOpError(f"unknown event(s) {', '.join(unknown)}: known events are "
+                             f"{', '.join(EVENTS)}, or * for all of them")
+    return (ALL,) if ALL in names else names
+
+
+def check_url(url):
+    """The URL, stripped, if deliveries can be sent to it; else a WebhookOpError saying why."""
+    url = (url or "").strip()
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise WebhookOpError(f"webhook URL {url!r} must be an http:// or https:// URL with a host")
+    if parts.username or parts.password:
+        raise WebhookOpError("a webhook URL must not hold credentials: listings would show "
+                             "them. Receivers authenticate the gateway by the signature")
+    if parts.fragment:
+        raise WebhookOpError("a webhook URL cannot have a #fragment (it is never sent)")
+    if len(url) > MAX_URL_LENGTH:
+        raise WebhookOpError(f"a webhook URL is at most {MAX_URL_LENGTH} characters")
+    return url
+
+
+def add_webhook(url, events=None, include_prompt=False):
+    """Register a receiver; return (row, secret). The secret is shown to people only now."""
+    url = check_url(url)
+    names = parse_events(events)
+    secret = new_secret()
+    row = Webhook.create(url=url, events=",".join(names), secret=secret,
+                         include_prompt=bool(include_prompt))
+    subscriptions.invalidate()
+    return row, secret
+
+
+def find_webhook(ident):
+    """The webhook with this id, or a WebhookOpError."""
+    text = str(ident).strip()
+    if not text.isdigit():
+        raise WebhookOpError(f"a webhook is named by its id (a number), not {text!r}: "
+                             "see `ollama-gw webhooks list`")
+    row = Webhook.get_or_none(Webhook.id == int(text))
+    if row is None:
+        raise WebhookOpError(f"no webhook with id {text}")
+    return row
+
+
+def remove_webhook(ident):
+    """Delete a webhook and its deliveries, sent or not; return the row as it was."""
+    row = find_webhook(ident)
+    row.delete_instance()  # deliveries and attempts go with it (ON DELETE CASCADE)
+    subscriptions.invalidate()
+    return row
+
+
+def list_webhooks():
+    return list(Webhook.select().order_by(Webhook.id))
+
+
+def delivery_counts():
+    """{webhook id: {state: number of deliveries}} for every webhook that has any."""
+    counts = {}
+    query = (WebhookDelivery.select(WebhookDelivery.webhook, WebhookDelivery.state,
+                                    peewee.fn.COUNT(WebhookDelivery.id).alias("n"))
+             .group_by(WebhookDelivery.webhook, WebhookDelivery.state).tuples())
+    for webhook_id, state, n in query:
+        counts.setdefault(webhook_id, {})[state] = n
+    return counts
+
+
+def event_names(row):
+    return tuple(name for name in row.events.split(",") if name)
+
+
+def webhook_summary(row, counts=None):
+    """A webhook as scripts and tables see it: never its secret."""
+    counts = counts or {}
+    return {
+        "id": row.id,
+        "url": row.url,
+        "events": list(event_names(row)),
+        "include_prompt": bool(row.include_prompt),
+        "created_at": row.created_at.replace(tzinfo=datetime.timezone.utc).isoformat(),
+        "deliveries": {state: counts.get(state, 0) for state in ("pending", "delivered",
+                                                                "failed")},
+    }
+
+
+class Subscriptions:
+    """Each process's view of which webhook wants which event, re-read every CACHE_SECONDS.
+
+    enqueue() runs for every request that ends; it must not read the webhook table each
+    time. Changes made in this process (add, remove) are seen at once.
+    """
+
+    def __init__(self, max_age=CACHE_SECONDS):
+        self.max_age = max_age
+        self._lock = threading.Lock()
+        self._state = (None, float("-inf"), ())  # (database, loaded at, hooks)
+
+    def invalidate(self):
+        with self._lock:
+            self._state = (None, float("-inf"), ())
+
+    def current(self):
+        """[(id, frozenset of events, include_prompt)], fresh within max_age."""
+        database, loaded_at, hooks = self._state
+        if database is db.obj and time.monotonic() - loaded_at < self.max_age:
+            return hooks
+        loaded_at = time.monotonic()
+        with connection():  # only a reload needs the database; a fresh view needs nothing
+            rows = list(Webhook.select(Webhook.id, Webhook.events,
+                                       Webhook.include_prompt).tuples())
+        hooks = tuple((id_, frozenset(events.split(",")), bool(include_prompt))
+                      for id_, events, include_prompt in rows)
+        with self._lock:
+            self._state = (db.obj, loaded_at, hooks)
+        return hooks
+
+    def subscribers(self, event):
+        return [(id_, with_prompt) for id_, events, with_prompt in self.current()
+                if event in events or ALL in events]
+
+
+subscriptions = Subscriptions()
+
+
+def wants_prompts():
+    """Whether any webhook asks for prompt text (usage accounting keeps it only then).
+
+    Cached like enqueue()'s view; if the database cannot be read, the last answer stands.
+    """
+    try:
+        return any(with_prompt for _, _, with_prompt in subscriptions.current())
+    except peewee.PeeweeException as exc:
+        log.warning("could not read the webhook list: %s", exc)
+        return any(with_prompt for _, _, with_prompt in subscriptions._state[2])
+
+
+def prompt_fields(prompt):
+    """go-ollama-api's fields from `prompt`: prompt text (capped), stream, image count, raw."""
+    fields = {name: prompt.get(name) for name in PROMPT_FIELDS if name in prompt}
+    if isinstance(fields.get("images"), (list, tuple)):
+        fields["images"] = len(fields["images"])
+    text = fields.get("prompt")
+    if isinstance(text, str) and len(text) > MAX_PROMPT_CHARS:
+        fields["prompt"] = text[:MAX_PROMPT_CHARS]
+        fields["prompt_truncated"] = True
+    return fields
+
+
+def payload(event, data, now=None):
+    """The JSON body receivers get: {"type", "timestamp" (ISO 8601 UTC), "data"}."""
+    when = datetime.datetime.fromtimestamp(time.time() if now is None else now,
+                                           datetime.timezone.utc)
+    return json.dumps({"type": event, "timestamp": when.isoformat().replace("+00:00", "Z"),
+                       "data": data}, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def enqueue(event, data, *, prompt=None, now=None):
+    """Store `event` for every webhook subscribed to it; return how many deliveries.
+
+    Call it inside the transaction that makes the change the event reports: it opens none
+    of its own, so both commit or roll back together. `data` must never hold a key's
+    secret (give key_id and key_prefix). `prompt` is a dict of go-ollama-api's fields
+    (prompt, stream, images, raw); only webhooks with include_prompt receive it.
+    """
+    if event not in EVENTS:
+        raise ValueError(f"unknown webhook event {event!r}")
+    targets = subscriptions.subscribers(event)
+    if not targets:
+        return 0
+    now = time.time() if now is None else now
+    plain = payload(event, data, now)
+    with_prompt = None
+    if prompt and any(wants for _, wants in targets):
+        with_prompt = payload(event, {**data, **prompt_fields(prompt)}, now)
+    WebhookDelivery.insert_many([
+        {"webhook": webhook_id, "message_id": new_message_id(), "event": event,
+         "payload": with_prompt if wants and with_prompt else plain,
+         "next_attempt_at": now, "created_at": now}
+        for webhook_id, wants in targets
+    ]).execute()
+    from app import webhook_delivery  # here: delivery imports this module
+
+    webhook_delivery.wake_local_dispatcher()
+    return len(targets)
+
+
+# Usage records become these events (app/usage.py stores them with the batch).
+USAGE_EVENTS = {None: "request.completed", "rate": "ratelimit.exceeded",
+                "concurrency": "ratelimit.exceeded", "quota": "quota.exceeded"}
+
+
+def enqueue_usage(records):
+    """The events a batch of usage records stands for; call inside the batch's transaction."""
+    for r in records:
+        event = USAGE_EVENTS.get(r.refusal, False)
+        if event and subscriptions.subscribers(event):
+            enqueue(event, usage_event_data(r), prompt=r.prompt, now=r.at)
+
+
+def usage_event_data(r):
+    """What request.completed and the *.exceeded events say: the key's id and prefix, never
+    the key; what was asked, what it cost, how long it took."""
+    data = {"key_id": r.key_id, "key_prefix": r.key_prefix, "key_name": r.key_name,
+            "endpoint": r.endpoint, "model": r.model, "status": r.status,
+            "prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
+            "latency_ms": r.latency_ms, "ttfb_ms": r.ttfb_ms, "bytes": r.bytes,
+            "aborted": r.aborted, "upstream": r.upstream}
+    if r.refusal:
+        data["reason"] = r.refusal
+    return data
+
+
+def key_event_data(row, **extra):
+    """What key.* events say about a key: who it is, never its secret or hash."""
+    return {"key_id": row.id, "key_prefix": row.prefix, "key_name": row.name,
+            "role": row.role, **extra}
