@@ -18,7 +18,7 @@ def create_app(settings=None):
         request_body,
         request_record,
         routes,
-        upstream,
+        upstreams,
         webhook_delivery,
     )
     from app.config import load_settings
@@ -41,7 +41,7 @@ def create_app(settings=None):
     ratelimit.init_app(app)
     request_body.init_app(app)
     request_record.init_app(app)
-    upstream.init_app(app)
+    upstreams.init_app(app)
     health.init_app(app)
     webhook_delivery.init_app(app)
     routes.init_app(app)

@@ -35,8 +35,12 @@ class Settings:
         16, "Database connections per worker. A request holds one only while its key is "
         "checked and counted, never while it waits on Ollama.")
     upstreams: tuple = setting(
-        ("http://127.0.0.1:11434",), "Ollama servers (OLLAMA_URL sets one; the environment "
-        "takes a comma-separated list). Only the first is used for now.")
+        ("http://127.0.0.1:11434",), "Ollama servers: URLs, or tables with url and optional "
+        "name, weight (share of requests, default 1) and max_concurrent (requests at once). "
+        "The environment takes a comma-separated list of URLs or NAME=URL; OLLAMA_URL one.")
+    upstream_refresh_seconds: float = setting(
+        5.0, "How often each worker re-reads every upstream's models and loaded models; an "
+        "upstream that fails is retried after 1 s, then twice as long each time, up to 60 s.")
     bind: str = setting("127.0.0.1:8080", "HOST:PORT to listen on.")
     workers: int = setting(2, "gunicorn gevent worker processes; one per core is right.")
     graceful_timeout: int = setting(
@@ -59,6 +63,9 @@ class Settings:
         "came in a header; a larger body must carry its key in a header or the query.")
     legacy_apikey: bool = setting(
         True, "Also accept the key as an `apikey` JSON field or query parameter (go-ollama-api).")
+    model_policy: str = setting(
+        "refuse", "What happens to a request over its key's caps (--max-ctx, --max-predict, "
+        "--keep-alive deny): refuse (403 saying why) or clamp (sent at the cap).")
     cors_origins: tuple = setting(
         (), "Browser origins allowed to call the gateway (CORS), like OLLAMA_ORIGINS: e.g. "
         "[\"https://chat.example.com\", \"http://localhost:*\"]. Empty: none.")
@@ -109,9 +116,52 @@ class Settings:
         return "sqlite:///" + str(self.resolved_data_dir / "ollama-gw.db")
 
     @property
+    def upstream_specs(self):
+        """The upstreams as UpstreamSpecs, however they were written."""
+        return tuple(parse_upstream(entry) for entry in self.upstreams)
+
+    @property
     def upstream(self):
-        """The first upstream: the one requests go to until fail-over exists."""
-        return self.upstreams[0]
+        """The first upstream's URL (for the single-upstream case and messages)."""
+        return self.upstream_specs[0].url
+
+
+@dataclasses.dataclass(frozen=True)
+class UpstreamSpec:
+    """One Ollama server as configured."""
+
+    name: str
+    url: str
+    weight: float = 1.0
+    max_concurrent: int | None = None
+
+
+def parse_upstream(entry):
+    """An UpstreamSpec from a URL, `name=URL`, or a TOML table; ConfigError if malformed."""
+    if isinstance(entry, UpstreamSpec):
+        return entry
+    if isinstance(entry, str):
+        name, sep, url = entry.partition("=")
+        entry = {"name": name.strip(), "url": url.strip()} if sep and "://" not in name \
+            else {"url": entry.strip()}
+    if not isinstance(entry, dict) or not isinstance(entry.get("url"), str):
+        raise ConfigError(f"upstream {entry!r} must be a URL or a table with a url")
+    unknown = set(entry) - {"url", "name", "weight", "max_concurrent"}
+    if unknown:
+        raise ConfigError(f"upstream {entry['url']!r}: unknown field(s) "
+                          f"{', '.join(sorted(unknown))}; known: url, name, weight, "
+                          "max_concurrent")
+    url = entry["url"].rstrip("/")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"upstream {url!r} must be an http:// or https:// URL")
+    weight, cap = entry.get("weight", 1.0), entry.get("max_concurrent")
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0:
+        raise ConfigError(f"upstream {url!r}: weight must be a positive number")
+    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
+        raise ConfigError(f"upstream {url!r}: max_concurrent must be a whole number, 1 or more")
+    name = str(entry.get("name") or parts.netloc)
+    return UpstreamSpec(name, url, float(weight), cap)
 
 
 ENV_PREFIX = "OLLAMA_GW_"
@@ -192,6 +242,12 @@ def _coerce(name, value, source=""):
             if lowered in ("0", "false", "no", "off"):
                 return False
             raise ValueError(value)
+        if name == "upstreams":  # URLs, NAME=URL, or tables: parse_upstream() judges each
+            items = value.split(",") if isinstance(value, str) else value
+            if not isinstance(items, (list, tuple)):
+                raise ValueError(value)
+            return tuple(item.strip().rstrip("/") if isinstance(item, str) else item
+                         for item in items if not isinstance(item, str) or item.strip())
         if isinstance(default, tuple):
             if not isinstance(value, (str, list, tuple)):
                 raise ValueError(value)
@@ -226,10 +282,11 @@ def validate(settings):
 
     if not settings.upstreams:
         raise ConfigError("upstreams is empty: set OLLAMA_URL or OLLAMA_GW_UPSTREAMS")
-    for url in settings.upstreams:
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ConfigError(f"upstream {url!r} must be an http:// or https:// URL")
+    names = [spec.name for spec in settings.upstream_specs]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"upstream names must differ: {', '.join(names)} (give each a name)")
+    if settings.upstream_refresh_seconds <= 0:
+        raise ConfigError("upstream_refresh_seconds must be a positive number of seconds")
     if settings.data_dir and not Path(settings.data_dir).expanduser().is_absolute():
         raise ConfigError(
             f"data_dir {settings.data_dir!r} is relative: give an absolute path, so that "
@@ -256,6 +313,8 @@ def validate(settings):
             parse_rate_limit(getattr(settings, name))
         except ValueError as exc:
             raise ConfigError(f"{name}: {exc}") from None
+    if settings.model_policy not in ("refuse", "clamp"):
+        raise ConfigError(f"model_policy must be refuse or clamp, not {settings.model_policy!r}")
     for origin in settings.cors_origins:
         if origin != "*" and not urlsplit(origin).scheme:
             raise ConfigError(f"cors_origins entry {origin!r} must be an origin like "

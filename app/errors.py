@@ -107,16 +107,23 @@ def database_problem(exc):
             "database server is running (`ollama-gw check` tests it)")
 
 
-def error_body(status, message, kind="server_error", path=None):
+# OpenAI's machine-readable `code` for what the gateway refuses on /v1.
+OPENAI_CODES = {"auth": "invalid_api_key", "forbidden": "model_not_allowed",
+                "rate": "rate_limit_exceeded", "concurrency": "rate_limit_exceeded",
+                "quota": "insufficient_quota"}
+
+
+def error_body(status, message, kind="server_error", path=None, refusal=None):
     """The JSON body for an error on `path`, in that route family's dialect."""
     path = request.path if path is None else path
     if path.startswith("/v1/"):
-        return {"error": {"message": message, "type": kind, "code": status}}
+        return {"error": {"message": message, "type": kind, "param": None,
+                          "code": OPENAI_CODES.get(refusal)}}
     return {"error": message}
 
 
-def error_response(status, message, kind="server_error", headers=None):
-    response = jsonify(error_body(status, message, kind))
+def error_response(status, message, kind="server_error", headers=None, refusal=None):
+    response = jsonify(error_body(status, message, kind, refusal=refusal))
     response.status_code = status
     response.headers.update(headers or {})
     return response
@@ -126,7 +133,7 @@ def init_app(app):
     @app.errorhandler(GatewayError)
     def _gateway_error(exc):
         g.refusal = exc.refusal  # for the usage record (app/request_record.py)
-        return error_response(exc.status, exc.message, exc.kind, exc.headers)
+        return error_response(exc.status, exc.message, exc.kind, exc.headers, exc.refusal)
 
     @app.errorhandler(HTTPException)
     def _http_error(exc):

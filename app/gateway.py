@@ -6,6 +6,7 @@ the body is read, a refused request never reaches Ollama, and a request that rea
 Ollama always gives its concurrency slot back.
 """
 import json
+import logging
 import posixpath
 import time
 from urllib.parse import urlencode
@@ -13,7 +14,7 @@ from urllib.parse import urlencode
 import requests
 from flask import Response, current_app, g, request
 
-from app import auth, request_record
+from app import auth, model_policy, request_record
 from app.db import db
 from app.errors import BadRequest, GatewayError, Unauthorized, UpstreamUnavailable
 from app.jsonbody import JsonBody
@@ -28,10 +29,12 @@ from app.relay import (
 from app.request_body import ClientStalled, read_body, stall_error
 from app.upstream import forwardable_request_headers
 
+log = logging.getLogger(__name__)
+
 
 def services():
     ext = current_app.extensions
-    return ext["key_cache"], ext["limiter"], ext["upstream"]
+    return ext["key_cache"], ext["limiter"], ext["upstreams"]
 
 
 def settings():
@@ -92,37 +95,64 @@ def authenticated_body():
     return _authenticate(auth.body_credentials(body.payload)), body
 
 
-def query_without_key():
-    """The query string to send upstream, without any `apikey` the client put there."""
-    if not any(k.lower() == "apikey" for k in request.args):
-        return request.query_string
-    return urlencode(
-        [(k, v) for k, v in request.args.items(multi=True) if k.lower() != "apikey"]
-    ).encode()
+def outgoing_body(body, key, path, changes=None):
+    """The body Ollama gets: no gateway key, the key's model policy applied, and `changes`.
 
-
-def forward(key, path, body, query=b"", transform=None):
-    """Admit the request for `key`, send it to Ollama and relay the answer.
-
-    `transform(json) -> json`, when given, rewrites a small JSON answer (e.g. /api/tags
-    filtered to the key's models) instead of streaming it through.
+    One rewrite for all of them, and none at all when nothing changes (a large body is
+    spliced, never re-encoded: app/jsonbody.py).
     """
-    _, limiter, upstream = services()
+    found = {**model_policy.changes(key, path, body.payload, settings().model_policy),
+             **(changes or {})}
+    drop = ["apikey", *(name for name, value in found.items() if value is None)]
+    return body.rewritten({k: v for k, v in found.items() if v is not None}, drop=drop)
+
+
+# Query parameters for the gateway only: a legacy key, and the upstream a client names.
+GATEWAY_PARAMS = {"apikey", "upstream"}
+
+
+def query_without_key():
+    """The query string to send upstream, without the gateway's own parameters."""
+    if not any(k.lower() in GATEWAY_PARAMS for k in request.args):
+        return request.query_string
+    return urlencode([(k, v) for k, v in request.args.items(multi=True)
+                      if k.lower() not in GATEWAY_PARAMS]).encode()
+
+
+def forward(key, path, body, query=b"", transform=None, rewrite=None, model=None,
+            target=None):
+    """Admit the request for `key`, send it to an Ollama server and relay the answer.
+
+    The server is `target`, or the best of the pool for `model`; if a connection fails
+    before Ollama had the request, the next is tried (not with a streamed upload: it
+    cannot be sent twice). `transform(json) -> json`, when given, rewrites a small JSON
+    answer (e.g. /api/tags filtered to the key's models) instead of streaming it
+    through. `rewrite` (see app/sse.py) takes out of a stream what only the gateway
+    asked Ollama for.
+    """
+    _, limiter, pool = services()
     admission = limiter.admit(key)
     db.close()  # the wait on Ollama may take minutes: give the connection back now
     outcome = RelayOutcome(status=0, started=time.monotonic())
     pending = request_record.current()
     if pending is not None:
-        pending.outcome, pending.upstream = outcome, upstream.base_url
+        pending.outcome = outcome
     watch = ClientWatch(request.environ, settings().client_send_timeout).start()
+    members = [target] if target is not None else pool.candidates(model)
+    if not isinstance(body, (bytes, type(None))):
+        members = members[:1]
+    chosen = []
 
     def finish(_outcome=None):
         watch.stop()
         limiter.release(admission)
+        while chosen:
+            chosen.pop().in_flight -= 1
 
     headers = forwardable_request_headers(request.headers)
     try:
-        response = open_upstream(upstream, watch, request.method, path, query, headers, body)
+        response = _send_to_first(members, chosen, pending, watch, request.method, path,
+                                  query, headers, body)
     except ClientStalled:
         finish()
         raise stall_error() from None
@@ -149,7 +179,7 @@ def forward(key, path, body, query=b"", transform=None):
                 finish()
         # From here the body owns the cleanup: the WSGI server calls its close().
         relayed = Response(
-            RelayBody(response, watch, outcome, finish),
+            RelayBody(response, watch, outcome, finish, path, rewrite),
             status=response.status_code,
             headers=response_headers(response, {**admission.headers(), **timing}),
             direct_passthrough=True,
@@ -161,6 +191,31 @@ def forward(key, path, body, query=b"", transform=None):
         response.close()
         finish()
         raise
+
+
+def _send_to_first(members, chosen, pending, watch, *request_args):
+    """The first upstream's answer that takes the request; the one used goes in `chosen`."""
+    for i, member in enumerate(members):
+        member.in_flight += 1
+        chosen.append(member)
+        if pending is not None:
+            pending.upstream = member.name
+        started = time.monotonic()
+        try:
+            response = open_upstream(member.client, watch, *request_args)
+        except GatewayError as exc:
+            chosen.pop().in_flight -= 1
+            if not getattr(exc, "retryable", False):
+                raise
+            member.failed()
+            if i + 1 == len(members):
+                raise
+            log.warning("upstream %s did not take the request (%s); trying %s", member.name,
+                        exc.message, members[i + 1].name)
+            continue
+        member.answered((time.monotonic() - started) * 1000)
+        return response
+    raise AssertionError("no upstream to send to")  # candidates() is never empty
 
 
 def _server_timing(sent_at, answered_at):

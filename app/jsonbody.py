@@ -86,15 +86,28 @@ class JsonBody:
 
     def without(self, *names):
         """The raw body without the top-level fields called `names` (in any letter case)."""
-        drop = {name.lower() for name in names}
-        if self.payload is None or not any(f.lower() in drop for f in self.field_names()):
+        return self.rewritten(drop=names)
+
+    def rewritten(self, changes=None, drop=()):
+        """The raw body with top-level fields set to `changes` and `drop`ped, in any case.
+
+        A field that is set replaces every spelling of it (Go's decoder would take the
+        last). A large body is spliced, never re-encoded; untouched, it is returned as is.
+        """
+        changes = changes or {}
+        drop = {name.lower() for name in (*drop, *changes)}
+        if self.payload is None:
+            return json.dumps(changes).encode() if changes else self.raw
+        if not changes and not any(f.lower() in drop for f in self.field_names()):
             return self.raw
         if self._spans is None:
             kept = {k: v for k, v in self.payload.items() if k.lower() not in drop}
-            return json.dumps(kept).encode()
+            return json.dumps({**kept, **changes}).encode()
         kept = [self.raw[start:end] for name, start, end in self._spans
                 if name.lower() not in drop]
-        return b"{" + b",".join(kept) + b"}"
+        added = [json.dumps(name).encode() + b":" + json.dumps(value).encode()
+                 for name, value in changes.items()]
+        return b"{" + b",".join(kept + added) + b"}"
 
 
 class NotAnObject(ValueError):

@@ -72,13 +72,17 @@ class KeyInfo:
     revoked_at: datetime.datetime | None
     token_quota: int | None = None
     token_period: str | None = None
+    max_ctx: int | None = None
+    max_predict: int | None = None
+    allow_keep_alive: bool = True
 
     @classmethod
     def from_row(cls, row):
         return cls(
             row.id, row.prefix, row.name, row.role, row.rate_limit, row.rate_period,
             row.max_concurrent, parse_models(row.models), row.expires_at, row.revoked_at,
-            row.token_quota, row.token_period,
+            row.token_quota, row.token_period, row.max_ctx, row.max_predict,
+            row.allow_keep_alive,
         )
 
     @property
@@ -118,6 +122,9 @@ def key_summary(row):
         "rate_limit": format_rate_limit(row.rate_limit, row.rate_period),
         "max_concurrent": row.max_concurrent,
         "token_quota": format_token_quota(row.token_quota, row.token_period),
+        "max_ctx": row.max_ctx,
+        "max_predict": row.max_predict,
+        "keep_alive": "allow" if row.allow_keep_alive else "deny",
         "models": list(parse_models(row.models)),
         "status": status,
         "created_at": iso(row.created_at),
@@ -127,10 +134,22 @@ def key_summary(row):
     }
 
 
+KEEP_ALIVE = ("allow", "deny")
+
+
 def _changes(role=None, rate_limit=None, max_concurrent=None, models=None, expires=None,
-             token_quota=None):
+             token_quota=None, max_ctx=None, max_predict=None, keep_alive=None):
     """Validate optional settings into column values; raise KeyOpError with the reason."""
     values = {}
+    for name, value in (("max_ctx", max_ctx), ("max_predict", max_predict)):
+        if value is not None:
+            if not 0 <= int(value) <= 10_000_000:
+                raise KeyOpError(f"{name.replace('_', ' ')} must be 0 (no cap) to 10000000")
+            values[name] = int(value) or None
+    if keep_alive is not None:
+        if keep_alive not in KEEP_ALIVE:
+            raise KeyOpError(f"keep_alive must be allow or deny, not {keep_alive!r}")
+        values["allow_keep_alive"] = keep_alive == "allow"
     if role is not None:
         if role not in ROLES:
             raise KeyOpError(f"role must be one of {', '.join(ROLES)}, not {role!r}")
@@ -166,7 +185,7 @@ def _changes(role=None, rate_limit=None, max_concurrent=None, models=None, expir
 
 
 def create_key(name, role="user", rate_limit=None, max_concurrent=None, models=None,
-               expires=None, default_rate_limits=None, token_quota=None):
+               expires=None, default_rate_limits=None, token_quota=None, **policy):
     """Create a key; return (row, secret). The secret is not recoverable afterwards."""
     name = (name or "").strip()
     if not name:
@@ -176,7 +195,8 @@ def create_key(name, role="user", rate_limit=None, max_concurrent=None, models=N
     if rate_limit is None:
         defaults = default_rate_limits or {"user": "100/hour", "admin": "1000/hour"}
         rate_limit = defaults.get(role, defaults.get("user"))
-    values = _changes(role or "user", rate_limit, max_concurrent, models, expires, token_quota)
+    values = _changes(role or "user", rate_limit, max_concurrent, models, expires, token_quota,
+                      **policy)
     values.setdefault("role", "user")
     for _ in range(5):
         secret = new_secret()

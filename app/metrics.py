@@ -21,7 +21,9 @@ from prometheus_client import (
 SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 KNOWN_ENDPOINTS = {"/api/generate", "/api/chat", "/api/embed", "/api/embeddings", "/api/show",
                    "/api/tags", "/api/ps", "/api/version", "/api/pull", "/api/push",
-                   "/api/create", "/api/copy", "/api/delete"}
+                   "/api/create", "/api/copy", "/api/delete", "/v1/chat/completions",
+                   "/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/models",
+                   "/v1/models/{model}"}
 
 REQUESTS = Counter("ollama_gw_requests", "Requests answered, by endpoint and status.",
                    ["endpoint", "status"])

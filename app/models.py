@@ -30,6 +30,11 @@ class ApiKey(BaseModel):
     # Prompt + completion tokens allowed per `token_period` ('day' or 'month', UTC); NULL: none.
     token_quota = peewee.BigIntegerField(null=True)
     token_period = peewee.CharField(max_length=8, null=True)
+    # Model policy (app/model_policy.py): caps on num_ctx and on the answer's length
+    # (num_predict, max_tokens), NULL for none; whether the key may set keep_alive.
+    max_ctx = peewee.IntegerField(null=True)
+    max_predict = peewee.IntegerField(null=True)
+    allow_keep_alive = peewee.BooleanField(default=True)
     # Comma-separated model names or fnmatch patterns; NULL allows every model.
     models = peewee.TextField(null=True)
     expires_at = peewee.DateTimeField(null=True)
@@ -182,5 +187,18 @@ class WebhookAttempt(BaseModel):
     duration_ms = peewee.IntegerField()
 
 
+class UpstreamStatus(BaseModel):
+    """One worker's view of one upstream, rewritten as it refreshes (`ollama-gw upstreams`)."""
+
+    holder = peewee.CharField(max_length=128)  # host:pid of the worker
+    upstream = peewee.CharField(max_length=255)  # the upstream's name
+    up = peewee.BooleanField()
+    in_flight = peewee.IntegerField()
+    updated_at = peewee.DoubleField()
+
+    class Meta:
+        primary_key = peewee.CompositeKey("holder", "upstream")
+
+
 MODELS = [ApiKey, RateCounter, ConcurrencySlot, Heartbeat, UsageLabel, UsageRecord,
-          UsageHourly, TokenUsage, Webhook, WebhookDelivery, WebhookAttempt]
+          UsageHourly, TokenUsage, Webhook, WebhookDelivery, WebhookAttempt, UpstreamStatus]

@@ -17,6 +17,7 @@ import time
 import requests
 import urllib3
 
+from app import sse
 from app.cooperative import gevent_active
 from app.upstream import forwardable_response_headers
 
@@ -151,17 +152,22 @@ class RelayBody:
     the end, abandoned by a client that hung up, or never iterated at all (HEAD).
     """
 
-    def __init__(self, response, watch, outcome, on_finish):
+    def __init__(self, response, watch, outcome, on_finish, path="", rewrite=None):
         self._response = response
         self._watch = watch
         self._outcome = outcome
         self._on_finish = on_finish
+        self._path = path
+        self._rewrite = rewrite  # e.g. app.sse.UsageStripper: takes back what only we asked
         self._complete = False
         self._closed = False
 
     def __iter__(self):
         outcome = self._outcome
-        is_ndjson = self._response.headers.get("Content-Type", "").startswith(STREAM_TYPES[0])
+        content_type = self._response.headers.get("Content-Type", "")
+        # A stream's unit: NDJSON lines, or SSE events (each ends with a blank line).
+        separator = {STREAM_TYPES[0]: b"\n", STREAM_TYPES[1]: b"\n\n"}.get(
+            content_type.split(";")[0].strip())
         chunks = self._response.raw.stream(CHUNK_SIZE, decode_content=False)
         while True:
             try:
@@ -173,34 +179,56 @@ class RelayBody:
                 self._complete = True
                 outcome.upstream_error = f"{type(exc).__name__}: {exc}"
                 log.warning("upstream failed mid-answer after %d bytes: %s", outcome.bytes, exc)
-                if is_ndjson:
-                    # Ollama ends a failed stream with an error line; clients look for it.
-                    message = "the Ollama server stopped answering in the middle of the stream"
-                    yield (json.dumps({"error": message}) + "\n").encode()
+                if separator:
+                    yield self._failure_notice()
                 return
             if chunk is None:
                 self._complete = outcome.complete = True
+                if self._rewrite is not None and (rest := self._rewrite.finish()):
+                    yield rest
                 return
             if not chunk:
                 continue
             if outcome.first_byte_at is None:
                 outcome.first_byte_at = time.monotonic()
+            if separator:
+                outcome.lines += chunk.count(separator)
+            outcome.tail = (outcome.tail + chunk)[-8192:]  # Ollama's own bytes: its counts
+            if self._rewrite is not None and not (chunk := self._rewrite.feed(chunk)):
+                continue
             outcome.bytes += len(chunk)
-            if is_ndjson:
-                outcome.lines += chunk.count(b"\n")
-            outcome.tail = (outcome.tail + chunk)[-8192:]
             with self._watch.sending():
                 yield chunk
+
+    def _failure_notice(self):
+        """The stream's last unit when Ollama broke off: what its clients look for."""
+        message = "the Ollama server stopped answering in the middle of the stream"
+        if self._path.startswith("/v1/"):
+            return sse.error_event(self._path, message)
+        return (json.dumps({"error": message}) + "\n").encode()
 
     def close(self):
         if self._closed:
             return
         self._closed = True
+        # An answer whose last event was relayed is finished, even if the client hung up
+        # before Ollama's terminating chunk (the openai client stops at `data: [DONE]`).
+        if not self._complete and answer_finished(self._outcome.tail):
+            self._complete = self._outcome.complete = True
         # Not read to the end (and Ollama did not fail): the client left or never read.
         self._outcome.client_aborted = not self._complete
         self._watch.stop()
         self._response.close()
         self._on_finish(self._outcome)
+
+
+# How each kind of answer ends: the final NDJSON object, the end of an SSE stream.
+_FINAL_MARKS = (b'"done":true', b"data: [DONE]", b'"type":"response.completed"')
+
+
+def answer_finished(tail):
+    """Whether the last bytes relayed end an answer (its counts are then in them too)."""
+    return any(mark in tail[-4096:] for mark in _FINAL_MARKS)
 
 
 def response_headers(response, extra):

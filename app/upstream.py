@@ -35,6 +35,16 @@ def forwardable_response_headers(headers):
     return [(k, v) for k, v in headers.items() if k.lower() not in _DROP_RESPONSE_HEADERS]
 
 
+UNREACHABLE = ("cannot reach the Ollama server; check that it is running and that the "
+               "gateway's upstream URL (OLLAMA_URL) points to it")
+
+
+def _before_sending(exc):
+    """Mark a failure that happened before Ollama had the request: another may take it."""
+    exc.retryable = True
+    return exc
+
+
 class Upstream:
     """The Ollama server requests are relayed to."""
 
@@ -70,22 +80,22 @@ class Upstream:
             )
         except requests.ConnectTimeout:
             log.warning("upstream %s: no connection in %ss", self.base_url, self.connect_timeout)
-            raise UpstreamTimeout(
+            raise _before_sending(UpstreamTimeout(
                 f"Ollama did not accept a connection within {self.connect_timeout:g} s; "
                 "check that the Ollama server is up and reachable from the gateway"
-            ) from None
+            )) from None
         except requests.ReadTimeout:
             log.warning("upstream %s: no answer within %ss", self.base_url, self.read_timeout)
             raise UpstreamTimeout(
                 f"Ollama sent no answer within {self.read_timeout:g} s; the model may still be "
                 "loading or the server is overloaded (the gateway's read_timeout sets this limit)"
             ) from None
-        except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as exc:
+        except requests.ConnectionError as exc:
             log.warning("upstream %s unreachable: %s", self.base_url, exc)
-            raise UpstreamUnavailable(
-                "cannot reach the Ollama server; check that it is running and that the "
-                "gateway's upstream URL (OLLAMA_URL) points to it"
-            ) from None
+            raise _before_sending(UpstreamUnavailable(UNREACHABLE)) from None
+        except requests.exceptions.ChunkedEncodingError as exc:
+            log.warning("upstream %s broke off its answer: %s", self.base_url, exc)
+            raise UpstreamUnavailable(UNREACHABLE) from None
 
     def health(self, max_age=5.0):
         """'healthy', 'unhealthy' (answers, but not OK) or 'unreachable'; cached a few seconds.
@@ -105,10 +115,3 @@ class Upstream:
             status = "unreachable"
         self._health = (time.monotonic(), status)
         return status
-
-
-def init_app(app):
-    settings = app.config["SETTINGS"]
-    app.extensions["upstream"] = Upstream(
-        settings.upstream, settings.connect_timeout, settings.read_timeout
-    )

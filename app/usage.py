@@ -40,8 +40,13 @@ SUM_COLUMNS = ("requests", "errors", "refusals", "aborted", "prompt_tokens",
                "completion_tokens", "bytes", "latency_ms_sum", "ttfb_ms_sum", "ttfb_count",
                "eval_ms_sum", "eval_tokens", *LATENCY_COLUMNS, *TTFB_COLUMNS)
 
-# Ollama's final object ends with its counts; the last 8 KiB of an answer hold them.
-_COUNTS = re.compile(rb'"(prompt_eval_count|eval_count|eval_duration)"\s*:\s*(\d+)')
+# Ollama's final object ends with its counts; the last 8 KiB of an answer hold them. On
+# /v1 they are the OpenAI usage fields (chat, completions, embeddings; responses' input/
+# output tokens).
+_COUNTS = re.compile(rb'"(prompt_eval_count|eval_count|eval_duration|prompt_tokens|'
+                     rb'completion_tokens|input_tokens|output_tokens)"\s*:\s*(\d+)')
+_PROMPT = ("prompt_eval_count", "prompt_tokens", "input_tokens")
+_COMPLETION = ("eval_count", "completion_tokens", "output_tokens")
 
 
 @dataclasses.dataclass
@@ -80,17 +85,17 @@ def token_counts(tail, lines, complete):
     """(prompt, completion, eval ms) from an answer's last bytes, read in passing.
 
     A complete answer ends with Ollama's counts. One cut short (the client left, Ollama
-    failed) has none: its completion tokens are the NDJSON lines relayed so far, one per
-    token, and its prompt tokens are unknown (None), never a made-up zero.
+    failed) has none that count: its completion tokens are the stream's lines (NDJSON)
+    or events (SSE) relayed so far, about one per token, and its prompt tokens are
+    unknown (None), never a made-up zero.
     """
+    if not complete:
+        return None, lines or None, None
     found = {name.decode(): int(value) for name, value in _COUNTS.findall(tail)}
-    if "eval_count" in found or "prompt_eval_count" in found:
-        duration = found.get("eval_duration")
-        return (found.get("prompt_eval_count"), found.get("eval_count"),
-                duration // 1_000_000 if duration else None)
-    if not complete and lines:
-        return None, lines, None
-    return None, None, None
+    prompt = next((found[n] for n in _PROMPT if n in found), None)
+    completion = next((found[n] for n in _COMPLETION if n in found), None)
+    duration = found.get("eval_duration")
+    return prompt, completion, duration // 1_000_000 if duration else None
 
 
 class Labels:

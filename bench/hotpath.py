@@ -42,7 +42,9 @@ def measure(src, key, calls):
     app = create_app()
     with app.app_context():
         info = KeyInfo.from_row(ApiKey.get(ApiKey.key_hash == hash_key(key)))
-    limiter, upstream = app.extensions["limiter"], app.extensions["upstream"]
+    limiter = app.extensions["limiter"]
+    # One Upstream before several upstreams existed (an older checkout), a pool after.
+    upstream = app.extensions.get("upstream") or app.extensions["upstreams"].members[0].client
     body = json.dumps(BODY).encode()
     client = app.test_client()
     headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}

@@ -3,7 +3,7 @@ import os
 
 import click
 
-from cli import config, db, keys, serve, usage, webhooks
+from cli import config, db, keys, serve, upstreams, usage, webhooks
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -28,6 +28,7 @@ cli.add_command(keys.keys)
 cli.add_command(usage.usage)
 cli.add_command(config.config_group)
 cli.add_command(webhooks.webhooks)
+cli.add_command(upstreams.upstreams)
 
 
 def main():

@@ -16,6 +16,12 @@ limit_options = [
     click.option("--token-quota", metavar="N/day|N/month",
                  help="Prompt + completion tokens per UTC day or month, e.g. 200000/day; "
                  "'none' for no quota."),
+    click.option("--max-ctx", type=click.IntRange(min=0), metavar="N",
+                 help="Largest num_ctx (context tokens) the key may ask for (0: no cap)."),
+    click.option("--max-predict", type=click.IntRange(min=0), metavar="N",
+                 help="Longest answer in tokens: num_predict / max_tokens (0: no cap)."),
+    click.option("--keep-alive", type=click.Choice(keystore.KEEP_ALIVE),
+                 help="Whether the key may set keep_alive (how long a model stays loaded)."),
     click.option("--models", metavar="M1,M2",
                  help="Models the key may use (names or patterns like 'llama3*'); '' for all."),
     click.option("--expires", metavar="DURATION",
@@ -64,14 +70,17 @@ def keys():
 @click.option("--name", required=True, help="Who or what uses the key.")
 @with_limit_options
 @json_option
-def add(name, role, rate_limit, max_concurrent, token_quota, models, expires, as_json):
+def add(name, role, rate_limit, max_concurrent, token_quota, max_ctx, max_predict, keep_alive,
+        models, expires, as_json):
     """Create a key and print its secret once."""
     conf = settings()
     open_db()
     defaults = {"user": conf.default_rate_limit_user, "admin": conf.default_rate_limit_admin}
     try:
         row, secret = keystore.create_key(name, role or "user", rate_limit, max_concurrent,
-                                          models, expires, defaults, token_quota)
+                                          models, expires, defaults, token_quota,
+                                          max_ctx=max_ctx, max_predict=max_predict,
+                                          keep_alive=keep_alive)
     except keystore.KeyOpError as exc:
         _fail(exc)
     summary = keystore.key_summary(row)
@@ -123,16 +132,17 @@ def show(ident, as_json):
 @click.option("--name", help="New name.")
 @with_limit_options
 @json_option
-def update(ident, name, role, rate_limit, max_concurrent, token_quota, models, expires,
-           as_json):
+def update(ident, name, role, rate_limit, max_concurrent, token_quota, max_ctx, max_predict,
+           keep_alive, models, expires, as_json):
     """Change a key's name, role or limits (takes effect within a second)."""
     changes = {"name": name, "role": role, "rate_limit": rate_limit,
-               "max_concurrent": max_concurrent, "token_quota": token_quota, "models": models,
-               "expires": expires}
+               "max_concurrent": max_concurrent, "token_quota": token_quota,
+               "max_ctx": max_ctx, "max_predict": max_predict, "keep_alive": keep_alive,
+               "models": models, "expires": expires}
     if all(value is None for value in changes.values()):
         raise click.UsageError("nothing to change: give at least one of --name, --role, "
-                               "--rate-limit, --max-concurrent, --token-quota, --models, "
-                               "--expires")
+                               "--rate-limit, --max-concurrent, --token-quota, --max-ctx, "
+                               "--max-predict, --keep-alive, --models, --expires")
     open_db()
     try:
         row, changed = keystore.update_key(ident, **changes)

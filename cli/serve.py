@@ -47,12 +47,13 @@ def serve(bind, port, ollama_url, workers, no_migrate):
     _require_free_port(conf.bind)
     # Migrate once, here, before any worker starts; other instances wait on the same lock.
     open_db(migrate=not no_migrate).close()
-    for upstream in conf.upstreams:
-        ok, verdict = _check_upstream(upstream, min(conf.connect_timeout, 2.0), 5.0)
+    for spec in conf.upstream_specs:
+        ok, verdict = _check_upstream(spec.url, min(conf.connect_timeout, 2.0), 5.0)
         if not ok:
-            click.echo(f"warning: Ollama at {upstream}: {verdict.removeprefix('FAILED: ')}; "
+            click.echo(f"warning: Ollama at {spec.url}: {verdict.removeprefix('FAILED: ')}; "
                        "starting anyway, requests get 502 until it answers", err=True)
-    click.echo(f"ollama-gw listening on http://{conf.bind} -> {', '.join(conf.upstreams)} "
+    targets = ", ".join(spec.url for spec in conf.upstream_specs)
+    click.echo(f"ollama-gw listening on http://{conf.bind} -> {targets} "
                f"({conf.workers} workers, database {redact(conf.resolved_database_url)})", err=True)
     # Done here, so the gunicorn master need not (see app/server.py for why it must not).
     os.environ["OLLAMA_GW_AUTO_MIGRATE"] = "false"
@@ -100,10 +101,10 @@ def check():
     except click.ClickException as exc:
         problems += 1
         click.echo(f"database: FAILED: {exc.message}")
-    for upstream in conf.upstreams:
-        ok, verdict = _check_upstream(upstream, conf.connect_timeout)
+    for spec in conf.upstream_specs:
+        ok, verdict = _check_upstream(spec.url, conf.connect_timeout)
         problems += not ok
-        click.echo(f"upstream {upstream}: {verdict}")
+        click.echo(f"upstream {spec.url}: {verdict}")
     if problems:
         raise click.ClickException(f"{problems} problem(s) found")
     click.echo("all checks passed")

@@ -215,3 +215,29 @@ def test_a_fractional_number_for_a_whole_number_setting_is_refused(tmp_path):
     path.write_text("workers = 2.5\n")
     with pytest.raises(ConfigError, match="workers"):
         load_settings(path=str(path), environ={})
+
+
+def test_upstreams_can_be_named_weighted_and_capped(toml_file):
+    from app.config import UpstreamSpec
+
+    path = toml_file('[[upstreams]]\nurl = "http://gpu1:11434/"\nname = "gpu1"\nweight = 2\n'
+                     'max_concurrent = 4\n\n[[upstreams]]\nurl = "http://gpu2:11434"\n')
+    assert load_settings(path=path, environ={}).upstream_specs == (
+        UpstreamSpec("gpu1", "http://gpu1:11434", 2.0, 4),
+        UpstreamSpec("gpu2:11434", "http://gpu2:11434", 1.0, None))
+    from_env = load_settings(environ={"OLLAMA_GW_UPSTREAMS": "big=http://a:1, http://b:2"})
+    assert [(s.name, s.url) for s in from_env.upstream_specs] == [
+        ("big", "http://a:1"), ("b:2", "http://b:2")]
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ('[[upstreams]]\nurl = "http://a:1"\nweight = 0\n', "weight must be a positive number"),
+    ('[[upstreams]]\nurl = "http://a:1"\nmax_concurrent = 0\n', "max_concurrent"),
+    ('[[upstreams]]\nurl = "http://a:1"\nport = 3\n', "unknown field(s) port"),
+    ('[[upstreams]]\nname = "x"\n', "must be a URL or a table with a url"),
+    ('upstreams = ["a=http://x:1", "a=http://y:2"]\n', "upstream names must differ"),
+])
+def test_bad_upstream_tables_are_refused(toml_file, text, fragment):
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path=toml_file(text), environ={})
+    assert fragment in str(caught.value)

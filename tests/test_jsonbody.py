@@ -86,3 +86,17 @@ def test_escaped_backslashes_before_a_quote_end_a_large_string():
 def test_an_empty_body_is_no_payload_and_no_problem():
     body = JsonBody(b"  \n")
     assert (body.payload, body.problem, body.models) == (None, None, [])
+
+
+@pytest.mark.parametrize("document", DOCUMENTS)
+def test_rewritten_sets_and_drops_fields_whether_parsed_or_scanned(document):
+    changes = {"options": {"num_ctx": 2048}, "stream_options": {"include_usage": True}}
+    for raw in (json.dumps({**document, "Stream_Options": 1}).encode(),
+                scanned(document, Stream_Options=1)):
+        out = json.loads(JsonBody(raw).rewritten(changes, drop=("apikey",)))
+        expected = {k: v for k, v in document.items() if k.lower() not in ("options",)}
+        assert {k: v for k, v in out.items() if k != "padding"} == {**expected, **changes}
+
+
+def test_an_empty_body_rewritten_holds_only_the_changes():
+    assert json.loads(JsonBody(b"").rewritten({"a": 1})) == {"a": 1}

@@ -11,7 +11,8 @@ from app import db as database
 from app.models import MODELS
 
 HISTORY_TABLE = "schema_migration"
-MIGRATIONS = ["0001_initial", "0002_heartbeat", "0003_usage_quotas_webhooks"]
+MIGRATIONS = ["0001_initial", "0002_heartbeat", "0003_usage_quotas_webhooks",
+              "0004_key_model_policy", "0005_upstream_status"]
 
 
 @pytest.fixture

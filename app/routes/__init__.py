@@ -1,8 +1,9 @@
 """Blueprints by API family, registered in one place."""
-from app.routes import meta, native, stats
+from app.routes import meta, native, openai, stats
 
 
 def init_app(app):
     app.register_blueprint(meta.bp)
     app.register_blueprint(stats.bp)
     app.register_blueprint(native.bp)
+    app.register_blueprint(openai.bp)

@@ -18,11 +18,15 @@ def root():
 def health():
     """Liveness plus the state of the database and Ollama; 503 when the database cannot write."""
     ok, problem = current_app.extensions["database_health"].state()
-    backend = current_app.extensions["upstream"].health()
+    upstreams = current_app.extensions["upstreams"].health()
+    states = {state for _, state in upstreams}
+    # One word for Ollama, as ollama-api-service answered: every upstream's, if they agree.
+    backend = states.pop() if len(states) == 1 else "degraded"
     body = {
         "status": ("healthy" if backend == "healthy" else "degraded") if ok else "unhealthy",
         "database": "ok" if ok else "unavailable",
         "ollama_backend": backend,
+        "upstreams": [{"name": name, "status": state} for name, state in upstreams],
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(),
     }
     if problem:

@@ -1,7 +1,7 @@
 """Ollama's own API under /api, relayed for any key with the right role and models."""
 from flask import Blueprint, request
 
-from app import auth, gateway, request_record
+from app import auth, fanout, gateway, request_record
 from app.errors import MethodNotAllowed
 from app.request_body import upload_body
 
@@ -30,10 +30,15 @@ def relay(subpath):
     pending = request_record.begin("/api/blobs" if path.startswith("/api/blobs/") else path)
     is_blob = path.startswith("/api/blobs/")
     _require_method(path, BLOB_METHODS if is_blob else ENDPOINT_METHODS.get(path))
+    pool = gateway.services()[2]
+    query = gateway.query_without_key()
     if is_blob:
         key = gateway.current_key()
         auth.require_admin(key, "uploading model blobs")
-        return gateway.forward(key, path, upload_body(), gateway.query_without_key())
+        target = fanout.named_upstream(pool)
+        if pool.single or target is not None:
+            return gateway.forward(key, path, upload_body(), query, target=target)
+        return fanout.upload_to_all(key, path, query, upload_body(), request.content_length or 0)
 
     key, body = gateway.authenticated_body()
     payload = body.validated()
@@ -43,11 +48,18 @@ def relay(subpath):
         auth.require_admin(key, path)
     for model in body.models:  # `model`, the older `name`, in any letter case
         auth.require_model(key, model)
+    raw = gateway.outgoing_body(body, key, path)  # never with a gateway key in it
+    if path in MODEL_MANAGEMENT and not pool.single:
+        target = fanout.named_upstream(pool)
+        if target is None:
+            return fanout.to_all(key, path, raw or None, query)
+        return gateway.forward(key, path, raw or None, query, target=target)
+    if path in MODEL_LISTS and not pool.single:
+        return fanout.union(key, path, query, "models", "name")
     transform = None
     if path in MODEL_LISTS and key.models:
         transform = lambda data: _only_allowed(data, key)  # noqa: E731
-    raw = body.without("apikey")  # in any letter case: Ollama never sees a gateway key
-    return gateway.forward(key, path, raw or None, gateway.query_without_key(), transform)
+    return gateway.forward(key, path, raw or None, query, transform, model=pending.model)
 
 
 def _require_method(path, allowed):
