@@ -165,7 +165,12 @@ def migration_runner(database):
 def upgrade(database):
     """Apply pending migrations; return the names applied (none if up to date)."""
     with migration_lock(database):
-        return migration_runner(database).up()
+        applied = migration_runner(database).up()
+    if applied:
+        from app import audit  # app.models binds to the proxy this module defines
+        with database.bind_ctx([audit.AuditEntry]):
+            audit.record("db.upgraded", None, applied=applied)
+    return applied
 
 
 def downgrade(database, target=None):

@@ -12,6 +12,7 @@ import secrets
 
 import peewee
 
+from app import audit
 from app.db import db
 from app.limits import (
     format_rate_limit,
@@ -134,6 +135,19 @@ def key_summary(row):
     }
 
 
+def key_target(row):
+    """How the audit log names a key: its id and public prefix."""
+    return f"key {row.id} ({row.prefix})"
+
+
+def _settings(row):
+    """The settings an admin can change, as the audit log records them."""
+    summary = key_summary(row)
+    return {k: summary[k] for k in ("name", "role", "rate_limit", "max_concurrent",
+                                      "token_quota", "max_ctx", "max_predict", "keep_alive",
+                                      "models", "expires_at")}
+
+
 KEEP_ALIVE = ("allow", "deny")
 
 
@@ -206,6 +220,7 @@ def create_key(name, role="user", rate_limit=None, max_concurrent=None, models=N
                     name=name, prefix=secret[:PREFIX_LENGTH], key_hash=hash_key(secret), **values
                 )
                 enqueue("key.created", key_event_data(row))  # committed with the key, or not at all
+                audit.record("key.created", key_target(row), after=_settings(row))
             return row, secret
         except peewee.IntegrityError:
             continue  # a prefix clash: 48 random bits make this vanishingly rare
@@ -257,9 +272,14 @@ def update_key(ident, name=None, **settings):
             raise KeyOpError("a key name cannot be empty")
         values["name"] = name.strip()
     changed = {k: v for k, v in values.items() if getattr(row, k) != v}
-    if changed:
+    if not changed:
+        return row, []
+    with db.atomic():
         ApiKey.update(changed).where(ApiKey.id == row.id).execute()
-    return ApiKey.get_by_id(row.id), sorted(changed)
+        updated = ApiKey.get_by_id(row.id)
+        before, after = audit.changes(_settings(row), _settings(updated))
+        audit.record("key.updated", key_target(updated), before, after)
+    return updated, sorted(changed)
 
 
 def revoke_key(ident):
@@ -270,6 +290,7 @@ def revoke_key(ident):
         if ApiKey.update(revoked_at=utcnow()).where(
                 (ApiKey.id == row.id) & ApiKey.revoked_at.is_null()).execute():
             enqueue("key.revoked", key_event_data(row))
+            audit.record("key.revoked", key_target(row))
     return ApiKey.get_by_id(row.id)
 
 
@@ -285,6 +306,8 @@ def rotate_key(ident):
         ).execute()
         rotated = ApiKey.get_by_id(row.id)
         enqueue("key.rotated", key_event_data(rotated, previous_prefix=row.prefix))
+        audit.record("key.rotated", key_target(rotated), before={"prefix": row.prefix},
+                     after={"prefix": rotated.prefix})
     return rotated, secret
 
 

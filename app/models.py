@@ -200,5 +200,18 @@ class UpstreamStatus(BaseModel):
         primary_key = peewee.CompositeKey("holder", "upstream")
 
 
+class AuditEntry(BaseModel):
+    """One admin action (app/audit.py): who, through what, from where, what changed."""
+
+    at = peewee.DateTimeField(index=True)
+    actor = peewee.CharField(max_length=200)  # a key prefix and name, or an OS user
+    via = peewee.CharField(max_length=16)  # http, cli, shell
+    source = peewee.CharField(max_length=255)  # client address or host name
+    action = peewee.CharField(max_length=64)
+    target = peewee.CharField(max_length=255, null=True)  # e.g. "key 7 (ogw_9cRSO_FS)"
+    details = peewee.TextField(null=True)  # JSON: before/after of settings, never a secret
+
+
 MODELS = [ApiKey, RateCounter, ConcurrencySlot, Heartbeat, UsageLabel, UsageRecord,
-          UsageHourly, TokenUsage, Webhook, WebhookDelivery, WebhookAttempt, UpstreamStatus]
+          UsageHourly, TokenUsage, Webhook, WebhookDelivery, WebhookAttempt, UpstreamStatus,
+          AuditEntry]

@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 import peewee
 
+from app import audit
 from app.db import db
 from app.models import Webhook, WebhookDelivery
 
@@ -97,13 +98,24 @@ def check_url(url):
     return url
 
 
+def _without_credentials(url):
+    """A URL as the audit log keeps it: no user, password or query (they may hold tokens)."""
+    parts = urlsplit(url)
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{parts.hostname}{port}{parts.path}"
+
+
 def add_webhook(url, events=None, include_prompt=False):
     """Register a receiver; return (row, secret). The secret is shown to people only now."""
     url = check_url(url)
     names = parse_events(events)
     secret = new_secret()
-    row = Webhook.create(url=url, events=",".join(names), secret=secret,
-                         include_prompt=bool(include_prompt))
+    with db.atomic():
+        row = Webhook.create(url=url, events=",".join(names), secret=secret,
+                             include_prompt=bool(include_prompt))
+        audit.record("webhook.added", f"webhook {row.id}", after={
+            "url": _without_credentials(url), "events": names,
+            "include_prompt": bool(include_prompt)})
     subscriptions.invalidate()
     return row, secret
 
@@ -123,7 +135,10 @@ def find_webhook(ident):
 def remove_webhook(ident):
     """Delete a webhook and its deliveries, sent or not; return the row as it was."""
     row = find_webhook(ident)
-    row.delete_instance()  # deliveries and attempts go with it (ON DELETE CASCADE)
+    with db.atomic():
+        row.delete_instance()  # deliveries and attempts go with it (ON DELETE CASCADE)
+        audit.record("webhook.removed", f"webhook {row.id}",
+                     before={"url": _without_credentials(row.url)})
     subscriptions.invalidate()
     return row
 
