@@ -33,6 +33,14 @@ class KeyOpError(ValueError):
     """A key operation cannot be done; the message says why (not found, ambiguous, …)."""
 
 
+class KeyNotFound(KeyOpError):
+    """No key matches the identifier."""
+
+
+class AmbiguousKey(KeyOpError):
+    """The identifier matches several keys; it is refused rather than guessed."""
+
+
 def hash_key(secret):
     # surrogatepass: a lone surrogate from a JSON body is just a wrong key, not a crash.
     return hashlib.sha256(secret.encode("utf-8", "surrogatepass")).hexdigest()
@@ -151,15 +159,25 @@ def _settings(row):
 KEEP_ALIVE = ("allow", "deny")
 
 
+def _whole(value, highest, message):
+    """`value` as an int in [0, highest], or KeyOpError(message): bad input is never a 500."""
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise KeyOpError(message) from None
+    if isinstance(value, (bool, float)) or not 0 <= number <= highest:
+        raise KeyOpError(message)
+    return number
+
+
 def _changes(role=None, rate_limit=None, max_concurrent=None, models=None, expires=None,
              token_quota=None, max_ctx=None, max_predict=None, keep_alive=None):
     """Validate optional settings into column values; raise KeyOpError with the reason."""
     values = {}
     for name, value in (("max_ctx", max_ctx), ("max_predict", max_predict)):
         if value is not None:
-            if not 0 <= int(value) <= 10_000_000:
-                raise KeyOpError(f"{name.replace('_', ' ')} must be 0 (no cap) to 10000000")
-            values[name] = int(value) or None
+            values[name] = _whole(value, 10_000_000, f"{name.replace('_', ' ')} must be "
+                                  "0 (no cap) to 10000000") or None
     if keep_alive is not None:
         if keep_alive not in KEEP_ALIVE:
             raise KeyOpError(f"keep_alive must be allow or deny, not {keep_alive!r}")
@@ -175,9 +193,9 @@ def _changes(role=None, rate_limit=None, max_concurrent=None, models=None, expir
             raise KeyOpError(str(exc)) from None
         values["rate_limit"], values["rate_period"] = parsed or (None, 3600)
     if max_concurrent is not None:
-        if not 0 <= int(max_concurrent) <= 1_000_000:
-            raise KeyOpError("max concurrent requests must be 0 (no limit) to 1000000")
-        values["max_concurrent"] = int(max_concurrent) or None
+        values["max_concurrent"] = _whole(
+            max_concurrent, 1_000_000, "max concurrent requests must be 0 (no limit) to "
+            "1000000") or None
     if token_quota is not None:
         try:
             parsed = parse_token_quota(token_quota)
@@ -241,7 +259,7 @@ def find_key(ident):
         row = ApiKey.get_or_none(ApiKey.key_hash == hash_key(ident))
         if row:
             return row
-        raise KeyOpError("no key matches that secret")
+        raise KeyNotFound("no key matches that secret")
     matches = {row.id: row for row in ApiKey.select().where(ApiKey.name == ident)}
     if len(ident) >= 6:
         # startswith is LIKE/ILIKE, case-blind; prefixes are case-sensitive base64, so re-check.
@@ -249,18 +267,18 @@ def find_key(ident):
             ApiKey.prefix.startswith(ident)) if row.prefix.startswith(ident))
     if len(matches) > 1:
         ids = ", ".join(str(i) for i in sorted(matches))
-        raise KeyOpError(f"{ident!r} matches more than one key (ids {ids}): give the id "
+        raise AmbiguousKey(f"{ident!r} matches more than one key (ids {ids}): give the id "
                          "or a longer prefix")
     if matches:
         return next(iter(matches.values()))
     if ident.isdigit():
-        raise KeyOpError(f"no key with id {ident}")
+        raise KeyNotFound(f"no key with id {ident}")
     if len(ident) < 6:
-        raise KeyOpError(f"no key named {ident!r}, and {ident!r} is too short for a prefix: "
+        raise KeyNotFound(f"no key named {ident!r}, and {ident!r} is too short for a prefix: "
                          "give the id, the name or 6+ characters of the prefix")
     if ident.startswith(KEY_PREFIX):
-        raise KeyOpError(f"no key with prefix {ident!r}")
-    raise KeyOpError(f"no key with prefix or name {ident!r}")
+        raise KeyNotFound(f"no key with prefix {ident!r}")
+    raise KeyNotFound(f"no key with prefix or name {ident!r}")
 
 
 def update_key(ident, name=None, **settings):

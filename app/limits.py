@@ -2,6 +2,7 @@
 import calendar
 import datetime
 import re
+import time
 
 PERIODS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
 _ALIASES = {
@@ -67,6 +68,13 @@ def parse_duration(text):
     if seconds > 100 * 365 * 86400:
         raise ValueError(f"duration {text!r} is more than 100 years; use 'never' instead")
     return seconds
+
+
+def parse_since(text):
+    """The epoch second `text` (a duration like 7d) before now, or None for `all`."""
+    if str(text).strip().lower() == "all":
+        return None
+    return time.time() - parse_duration(text)
 
 
 QUOTA_PERIODS = ("day", "month")

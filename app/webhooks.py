@@ -98,11 +98,9 @@ def check_url(url):
     return url
 
 
-def _without_credentials(url):
-    """A URL as the audit log keeps it: no user, password or query (they may hold tokens)."""
-    parts = urlsplit(url)
-    port = f":{parts.port}" if parts.port else ""
-    return f"{parts.scheme}://{parts.hostname}{port}{parts.path}"
+def _without_query(url):
+    """A URL as the audit log keeps it: without its query, which may hold a token."""
+    return url.split("?", 1)[0]
 
 
 def add_webhook(url, events=None, include_prompt=False):
@@ -114,7 +112,7 @@ def add_webhook(url, events=None, include_prompt=False):
         row = Webhook.create(url=url, events=",".join(names), secret=secret,
                              include_prompt=bool(include_prompt))
         audit.record("webhook.added", f"webhook {row.id}", after={
-            "url": _without_credentials(url), "events": names,
+            "url": _without_query(url), "events": names,
             "include_prompt": bool(include_prompt)})
     subscriptions.invalidate()
     return row, secret
@@ -138,7 +136,7 @@ def remove_webhook(ident):
     with db.atomic():
         row.delete_instance()  # deliveries and attempts go with it (ON DELETE CASCADE)
         audit.record("webhook.removed", f"webhook {row.id}",
-                     before={"url": _without_credentials(row.url)})
+                     before={"url": _without_query(row.url)})
     subscriptions.invalidate()
     return row
 

@@ -6,6 +6,7 @@ import peewee
 
 from app import db as database
 from app.config import ConfigError, load_settings
+from app.limits import parse_since
 
 
 def settings(**overrides):
@@ -60,3 +61,11 @@ def table(rows, columns):
     click.echo("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
     for r in cells:
         click.echo("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
+
+
+def since_option(text):
+    """--since as an epoch second (None for 'all'), or a usage error naming the option."""
+    try:
+        return parse_since(text)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--since") from None

@@ -5,12 +5,12 @@ import time
 
 import click
 
+from app import audit, stats
 from app import keys as keystore
-from app import stats
 from app.keys import normalize_model
 from app.limits import parse_duration
 from app.models import UsageRecord
-from cli.context import echo_json, open_db, table
+from cli.context import echo_json, open_db, since_option, table
 
 LABELS = {"key": ["key_prefix", "key_name"], "model": ["model"], "endpoint": ["endpoint"],
           "day": ["day"], "hour": ["hour"]}
@@ -20,15 +20,6 @@ HEADINGS = {"key_prefix": "key", "key_name": "name", "prompt_tokens": "tokens_in
             "completion_tokens": "tokens_out", "latency_ms_p50": "p50_ms",
             "latency_ms_p95": "p95_ms", "ttfb_ms_p50": "ttfb_p50_ms",
             "tokens_per_second": "tok/s"}
-
-
-def _since(text):
-    if text.strip().lower() == "all":
-        return None
-    try:
-        return time.time() - parse_duration(text)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
 
 
 @click.group(invoke_without_command=True)
@@ -54,7 +45,7 @@ def usage(ctx, ident, model, since, by, as_json, as_csv):
             key_id = keystore.find_key(ident).id
         except keystore.KeyOpError as exc:
             raise click.ClickException(str(exc)) from None
-    rows = stats.usage(_since(since), by, key_id, normalize_model(model).lower()
+    rows = stats.usage(since_option(since), by, key_id, normalize_model(model).lower()
                        if model else None)
     columns = LABELS[by] + NUMBERS
     if as_json:
@@ -93,4 +84,6 @@ def prune(older_than, yes):
         if not ids:
             break
         deleted += UsageRecord.delete().where(UsageRecord.id.in_(ids)).execute()
+    if deleted:
+        audit.record("usage.pruned", None, older_than=older_than, rows=deleted)
     click.echo(f"deleted {deleted} usage row(s) older than {older_than}; hourly totals kept")

@@ -204,7 +204,7 @@ def test_any_command_applies_the_schema(runner):
     as_json = json.loads(runner("db", "status", "--json").stdout)
     assert [m["name"] for m in as_json] == [
         "0001_initial", "0002_heartbeat", "0003_usage_quotas_webhooks", "0004_key_model_policy",
-        "0005_upstream_status"]
+        "0005_upstream_status", "0006_audit_log"]
     assert all(m["applied_at"] for m in as_json)
     upgrade = runner("db", "upgrade")
     assert upgrade.exit_code == 0

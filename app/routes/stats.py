@@ -10,15 +10,15 @@ from flask import Blueprint, jsonify, request
 
 from app import auth, gateway, stats
 from app.errors import BadRequest
-from app.limits import parse_duration
+from app.limits import parse_since
 
 bp = Blueprint("stats", __name__)
 
 
-def _since():
-    text = request.args.get("since", "30d")
+def since_arg():
+    """The `since` query parameter (7d, 24h, … or all; 30 days by default) as an epoch second."""
     try:
-        return None if text == "all" else time.time() - parse_duration(text)
+        return parse_since(request.args.get("since", "30d"))
     except ValueError as exc:
         raise BadRequest(f"since: {exc}") from None
 
@@ -49,7 +49,7 @@ def own_stats():
     """The calling key's own usage; any valid key."""
     key = gateway.current_key()
     return jsonify({"key": {"id": key.id, "prefix": key.prefix, "name": key.name,
-                            "role": key.role}, **_summary(_since(), key.id)})
+                            "role": key.role}, **_summary(since_arg(), key.id)})
 
 
 @bp.get("/api/admin/stats")
@@ -57,5 +57,5 @@ def all_stats():
     """Every key's usage; admin keys only."""
     key = gateway.current_key()
     auth.require_admin(key, "/api/admin/stats")
-    since = _since()
+    since = since_arg()
     return jsonify({**_summary(since), "keys": stats.usage(since, "key")})
