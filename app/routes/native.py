@@ -24,12 +24,25 @@ MODEL_MANAGEMENT = {"/api/pull", "/api/push", "/api/create", "/api/copy", "/api/
 MODEL_LISTS = {"/api/tags", "/api/ps"}
 
 
-@bp.route("/api/<path:subpath>", methods=["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH"])
+METHODS = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH"]
+
+
+@bp.route("/api/<path:subpath>", methods=METHODS)
 def relay(subpath):
-    path = gateway.canonical_path("/api/" + subpath)
-    pending = request_record.begin("/api/blobs" if path.startswith("/api/blobs/") else path)
+    return _relay(gateway.canonical_path("/api/" + subpath))
+
+
+@bp.route("/api/models", methods=METHODS)
+def models():
+    """ollama-api-service's model list: exactly what /api/tags answers this key."""
+    return _relay("/api/tags", called="/api/models")
+
+
+def _relay(path, called=None):
+    """Relay `path` (`called`, for the 405 message and usage records: what the client asked)."""
     is_blob = path.startswith("/api/blobs/")
-    _require_method(path, BLOB_METHODS if is_blob else ENDPOINT_METHODS.get(path))
+    pending = request_record.begin("/api/blobs" if is_blob else called or path)
+    _require_method(called or path, BLOB_METHODS if is_blob else ENDPOINT_METHODS.get(path))
     pool = gateway.services()[2]
     query = gateway.query_without_key()
     if is_blob:
