@@ -39,16 +39,6 @@ def demo_secret(label):
     return secret
 
 
-@pytest.fixture
-def make_client(settings, migrated):
-    def make(**overrides):
-        app = create_app(dataclasses.replace(settings, **overrides))
-        app.config["TESTING"] = True
-        return app.test_client()
-
-    return make
-
-
 def post(client, path, body, secret):
     return client.post(path, json=body, headers=auth_header(secret), buffered=True)
 
@@ -60,10 +50,10 @@ def sent_to_ollama(fake):
 # --- temperature, max_tokens and the rest at the top level -----------------------------------
 
 @pytest.mark.parametrize("path, body", [("/api/generate", GENERATE), ("/api/chat", CHAT)])
-def test_top_level_sampling_fields_reach_ollama_as_options(make_client, make_key, fake, path,
+def test_top_level_sampling_fields_reach_ollama_as_options(client, make_key, fake, path,
                                                            body):
     secret, _ = make_key()
-    response = post(make_client(), path, {**body, **TOP_LEVEL}, secret)
+    response = post(client, path, {**body, **TOP_LEVEL}, secret)
     assert response.status_code == 200, response.data
     sent = sent_to_ollama(fake)
     assert sent["options"] == AS_OPTIONS
@@ -71,9 +61,8 @@ def test_top_level_sampling_fields_reach_ollama_as_options(make_client, make_key
     assert {k: sent[k] for k in body} == body  # everything else as the client sent it
 
 
-def test_an_explicit_option_wins_and_nothing_is_defaulted(make_client, make_key, fake):
+def test_an_explicit_option_wins_and_nothing_is_defaulted(client, make_key, fake):
     secret, _ = make_key()
-    client = make_client()
     post(client, "/api/generate", {**GENERATE, "temperature": 0.2, "max_tokens": 50,
                                    "options": {"temperature": 0.9, "num_ctx": 1024}}, secret)
     assert sent_to_ollama(fake)["options"] == {"temperature": 0.9, "num_ctx": 1024,
@@ -84,9 +73,8 @@ def test_an_explicit_option_wins_and_nothing_is_defaulted(make_client, make_key,
     assert fake.requests[-1].body == raw
 
 
-def test_only_the_listed_fields_on_generating_endpoints_are_moved(make_client, make_key, fake):
+def test_only_the_listed_fields_on_generating_endpoints_are_moved(client, make_key, fake):
     secret, _ = make_key()
-    client = make_client()
     ollamas_own = {"system": "be brief", "format": "json", "keep_alive": "5m", "raw": False}
     post(client, "/api/generate", {**GENERATE, **ollamas_own, "temperature": None,
                                    "mirostat": 1}, secret)
@@ -99,28 +87,29 @@ def test_only_the_listed_fields_on_generating_endpoints_are_moved(make_client, m
     assert sent_to_ollama(fake) == embed  # not a generating endpoint: untouched
 
 
-def test_options_in_another_letter_case_are_the_ones_extended(make_client, make_key, fake):
+def test_options_in_another_letter_case_are_the_ones_extended(client, make_key, fake):
     secret, _ = make_key()
-    post(make_client(), "/api/chat", {**CHAT, "Options": {"seed": 1}, "temperature": 0.1,
+    post(client, "/api/chat", {**CHAT, "Options": {"seed": 1}, "temperature": 0.1,
                                       "seed": 2}, secret)
     sent = sent_to_ollama(fake)
     assert sent["options"] == {"seed": 1, "temperature": 0.1} and "Options" not in sent
 
 
-def test_a_large_body_gets_its_options_moved_without_being_re_encoded(make_client, make_key,
+def test_a_large_body_gets_its_options_moved_without_being_re_encoded(client, make_key,
                                                                      fake):
     secret, _ = make_key()
     image = "A" * (2 * 1024 * 1024)  # over the 1 MiB a body is parsed whole up to
-    post(make_client(), "/api/generate", {**GENERATE, "images": [image], "temperature": 0.4},
+    post(client, "/api/generate", {**GENERATE, "images": [image], "temperature": 0.4},
          secret)
     sent = sent_to_ollama(fake)
     assert sent["options"] == {"temperature": 0.4} and sent["images"] == [image]
 
 
 @pytest.mark.parametrize("mode", ["refuse", "clamp"])
-def test_a_keys_answer_cap_holds_for_a_top_level_max_tokens(make_client, make_key, fake, mode):
+def test_a_keys_answer_cap_holds_for_a_top_level_max_tokens(settings, make_key, fake, mode):
     secret, _ = make_key(max_predict=5)
-    client = make_client(model_policy=mode)
+    app = create_app(dataclasses.replace(settings, model_policy=mode))
+    client = app.test_client()
     response = post(client, "/api/generate", {**GENERATE, "max_tokens": 500}, secret)
     if mode == "refuse":
         assert response.status_code == 403
@@ -157,8 +146,7 @@ def test_root_is_service_info_for_a_client_that_prefers_json(client, accept, met
             "redoc": "/redoc"}
 
 
-def test_api_models_is_what_api_tags_lists_for_the_key(make_client, make_key, fake):
-    client = make_client()
+def test_api_models_is_what_api_tags_lists_for_the_key(client, make_key, fake):
     everything, _ = make_key("all")
     narrow, _ = make_key("narrow", models="llama3.2,qwen*")
     for secret in (everything, narrow):
@@ -177,8 +165,7 @@ def test_api_models_is_what_api_tags_lists_for_the_key(make_client, make_key, fa
 
 # --- /api/stats/detailed -----------------------------------------------------------------------
 
-def test_detailed_stats_are_the_calling_keys_own(make_client, make_key, fake):
-    client = make_client()
+def test_detailed_stats_are_the_calling_keys_own(client, make_key, fake):
     alice, row = make_key("alice", rate_limit="10/hour")
     bob, _ = make_key("bob")
     before = time.time()
@@ -213,7 +200,7 @@ def _epoch(iso):
 # --- demo keys ---------------------------------------------------------------------------------
 
 def test_demo_keys_are_created_once_hashed_and_announced_without_the_secret(
-        migrated, settings, caplog, make_client, fake):
+        migrated, settings, caplog, client, fake):
     admin, user = demo_secret("admin"), demo_secret("user")
     env = {"DEMO_ADMIN_KEY": admin, "DEMO_USER_KEY": user}
     with caplog.at_level(logging.INFO):
@@ -238,13 +225,12 @@ def test_demo_keys_are_created_once_hashed_and_announced_without_the_secret(
         AuditEntry.action.startswith("key."))]
     assert [a for a, _ in audit] == ["key.created", "key.created"]
     assert "DEMO_ADMIN_KEY" in audit[0][1]
-    client = make_client()
     assert client.get("/api/keys", headers=auth_header(admin)).status_code == 200
     assert client.get("/api/keys", headers=auth_header(user)).status_code == 403
 
 
 def test_a_changed_demo_value_takes_over_the_key_and_a_revoked_one_stays_revoked(
-        migrated, settings, make_client, caplog, fake):
+        migrated, settings, client, caplog, fake):
     old, new, user = demo_secret("old"), demo_secret("new"), demo_secret("user")
     demo_keys.ensure(migrated, {"DEMO_ADMIN_KEY": old, "DEMO_USER_KEY": user}, settings)
     first = ApiKey.get(ApiKey.name == "demo-admin")
@@ -259,7 +245,6 @@ def test_a_changed_demo_value_takes_over_the_key_and_a_revoked_one_stays_revoked
     users = list(ApiKey.select().where(ApiKey.name == "demo-user"))
     assert len(users) == 1 and users[0].revoked_at is not None
     assert "stays revoked" in caplog.text
-    client = make_client()
     assert client.get("/api/tags", headers=auth_header(old), buffered=True).status_code == 401
     assert client.get("/api/tags", headers=auth_header(new), buffered=True).status_code == 200
     assert client.get("/api/tags", headers=auth_header(user), buffered=True).status_code == 401
