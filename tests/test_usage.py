@@ -12,7 +12,7 @@ from flask.testing import FlaskClient
 
 from app import create_app, stats
 from app.models import TokenUsage, UsageHourly, UsageLabel, UsageRecord
-from app.request_record import flush_at_exit
+from app.request_record import ACCESS_LOG, flush_at_exit
 from app.usage import REFUSALS, Record, UsageWriter, load_spills, token_counts
 from tests.conftest import auth_header
 from tests.fake_ollama import fake_text
@@ -299,10 +299,12 @@ def test_metrics_need_an_admin_key_unless_public(make_client, make_key, fake):
 def test_each_relayed_request_gets_one_json_access_log_line_without_secrets(
         client, make_key, fake, capsys):
     secret, key = make_key()
+    ACCESS_LOG.flush()  # lines of earlier tests in this process
     capsys.readouterr()
     response = client.post(f"/api/generate?apikey={secret}&keep=1",
                            json={**GENERATE, "stream": False, "prompt": "top secret words"})
     assert response.status_code == 200
+    ACCESS_LOG.flush()  # the usage writer's next turn does this within usage_flush_seconds
     [line] = [ln for ln in capsys.readouterr().err.splitlines() if '"path":' in ln]
     entry = json.loads(line)
     assert (entry["key"], entry["status"], entry["path"]) == (key.prefix, 200, "/api/generate")
