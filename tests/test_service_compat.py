@@ -20,6 +20,7 @@ from app.db import open_database
 from app.models import ApiKey, AuditEntry
 from tests import leak_check
 from tests.conftest import auth_header
+from tests.fake_ollama import FakeOllama
 from tests.gateway_process import GatewayProcess
 
 GENERATE = {"model": "llama3.2", "prompt": "Explain machine learning", "stream": False}
@@ -161,6 +162,22 @@ def test_api_models_is_what_api_tags_lists_for_the_key(client, make_key, fake):
     refused = client.post("/api/models", headers=auth_header(everything), buffered=True)
     assert refused.status_code == 405 and refused.headers["Allow"] == "GET, HEAD"
     assert all(r.path == "/api/tags" for r in fake.requests)  # Ollama has no /api/models
+
+
+def test_api_models_is_the_union_over_several_servers(settings, make_key):
+    secret, _ = make_key(models="llama3.2,phi3")
+    with FakeOllama(models=["llama3.2:latest", "qwen2.5:0.5b"]) as gpu1, \
+            FakeOllama(models=["phi3:latest", "llama3.2:latest"]) as gpu2:
+        app = create_app(dataclasses.replace(
+            settings, upstreams=(f"gpu1={gpu1.url}", f"gpu2={gpu2.url}")))
+        app.extensions["upstreams"].refresh()
+        client = app.test_client()
+        models = client.get("/api/models", headers=auth_header(secret), buffered=True)
+        tags = client.get("/api/tags", headers=auth_header(secret), buffered=True)
+    # The same list as /api/tags (each model once; the server asked first varies).
+    for answer in (models, tags):
+        assert sorted(m["name"] for m in answer.get_json()["models"]) == [
+            "llama3.2:latest", "phi3:latest"]
 
 
 # --- /api/stats/detailed -----------------------------------------------------------------------
