@@ -1,7 +1,7 @@
 """What clients, load balancers and Prometheus probe: `/`, `/health`, `/metrics`."""
 import datetime
 
-from flask import Blueprint, Response, current_app, jsonify
+from flask import Blueprint, Response, current_app, jsonify, request
 
 from app import auth, gateway, metrics
 
@@ -16,7 +16,15 @@ def root():
 
 @bp.route("/health", methods=["GET", "HEAD"])
 def health():
-    """Liveness plus the state of the database and Ollama; 503 when the database cannot write."""
+    """Liveness plus the state of the database and Ollama; 503 when the database cannot write.
+
+    With `?apikey=` (go-ollama-api's health check) it checks that key instead and answers
+    that service's shape; a bad key is a 401 like anywhere else.
+    """
+    if "apikey" in request.args:
+        gateway.current_key()
+        return jsonify({"status": "API is healthy", "timestamp": datetime.datetime.now(
+            datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")})
     ok, problem = current_app.extensions["database_health"].state()
     upstreams = current_app.extensions["upstreams"].health()
     states = {state for _, state in upstreams}

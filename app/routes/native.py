@@ -30,9 +30,9 @@ def relay(subpath):
     pending = request_record.begin("/api/blobs" if path.startswith("/api/blobs/") else path)
     is_blob = path.startswith("/api/blobs/")
     _require_method(path, BLOB_METHODS if is_blob else ENDPOINT_METHODS.get(path))
-    pool = gateway.services()[2]
-    query = gateway.query_without_key()
     if is_blob:
+        pool = gateway.services()[2]
+        query = gateway.query_without_key()
         key = gateway.current_key()
         auth.require_admin(key, "uploading model blobs")
         target = fanout.named_upstream(pool)
@@ -40,6 +40,13 @@ def relay(subpath):
             return gateway.forward(key, path, upload_body(), query, target=target)
         return fanout.upload_to_all(key, path, query, upload_body(), request.content_length or 0)
 
+    return relay_json(path, pending)
+
+
+def relay_json(path, pending):
+    """Relay a request with a JSON body (or none) to `path`, after every check that applies."""
+    pool = gateway.services()[2]
+    query = gateway.query_without_key()
     key, body = gateway.authenticated_body()
     payload = body.validated()
     pending.model = next(iter(body.models), None)
