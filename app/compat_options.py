@@ -26,8 +26,9 @@ TOP_LEVEL = {
     "frequency_penalty": "frequency_penalty",
 }
 FIELDS = frozenset(TOP_LEVEL)
-# Where they are moved: Ollama's generating endpoints, and go-ollama-api's /generate.
-PATHS = frozenset({"/api/generate", "/api/chat", "/generate"})
+# Where they are moved: Ollama's generating endpoints (go-ollama-api's /generate is
+# relayed as /api/generate, so it is one of them).
+PATHS = frozenset({"/api/generate", "/api/chat"})
 
 
 def changes(path, body):

@@ -62,6 +62,13 @@ def test_top_level_sampling_fields_reach_ollama_as_options(client, make_key, fak
     assert {k: sent[k] for k in body} == body  # everything else as the client sent it
 
 
+def test_go_ollama_apis_generate_moves_them_too(client, make_key, fake):
+    secret, _ = make_key()
+    post(client, "/generate", {**GENERATE, "apikey": secret, "max_tokens": 9}, secret)
+    assert fake.requests[-1].path == "/api/generate"
+    assert sent_to_ollama(fake)["options"] == {"num_predict": 9}
+
+
 def test_an_explicit_option_wins_and_nothing_is_defaulted(client, make_key, fake):
     secret, _ = make_key()
     post(client, "/api/generate", {**GENERATE, "temperature": 0.2, "max_tokens": 50,

@@ -1,5 +1,5 @@
 """Blueprints by API family, registered in one place."""
-from app.routes import admin, meta, native, openai, stats
+from app.routes import admin, legacy, meta, native, openai, stats
 
 
 def init_app(app):
@@ -8,3 +8,4 @@ def init_app(app):
     app.register_blueprint(admin.bp)
     app.register_blueprint(native.bp)
     app.register_blueprint(openai.bp)
+    app.register_blueprint(legacy.bp)

@@ -40,7 +40,15 @@ def service_info():
 
 @bp.route("/health", methods=["GET", "HEAD"])
 def health():
-    """Liveness plus the state of the database and Ollama; 503 when the database cannot write."""
+    """Liveness plus the state of the database and Ollama; 503 when the database cannot write.
+
+    With `?apikey=` (go-ollama-api's health check) it checks that key instead and answers
+    that service's shape; a bad key is a 401 like anywhere else.
+    """
+    if "apikey" in request.args:
+        gateway.current_key()
+        return jsonify({"status": "API is healthy", "timestamp": datetime.datetime.now(
+            datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")})
     ok, problem = current_app.extensions["database_health"].state()
     upstreams = current_app.extensions["upstreams"].health()
     states = {state for _, state in upstreams}

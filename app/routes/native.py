@@ -24,28 +24,15 @@ MODEL_MANAGEMENT = {"/api/pull", "/api/push", "/api/create", "/api/copy", "/api/
 MODEL_LISTS = {"/api/tags", "/api/ps"}
 
 
-METHODS = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH"]
-
-
-@bp.route("/api/<path:subpath>", methods=METHODS)
+@bp.route("/api/<path:subpath>", methods=["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH"])
 def relay(subpath):
-    return _relay(gateway.canonical_path("/api/" + subpath))
-
-
-@bp.route("/api/models", methods=METHODS)
-def models():
-    """ollama-api-service's model list: exactly what /api/tags answers this key."""
-    return _relay("/api/tags", called="/api/models")
-
-
-def _relay(path, called=None):
-    """Relay `path` (`called`, for the 405 message and usage records: what the client asked)."""
+    path = gateway.canonical_path("/api/" + subpath)
+    pending = request_record.begin("/api/blobs" if path.startswith("/api/blobs/") else path)
     is_blob = path.startswith("/api/blobs/")
-    pending = request_record.begin("/api/blobs" if is_blob else called or path)
-    _require_method(called or path, BLOB_METHODS if is_blob else ENDPOINT_METHODS.get(path))
-    pool = gateway.services()[2]
-    query = gateway.query_without_key()
+    _require_method(path, BLOB_METHODS if is_blob else ENDPOINT_METHODS.get(path))
     if is_blob:
+        pool = gateway.services()[2]
+        query = gateway.query_without_key()
         key = gateway.current_key()
         auth.require_admin(key, "uploading model blobs")
         target = fanout.named_upstream(pool)
@@ -53,6 +40,21 @@ def _relay(path, called=None):
             return gateway.forward(key, path, upload_body(), query, target=target)
         return fanout.upload_to_all(key, path, query, upload_body(), request.content_length or 0)
 
+    return relay_json(path, pending)
+
+
+@bp.route("/api/models", methods=["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH"])
+def models():
+    """ollama-api-service's model list: exactly what /api/tags answers this key."""
+    pending = request_record.begin("/api/models")  # usage shows what the client called
+    _require_method("/api/models", ENDPOINT_METHODS["/api/tags"])
+    return relay_json("/api/tags", pending)
+
+
+def relay_json(path, pending):
+    """Relay a request with a JSON body (or none) to `path`, after every check that applies."""
+    pool = gateway.services()[2]
+    query = gateway.query_without_key()
     key, body = gateway.authenticated_body()
     payload = body.validated()
     pending.model = next(iter(body.models), None)

@@ -1,0 +1,165 @@
+"""`ollama-gw shell`, go-ollama-api's console, driven through a terminal as a person would.
+
+The console runs in a pty (pexpect) beside a running gateway on the same database: a
+key it generates works at once, a key it removes stops working, and the audit log
+says the console did it.
+"""
+import json
+import re
+import subprocess
+import sys
+
+import pexpect
+import pytest
+import requests
+
+from app import audit
+from tests import leak_check
+from tests.gateway_process import GatewayProcess, wait_for
+
+pytestmark = pytest.mark.gateway
+PROMPT = "ollama-gw> "
+SECRET = re.compile(r"ogw_[A-Za-z0-9_-]{43}")
+GENERATE = {"model": "llama3.2", "prompt": "hi", "stream": False}
+
+
+@pytest.fixture
+def gateway(database_url, fake, tmp_path):
+    gw = GatewayProcess(database_url, fake.url, workers=1, data_dir=tmp_path / "data")
+    with gw:
+        gw.start(tmp_path / "gateway.log")
+        yield gw
+
+
+@pytest.fixture
+def console(gateway):
+    """Start a console session; every one started is closed at the end, failures included."""
+    sessions = []
+
+    def start():
+        child = pexpect.spawn(sys.executable, ["-m", "cli", "shell"], env=gateway.env,
+                              encoding="utf-8", timeout=60, dimensions=(40, 200))
+        sessions.append(child)
+        child.expect_exact(PROMPT)
+        return child
+
+    yield start
+    for child in sessions:
+        child.close(force=True)
+
+
+def run(child, line):
+    """Type a line, return what the console printed before its next prompt."""
+    child.sendline(line)
+    child.expect_exact(PROMPT)
+    out = child.before.split("\r\n", 1)[-1]  # what follows the echoed line
+    leak_check.remember_secrets(SECRET.findall(out))
+    return out
+
+
+def works(gateway, secret):
+    return requests.post(gateway.url + "/api/generate", json=GENERATE, timeout=60,
+                         headers={"Authorization": f"Bearer {secret}"}).status_code
+
+
+def keys(gateway):
+    return {k["id"]: k for k in json.loads(gateway.cli("keys", "list", "--json").stdout)}
+
+
+def test_generatekey_makes_a_working_key_while_the_gateway_runs(gateway, console):
+    child = console()
+    out = run(child, "generatekey build server")
+    [secret] = SECRET.findall(out)
+    assert "10/minute" in out and "'build server'" in out
+    assert works(gateway, secret) == 200
+    made = [k for k in keys(gateway).values() if k["name"] == "build server"]
+    assert len(made) == 1 and made[0]["rate_limit"] == "10/minute"
+
+    out = run(child, "generatekeys 3")
+    assert len(set(SECRET.findall(out))) == 3
+    listing = run(child, "listkeys")
+    assert listing.count("10/minute") == 4 and "build server" in listing
+    assert not SECRET.search(listing)  # prefixes only, never a secret
+
+
+def test_removekey_takes_the_pasted_key_and_the_gateway_refuses_it(gateway, console):
+    child = console()
+    [secret] = SECRET.findall(run(child, "generatekey"))
+    assert works(gateway, secret) == 200
+    out = run(child, f"removekey {secret}")
+    assert "Revoked key" in out and secret not in out
+    assert wait_for(lambda: works(gateway, secret) == 401, 30)
+    entries = [e for e in audit_entries(gateway) if e["action"] == "key.revoked"]
+    assert entries and entries[0]["via"] == "shell"
+
+
+def audit_entries(gateway):
+    return json.loads(gateway.cli("audit", "--json").stdout)
+
+
+def test_webhook_commands_and_mistakes(gateway, console):
+    child = console()
+    out = run(child, "addwebhook http://127.0.0.1:9/hook")
+    assert re.search(r"whsec_\S+", out) and "Added webhook" in out
+    hook_id = re.search(r"Added webhook (\d+)", out).group(1)
+    assert "http://127.0.0.1:9/hook" in run(child, "listwebhooks")
+    assert f"Deleted webhook {hook_id}" in run(child, f"deletewebhook {hook_id}")
+    assert "no webhooks yet" in run(child, "listwebhooks")
+    assert "error: no webhook with id" in run(child, f"deletewebhook {hook_id}")
+    assert "unknown command 'frobnicate'" in run(child, "frobnicate now")
+    assert "must be a number from 1 to 100" in run(child, "generatekeys 1000")
+    assert "usage: removekey KEY" in run(child, "removekey")
+    assert "error: no key" in run(child, "removekey ogw_nothere")
+    help_text = run(child, "help")
+    for command in ("generatekey", "generatekeys", "listkeys", "removekey", "addwebhook",
+                    "deletewebhook", "listwebhooks", "help", "exit"):
+        assert command in help_text
+    assert run(child, "").strip() == ""  # an empty line does not repeat the last command
+    child.sendline("exit")
+    child.expect(pexpect.EOF)
+    child.wait()
+    assert child.exitstatus == 0
+    assert {e["via"] for e in audit_entries(gateway)
+            if e["action"].startswith("webhook.")} == {"shell"}
+
+
+def test_history_is_kept_between_sessions_without_secrets(gateway, console, tmp_path):
+    first = console()
+    [secret] = SECRET.findall(run(first, "generatekey"))
+    run(first, f"removekey {secret}")
+    run(first, "listwebhooks")
+    first.sendeof()  # Ctrl-D leaves too
+    first.expect(pexpect.EOF)
+    history = (tmp_path / "data" / "shell_history").read_text()
+    assert "removekey ogw_" in history and secret not in history
+
+    second = console()
+    second.send("\x1b[A")  # up arrow: the last line comes back, ready to edit
+    second.sendline("")
+    second.expect_exact(PROMPT)
+    assert "listwebhooks" in second.before and "no webhooks yet" in second.before
+
+
+def test_piped_commands_and_no_stdin_end_cleanly(gateway):
+    piped = subprocess.run([sys.executable, "-m", "cli", "shell"], input="listkeys\nhelp\n",
+                           env=gateway.env, capture_output=True, text=True, timeout=120)
+    assert piped.returncode == 0 and "generatekey" in piped.stdout
+    # As under systemd: stdin is /dev/null. The Go console spun at 100 % CPU here.
+    with open("/dev/null") as devnull:
+        quiet = subprocess.run([sys.executable, "-m", "cli", "shell"], stdin=devnull,
+                               env=gateway.env, capture_output=True, text=True, timeout=120)
+    assert quiet.returncode == 0 and quiet.stderr == ""
+
+
+def test_the_console_says_so_when_the_database_cannot_be_opened(tmp_path):
+    env = {"DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none", "PATH": "/usr/bin:/bin"}
+    result = subprocess.run([sys.executable, "-m", "cli", "shell"], input="listkeys\n",
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "cannot open the database" in result.stderr
+
+
+def test_audit_entries_of_the_console_name_it(migrated):
+    with audit.acting_as(audit.cli_actor("shell")):
+        from app import keys as keystore
+        keystore.create_key("x")
+    assert audit.entries(action="key.created")[0]["via"] == "shell"
