@@ -1,5 +1,4 @@
 """ollama-gw: an authenticating, rate-limiting gateway in front of Ollama."""
-import logging
 
 
 def create_app(settings=None):
@@ -22,7 +21,7 @@ def create_app(settings=None):
         webhook_delivery,
     )
     from app.config import load_settings
-    from app.redact import redact_handlers
+    from app.redact import configure_logging
 
     settings = settings or load_settings()
     app = Flask(__name__, static_folder=None)
@@ -30,9 +29,7 @@ def create_app(settings=None):
     app.url_map.merge_slashes = False
     app.config["SETTINGS"] = settings
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    redact_handlers(logging.getLogger())  # no key in any log line, tracebacks included
+    configure_logging(settings.log_level)
 
     db.init_app(app)
     errors.init_app(app)

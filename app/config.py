@@ -1,7 +1,8 @@
 """Every setting once, with its default and what it means.
 
-Precedence: environment (``OLLAMA_GW_<NAME>``, plus the familiar ``OLLAMA_URL`` and
-``DATABASE_URL``) over the TOML file over the defaults below. The file is the one named
+Precedence: environment (``OLLAMA_GW_<NAME>``, plus the familiar ``OLLAMA_URL`` (or
+ollama-api-service's ``OLLAMA_BASE_URL``) and ``DATABASE_URL``) over the TOML file over
+the defaults below. The file is the one named
 by ``--config`` / ``OLLAMA_GW_CONFIG``, else ``/etc/ollama-gw/config.toml`` when it exists.
 """
 import dataclasses
@@ -217,7 +218,9 @@ def _read_toml(path):
 
 def _read_env(environ):
     values = {}
-    for familiar, name in (("OLLAMA_URL", "upstreams"), ("DATABASE_URL", "database_url")):
+    # OLLAMA_BASE_URL is ollama-api-service's name; OLLAMA_URL wins when both are set.
+    for familiar, name in (("OLLAMA_BASE_URL", "upstreams"), ("OLLAMA_URL", "upstreams"),
+                           ("DATABASE_URL", "database_url")):
         if environ.get(familiar):
             values[name] = (environ[familiar], f"({familiar})")
     for name in FIELDS:

@@ -14,7 +14,7 @@ from urllib.parse import urlencode
 import requests
 from flask import Response, current_app, g, request
 
-from app import auth, model_policy, request_record
+from app import auth, compat_options, model_policy, request_record
 from app.db import db
 from app.errors import BadRequest, GatewayError, Unauthorized, UpstreamUnavailable
 from app.jsonbody import JsonBody
@@ -96,13 +96,21 @@ def authenticated_body():
 
 
 def outgoing_body(body, key, path, changes=None):
-    """The body Ollama gets: no gateway key, the key's model policy applied, and `changes`.
+    """The body Ollama gets: no gateway key, ollama-api-service's top-level options moved
+    into `options`, the key's model policy applied, and `changes`.
 
     One rewrite for all of them, and none at all when nothing changes (a large body is
-    spliced, never re-encoded: app/jsonbody.py).
+    spliced, never re-encoded: app/jsonbody.py). The policy sees the options as moved,
+    so a cap holds for a top-level `max_tokens` too.
     """
-    found = {**model_policy.changes(key, path, body.payload, settings().model_policy),
-             **(changes or {})}
+    payload = body.payload
+    moved = compat_options.changes(path, body)
+    if moved:
+        payload = {**payload, "options": moved["options"]}
+    # settings() costs more than the rest of a plain body's rewrite: only when needed.
+    policy = (model_policy.changes(key, path, payload, settings().model_policy)
+              if model_policy.applies(key) else {})
+    found = {**moved, **policy, **(changes or {})}
     drop = ["apikey", *(name for name, value in found.items() if value is None)]
     return body.rewritten({k: v for k, v in found.items() if v is not None}, drop=drop)
 

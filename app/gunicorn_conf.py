@@ -60,10 +60,11 @@ def on_starting(server):
     In a child process: the master must not import the database layer before gevent
     patches the workers (app/server.py says why). `ollama-gw serve` has migrated already
     and turns this off; it matters when gunicorn is run directly. Concurrent starts
-    queue on the migration lock.
+    queue on the migration lock. The DEMO_* keys (app/demo_keys.py) are set up with them.
     """
     if _settings.auto_migrate:
-        subprocess.run([sys.executable, "-P", "-m", "cli", "db", "upgrade"], check=True)
+        subprocess.run([sys.executable, "-P", "-m", "cli", "db", "upgrade", "--demo-keys"],
+                       check=True)
 
 
 def post_fork(server, worker):

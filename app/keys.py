@@ -3,6 +3,11 @@
 A key is ``ogw_`` + 43 URL-safe characters (256 random bits). It is stored as its
 SHA-256: keys are random, so a fast hash is as safe as a slow one and authentication
 costs microseconds. The first 12 characters (``ogw_`` + 8) are its public prefix.
+
+The one exception is a secret an operator chose (ollama-api-service's DEMO_ADMIN_KEY,
+app/demo_keys.py): its prefix is ``demo_`` + 8 random characters, taken neither from
+the secret (a 12-character preview of ``demo-admin-key-12345`` would show most of it)
+nor from its hash (which would let anyone reading a log test guesses at a weak secret).
 """
 import dataclasses
 import datetime
@@ -26,6 +31,7 @@ from app.webhooks import enqueue, key_event_data
 
 KEY_PREFIX = "ogw_"
 PREFIX_LENGTH = len(KEY_PREFIX) + 8
+CHOSEN_PREFIX = "demo_"  # the prefix of a key whose secret was chosen, not generated
 ROLES = ("user", "admin")
 
 
@@ -48,6 +54,16 @@ def hash_key(secret):
 
 def new_secret():
     return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def _public_prefix(secret, chosen):
+    """How listings name a key: its first 12 characters, or random ones for a chosen secret."""
+    return CHOSEN_PREFIX + secrets.token_urlsafe(6) if chosen else secret[:PREFIX_LENGTH]
+
+
+def _require_unused(secret):
+    if ApiKey.select().where(ApiKey.key_hash == hash_key(secret)).exists():
+        raise KeyOpError("that secret is already another key's; choose a different one")
 
 
 def normalize_model(name):
@@ -217,8 +233,13 @@ def _changes(role=None, rate_limit=None, max_concurrent=None, models=None, expir
 
 
 def create_key(name, role="user", rate_limit=None, max_concurrent=None, models=None,
-               expires=None, default_rate_limits=None, token_quota=None, **policy):
-    """Create a key; return (row, secret). The secret is not recoverable afterwards."""
+               expires=None, default_rate_limits=None, token_quota=None, secret=None,
+               **policy):
+    """Create a key; return (row, secret). The secret is not recoverable afterwards.
+
+    `secret` is for keys whose secret an operator chose (app/demo_keys.py); normally
+    the key makes its own.
+    """
     name = (name or "").strip()
     if not name:
         raise KeyOpError("a key needs a name (who or what uses it)")
@@ -230,12 +251,16 @@ def create_key(name, role="user", rate_limit=None, max_concurrent=None, models=N
     values = _changes(role or "user", rate_limit, max_concurrent, models, expires, token_quota,
                       **policy)
     values.setdefault("role", "user")
+    chosen = secret is not None
+    if chosen:
+        _require_unused(secret)
     for _ in range(5):
-        secret = new_secret()
+        secret = secret if chosen else new_secret()
         try:
             with db.atomic():
                 row = ApiKey.create(
-                    name=name, prefix=secret[:PREFIX_LENGTH], key_hash=hash_key(secret), **values
+                    name=name, prefix=_public_prefix(secret, chosen), key_hash=hash_key(secret),
+                    **values
                 )
                 enqueue("key.created", key_event_data(row))  # committed with the key, or not at all
                 audit.record("key.created", key_target(row), after=_settings(row))
@@ -260,6 +285,9 @@ def find_key(ident):
         if row:
             return row
         raise KeyNotFound("no key matches that secret")
+    row = ApiKey.get_or_none(ApiKey.key_hash == hash_key(ident))
+    if row:  # a chosen (demo) secret pasted whole: found, and never echoed in a message
+        return row
     matches = {row.id: row for row in ApiKey.select().where(ApiKey.name == ident)}
     if len(ident) >= 6:
         # startswith is LIKE/ILIKE, case-blind; prefixes are case-sensitive base64, so re-check.
@@ -312,14 +340,21 @@ def revoke_key(ident):
     return ApiKey.get_by_id(row.id)
 
 
-def rotate_key(ident):
-    """Give a key a new secret, keeping its id and settings; return (row, secret)."""
+def rotate_key(ident, secret=None):
+    """Give a key a new secret, keeping its id and settings; return (row, secret).
+
+    `secret`: one an operator chose (a changed DEMO_* variable); normally a new one is made.
+    """
     row = find_key(ident)
     if row.revoked_at is not None:
         raise KeyOpError(f"key {row.prefix} is revoked; create a new key instead")
-    secret = new_secret()
+    chosen = secret is not None
+    if chosen:
+        _require_unused(secret)
+    else:
+        secret = new_secret()
     with db.atomic():
-        ApiKey.update(prefix=secret[:PREFIX_LENGTH], key_hash=hash_key(secret)).where(
+        ApiKey.update(prefix=_public_prefix(secret, chosen), key_hash=hash_key(secret)).where(
             ApiKey.id == row.id
         ).execute()
         rotated = ApiKey.get_by_id(row.id)

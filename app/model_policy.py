@@ -16,9 +16,14 @@ LENGTH_FIELDS = {"/v1/chat/completions": ("max_tokens", "max_completion_tokens")
                  "/v1/completions": ("max_tokens",), "/v1/responses": ("max_output_tokens",)}
 
 
+def applies(key):
+    """Whether `key` has a policy at all (most keys do not: nothing to look at)."""
+    return bool(key.max_ctx or key.max_predict or not key.allow_keep_alive)
+
+
 def changes(key, path, payload, mode):
     """Top-level fields to set for `key`'s policy, None for one to drop; 403 in refuse mode."""
-    if payload is None or not (key.max_ctx or key.max_predict or not key.allow_keep_alive):
+    if payload is None or not applies(key):
         return {}
     out = {}
     options = payload.get("options")

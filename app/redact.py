@@ -53,6 +53,13 @@ def redact_handlers(logger):
             handler.setFormatter(RedactingFormatter(handler.formatter))
 
 
+def configure_logging(level):
+    """The gateway's log format on stderr, at `level`, with every key masked."""
+    logging.basicConfig(level=level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    redact_handlers(logging.getLogger())  # no key in any log line, tracebacks included
+
+
 def redact_exception(exc):
     """Mask keys in the attributes an exception's message is made from, in place.
 

@@ -14,6 +14,7 @@ from app.models import (
     ApiKey,
     UsageHourly,
     UsageLabel,
+    UsageRecord,
     bucket_columns,
 )
 from app.usage import SUM_COLUMNS
@@ -114,3 +115,24 @@ def totals(rows):
     fields = ("requests", "errors", "refused", "aborted", "prompt_tokens",
               "completion_tokens", "bytes")
     return {f: sum(row[f] for row in rows) for f in fields}
+
+
+def response_times(key_id, since=None):
+    """A key's answered requests since `since`: (count, min, max, average) in milliseconds.
+
+    Read from the per-request rows (what `usage prune` keeps); refusals are left out, as
+    they never reached Ollama.
+    """
+    query = (UsageRecord.select(fn.COUNT(UsageRecord.id), fn.MIN(UsageRecord.latency_ms),
+                                fn.MAX(UsageRecord.latency_ms), fn.AVG(UsageRecord.latency_ms))
+             .where((UsageRecord.key_id == key_id) & (UsageRecord.refusal == 0)))
+    if since is not None:
+        query = query.where(UsageRecord.at >= since)
+    count, low, high, average = query.tuples().get()
+    return int(count or 0), low, high, None if average is None else float(average)
+
+
+def request_span(key_id):
+    """(first, last) epoch seconds a key made a request, of the rows kept; (None, None)."""
+    return (UsageRecord.select(fn.MIN(UsageRecord.at), fn.MAX(UsageRecord.at))
+            .where(UsageRecord.key_id == key_id).tuples().get())

@@ -1,12 +1,15 @@
 """What every command needs: settings and an open, migrated database, or a clear error."""
 import json
+import os
 
 import click
 import peewee
 
 from app import db as database
+from app import demo_keys
 from app.config import ConfigError, load_settings
 from app.limits import parse_since
+from app.redact import configure_logging
 
 
 def settings(**overrides):
@@ -37,6 +40,17 @@ def open_db(migrate=True):
     except (peewee.OperationalError, OSError) as exc:
         raise click.ClickException(f"cannot open the database at {redact(url)}: {exc}") from None
     return instance
+
+
+def prepare_demo_keys(instance, conf):
+    """Set up the DEMO_* keys (app/demo_keys.py), logging in the gateway's format."""
+    if not demo_keys.wanted(os.environ):
+        return
+    configure_logging(conf.log_level)
+    try:
+        demo_keys.ensure(instance, os.environ, conf)
+    except peewee.PeeweeException as exc:
+        raise click.ClickException(f"cannot set up the demo keys: {exc}") from None
 
 
 def redact(url):

@@ -2,7 +2,7 @@
 import click
 
 from app import db as database
-from cli.context import echo_json, open_db
+from cli.context import echo_json, open_db, prepare_demo_keys, settings
 
 
 @click.group("db")
@@ -11,11 +11,16 @@ def db_group():
 
 
 @db_group.command()
-def upgrade():
+@click.option("--demo-keys", is_flag=True,
+              help="Also set up the keys DEMO_ADMIN_KEY and DEMO_USER_KEY name, as a starting "
+              "gateway does.")
+def upgrade(demo_keys):
     """Apply pending migrations (safe to run while gateways are running)."""
     instance = open_db(migrate=False)
     applied = database.upgrade(instance)
     click.echo("applied: " + ", ".join(applied) if applied else "already up to date")
+    if demo_keys:
+        prepare_demo_keys(instance, settings())
 
 
 @db_group.command()

@@ -9,7 +9,7 @@ import requests
 
 from app import db as database
 from app.upstream import Upstream
-from cli.context import open_db, redact, settings
+from cli.context import open_db, prepare_demo_keys, redact, settings
 
 
 @click.command()
@@ -42,11 +42,14 @@ def serve(bind, port, ollama_url, workers, no_migrate):
     for name, value in overrides.items():
         os.environ["OLLAMA_GW_" + env_names[name]] = str(value)
     if ollama_url:
-        os.environ.pop("OLLAMA_URL", None)  # the flag wins over the familiar variable
+        for familiar in ("OLLAMA_URL", "OLLAMA_BASE_URL"):
+            os.environ.pop(familiar, None)  # the flag wins over the familiar variables
     conf = settings()
     _require_free_port(conf.bind)
     # Migrate once, here, before any worker starts; other instances wait on the same lock.
-    open_db(migrate=not no_migrate).close()
+    instance = open_db(migrate=not no_migrate)
+    prepare_demo_keys(instance, conf)
+    instance.close()
     for spec in conf.upstream_specs:
         ok, verdict = _check_upstream(spec.url, min(conf.connect_timeout, 2.0), 5.0)
         if not ok:

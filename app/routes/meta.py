@@ -1,5 +1,7 @@
 """What clients, load balancers and Prometheus probe: `/`, `/health`, `/metrics`."""
 import datetime
+import functools
+import importlib.metadata
 
 from flask import Blueprint, Response, current_app, jsonify, request
 
@@ -10,8 +12,30 @@ bp = Blueprint("meta", __name__)
 
 @bp.route("/", methods=["GET", "HEAD"])
 def root():
-    # Ollama's own answer: Open WebUI and other tools probe it to detect a server.
-    return Response("Ollama is running", mimetype="text/plain")
+    """Ollama's `Ollama is running`; ollama-api-service's service info to JSON clients.
+
+    Open WebUI and other tools probe `/` to detect an Ollama server, and curl and
+    python-requests send `Accept: */*`: they get Ollama's text. Only a client that
+    prefers JSON to text (`Accept: application/json`) gets the JSON.
+    """
+    accept = request.accept_mimetypes
+    if accept.quality("application/json") > accept.quality("text/plain"):
+        response = jsonify(service_info())
+    else:
+        response = Response("Ollama is running", mimetype="text/plain")
+    response.vary.add("Accept")  # caches must not hand one client's form to the other
+    return response
+
+
+@functools.cache
+def service_info():
+    try:
+        version = importlib.metadata.version("ollama-gw")
+    except importlib.metadata.PackageNotFoundError:  # run from a tree that is not installed
+        version = "unknown"
+    return {"service": "ollama-gw", "version": version, "status": "running",
+            "documentation": "/docs", "health": "/health", "openapi": "/openapi.json",
+            "redoc": "/redoc"}
 
 
 @bp.route("/health", methods=["GET", "HEAD"])

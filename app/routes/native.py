@@ -43,6 +43,14 @@ def relay(subpath):
     return relay_json(path, pending)
 
 
+@bp.route("/api/models", methods=["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH"])
+def models():
+    """ollama-api-service's model list: exactly what /api/tags answers this key."""
+    pending = request_record.begin("/api/models")  # usage shows what the client called
+    _require_method("/api/models", ENDPOINT_METHODS["/api/tags"])
+    return relay_json("/api/tags", pending)
+
+
 def relay_json(path, pending):
     """Relay a request with a JSON body (or none) to `path`, after every check that applies."""
     pool = gateway.services()[2]

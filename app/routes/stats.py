@@ -1,16 +1,18 @@
-"""Usage statistics over HTTP: a key's own (`/api/stats`), everyone's for admins.
+"""Usage statistics over HTTP: a key's own (`/api/stats`, `/api/stats/detailed`), everyone's
+for admins.
 
 The answers keep ollama-api-service's fields (total_requests, requests_by_model,
 requests_by_endpoint, average_response_time, last_24h_requests) and add tokens,
 percentiles and per-day rows. These routes take precedence over the /api relay.
 """
+import datetime
 import time
 
-from flask import Blueprint, jsonify, request
+from flask import Blueprint, current_app, jsonify, request
 
 from app import auth, gateway, stats
 from app.errors import BadRequest
-from app.limits import parse_since
+from app.limits import format_rate_limit, parse_since
 
 bp = Blueprint("stats", __name__)
 
@@ -23,6 +25,11 @@ def since_arg():
         raise BadRequest(f"since: {exc}") from None
 
 
+def _iso_hour(since):
+    """Where a statistic starts: the whole hour of `since` (the roll-up's granularity)."""
+    return None if since is None else time.strftime("%Y-%m-%dT%H:00:00Z", time.gmtime(since))
+
+
 def _summary(since, key_id=None):
     by_model = stats.usage(since, "model", key_id)
     by_endpoint = stats.usage(since, "endpoint", key_id)
@@ -30,8 +37,7 @@ def _summary(since, key_id=None):
     latency = [r["latency_ms_avg"] * r["requests"] for r in by_model if r["requests"]]
     recent = stats.totals(stats.usage(time.time() - 86400, "model", key_id))
     return {
-        "since": None if since is None else time.strftime(
-            "%Y-%m-%dT%H:00:00Z", time.gmtime(since)),
+        "since": _iso_hour(since),
         "total_requests": overall["requests"],
         "requests_by_model": {r["model"] or "(none)": r["requests"] for r in by_model},
         "requests_by_endpoint": {r["endpoint"]: r["requests"] for r in by_endpoint},
@@ -50,6 +56,50 @@ def own_stats():
     key = gateway.current_key()
     return jsonify({"key": {"id": key.id, "prefix": key.prefix, "name": key.name,
                             "role": key.role}, **_summary(since_arg(), key.id)})
+
+
+@bp.get("/api/stats/detailed")
+def own_detailed_stats():
+    """ollama-api-service's detailed view of the calling key; any valid key, its own only.
+
+    Response times (seconds, as in /api/stats) are over answered requests since `since`
+    (30 days by default); first and last request over the per-request rows kept.
+    """
+    key = gateway.current_key()
+    since = since_arg()
+    now = time.time()
+    count, low, high, average = stats.response_times(key.id, since)
+    first, last = stats.request_span(key.id)
+    window = current_app.extensions["limiter"].peek(key, now)
+    used = None if window.limit is None else window.limit - max(window.remaining, 0)
+    return jsonify({
+        "key": {"id": key.id, "prefix": key.prefix, "name": key.name, "role": key.role},
+        "key_name": key.name,
+        "role": key.role,
+        "since": _iso(since),
+        "total_requests_24h": stats.totals(stats.usage(now - 86400, "model", key.id))["requests"],
+        "total_requests_7d": stats.totals(stats.usage(now - 7 * 86400, "model", key.id))[
+            "requests"],
+        "answered_requests": count,
+        "min_response_time": _seconds(low),
+        "max_response_time": _seconds(high),
+        "average_response_time": _seconds(average),
+        "first_request": _iso(first),
+        "last_request": _iso(last),
+        "rate_limit": format_rate_limit(key.rate_limit, key.rate_period),
+        "rate_limit_window": {"used": used, "remaining": window.remaining,
+                              "resets_at": _iso(window.reset_at)},
+        "usage_percent": None if used is None else round(100 * used / window.limit, 1),
+    })
+
+
+def _seconds(ms):
+    return None if ms is None else round(ms / 1000, 4)
+
+
+def _iso(epoch):
+    return None if epoch is None else datetime.datetime.fromtimestamp(
+        epoch, datetime.timezone.utc).isoformat()
 
 
 @bp.get("/api/admin/stats")
