@@ -1,9 +1,10 @@
 """Blueprints by API family, registered in one place."""
-from app.routes import admin, legacy, meta, native, openai, stats
+from app.routes import admin, docs, legacy, meta, native, openai, stats
 
 
 def init_app(app):
     app.register_blueprint(meta.bp)
+    app.register_blueprint(docs.bp)
     app.register_blueprint(stats.bp)
     app.register_blueprint(admin.bp)
     app.register_blueprint(native.bp)
