@@ -15,7 +15,7 @@ import pytest
 import requests
 
 from tests import leak_check
-from tests.gateway_process import GatewayProcess
+from tests.gateway_process import GatewayProcess, kill_session, wait_for
 
 pytestmark = pytest.mark.gateway
 SECRET = re.compile(r"ogw_[A-Za-z0-9_-]{43}")
@@ -124,3 +124,29 @@ def test_a_console_key_gets_ten_requests_a_minute(gateway):
     assert statuses == [200] * 10 + [429]
     refused = requests.post(f"{gateway.url}/generate", json=body, timeout=60)
     assert refused.status_code == 429 and int(refused.headers["Retry-After"]) <= 60
+
+
+def test_its_command_line_flags_start_the_gateway(fake_ollama, tmp_path):
+    """`./server -port 8080 -ollama-url …` becomes `ollama-gw serve -port … -ollama-url …`."""
+    gw = GatewayProcess(f"sqlite:///{tmp_path}/flags.db", "http://127.0.0.1:9", workers=1)
+    env = {k: v for k, v in gw.env.items() if k not in ("OLLAMA_URL", "OLLAMA_GW_BIND")}
+    key = console_key(gw)
+    with open(tmp_path / "flags.log", "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cli", "serve", "-port", str(gw.port),
+             "-ollama-url", fake_ollama.url], env=env, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True)
+    try:
+        assert wait_for(lambda: _answers(gw.url), 90), (tmp_path / "flags.log").read_text()
+        answer = requests.post(f"{gw.url}/generate", timeout=60, json={
+            "apikey": key, "model": "llama3.2", "prompt": "hi", "stream": False})
+        assert answer.status_code == 200 and answer.json()["done"] is True
+    finally:
+        kill_session(proc)
+
+
+def _answers(url):
+    try:
+        return requests.get(url + "/health", timeout=5).status_code == 200
+    except requests.RequestException:
+        return False
