@@ -203,3 +203,10 @@ def test_applying_migrations_is_audited(database_url, settings):
     assert entry["details"]["applied"] == applied and entry["via"] == "cli"
     assert database.upgrade(instance) == []
     assert len(audit.entries(action="db.upgraded")) == 1
+
+
+def test_actions_inside_acting_as_are_the_consoles(migrated):
+    from app import keys as keystore
+    with audit.acting_as(audit.cli_actor("shell")):
+        keystore.create_key("x")
+    assert audit.entries(action="key.created")[0]["via"] == "shell"

@@ -8,13 +8,14 @@ import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pexpect
 import pytest
 import requests
 
-from app import audit
 from tests import leak_check
+from tests.conftest import reset_postgres
 from tests.gateway_process import GatewayProcess, wait_for
 
 pytestmark = pytest.mark.gateway
@@ -23,11 +24,17 @@ SECRET = re.compile(r"ogw_[A-Za-z0-9_-]{43}")
 GENERATE = {"model": "llama3.2", "prompt": "hi", "stream": False}
 
 
-@pytest.fixture
-def gateway(database_url, fake, tmp_path):
-    gw = GatewayProcess(database_url, fake.url, workers=1, data_dir=tmp_path / "data")
-    with gw:
-        gw.start(tmp_path / "gateway.log")
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def gateway(request, tmp_path_factory, fake_ollama):
+    """One gateway per backend for the whole module: each test makes its own keys."""
+    tmp = tmp_path_factory.mktemp("shell")
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp}/shell.db"
+    else:
+        url = request.getfixturevalue("postgres_url")
+        reset_postgres(url)
+    with GatewayProcess(url, fake_ollama.url, workers=1, data_dir=tmp / "data") as gw:
+        gw.start(tmp / "gateway.log")
         yield gw
 
 
@@ -123,14 +130,14 @@ def test_webhook_commands_and_mistakes(gateway, console):
             if e["action"].startswith("webhook.")} == {"shell"}
 
 
-def test_history_is_kept_between_sessions_without_secrets(gateway, console, tmp_path):
+def test_history_is_kept_between_sessions_without_secrets(gateway, console):
     first = console()
     [secret] = SECRET.findall(run(first, "generatekey"))
     run(first, f"removekey {secret}")
     run(first, "listwebhooks")
     first.sendeof()  # Ctrl-D leaves too
     first.expect(pexpect.EOF)
-    history = (tmp_path / "data" / "shell_history").read_text()
+    history = (Path(gateway.env["OLLAMA_GW_DATA_DIR"]) / "shell_history").read_text()
     assert "removekey ogw_" in history and secret not in history
 
     second = console()
@@ -156,10 +163,3 @@ def test_the_console_says_so_when_the_database_cannot_be_opened(tmp_path):
     result = subprocess.run([sys.executable, "-m", "cli", "shell"], input="listkeys\n",
                             env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1 and "cannot open the database" in result.stderr
-
-
-def test_audit_entries_of_the_console_name_it(migrated):
-    with audit.acting_as(audit.cli_actor("shell")):
-        from app import keys as keystore
-        keystore.create_key("x")
-    assert audit.entries(action="key.created")[0]["via"] == "shell"
