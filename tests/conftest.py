@@ -50,10 +50,35 @@ def log_recorder():
         keystore.new_secret = make_secret
 
 
+SLOW_PREPARATION = {"test_packaging.py", "test_container.py"}
+
+
 def pytest_collection_modifyitems(items):
-    """The check that no log holds a key runs last, when every log has been written."""
-    last = [item for item in items if item.name == leak_check.FINAL_TEST]
-    items[:] = [item for item in items if item.name != leak_check.FINAL_TEST] + last
+    """Packaging and container tests run late, and the check that no log holds a key last.
+
+    The packaging tests' .deb builds and Debian root file system are made in the
+    background while the rest of the suite runs (tests/packaging_tools.py).
+    """
+    final = [item for item in items if item.name == leak_check.FINAL_TEST]
+    late = [item for item in items if item.path.name in SLOW_PREPARATION]
+    items[:] = [item for item in items
+                if item not in final and item not in late] + late + final
+
+
+@pytest.fixture(scope="session", autouse=True)
+def prepare_packaging(request, tmp_path_factory):
+    """Start building what the packaging and container tests need, if they will run."""
+    from tests import packaging_tools as tools
+
+    selected = {item.path.name for item in request.session.items}
+    if os.geteuid() != 0 or not selected & SLOW_PREPARATION:
+        return
+    if tools.have(tools.BUILD_TOOLS):
+        tools.start_current_deb(tmp_path_factory)
+        if "test_packaging.py" in selected:
+            tools.start_later_deb(tmp_path_factory)
+    if "test_container.py" in selected and tools.have(tools.CONTAINER_TOOLS):
+        tools.start_debian_rootfs(tmp_path_factory)
 
 
 def _postgres_admin(url, statement):

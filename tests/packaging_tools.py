@@ -2,6 +2,7 @@
 
 Everything here runs real system tools as root; tests/test_packaging.py says when.
 """
+import concurrent.futures
 import os
 import shlex
 import shutil
@@ -19,6 +20,11 @@ CONTAINER_TOOLS = ("podman", "debootstrap", "runc")
 # Debian's own tools only: no virtualenv or pyenv of the caller (the package must be
 # built with /usr/bin/python3 whatever `python3` is first on the caller's PATH).
 SYSTEM_PATH = "/usr/local/sbin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def have(tools):
+    """Whether every one of `tools` is on a plain root shell's PATH."""
+    return all(shutil.which(tool, path=SYSTEM_PATH) for tool in tools)
 
 
 def system_env(**extra):
@@ -76,15 +82,62 @@ def build_deb(tree):
     return deb
 
 
-_built = {}
+# The slow preparations (two .deb builds, a Debian root file system), started once per
+# session in the background as soon as the tests that need them are collected
+# (tests/conftest.py): they are mostly waiting on pip, dpkg and the mirror, and the
+# rest of the suite runs meanwhile. Their tests run last and wait for the results.
+_pool = concurrent.futures.ThreadPoolExecutor(3, thread_name_prefix="packaging-prep")
+_started = {}
+DEBIAN_MIRROR = "http://deb.debian.org/debian"
+
+
+def _once(name, work):
+    if name not in _started:
+        _started[name] = _pool.submit(work)
+    return _started[name]
+
+
+def start_current_deb(tmp_path_factory):
+    tree = tmp_path_factory.mktemp("deb") / "ollama-gw"
+    return _once("current", lambda: build_deb(stage_source(tree)))
 
 
 def current_deb(tmp_path_factory):
     """This tree's .deb, built once per test session for every module that needs it."""
-    if "current" not in _built:
-        tree = stage_source(tmp_path_factory.mktemp("deb") / "ollama-gw")
-        _built["current"] = build_deb(tree)
-    return _built["current"]
+    return start_current_deb(tmp_path_factory).result()
+
+
+def start_later_deb(tmp_path_factory):
+    """The same tree one release later, with one more migration: for the upgrade test."""
+    tree = tmp_path_factory.mktemp("deb-later") / "ollama-gw"
+
+    def build():
+        later = stage_source(tree)
+        version = run(["dpkg-parsechangelog", "-S", "Version"], cwd=later).stdout.strip()
+        bump_version(later, f"{version}+upgrade1", "Packaging test: an upgrade with a migration.")
+        (later / "migrations" / "9999_upgrade_probe.py").write_text(
+            "def up(migrator, db):\n    db.execute_sql('CREATE TABLE upgrade_probe (id INTEGER)')"
+            "\n\n\ndef down(migrator, db):\n    db.execute_sql('DROP TABLE upgrade_probe')\n")
+        return build_deb(later)
+
+    return _once("later", build)
+
+
+def start_debian_rootfs(tmp_path_factory):
+    """A minimal Debian 12 as a tar archive, made by debootstrap from Debian's packages."""
+    # A directory debootstrap creates: mktemp's is 0700, and as the image's / it would
+    # shut every non-root user (dbus, the gateway) out of the whole file system.
+    root = tmp_path_factory.mktemp("rootfs") / "debian"
+
+    def make():
+        run(["debootstrap", "--variant=minbase", "bookworm", str(root), DEBIAN_MIRROR],
+            timeout=900)
+        archive = root.parent / "rootfs.tar"
+        run(["tar", "-C", str(root), "-cf", str(archive), "."], timeout=300)
+        shutil.rmtree(root)  # 400 MB that the archive now holds
+        return archive
+
+    return _once("rootfs", make)
 
 
 def apt(*args):

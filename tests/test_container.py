@@ -9,7 +9,6 @@ build included (README, "Install and test").
 import json
 import os
 import re
-import shutil
 import threading
 
 import pytest
@@ -24,8 +23,8 @@ from tests.packaging_tools import (
     Podman,
     current_deb,
     healthy,
-    run,
     stage_source,
+    start_debian_rootfs,
     wait_for,
 )
 from tests.test_packaging import require_root_and, stream_lines
@@ -33,7 +32,6 @@ from tests.test_packaging import require_root_and, stream_lines
 pytestmark = [pytest.mark.packaging, pytest.mark.container]
 
 BASE = "localhost/ollama-gw-test/debian:bookworm"
-MIRROR = "http://deb.debian.org/debian"
 HOST_CA = "/etc/ssl/certs/ca-certificates.crt"
 
 
@@ -49,15 +47,9 @@ def podman(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def base_image(podman, tmp_path_factory):
-    """A minimal Debian 12 image, from Debian's packages."""
-    # A directory debootstrap creates: mktemp's is 0700, and as the image's / it would
-    # shut every non-root user (dbus, the gateway) out of the whole file system.
-    root = tmp_path_factory.mktemp("rootfs") / "debian"
-    run(["debootstrap", "--variant=minbase", "bookworm", str(root), MIRROR], timeout=900)
-    archive = root.parent / "rootfs.tar"
-    run(["tar", "-C", str(root), "-cf", str(archive), "."], timeout=300)
+    """A minimal Debian 12 image, from Debian's packages (made while other tests ran)."""
+    archive = start_debian_rootfs(tmp_path_factory).result()
     podman("import", str(archive), BASE)
-    shutil.rmtree(root.parent)  # 400 MB that podman's storage now holds
     return BASE
 
 

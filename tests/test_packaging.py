@@ -24,12 +24,10 @@ from tests.packaging_tools import (
     SYSTEM_PATH,
     UnitProcess,
     apt,
-    build_deb,
-    bump_version,
     current_deb,
     healthy,
     run,
-    stage_source,
+    start_later_deb,
     unit_service_section,
     wait_for,
 )
@@ -75,14 +73,8 @@ def cli(*args, cwd="/root"):
 def debs(tmp_path_factory):
     """(this tree's .deb, a .deb of the same tree one release later with one more migration)."""
     require_root_and(BUILD_TOOLS)
-    current = current_deb(tmp_path_factory)
-    later = stage_source(tmp_path_factory.mktemp("deb-later") / "ollama-gw")
-    version = run(["dpkg-parsechangelog", "-S", "Version"], cwd=later).stdout.strip()
-    bump_version(later, f"{version}+upgrade1", "Packaging test: an upgrade with a migration.")
-    (later / "migrations" / "9999_upgrade_probe.py").write_text(
-        "def up(migrator, db):\n    db.execute_sql('CREATE TABLE upgrade_probe (id INTEGER)')\n\n\n"
-        "def down(migrator, db):\n    db.execute_sql('DROP TABLE upgrade_probe')\n")
-    return current, build_deb(later)
+    later = start_later_deb(tmp_path_factory)
+    return current_deb(tmp_path_factory), later.result()
 
 
 @pytest.fixture(scope="module")
