@@ -55,6 +55,7 @@ class ClientWatch:
         self.gone = False
         self.stalled = False
         self._waiter = None
+        self._readable = None  # the hub's read watcher on the client's socket
         self._greenlet = None
         self._send_timer = None
 
@@ -62,16 +63,26 @@ class ClientWatch:
         if self.sock is not None:
             import gevent
 
-            self._greenlet = gevent.spawn(self._watch)
+            # A watcher on the hub, not a greenlet per request: the socket turns readable
+            # only when the client hangs up (or pipelines its next request), and only
+            # then is a greenlet worth starting.
+            self._readable = gevent.get_hub().loop.io(self.sock.fileno(), 1)  # 1: read
+            self._readable.start(self._on_readable)
         return self
 
     def stop(self):
         self._waiter = None
+        self._stop_watching()
         if self._greenlet is not None:
             self._greenlet.kill(block=False)
         if self._send_timer is not None:
             self._send_timer.close()
             self._send_timer = None
+
+    def _stop_watching(self):
+        if self._readable is not None:
+            self._readable.close()
+            self._readable = None
 
     @contextlib.contextmanager
     def sending(self):
@@ -116,11 +127,15 @@ class ClientWatch:
         finally:
             self._waiter = None
 
-    def _watch(self):
-        from gevent.socket import wait_read
+    def _on_readable(self):
+        """In the hub: something arrived, or the client hung up; find out in a greenlet."""
+        import gevent
 
+        self._stop_watching()
+        self._greenlet = gevent.spawn(self._check_hang_up)
+
+    def _check_hang_up(self):
         try:
-            wait_read(self.sock.fileno())
             eof = self.sock.recv(1, socket.MSG_PEEK) == b""
         except OSError:
             eof = True
