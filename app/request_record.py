@@ -71,7 +71,7 @@ def keep_prompt(pending, payload):
 def relaying(pending):
     """The answer starts streaming: count it in flight until finish()."""
     pending.relaying = True
-    metrics.INFLIGHT.inc()
+    metrics.TALLY.inflight += 1
 
 
 def finish(writer, pending, response, log_access):
@@ -105,7 +105,7 @@ def finish(writer, pending, response, log_access):
     if writer.dropped != dropped:
         metrics.USAGE_DROPPED.inc()
     if pending.relaying:
-        metrics.INFLIGHT.dec()
+        metrics.TALLY.inflight -= 1
     metrics.observe(record, outcome)
     if log_access:
         ACCESS_LOG.add(_access_line(pending, record))
@@ -183,6 +183,7 @@ def flush_at_exit(app, seconds=10.0):
     while not writer.write_pending() and time.monotonic() < deadline:
         time.sleep(0.5)
     ACCESS_LOG.flush()
+    metrics.TALLY.flush()
     left = writer.take_all()
     if left:
         path = spill(left, app.config["SETTINGS"].resolved_data_dir)
@@ -220,6 +221,7 @@ def init_app(app):
 
 def _after_each_write(depth):
     metrics.USAGE_BUFFER.set(depth)
+    metrics.TALLY.flush()
     ACCESS_LOG.flush()
 
 

@@ -105,11 +105,20 @@ def test_metrics_are_summed_over_every_worker(database, fake, tmp_path):
         assert statuses == [200] * 20
         sample = re.compile(r'^ollama_gw_requests_total\{endpoint="/api/generate",'
                             r'status="200"\} (\S+)$', re.M)
-        for _ in range(4):  # whichever worker answers the scrape, it reports both
-            text = requests.get(gw.url + "/metrics", timeout=30).text
+        # Each worker adds its figures on its usage writer's turn (every 0.25 s), so the
+        # scrape waits for both; whichever worker answers it then reports both.
+        def scrape():
+            return requests.get(gw.url + "/metrics", timeout=30).text
+
+        assert wait_for(lambda: float(sample.search(scrape()).group(1)) == 20, 30)
+        for _ in range(4):
+            text = scrape()
             assert float(sample.search(text).group(1)) == 20
         assert 'ollama_gw_tokens_total{kind="completion",model="llama3.2:latest"} 100.0' in text
-        assert "ollama_gw_request_duration_seconds_bucket" in text
+        assert ('ollama_gw_request_duration_seconds_count{endpoint="/api/generate"} 20.0'
+                in text)
+        assert ('ollama_gw_request_duration_seconds_bucket{endpoint="/api/generate",le="+Inf"} '
+                '20.0' in text)
 
 
 def test_access_log_lines_are_json_with_the_key_prefix(database, fake, tmp_path):
