@@ -30,7 +30,7 @@ _peewee_errors = peewee.__exception_wrapper__
 # Seconds between retries of a slot release the database refused.
 RETRY_SECONDS = 1.0
 # Stand-ins for one request's values in the cached counting statement (see _count_sql).
-_KEY, _WINDOW, _LIMIT = -7001, -7002, -7003
+_KEY, _WINDOW, _LIMIT, _N = -7001, -7002, -7003, -7004
 
 
 @dataclasses.dataclass
@@ -52,6 +52,16 @@ class Admission:
         }
 
 
+class _Group:
+    """Requests of one key and window that one counting statement admits together."""
+
+    def __init__(self):
+        self.size = 1
+        self.done = threading.Event()
+        self.count = None  # the window's count after the statement added `size`
+        self.error = None
+
+
 class Limiter:
     def __init__(self, lease_seconds=60):
         self.lease_seconds = lease_seconds
@@ -62,6 +72,8 @@ class Limiter:
         self._lock = threading.Lock()
         self._count_sql_for = None  # the database _count_sql_cached was rendered for
         self._count_sql_cached = None
+        self._counting = {}  # (key id, window) -> the group whose statement is running
+        self._gathering = {}  # (key id, window) -> the group that waits to run next
 
     def admit(self, key, now=None):
         """Count one request for `key` and take a concurrency slot, or raise 429."""
@@ -76,7 +88,7 @@ class Limiter:
             # transaction it needs no BEGIN and COMMIT round trips, and holds the counter
             # row's lock for the statement alone, not until a COMMIT comes back (bench/:
             # 1.6x the throughput on PostgreSQL at 16 and 64 connections).
-            self._count(key, now, admission)
+            self._count_together(key, now, admission)
             return admission
         with db.atomic():
             if key.max_concurrent and is_postgres():
@@ -119,7 +131,7 @@ class Limiter:
             used = (RateCounter.select(RateCounter.count)
                     .where((RateCounter.key == key.id) & (RateCounter.window_start == window))
                     .scalar()) or 0
-            admission.remaining = key.rate_limit - used
+            admission.remaining = max(0, key.rate_limit - used)  # a group may overshoot
         return admission
 
     @staticmethod
@@ -138,10 +150,10 @@ class Limiter:
         """
         if self._count_sql_for is not db.obj:
             query = (
-                RateCounter.insert(key=_KEY, window_start=_WINDOW, count=1)
+                RateCounter.insert(key=_KEY, window_start=_WINDOW, count=_N)
                 .on_conflict(
                     conflict_target=[RateCounter.key, RateCounter.window_start],
-                    update={RateCounter.count: RateCounter.count + 1},
+                    update={RateCounter.count: RateCounter.count + _N},
                     where=(RateCounter.count < _LIMIT),
                 )
                 .returning(RateCounter.count)
@@ -151,13 +163,81 @@ class Limiter:
         return self._count_sql_cached
 
     def _count(self, key, now, admission):
+        """Count this request alone (inside the transaction that also takes a slot)."""
         window = self._window(key, now, admission)
+        self._admit_from(key, now, admission, self._add(key, window, 1), 1, 0)
+
+    def _count_together(self, key, now, admission):
+        """Count this request, in one statement with those of the same key waiting now.
+
+        While one statement for a key runs (a PostgreSQL round trip, a SQLite lock wait),
+        that key's next requests gather behind it and are then counted by a single
+        `count + n`, instead of queueing one by one on the counter row. The database
+        still adds every request it admits, so the limit holds across workers and
+        instances; the statement's result says which of the n fit (the first ones).
+        """
+        window = self._window(key, now, admission)
+        slot = (key.id, window)
+        with self._lock:
+            group = self._gathering.get(slot)
+            running = self._counting.get(slot)
+            if group is not None:  # join the group that runs next
+                position, group.size = group.size, group.size + 1
+                leads = False
+            else:
+                group, position, leads = _Group(), 0, True
+                if running is None:
+                    self._counting[slot] = group
+                else:
+                    self._gathering[slot] = group
+        if not leads:
+            group.done.wait()
+        else:
+            if running is not None:
+                running.done.wait()
+                with self._lock:  # no one joins from here: later requests gather anew
+                    del self._gathering[slot]
+                    self._counting[slot] = group
+            try:
+                group.count = self._add(key, window, group.size)
+            except BaseException as exc:
+                # The others fail as on any database error; this request as it failed.
+                group.error = exc if isinstance(exc, Exception) else peewee.OperationalError(
+                    "counting this key's requests was interrupted")
+                raise
+            finally:
+                with self._lock:
+                    if self._counting.get(slot) is group:
+                        del self._counting[slot]
+                group.done.set()
+        if group.error is not None:
+            raise group.error
+        self._admit_from(key, now, admission, group.count, group.size, position)
+
+    def _add(self, key, window, n):
+        """Add n requests to the key's window; its count after, or None if it was full."""
         sql, params = self._count_sql()
-        values = {_KEY: key.id, _WINDOW: window, _LIMIT: key.rate_limit}
+        values = {_KEY: key.id, _WINDOW: window, _LIMIT: key.rate_limit, _N: n}
         cursor = db.execute_sql(sql, [values.get(p, p) for p in params])
         with _peewee_errors:  # sqlite3 reports a full disk only when the row is read
             row = next(iter(cursor), None)
-        if row is None:
+        count = None if row is None else row[0]
+        if count == n:
+            # First requests of a new window: earlier windows of this key are history.
+            RateCounter.delete().where(
+                (RateCounter.key == key.id) & (RateCounter.window_start < window)
+            ).execute()
+        return count
+
+    @staticmethod
+    def _admit_from(key, now, admission, count, n, position):
+        """Admit the request at `position` of the n counted together, or raise 429.
+
+        The window held count - n before them; those past the limit are refused (the
+        count keeps them, which only ever refuses more once a window is full).
+        """
+        used = None if count is None else count - n + position + 1
+        if used is None or used > key.rate_limit:
             admission.remaining = 0
             retry = max(1, math.ceil(admission.reset_at - now))
             raise RateLimited(
@@ -165,12 +245,7 @@ class Limiter:
                 f"{format_rate_limit(key.rate_limit, key.rate_period)}; retry in {retry} s",
                 headers={"Retry-After": str(retry), **admission.headers()},
             )
-        admission.remaining = key.rate_limit - row[0]
-        if row[0] == 1:
-            # First request of a new window: earlier windows of this key are history.
-            RateCounter.delete().where(
-                (RateCounter.key == key.id) & (RateCounter.window_start < window)
-            ).execute()
+        admission.remaining = key.rate_limit - used
 
     def _take_slot(self, key, now, admission):
         ConcurrencySlot.delete().where(

@@ -92,6 +92,42 @@ def test_concurrent_admissions_never_exceed_the_limit(limiter, make_key, databas
     assert len(losses) == 80 - 37
 
 
+def test_a_burst_on_one_key_is_counted_in_few_statements_and_exactly(
+        limiter, make_key, monkeypatch):
+    """While one key's count is running (a slow database here), its next requests gather
+    and are counted by one statement; the first `limit` of them are admitted, no more."""
+    key = key_info(make_key, rate_limit="25/hour")
+    statements = []
+    add = limiter._add
+
+    def slow_add(key, window, n):
+        statements.append(n)
+        time.sleep(0.05)
+        with db.connection_context():
+            return add(key, window, n)
+
+    monkeypatch.setattr(limiter, "_add", slow_add)
+    wins, losses = [], []
+    barrier = threading.Barrier(40)
+
+    def request():
+        barrier.wait(30)
+        (losses if isinstance(r := admitted(limiter, key, 1, now=T0)[0], RateLimited)
+         else wins).append(r)
+
+    threads = [threading.Thread(target=request) for _ in range(40)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert sum(statements) == 40 and len(statements) < 40
+    assert len(wins) == 25 and len(losses) == 15
+    assert sorted(a.remaining for a in wins) == list(range(25))
+    assert all(r.headers["X-RateLimit-Remaining"] == "0" for r in losses)
+    assert limiter.peek(key, now=T0).remaining == 0  # and the window stays full
+    assert not limiter._counting and not limiter._gathering
+
+
 def test_a_key_cannot_exceed_its_concurrent_requests(limiter, make_key):
     key = key_info(make_key, rate_limit="100/minute", max_concurrent=2)
     first, second = limiter.admit(key, now=T0), limiter.admit(key, now=T0)
