@@ -30,8 +30,10 @@ workers = _settings.workers
 worker_class = "app.worker.GatewayWorker"
 # gunicorn's own log lines go through the same key redaction as the gateway's.
 logger_class = "app.worker.GatewayLogger"
-# Simultaneous connections per worker (mostly long streams waiting on the GPU).
-worker_connections = 10000
+# Simultaneous client connections per worker (mostly long streams waiting on the GPU);
+# each stream also holds a connection to Ollama, so a worker may use twice as many file
+# descriptors (the systemd unit allows 65,536).
+worker_connections = 20000
 # Seconds a worker may go without a heartbeat before the master restarts it. With gevent
 # the heartbeat runs in its own greenlet, so long streams are NOT cut by this.
 timeout = 30

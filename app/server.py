@@ -5,6 +5,9 @@ worker after fork, and peewee, if imported earlier, keeps the unpatched class, s
 greenlets of a worker would share one connection. Here the master imports gunicorn and
 the settings only; workers build the app after gevent has patched them.
 """
+import contextlib
+import resource
+
 from gunicorn.app.base import BaseApplication
 
 
@@ -28,5 +31,18 @@ class GatewayServer(BaseApplication):
         return create_app()
 
 
+def raise_open_file_limit():
+    """Let each worker use every file descriptor it is allowed (a stream holds two).
+
+    A shell's soft limit is often 1,024: about 500 streams. The hard limit is what the
+    administrator allows (the systemd unit sets 65,536); workers inherit it.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):  # an unlimited hard limit, say
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 if __name__ == "__main__":
+    raise_open_file_limit()
     GatewayServer().run()
