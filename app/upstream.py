@@ -3,12 +3,14 @@
 Client-facing messages say what to check but never name the internal upstream URL
 (ollama-api-service leaked it); the log has it.
 """
+import http.client
 import http.cookiejar
 import logging
 import time
 from urllib.parse import quote
 
 import requests
+import urllib3
 from requests.adapters import HTTPAdapter
 from requests.utils import requote_uri
 
@@ -40,6 +42,54 @@ UNREACHABLE = ("cannot reach the Ollama server; check that it is running and tha
                "gateway's upstream URL (OLLAMA_URL) points to it")
 
 
+# Read buffer of each answer from Ollama. Every open stream keeps one: http.client's
+# default (8 KiB) was the largest allocation per stream (tracemalloc, bench/), for lines
+# of about 150 bytes. Reads of whole chunks bypass the buffer, so bulk answers are not
+# slowed.
+READ_BUFFER = 1024
+
+
+class _AnswerReader(http.client.HTTPResponse):
+    """http.client's response, reading the socket through a READ_BUFFER-sized buffer."""
+
+    def __init__(self, sock, *args, **kwargs):
+        super().__init__(_SmallBuffered(sock), *args, **kwargs)
+
+
+class _SmallBuffered:
+    """All http.client's response asks of its socket: makefile('rb')."""
+
+    def __init__(self, sock):
+        self._sock = sock
+
+    def makefile(self, mode):
+        return self._sock.makefile(mode, buffering=READ_BUFFER)
+
+
+class _Connection(urllib3.connection.HTTPConnection):
+    response_class = _AnswerReader
+
+
+class _TLSConnection(urllib3.connection.HTTPSConnection):
+    response_class = _AnswerReader
+
+
+class _Pool(urllib3.HTTPConnectionPool):
+    ConnectionCls = _Connection
+
+
+class _TLSPool(urllib3.HTTPSConnectionPool):
+    ConnectionCls = _TLSConnection
+
+
+class UpstreamAdapter(HTTPAdapter):
+    """requests' adapter, with connections whose answers keep a small read buffer."""
+
+    def init_poolmanager(self, *args, **kwargs):
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {"http": _Pool, "https": _TLSPool}
+
+
 def _before_sending(exc):
     """Mark a failure that happened before Ollama had the request: another may take it."""
     exc.retryable = True
@@ -61,7 +111,7 @@ class Upstream:
         self.session.cookies.set_policy(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
         self.session.headers.clear()
         # Keep enough idle connections for a busy worker; urllib3 opens more when needed.
-        self.adapter = HTTPAdapter(pool_connections=4, pool_maxsize=256, max_retries=0)
+        self.adapter = UpstreamAdapter(pool_connections=4, pool_maxsize=256, max_retries=0)
         self.session.mount("http://", self.adapter)
         self.session.mount("https://", self.adapter)
         # What every relayed request shares, prepared once: the base URL, parsed and
