@@ -24,6 +24,11 @@ from app.upstream import forwardable_response_headers
 log = logging.getLogger(__name__)
 
 CHUNK_SIZE = 64 * 1024
+# What is kept of an answer while it streams: its end carries the token counts (Ollama's
+# final NDJSON object; the usage event and `data: [DONE]` of a /v1 stream, blank lines
+# included). Every open stream holds it, so only its last lines, and at most TAIL bytes.
+TAIL_LINES = 6
+TAIL = 8192
 STREAM_TYPES = ("application/x-ndjson", "text/event-stream")
 
 
@@ -208,7 +213,7 @@ class RelayBody:
                 outcome.first_byte_at = time.monotonic()
             if separator:
                 outcome.lines += chunk.count(separator)
-            outcome.tail = (outcome.tail + chunk)[-8192:]  # Ollama's own bytes: its counts
+            outcome.tail = last_lines(outcome.tail + chunk)  # Ollama's own: its counts
             if self._rewrite is not None and not (chunk := self._rewrite.feed(chunk)):
                 continue
             outcome.bytes += len(chunk)
@@ -237,13 +242,24 @@ class RelayBody:
         self._on_finish(self._outcome)
 
 
+def last_lines(data, lines=TAIL_LINES, limit=TAIL):
+    """The last `lines` lines of `data` (a trailing newline ends the last), at most `limit`
+    bytes of them."""
+    end = len(data) - 1
+    for _ in range(lines):
+        end = data.rfind(b"\n", 0, end)
+        if end < 0:
+            return data[-limit:]
+    return data[end + 1:][-limit:]
+
+
 # How each kind of answer ends: the final NDJSON object, the end of an SSE stream.
 _FINAL_MARKS = (b'"done":true', b"data: [DONE]", b'"type":"response.completed"')
 
 
 def answer_finished(tail):
     """Whether the last bytes relayed end an answer (its counts are then in them too)."""
-    return any(mark in tail[-4096:] for mark in _FINAL_MARKS)
+    return any(mark in tail for mark in _FINAL_MARKS)
 
 
 def response_headers(response, extra):
