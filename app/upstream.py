@@ -90,6 +90,18 @@ class UpstreamAdapter(HTTPAdapter):
         self.poolmanager.pool_classes_by_scheme = {"http": _Pool, "https": _TLSPool}
 
 
+class _QuietWhenPoolFull(logging.Filter):
+    """Drop urllib3's warning for each connection it closes because its pool already keeps
+    pool_maxsize idle ones: after a burst of thousands of streams that was thousands of
+    identical lines, for what is meant to happen (idle connections beyond 256 close)."""
+
+    def filter(self, record):
+        return not record.getMessage().startswith("Connection pool is full")
+
+
+logging.getLogger("urllib3.connectionpool").addFilter(_QuietWhenPoolFull())
+
+
 def _before_sending(exc):
     """Mark a failure that happened before Ollama had the request: another may take it."""
     exc.retryable = True

@@ -266,3 +266,20 @@ def test_the_gateway_adds_no_headers_the_client_did_not_send(client, ollama, sec
     assert "accept-encoding" not in sent
     assert "user-agent" not in sent or "python-requests" not in only_call(ollama).headers.get(
         "User-Agent", "")
+
+
+def test_a_full_upstream_pool_closes_connections_without_a_warning_each(caplog):
+    """After a burst of streams, connections beyond the pool's size are closed: one log line
+    per connection would flood the log; other urllib3 warnings still get through."""
+    import logging
+
+    import urllib3
+
+    import app.upstream  # noqa: F401  (installs the filter)
+
+    pool = urllib3.HTTPConnectionPool("127.0.0.1", 9, maxsize=1)
+    with caplog.at_level(logging.WARNING, logger="urllib3.connectionpool"):
+        for _ in range(3):
+            pool._put_conn(pool.ConnectionCls("127.0.0.1", 9))
+        logging.getLogger("urllib3.connectionpool").warning("Retrying after a reset")
+    assert [r.getMessage() for r in caplog.records] == ["Retrying after a reset"]
