@@ -225,15 +225,18 @@ class Measurements(Targets):
 # Areas of the request path, matched against whole stacks (inclusive time).
 PROFILE_AREAS = [
     ("gunicorn: parse request, write response", ("gunicorn/http/",)),
-    ("Flask/werkzeug's own work (routing, request/response objects)", ("Flask.__call__",)),
-    ("app: read and parse the JSON body", ("read_json_body (app/",)),
-    ("app: authenticate (key cache)", ("current_key (app/",)),
+    ("app: read and parse the JSON body", ("read_body (app/", "JsonBody.")),
+    ("app: authenticate (key cache)", ("_authenticate (app/",)),
     ("app: rate limit (database write)", ("Limiter.admit (app/",)),
     ("app: send to upstream (requests/urllib3/http.client)", ("open_upstream (app/",)),
-    ("app: relay the answer body", ("RelayBody", "relay_body (app/")),
-    ("app: client-hang-up watcher greenlet", ("ClientWatch",)),
+    ("app: relay the answer body", ("RelayBody",)),
+    ("app: client-hang-up watcher", ("ClientWatch",)),
+    ("app: usage record, metrics, access log", ("(app/request_record.py", "UsageWriter.",
+                                                "Tally.")),
     ("Flask teardown: return DB connection to pool", ("do_teardown_appcontext",)),
 ]
+# Flask's and werkzeug's own work: request stacks in none of the areas above.
+FLASK_AREA = "Flask/werkzeug's own work (routing, hooks, request/response objects)"
 
 
 def summarize_profile(raw_text):
@@ -254,18 +257,19 @@ def summarize_profile(raw_text):
         self_time[leaf] = self_time.get(leaf, 0) + count
         libs[library(leaf)] = libs.get(library(leaf), 0) + count
         joined = ";".join(frames)
-        for area, needles in PROFILE_AREAS:
-            if any(n in joined for n in needles):
-                if area.startswith("Flask/") and "(app/" in joined:
-                    continue  # the view's time is counted under app: areas
-                areas[area] = areas.get(area, 0) + count
+        matched = [area for area, needles in PROFILE_AREAS if any(n in joined for n in needles)]
+        if not matched and "Flask.__call__" in joined:
+            matched = [FLASK_AREA]
+        for area in matched:
+            areas[area] = areas.get(area, 0) + count
 
     def top(d, n):
         return [(k, round(100 * v / total, 1)) for k, v in
                 sorted(d.items(), key=lambda kv: -kv[1])[:n]]
 
     return {"samples": total, "self_top": top(self_time, 15),
-            "areas": [(a, round(100 * areas.get(a, 0) / total, 1)) for a, _ in PROFILE_AREAS],
+            "areas": [(a, round(100 * areas.get(a, 0) / total, 1))
+                      for a in [*(a for a, _ in PROFILE_AREAS), FLASK_AREA]],
             "self_by_library": top(libs, 10)}
 
 
