@@ -66,20 +66,20 @@ class _SmallBuffered:
         return self._sock.makefile(mode, buffering=READ_BUFFER)
 
 
-class _Connection(urllib3.connection.HTTPConnection):
+class OllamaHTTPConnection(urllib3.connection.HTTPConnection):
     response_class = _AnswerReader
 
 
-class _TLSConnection(urllib3.connection.HTTPSConnection):
+class OllamaHTTPSConnection(urllib3.connection.HTTPSConnection):
     response_class = _AnswerReader
 
 
-class _Pool(urllib3.HTTPConnectionPool):
-    ConnectionCls = _Connection
+class OllamaHTTPConnectionPool(urllib3.HTTPConnectionPool):
+    ConnectionCls = OllamaHTTPConnection
 
 
-class _TLSPool(urllib3.HTTPSConnectionPool):
-    ConnectionCls = _TLSConnection
+class OllamaHTTPSConnectionPool(urllib3.HTTPSConnectionPool):
+    ConnectionCls = OllamaHTTPSConnection
 
 
 class UpstreamAdapter(HTTPAdapter):
@@ -87,7 +87,8 @@ class UpstreamAdapter(HTTPAdapter):
 
     def init_poolmanager(self, *args, **kwargs):
         super().init_poolmanager(*args, **kwargs)
-        self.poolmanager.pool_classes_by_scheme = {"http": _Pool, "https": _TLSPool}
+        self.poolmanager.pool_classes_by_scheme = {
+            "http": OllamaHTTPConnectionPool, "https": OllamaHTTPSConnectionPool}
 
 
 class _QuietWhenPoolFull(logging.Filter):
