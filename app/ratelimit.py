@@ -193,12 +193,12 @@ class Limiter:
         if not leads:
             group.done.wait()
         else:
-            if running is not None:
-                running.done.wait()
-                with self._lock:  # no one joins from here: later requests gather anew
-                    del self._gathering[slot]
-                    self._counting[slot] = group
             try:
+                if running is not None:
+                    running.done.wait()
+                    with self._lock:  # no one joins from here: later requests gather anew
+                        del self._gathering[slot]
+                        self._counting[slot] = group
                 group.count = self._add(key, window, group.size)
             except BaseException as exc:
                 # The others fail as on any database error; this request as it failed.
@@ -207,8 +207,9 @@ class Limiter:
                 raise
             finally:
                 with self._lock:
-                    if self._counting.get(slot) is group:
-                        del self._counting[slot]
+                    for groups in (self._gathering, self._counting):
+                        if groups.get(slot) is group:
+                            del groups[slot]
                 group.done.set()
         if group.error is not None:
             raise group.error
