@@ -12,6 +12,7 @@ def create_app(settings=None):
         cors,
         db,
         errors,
+        fair_queue,
         health,
         ratelimit,
         request_body,
@@ -36,6 +37,7 @@ def create_app(settings=None):
     cors.init_app(app)
     auth.init_app(app)
     ratelimit.init_app(app)
+    fair_queue.init_app(app)
     request_body.init_app(app)
     request_record.init_app(app)
     upstreams.init_app(app)

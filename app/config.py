@@ -37,8 +37,20 @@ class Settings:
         "checked and counted, never while it waits on Ollama.")
     upstreams: tuple = setting(
         ("http://127.0.0.1:11434",), "Ollama servers: URLs, or tables with url and optional "
-        "name, weight (share of requests, default 1) and max_concurrent (requests at once). "
-        "The environment takes a comma-separated list of URLs or NAME=URL; OLLAMA_URL one.")
+        "name, weight (share of requests, default 1) and max_concurrent (requests it serves at "
+        "once; default upstream_max_concurrent). The environment takes a comma-separated "
+        "list of URLs or NAME=URL; OLLAMA_URL one.")
+    upstream_max_concurrent: int = setting(
+        4, "Requests each upstream serves at once unless its table says otherwise: match "
+        "Ollama's OLLAMA_NUM_PARALLEL (4, or 1 on a small GPU). More wait in the gateway's "
+        "fair queue, shared by every worker and instance. 0: no cap, Ollama queues them.")
+    queue_per_key: int = setting(
+        64, "Requests one key may have waiting for one upstream; more get 429.")
+    queue_fair: bool = setting(
+        True, "Serve waiting requests fairly across keys (weighted by key priority); false: "
+        "first come, first served, as Ollama does.")
+    queue_max_wait_seconds: float = setting(
+        300.0, "Longest a request waits in the queue for a slot before it gets 503.")
     upstream_refresh_seconds: float = setting(
         5.0, "How often each worker re-reads every upstream's models and loaded models; an "
         "upstream that fails is retried after 1 s, then twice as long each time, up to 60 s.")
@@ -119,7 +131,8 @@ class Settings:
     @property
     def upstream_specs(self):
         """The upstreams as UpstreamSpecs, however they were written."""
-        return tuple(parse_upstream(entry) for entry in self.upstreams)
+        return tuple(parse_upstream(entry, self.upstream_max_concurrent)
+                     for entry in self.upstreams)
 
     @property
     def upstream(self):
@@ -134,10 +147,10 @@ class UpstreamSpec:
     name: str
     url: str
     weight: float = 1.0
-    max_concurrent: int | None = None
+    max_concurrent: int | None = None  # None: no cap, Ollama queues
 
 
-def parse_upstream(entry):
+def parse_upstream(entry, default_cap=0):
     """An UpstreamSpec from a URL, `name=URL`, or a TOML table; ConfigError if malformed."""
     if isinstance(entry, UpstreamSpec):
         return entry
@@ -159,10 +172,13 @@ def parse_upstream(entry):
     weight, cap = entry.get("weight", 1.0), entry.get("max_concurrent")
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0:
         raise ConfigError(f"upstream {url!r}: weight must be a positive number")
-    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
-        raise ConfigError(f"upstream {url!r}: max_concurrent must be a whole number, 1 or more")
+    if cap is None:
+        cap = default_cap
+    if isinstance(cap, bool) or not isinstance(cap, int) or cap < 0:
+        raise ConfigError(f"upstream {url!r}: max_concurrent must be a whole number, 0 (no "
+                          "cap) or more")
     name = str(entry.get("name") or parts.netloc)
-    return UpstreamSpec(name, url, float(weight), cap)
+    return UpstreamSpec(name, url, float(weight), cap or None)
 
 
 ENV_PREFIX = "OLLAMA_GW_"
@@ -288,6 +304,8 @@ def validate(settings):
     names = [spec.name for spec in settings.upstream_specs]
     if len(set(names)) != len(names):
         raise ConfigError(f"upstream names must differ: {', '.join(names)} (give each a name)")
+    if settings.upstream_max_concurrent < 0:
+        raise ConfigError("upstream_max_concurrent must be 0 (no cap) or more")
     if settings.upstream_refresh_seconds <= 0:
         raise ConfigError("upstream_refresh_seconds must be a positive number of seconds")
     if settings.data_dir and not Path(settings.data_dir).expanduser().is_absolute():
@@ -301,11 +319,11 @@ def validate(settings):
         raise ConfigError(f"bind {settings.bind!r} must be HOST:PORT, e.g. 127.0.0.1:8080")
     for name in ("workers", "graceful_timeout", "max_body_bytes", "slot_lease_seconds",
                  "database_pool_size", "max_unauthenticated_body_bytes",
-                 "usage_buffer_records"):
+                 "usage_buffer_records", "queue_per_key"):
         if getattr(settings, name) <= 0:
             raise ConfigError(f"{name} must be positive, got {getattr(settings, name)}")
     for name in ("connect_timeout", "read_timeout", "client_body_timeout",
-                 "client_send_timeout", "usage_flush_seconds"):
+                 "client_send_timeout", "usage_flush_seconds", "queue_max_wait_seconds"):
         if getattr(settings, name) <= 0:
             raise ConfigError(f"{name} must be a positive number of seconds")
     if settings.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):

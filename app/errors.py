@@ -110,7 +110,7 @@ def database_problem(exc):
 # OpenAI's machine-readable `code` for what the gateway refuses on /v1.
 OPENAI_CODES = {"auth": "invalid_api_key", "forbidden": "model_not_allowed",
                 "rate": "rate_limit_exceeded", "concurrency": "rate_limit_exceeded",
-                "quota": "insufficient_quota"}
+                "quota": "insufficient_quota", "queue_full": "rate_limit_exceeded"}
 
 
 def error_body(status, message, kind="server_error", path=None, refusal=None):

@@ -17,6 +17,7 @@ from flask import Response, current_app, g, request
 from app import auth, compat_options, model_policy, request_record
 from app.db import db
 from app.errors import BadRequest, GatewayError, Unauthorized, UpstreamUnavailable
+from app.fair_queue import QUEUED_PATHS
 from app.jsonbody import JsonBody
 from app.relay import (
     ClientDisconnected,
@@ -149,18 +150,28 @@ def forward(key, path, body, query=b"", transform=None, rewrite=None, model=None
     members = [target] if target is not None else pool.candidates(model)
     if not isinstance(body, (bytes, type(None))):
         members = members[:1]
-    chosen = []
+    chosen, slots = [], []
+    queue = current_app.extensions["fair_queue"] if path in QUEUED_PATHS else None
+
+    def take_slot(member):
+        """Wait for one of the member's slots, if it has a cap and this endpoint runs a model."""
+        if queue is not None and member.spec.max_concurrent:
+            slots.append(queue.acquire(member.name, member.spec.max_concurrent, key, watch))
+            return slots[-1]
+        return None
 
     def finish(_outcome=None):
         watch.stop()
         limiter.release(admission)
         while chosen:
             chosen.pop().in_flight -= 1
+        while slots:
+            queue.release(slots.pop())
 
     headers = forwardable_request_headers(request.headers)
     try:
-        response = _send_to_first(members, chosen, pending, watch, request.method, path,
-                                  query, headers, body)
+        response = _send_to_first(members, chosen, pending, watch, take_slot, request.method,
+                                  path, query, headers, body)
     except ClientStalled:
         finish()
         raise stall_error() from None
@@ -175,7 +186,8 @@ def forward(key, path, body, query=b"", transform=None, rewrite=None, model=None
         finish()
         raise
     outcome.status = response.status_code
-    timing = _server_timing(outcome.started, time.monotonic())
+    waited = sum(ticket.waited for ticket in slots)
+    timing = _server_timing(outcome.started, time.monotonic(), waited)
 
     try:
         if transform is not None and response.ok and request.method == "GET":
@@ -201,13 +213,19 @@ def forward(key, path, body, query=b"", transform=None, rewrite=None, model=None
         raise
 
 
-def _send_to_first(members, chosen, pending, watch, *request_args):
-    """The first upstream's answer that takes the request; the one used goes in `chosen`."""
+def _send_to_first(members, chosen, pending, watch, take_slot, *request_args):
+    """The first upstream's answer that takes the request; the one used goes in `chosen`.
+
+    `take_slot(member)` waits for a slot there first (app/fair_queue.py); a slot at an
+    upstream that failed is given back before the next is tried.
+    """
+    queue = current_app.extensions["fair_queue"]
     for i, member in enumerate(members):
-        member.in_flight += 1
-        chosen.append(member)
         if pending is not None:
             pending.upstream = member.name
+        slot = take_slot(member)
+        member.in_flight += 1
+        chosen.append(member)
         started = time.monotonic()
         try:
             response = open_upstream(member.client, watch, *request_args)
@@ -215,6 +233,7 @@ def _send_to_first(members, chosen, pending, watch, *request_args):
             chosen.pop().in_flight -= 1
             if not getattr(exc, "retryable", False):
                 raise
+            queue.release(slot)  # at once, not when the answer from the next is done
             member.failed()
             if i + 1 == len(members):
                 raise
@@ -226,15 +245,20 @@ def _send_to_first(members, chosen, pending, watch, *request_args):
     raise AssertionError("no upstream to send to")  # candidates() is never empty
 
 
-def _server_timing(sent_at, answered_at):
-    """Server-Timing: the gateway's own time before Ollama had the request, and Ollama's.
+def _server_timing(sent_at, answered_at, queued=0.0):
+    """Server-Timing: the gateway's own time, the wait for an upstream's slot, and Ollama's.
 
     `gateway` runs from the request's arrival (reading its body included) to the moment
-    it left for Ollama; `ollama` from then to Ollama's response headers.
+    it was ready to leave for Ollama; `queue` is its wait for a slot in the fair queue
+    (also in X-Queue-Wait, seconds); `ollama` from then to Ollama's response headers.
     """
     arrived = g.get("started", sent_at)
-    return {"Server-Timing": f"gateway;dur={(sent_at - arrived) * 1000:.2f}, "
-                             f"ollama;dur={(answered_at - sent_at) * 1000:.2f}"}
+    gateway = (sent_at - arrived) * 1000
+    ollama = (answered_at - sent_at - queued) * 1000
+    if not queued:
+        return {"Server-Timing": f"gateway;dur={gateway:.2f}, ollama;dur={ollama:.2f}"}
+    return {"Server-Timing": f"gateway;dur={gateway:.2f}, queue;dur={queued * 1000:.2f}, "
+                             f"ollama;dur={ollama:.2f}", "X-Queue-Wait": f"{queued:.3f}"}
 
 
 def _rewritten(response, transform, headers):

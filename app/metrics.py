@@ -50,6 +50,12 @@ USAGE_BUFFER = Gauge("ollama_gw_usage_buffer_records",
                      multiprocess_mode="livesum")
 USAGE_DROPPED = Counter("ollama_gw_usage_dropped_records",
                         "Usage records dropped because the buffer was full.")
+QUEUE_WAITING = Gauge("ollama_gw_queue_waiting",
+                      "Requests waiting in the fair queue for an upstream's slot, by key prefix.",
+                      ["upstream", "key"], multiprocess_mode="livesum")
+QUEUE_WAIT = Histogram("ollama_gw_queue_wait_seconds",
+                       "How long requests waited for an upstream's slot, by key prefix.",
+                       ["upstream", "key"], buckets=SECONDS)
 WEBHOOK_ATTEMPTS = Counter("ollama_gw_webhook_attempts",
                            "Webhook delivery attempts, by outcome.", ["outcome"])
 

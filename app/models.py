@@ -200,6 +200,19 @@ class UpstreamStatus(BaseModel):
         primary_key = peewee.CompositeKey("holder", "upstream")
 
 
+class QueueEntry(BaseModel):
+    """A request waiting for, or holding, one of an upstream's slots (app/fair_queue.py)."""
+
+    upstream = peewee.CharField(max_length=255, index=True)  # the upstream's name
+    key_id = peewee.IntegerField()
+    holder = peewee.CharField(max_length=128)  # host:pid of the worker with the request
+    start_tag = peewee.DoubleField()  # fair order: the smallest waiting tag goes next
+    finish_tag = peewee.DoubleField()
+    enqueued_at = peewee.DoubleField()
+    granted_at = peewee.DoubleField(null=True)  # NULL: still waiting
+    expires_at = peewee.DoubleField()  # the holder renews it; past it, the entry is ignored
+
+
 class AuditEntry(BaseModel):
     """One admin action (app/audit.py): who, through what, from where, what changed."""
 
@@ -214,4 +227,4 @@ class AuditEntry(BaseModel):
 
 MODELS = [ApiKey, RateCounter, ConcurrencySlot, Heartbeat, UsageLabel, UsageRecord,
           UsageHourly, TokenUsage, Webhook, WebhookDelivery, WebhookAttempt, UpstreamStatus,
-          AuditEntry]
+          AuditEntry, QueueEntry]

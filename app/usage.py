@@ -32,7 +32,8 @@ from app.models import (
 
 log = logging.getLogger(__name__)
 
-REFUSALS = {"auth": 1, "forbidden": 2, "rate": 3, "concurrency": 4, "quota": 5, "invalid": 6}
+REFUSALS = {"auth": 1, "forbidden": 2, "rate": 3, "concurrency": 4, "quota": 5, "invalid": 6,
+            "queue_full": 7, "queue_timeout": 8}
 REFUSAL_NAMES = {code: name for name, code in REFUSALS.items()}
 BATCH = 200  # records per transaction: a SQLite write holds its worker this long, no longer
 LATENCY_COLUMNS, TTFB_COLUMNS = bucket_columns("latency"), bucket_columns("ttfb")

@@ -3,7 +3,7 @@ import os
 
 import click
 
-from cli import audit, config, db, keys, serve, shell, upstreams, usage, webhooks
+from cli import audit, config, db, keys, queue, serve, shell, upstreams, usage, webhooks
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -29,6 +29,7 @@ cli.add_command(usage.usage)
 cli.add_command(config.config_group)
 cli.add_command(webhooks.webhooks)
 cli.add_command(upstreams.upstreams)
+cli.add_command(queue.queue)
 cli.add_command(audit.audit)
 cli.add_command(shell.shell)
 

@@ -56,6 +56,8 @@ ROUTES = {  # (method, path) -> endpoint; POST/DELETE endpoints take a JSON body
     },
     **{("POST", "/api/" + n): "progress" for n in ["pull", "push", "create"]},
 }
+# Requests that occupy one of Ollama's parallel slots (OLLAMA_NUM_PARALLEL).
+RUNS_MODEL = {"/api/generate", "/api/chat", "/api/embed", "/api/embeddings"}
 # Unknown-model texts differ by endpoint: GetModel failures vs. handleScheduleError.
 NOT_FOUND, NOT_PULLED = "model '{name}' not found", "model {q} not found, try pulling it first"
 
@@ -160,6 +162,9 @@ class _Handler(OpenAIRoutes, BaseHTTPRequestHandler):
     def _dispatch(self):
         path, self._started, self._streaming = self.path.split("?", 1)[0], False, False
         cancellations = self.fake.cancellations  # so a reset() mid-request doesn't inherit this one
+        running = self.command == "POST" and (path.startswith("/v1/") or path in RUNS_MODEL)
+        if running:
+            self.fake._running(+1)
         try:
             if path.startswith("/api/blobs/") and self.command in ("HEAD", "POST"):
                 return self._blob(path[len("/api/blobs/") :])
@@ -184,6 +189,8 @@ class _Handler(OpenAIRoutes, BaseHTTPRequestHandler):
             if self._streaming:
                 with self.fake._lock:
                     self.fake.active_streams -= 1
+            if running:
+                self.fake._running(-1)
 
     do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _dispatch
 
@@ -551,6 +558,7 @@ class FakeOllama:
         self.requests: list[RecordedRequest] = []
         self.cancellations: list[float] = []
         self.blobs: dict[str, int] = {}  # digest -> size
+        self.running = self.most_running = 0  # model requests being served now, and the peak
         self._loaded: dict[str, float] = {}  # model -> expiry as time.time(), for /api/ps
 
     @property
@@ -587,6 +595,11 @@ class FakeOllama:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+    def _running(self, change: int) -> None:
+        with self._lock:
+            self.running += change
+            self.most_running = max(self.most_running, self.running)
 
     def wait_for_cancellation(self, timeout: float) -> bool:
         """True as soon as at least one cancellation is recorded, False after `timeout`."""

@@ -221,10 +221,12 @@ def test_upstreams_can_be_named_weighted_and_capped(toml_file):
     from app.config import UpstreamSpec
 
     path = toml_file('[[upstreams]]\nurl = "http://gpu1:11434/"\nname = "gpu1"\nweight = 2\n'
-                     'max_concurrent = 4\n\n[[upstreams]]\nurl = "http://gpu2:11434"\n')
+                     'max_concurrent = 2\n\n[[upstreams]]\nurl = "http://gpu2:11434"\n'
+                     '\n[[upstreams]]\nurl = "http://gpu3:11434"\nmax_concurrent = 0\n')
     assert load_settings(path=path, environ={}).upstream_specs == (
-        UpstreamSpec("gpu1", "http://gpu1:11434", 2.0, 4),
-        UpstreamSpec("gpu2:11434", "http://gpu2:11434", 1.0, None))
+        UpstreamSpec("gpu1", "http://gpu1:11434", 2.0, 2),
+        UpstreamSpec("gpu2:11434", "http://gpu2:11434", 1.0, 4),  # upstream_max_concurrent
+        UpstreamSpec("gpu3:11434", "http://gpu3:11434", 1.0, None))  # 0: no cap
     from_env = load_settings(environ={"OLLAMA_GW_UPSTREAMS": "big=http://a:1, http://b:2"})
     assert [(s.name, s.url) for s in from_env.upstream_specs] == [
         ("big", "http://a:1"), ("b:2", "http://b:2")]
@@ -232,7 +234,7 @@ def test_upstreams_can_be_named_weighted_and_capped(toml_file):
 
 @pytest.mark.parametrize("text, fragment", [
     ('[[upstreams]]\nurl = "http://a:1"\nweight = 0\n', "weight must be a positive number"),
-    ('[[upstreams]]\nurl = "http://a:1"\nmax_concurrent = 0\n', "max_concurrent"),
+    ('[[upstreams]]\nurl = "http://a:1"\nmax_concurrent = -1\n', "max_concurrent"),
     ('[[upstreams]]\nurl = "http://a:1"\nport = 3\n', "unknown field(s) port"),
     ('[[upstreams]]\nname = "x"\n', "must be a URL or a table with a url"),
     ('upstreams = ["a=http://x:1", "a=http://y:2"]\n', "upstream names must differ"),

@@ -1,0 +1,370 @@
+"""Each upstream serves at most its max_concurrent requests; the rest wait here, fairly.
+
+Ollama serves a few requests at once and queues the rest in arrival order, so one
+script's hundreds of requests make everyone else wait behind them. The gateway keeps
+that queue itself, and serves it by start-time fair queueing: a key's requests are
+tagged one after another (S = max(V, the key's last finish tag), F = S + 1/priority,
+V the newest start tag being served), and a free slot goes to the smallest tag. A key
+with one request waiting goes ahead of another key's 200th; a key that has been idle
+starts level with the requests being served, not ahead by the time it was away.
+
+The queue is rows in the database (queue_entry), so every worker and gateway instance
+sees one queue per upstream. Each change to an upstream's queue runs under one lock
+(PostgreSQL: an advisory lock; SQLite: its write lock), and whoever frees a slot grants
+the next. A waiting worker learns of a grant at once if it granted it itself, else from
+PostgreSQL's NOTIFY, or by polling on SQLite (one machine; a read of a local file).
+Entries carry a lease the holding worker renews: a crashed worker's entries lapse.
+"""
+import contextlib
+import dataclasses
+import logging
+import math
+import os
+import socket
+import threading
+import time
+import zlib
+
+from app import metrics
+from app.db import db, forget_idle_connections, is_postgres
+from app.errors import GatewayError, RateLimited
+from app.models import QueueEntry
+
+log = logging.getLogger(__name__)
+
+CHANNEL = "ollama_gw_queue"
+# How often a worker with requests waiting looks for their grants: on SQLite the only
+# way to learn of them; on PostgreSQL a safety net under NOTIFY.
+POLL_SECONDS = {False: 0.02, True: 0.5}
+# How often a worker with requests waiting re-runs the grant itself: a slot freed by a
+# worker that crashed lapses with its lease, and no one else would notice.
+DISPATCH_SECONDS = 1.0
+# Endpoints that make Ollama run a model: only these wait for a slot.
+QUEUED_PATHS = frozenset({
+    "/api/generate", "/api/chat", "/api/embed", "/api/embeddings", "/v1/chat/completions",
+    "/v1/completions", "/v1/embeddings", "/v1/responses"})
+
+
+class QueueTimeout(GatewayError):
+    status, kind = 503, "service_unavailable"
+    refusal = "queue_timeout"
+
+
+@dataclasses.dataclass
+class Ticket:
+    """A request's place at an upstream: running once acquire() returned it."""
+
+    entry_id: int | None  # None once released
+    upstream: str
+    cap: int
+    waited: float  # seconds spent waiting for the slot
+
+
+class _Wait:
+    def __init__(self):
+        self.event = threading.Event()
+        self.lost = False  # the entry vanished (its lease lapsed): no slot will come
+
+
+class FairQueue:
+    def __init__(self, lease_seconds=60, per_key=64, max_wait=300.0, fair=True):
+        self.lease_seconds = lease_seconds
+        self.fair = fair  # False: first come, first served (bench/fair_queue.py compares)
+        self.per_key = per_key
+        self.max_wait = max_wait
+        self.holder = f"{socket.gethostname()}:{os.getpid()}"[:128]
+        self._lock = threading.Lock()
+        self._held = {}  # entry id -> (upstream, cap), waiting or running here
+        self._waits = {}  # entry id -> _Wait
+        self._unreleased = {}  # entry id -> (upstream, cap) whose release failed
+        self._wake = threading.Event()  # a request started waiting: look more often
+        self._keeper = None
+        self._listener = None  # PostgreSQL connection LISTENing on CHANNEL
+
+    # -- the request's side
+
+    def acquire(self, upstream, cap, key, watch=None):
+        """Take a slot at `upstream`, waiting in the fair queue while it has `cap` running.
+
+        429 if the key already has `per_key` requests waiting there, 503 after
+        `max_wait` seconds; a client hang-up (through `watch`) leaves the queue at once.
+        """
+        started = time.monotonic()
+        with db.connection_context():
+            entry_id, granted = self._enqueue(upstream, cap, key, time.time())
+        self._hold(entry_id, upstream, cap)
+        waiting = metrics._child(metrics.QUEUE_WAITING, upstream, key.prefix)
+        waited = metrics._child(metrics.QUEUE_WAIT, upstream, key.prefix)
+        if granted:
+            waited.observe(0.0)
+            return Ticket(entry_id, upstream, cap, 0.0)
+        wait = _Wait()
+        with self._lock:
+            self._waits[entry_id] = wait
+        self._wake.set()
+        waiting.inc()
+        try:
+            with watch.waiting() if watch is not None else contextlib.nullcontext():
+                wait.event.wait(self.max_wait)
+        except BaseException:
+            self._release(entry_id, upstream, cap)
+            raise
+        finally:
+            waiting.dec()
+            waited.observe(time.monotonic() - started)
+            with self._lock:
+                self._waits.pop(entry_id, None)
+        if wait.lost or not wait.event.is_set():
+            self._release(entry_id, upstream, cap)
+            retry = max(1, math.ceil(self.max_wait / 10))
+            raise QueueTimeout(
+                f"upstream {upstream} stayed busy: waited {time.monotonic() - started:.0f} s "
+                f"for one of its {cap} slots (queue_max_wait_seconds {self.max_wait:g}); "
+                f"retry in {retry} s", headers={"Retry-After": str(retry)})
+        return Ticket(entry_id, upstream, cap, time.monotonic() - started)
+
+    def release(self, ticket):
+        """Free the ticket's slot and grant it to the next waiting request.
+
+        Never raises, and does nothing the second time for one ticket.
+        """
+        if ticket is not None and ticket.entry_id is not None:
+            entry_id, ticket.entry_id = ticket.entry_id, None
+            self._release(entry_id, ticket.upstream, ticket.cap)
+
+    def _release(self, entry_id, upstream, cap):
+        with self._lock:
+            self._held.pop(entry_id, None)
+        try:
+            with db.connection_context():
+                self._leave(entry_id, upstream, cap, time.time())
+        except Exception as exc:  # the keeper retries; the lease bounds the damage
+            log.warning("could not free a queue slot at %s, retrying every second: %s",
+                        upstream, exc)
+            forget_idle_connections()
+            with self._lock:
+                self._unreleased[entry_id] = (upstream, cap)
+            self._start_keeper()
+
+    # -- the database
+
+    def _lock_upstream(self, upstream):
+        """Serialise changes to one upstream's queue (SQLite's write lock already does)."""
+        if is_postgres():
+            db.execute_sql("SELECT pg_advisory_xact_lock(%s)",
+                           (zlib.crc32(b"ollama-gw queue " + upstream.encode()),))
+
+    def _state(self, upstream, key_id, now):
+        """(running, waiting, waiting for key_id, newest running start tag, key's last finish)."""
+        p = db.obj.param
+        granted = "granted_at IS NOT NULL"
+        row = db.execute_sql(
+            f"SELECT COALESCE(SUM(CASE WHEN {granted} THEN 1 ELSE 0 END), 0), "
+            f"COALESCE(SUM(CASE WHEN {granted} THEN 0 ELSE 1 END), 0), "
+            f"COALESCE(SUM(CASE WHEN granted_at IS NULL AND key_id = {p} THEN 1 ELSE 0 END), 0), "
+            f"MAX(CASE WHEN {granted} THEN start_tag END), "
+            f"MAX(CASE WHEN key_id = {p} THEN finish_tag END) "
+            f"FROM queue_entry WHERE upstream = {p} AND expires_at > {p}",
+            (key_id, key_id, upstream, now)).fetchone()
+        return int(row[0]), int(row[1]), int(row[2]), row[3] or 0.0, row[4] or 0.0
+
+    def _enqueue(self, upstream, cap, key, now):
+        """Insert the request's entry; (entry id, whether it runs at once)."""
+        priority = max(1, getattr(key, "priority", None) or 1)
+        with db.atomic():
+            self._lock_upstream(upstream)
+            running, waiting, mine, vtime, last_finish = self._state(upstream, key.id, now)
+            free = running < cap
+            if not free and mine >= self.per_key:
+                raise RateLimited(
+                    f"queue full: this key already has {mine} requests waiting for upstream "
+                    f"{upstream} (queue_per_key {self.per_key}); retry when one is answered",
+                    headers={"Retry-After": "1"}, refusal="queue_full")
+            start = max(vtime, last_finish) if self.fair else now
+            granted_at = now if free and not waiting else None
+            entry_id = QueueEntry.insert(
+                upstream=upstream, key_id=key.id, holder=self.holder, start_tag=start,
+                finish_tag=start + 1.0 / priority, enqueued_at=now, granted_at=granted_at,
+                expires_at=now + self.lease_seconds).execute()
+            grants = []
+            if granted_at is None and free:  # waiting entries with a free slot: a lapse
+                grants = self._grant(upstream, cap - running, now)
+        self._announce(grants)
+        return entry_id, granted_at is not None or entry_id in {g for g, _ in grants}
+
+    def _leave(self, entry_id, upstream, cap, now):
+        with db.atomic():
+            self._lock_upstream(upstream)
+            QueueEntry.delete().where(QueueEntry.id == entry_id).execute()
+            grants = self._dispatch_locked(upstream, cap, now)
+        self._announce(grants)
+
+    def _dispatch(self, upstream, cap, now):
+        with db.atomic():
+            self._lock_upstream(upstream)
+            grants = self._dispatch_locked(upstream, cap, now)
+        self._announce(grants)
+
+    def _dispatch_locked(self, upstream, cap, now):
+        running, waiting, _, _, _ = self._state(upstream, None, now)
+        if not waiting or running >= cap:
+            return []
+        return self._grant(upstream, cap - running, now)
+
+    def _grant(self, upstream, n, now):
+        """Grant the n waiting entries with the smallest start tags; [(id, holder)]."""
+        chosen = list(QueueEntry.select(QueueEntry.id, QueueEntry.holder)
+                      .where((QueueEntry.upstream == upstream)
+                             & QueueEntry.granted_at.is_null()
+                             & (QueueEntry.expires_at > now))
+                      .order_by(QueueEntry.start_tag, QueueEntry.id).limit(n).tuples())
+        if chosen:
+            QueueEntry.update(granted_at=now).where(
+                QueueEntry.id.in_([entry_id for entry_id, _ in chosen])).execute()
+            if is_postgres() and any(holder != self.holder for _, holder in chosen):
+                db.execute_sql("SELECT pg_notify(%s, %s)", (CHANNEL, upstream))
+        return chosen
+
+    def _announce(self, grants):
+        """After the commit: wake this worker's requests among the granted."""
+        with self._lock:
+            for entry_id, _ in grants:
+                wait = self._waits.get(entry_id)
+                if wait is not None:
+                    wait.event.set()
+
+    # -- the keeper: leases, grants from elsewhere, lapsed slots, failed releases
+
+    def _hold(self, entry_id, upstream, cap):
+        with self._lock:
+            self._held[entry_id] = (upstream, cap)
+        self._start_keeper()
+
+    def _start_keeper(self):
+        with self._lock:
+            if self._keeper is None or not self._keeper.is_alive():
+                self._keeper = threading.Thread(target=self._keep, name="queue-keeper",
+                                                daemon=True)
+                self._keeper.start()
+
+    def _keep(self):
+        renewed_at = dispatched_at = time.monotonic()
+        while True:
+            with self._lock:
+                waiting = dict(self._waits)
+                held, unreleased = dict(self._held), dict(self._unreleased)
+                if not held and not unreleased:
+                    self._keeper = None
+                    self._close_listener()
+                    return
+            try:
+                if waiting:
+                    self._look_for_grants(waiting)
+                    if time.monotonic() - dispatched_at >= DISPATCH_SECONDS:
+                        dispatched_at = time.monotonic()
+                        self._dispatch_all({held[i] for i in waiting if i in held})
+                if unreleased:
+                    self._retry_releases(unreleased)
+                if time.monotonic() - renewed_at >= self.lease_seconds / 3:
+                    renewed_at = time.monotonic()
+                    self._renew(list(held))
+            except Exception as exc:
+                log.warning("queue keeper: the database failed, retrying: %s", exc)
+                forget_idle_connections()
+                self._close_listener()
+                time.sleep(1)
+            self._pause(bool(waiting))
+
+    def _pause(self, waiting):
+        """Sleep until the next look: a NOTIFY, a new waiting request, or the interval."""
+        if not waiting:
+            self._wake.wait(min(1.0, self.lease_seconds / 3))
+            self._wake.clear()
+            return
+        self._wake.clear()
+        interval = POLL_SECONDS[is_postgres()]
+        listener = self._listen() if is_postgres() else None
+        if listener is None:
+            time.sleep(interval)
+            return
+        import select
+
+        if select.select([listener], [], [], interval)[0]:
+            listener.poll()
+            listener.notifies.clear()
+
+    def _listen(self):
+        if self._listener is None:
+            try:
+                import psycopg2
+
+                conn = psycopg2.connect(database=db.obj.database, **db.obj.connect_params)
+                conn.autocommit = True
+                conn.cursor().execute(f"LISTEN {CHANNEL}")
+                self._listener = conn
+            except Exception as exc:
+                log.warning("queue: cannot LISTEN for grants, polling instead: %s", exc)
+                return None
+        return self._listener
+
+    def _close_listener(self):
+        conn, self._listener = self._listener, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.close()
+
+    def _look_for_grants(self, waiting):
+        with db.connection_context():
+            rows = dict(QueueEntry.select(QueueEntry.id, QueueEntry.granted_at)
+                        .where(QueueEntry.id.in_(list(waiting))).tuples())
+        for entry_id, wait in waiting.items():
+            if entry_id not in rows:
+                wait.lost = True
+            if entry_id not in rows or rows[entry_id] is not None:
+                wait.event.set()
+
+    def _dispatch_all(self, upstreams):
+        with db.connection_context():
+            for upstream, cap in upstreams:
+                self._dispatch(upstream, cap, time.time())
+
+    def _retry_releases(self, unreleased):
+        with db.connection_context():
+            for entry_id, (upstream, cap) in unreleased.items():
+                self._leave(entry_id, upstream, cap, time.time())
+                with self._lock:
+                    self._unreleased.pop(entry_id, None)
+        log.info("freed %d queue slot(s) once the database was back", len(unreleased))
+
+    def _renew(self, entry_ids):
+        now = time.time()
+        with db.connection_context():
+            if entry_ids:
+                QueueEntry.update(expires_at=now + self.lease_seconds).where(
+                    QueueEntry.id.in_(entry_ids)).execute()
+            # Entries of crashed workers are ignored once lapsed; this clears them away.
+            QueueEntry.delete().where(QueueEntry.expires_at <= now).execute()
+
+
+def snapshot(now=None):
+    """[(upstream, key id, running, waiting, oldest wait in s)] of live entries, for the CLI."""
+    now = time.time() if now is None else now
+    rows = {}
+    for upstream, key_id, granted_at, enqueued_at in (
+            QueueEntry.select(QueueEntry.upstream, QueueEntry.key_id, QueueEntry.granted_at,
+                              QueueEntry.enqueued_at)
+            .where(QueueEntry.expires_at > now).tuples()):
+        row = rows.setdefault((upstream, key_id), [0, 0, 0.0])
+        if granted_at is None:
+            row[1] += 1
+            row[2] = max(row[2], now - enqueued_at)
+        else:
+            row[0] += 1
+    return [(upstream, key_id, *row) for (upstream, key_id), row in sorted(rows.items())]
+
+
+def init_app(app):
+    settings = app.config["SETTINGS"]
+    app.extensions["fair_queue"] = FairQueue(
+        settings.slot_lease_seconds, settings.queue_per_key, settings.queue_max_wait_seconds,
+        settings.queue_fair)

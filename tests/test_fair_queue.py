@@ -1,0 +1,173 @@
+"""The fair queue (app/fair_queue.py): an upstream's cap, fair order across keys, bounds.
+
+These run the queue itself against each database, in threads; tests/test_fair_queue_gateway.py
+runs it in gunicorn's workers, across gateway instances.
+"""
+import threading
+import time
+
+import pytest
+
+from app.errors import RateLimited
+from app.fair_queue import FairQueue, QueueTimeout
+from app.keys import KeyInfo
+from app.models import QueueEntry
+from tests.gateway_process import wait_for
+
+UPSTREAM = "gpu"
+
+
+@pytest.fixture
+def queue(migrated):
+    queue = FairQueue(lease_seconds=60, per_key=64, max_wait=60)
+    yield queue
+    assert wait_for(lambda: queue._keeper is None, 30), "the queue's keeper never stopped"
+
+
+def key_info(make_key, name):
+    _, row = make_key(name)
+    return KeyInfo.from_row(row)
+
+
+class Waiter(threading.Thread):
+    """acquire() in a thread of its own; `.ticket` or `.error` once it returns."""
+
+    def __init__(self, queue, key, cap=1, order=None):
+        super().__init__(daemon=True)
+        self.queue, self.key, self.cap, self.order = queue, key, cap, order
+        self.ticket = self.error = None
+        self.start()
+
+    def run(self):
+        try:
+            self.ticket = self.queue.acquire(UPSTREAM, self.cap, self.key)
+            if self.order is not None:
+                self.order.append(self.key.name)
+        except Exception as exc:
+            self.error = exc
+
+
+def waiting_count():
+    return QueueEntry.select().where(QueueEntry.granted_at.is_null()).count()
+
+
+def wait_until_waiting(n):
+    assert wait_for(lambda: waiting_count() == n, 30), f"{waiting_count()} waiting, not {n}"
+
+
+def serve_one_at_a_time(queue, waiters):
+    """Let each waiter, as it is granted its slot, run alone and free it again."""
+    pending = list(waiters)
+    while pending:
+        assert wait_for(lambda: any(w.ticket or w.error for w in pending), 30)
+        served = next(w for w in pending if w.ticket or w.error)
+        assert served.error is None, served.error
+        served.join(30)
+        pending.remove(served)
+        queue.release(served.ticket)
+
+
+def test_an_upstream_runs_at_most_its_cap_and_a_freed_slot_goes_to_the_next(queue, make_key):
+    key = key_info(make_key, "a")
+    first, second = queue.acquire(UPSTREAM, 2, key), queue.acquire(UPSTREAM, 2, key)
+    third = Waiter(queue, key, cap=2)
+    wait_until_waiting(1)
+    assert third.ticket is None  # still waiting: two are running
+    queue.release(first)
+    third.join(30)
+    assert third.ticket is not None and third.ticket.waited > 0
+    queue.release(second)
+    queue.release(third.ticket)
+    queue.release(third.ticket)  # a second release does nothing
+    assert QueueEntry.select().count() == 0
+
+
+def test_a_key_with_one_request_goes_ahead_of_another_keys_backlog(queue, make_key):
+    greedy, light = key_info(make_key, "greedy"), key_info(make_key, "light")
+    running = queue.acquire(UPSTREAM, 1, greedy)
+    order = []
+    backlog = []
+    for n in range(5):
+        backlog.append(Waiter(queue, greedy, order=order))
+        wait_until_waiting(n + 1)
+    late = Waiter(queue, light, order=order)
+    wait_until_waiting(6)
+    queue.release(running)
+    serve_one_at_a_time(queue, [*backlog, late])
+    assert order[0] == "light", f"served in the order {order}"
+    assert order[1:] == ["greedy"] * 5
+    assert QueueEntry.select().count() == 0
+
+
+def test_first_come_first_served_without_fairness(migrated, make_key):
+    queue = FairQueue(fair=False)
+    greedy, light = key_info(make_key, "greedy"), key_info(make_key, "light")
+    running = queue.acquire(UPSTREAM, 1, greedy)
+    order = []
+    first = Waiter(queue, greedy, order=order)
+    wait_until_waiting(1)
+    second = Waiter(queue, light, order=order)
+    wait_until_waiting(2)
+    queue.release(running)
+    first.join(30)
+    queue.release(first.ticket)
+    second.join(30)
+    queue.release(second.ticket)
+    assert order == ["greedy", "light"]
+
+
+def test_a_key_whose_share_of_the_queue_is_full_gets_429_and_others_still_wait(
+        migrated, make_key):
+    queue = FairQueue(per_key=2, max_wait=60)
+    greedy, light = key_info(make_key, "greedy"), key_info(make_key, "light")
+    running = queue.acquire(UPSTREAM, 1, greedy)
+    waiters = [Waiter(queue, greedy), Waiter(queue, greedy)]
+    wait_until_waiting(2)
+    with pytest.raises(RateLimited) as refused:
+        queue.acquire(UPSTREAM, 1, greedy)
+    assert refused.value.status == 429 and refused.value.refusal == "queue_full"
+    assert "queue full" in refused.value.message and refused.value.headers["Retry-After"]
+    other = Waiter(queue, light)
+    wait_until_waiting(3)
+    queue.release(running)
+    serve_one_at_a_time(queue, [*waiters, other])
+    assert QueueEntry.select().count() == 0
+
+
+def test_a_request_that_waits_too_long_gets_503_and_leaves_the_queue(migrated, make_key):
+    queue = FairQueue(max_wait=0.5)
+    key = key_info(make_key, "a")
+    running = queue.acquire(UPSTREAM, 1, key)
+    with pytest.raises(QueueTimeout) as timed_out:
+        queue.acquire(UPSTREAM, 1, key)
+    assert timed_out.value.status == 503 and timed_out.value.headers["Retry-After"]
+    assert "stayed busy" in timed_out.value.message
+    assert waiting_count() == 0
+    queue.release(running)
+    assert QueueEntry.select().count() == 0
+
+
+def test_a_crashed_workers_slots_lapse_with_their_lease(migrated, make_key):
+    key = key_info(make_key, "a")
+    now = time.time()
+    QueueEntry.create(upstream=UPSTREAM, key_id=key.id, holder="gone:1", start_tag=0,
+                      finish_tag=1, enqueued_at=now - 120, granted_at=now - 120,
+                      expires_at=now - 1)
+    queue = FairQueue()
+    ticket = queue.acquire(UPSTREAM, 1, key)  # the lapsed entry holds nothing
+    assert ticket.waited == 0.0
+    queue.release(ticket)
+    assert wait_for(lambda: queue._keeper is None, 30)
+
+
+def test_a_waiting_request_is_granted_when_a_lapsed_slot_is_noticed(migrated, make_key):
+    """A worker that crashed while running frees its slot when its lease lapses."""
+    key = key_info(make_key, "a")
+    now = time.time()
+    QueueEntry.create(upstream=UPSTREAM, key_id=key.id, holder="gone:1", start_tag=0,
+                      finish_tag=1, enqueued_at=now, granted_at=now, expires_at=now + 1.5)
+    queue = FairQueue()
+    waiter = Waiter(queue, key)
+    assert wait_for(lambda: waiter.ticket is not None, 30), waiter.error
+    assert waiter.ticket.waited >= 1.0
+    queue.release(waiter.ticket)
