@@ -170,7 +170,7 @@ class FairQueue:
 
     def _enqueue(self, upstream, cap, key, now):
         """Insert the request's entry; (entry id, whether it runs at once)."""
-        priority = max(1, getattr(key, "priority", None) or 1)
+        priority = max(1, key.priority or 1)
         with db.atomic():
             self._lock_upstream(upstream)
             running, waiting, mine, vtime, last_finish = self._state(upstream, key.id, now)

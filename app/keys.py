@@ -100,6 +100,7 @@ class KeyInfo:
     max_ctx: int | None = None
     max_predict: int | None = None
     allow_keep_alive: bool = True
+    priority: int = 1
 
     @classmethod
     def from_row(cls, row):
@@ -107,7 +108,7 @@ class KeyInfo:
             row.id, row.prefix, row.name, row.role, row.rate_limit, row.rate_period,
             row.max_concurrent, parse_models(row.models), row.expires_at, row.revoked_at,
             row.token_quota, row.token_period, row.max_ctx, row.max_predict,
-            row.allow_keep_alive,
+            row.allow_keep_alive, row.priority,
         )
 
     @property
@@ -150,6 +151,7 @@ def key_summary(row):
         "max_ctx": row.max_ctx,
         "max_predict": row.max_predict,
         "keep_alive": "allow" if row.allow_keep_alive else "deny",
+        "priority": row.priority,
         "models": list(parse_models(row.models)),
         "status": status,
         "created_at": iso(row.created_at),
@@ -169,6 +171,7 @@ def _settings(row):
     summary = key_summary(row)
     return {k: summary[k] for k in ("name", "role", "rate_limit", "max_concurrent",
                                       "token_quota", "max_ctx", "max_predict", "keep_alive",
+                                      "priority",
                                       "models", "expires_at")}
 
 
@@ -187,13 +190,17 @@ def _whole(value, highest, message):
 
 
 def _changes(role=None, rate_limit=None, max_concurrent=None, models=None, expires=None,
-             token_quota=None, max_ctx=None, max_predict=None, keep_alive=None):
+             token_quota=None, max_ctx=None, max_predict=None, keep_alive=None, priority=None):
     """Validate optional settings into column values; raise KeyOpError with the reason."""
     values = {}
     for name, value in (("max_ctx", max_ctx), ("max_predict", max_predict)):
         if value is not None:
             values[name] = _whole(value, 10_000_000, f"{name.replace('_', ' ')} must be "
                                   "0 (no cap) to 10000000") or None
+    if priority is not None:
+        values["priority"] = _whole(priority, 100, "priority must be 1 to 100")
+        if not values["priority"]:
+            raise KeyOpError("priority must be 1 to 100")
     if keep_alive is not None:
         if keep_alive not in KEEP_ALIVE:
             raise KeyOpError(f"keep_alive must be allow or deny, not {keep_alive!r}")

@@ -35,6 +35,9 @@ class ApiKey(BaseModel):
     max_ctx = peewee.IntegerField(null=True)
     max_predict = peewee.IntegerField(null=True)
     allow_keep_alive = peewee.BooleanField(default=True)
+    # Share of an upstream's slots when keys wait for them (app/fair_queue.py): 2 gets
+    # twice the requests of 1.
+    priority = peewee.IntegerField(default=1)
     # Comma-separated model names or fnmatch patterns; NULL allows every model.
     models = peewee.TextField(null=True)
     expires_at = peewee.DateTimeField(null=True)

@@ -122,7 +122,11 @@ class Targets:
     def gateway_env(self, database_url):
         env = {k: v for k, v in os.environ.items() if not k.startswith("OLLAMA_GW_")}
         env.update({"DATABASE_URL": database_url, "OLLAMA_URL": self.upstream_url,
-                    "PYTHONUNBUFFERED": "1"})
+                    "PYTHONUNBUFFERED": "1",
+                    # The fake upstream serves any number at once, as ref-relay's does:
+                    # every request goes through the fair queue's bookkeeping, and its
+                    # cap never makes one wait (bench/fair_queue.py measures waiting).
+                    "OLLAMA_GW_UPSTREAM_MAX_CONCURRENT": "100000"})
         return env
 
     def add_key(self, env, src=None):

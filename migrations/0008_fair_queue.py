@@ -1,4 +1,5 @@
-"""The fair queue: requests waiting for, or holding, an upstream's slots (app/fair_queue.py)."""
+"""The fair queue: requests waiting for, or holding, an upstream's slots (app/fair_queue.py),
+and each key's priority there."""
 from peewee import CharField, DoubleField, IntegerField, Model
 
 
@@ -22,7 +23,9 @@ def _tables(db):
 
 def up(migrator, db):
     db.create_tables(_tables(db))
+    migrator.migrate(migrator.add_column("api_key", "priority", IntegerField(default=1)))
 
 
 def down(migrator, db):
+    migrator.migrate(migrator.drop_column("api_key", "priority"))
     db.drop_tables(_tables(db))

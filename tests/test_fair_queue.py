@@ -3,8 +3,11 @@
 These run the queue itself against each database, in threads; tests/test_fair_queue_gateway.py
 runs it in gunicorn's workers, across gateway instances.
 """
+import json
+import re
 import threading
 import time
+from unittest.mock import ANY
 
 import pytest
 
@@ -171,3 +174,41 @@ def test_a_waiting_request_is_granted_when_a_lapsed_slot_is_noticed(migrated, ma
     assert wait_for(lambda: waiter.ticket is not None, 30), waiter.error
     assert waiter.ticket.waited >= 1.0
     queue.release(waiter.ticket)
+
+
+def test_a_key_with_priority_2_gets_twice_the_slots_of_a_key_with_1(queue, make_key):
+    _, low_row = make_key("low")
+    _, high_row = make_key("high", priority=2)
+    low, high = KeyInfo.from_row(low_row), KeyInfo.from_row(high_row)
+    running = queue.acquire(UPSTREAM, 1, low)
+    order, waiters = [], []
+    for n, key in enumerate([low] * 4 + [high] * 4):
+        waiters.append(Waiter(queue, key, order=order))
+        wait_until_waiting(n + 1)
+    queue.release(running)
+    serve_one_at_a_time(queue, waiters)
+    assert order[:6].count("high") == 4, f"served in the order {order}"
+
+
+def test_the_queue_command_shows_running_and_waiting_requests_by_key(queue, make_key, runner):
+    key = key_info(make_key, "batch")
+    running = queue.acquire(UPSTREAM, 1, key)
+    waiter = Waiter(queue, key)
+    wait_until_waiting(1)
+    shown = runner("queue")
+    assert shown.exit_code == 0
+    assert re.search(rf"^{UPSTREAM}\s+-\s+{key.prefix}\s+1\s+1\s", shown.output, re.M), shown.output
+    assert json.loads(runner("queue", "--json").stdout) == [
+        {"upstream": UPSTREAM, "max_concurrent": None, "key": key.prefix, "key_id": key.id,
+         "running": 1, "waiting": 1, "longest_wait_s": ANY}]
+    queue.release(running)
+    serve_one_at_a_time(queue, [waiter])
+    assert "No requests running or waiting" in runner("queue").output
+
+
+def test_priority_is_a_key_setting_from_1_to_100(runner):
+    made = json.loads(runner("keys", "add", "--name", "batch", "--priority", "3", "--json").stdout)
+    assert made["priority"] == 3
+    assert runner("keys", "update", "batch", "--priority", "0").exit_code != 0
+    assert runner("keys", "update", "batch", "--priority", "1").exit_code == 0
+    assert json.loads(runner("keys", "show", "batch", "--json").stdout)["priority"] == 1

@@ -14,7 +14,7 @@ from app.routes.stats import since_arg
 bp = Blueprint("admin", __name__)
 
 SETTINGS = ("role", "rate_limit", "max_concurrent", "token_quota", "max_ctx", "max_predict",
-            "keep_alive", "models", "expires")
+            "keep_alive", "priority", "models", "expires")
 TEXT = {"name", "role", "rate_limit", "token_quota", "keep_alive", "expires"}
 
 

@@ -1,0 +1,156 @@
+"""The fair queue as users meet it: gunicorn workers and gateway instances sharing one
+database, a slow fake Ollama, clients that pile up, hang up and abort."""
+import concurrent.futures
+import json
+import random
+import socket
+import threading
+
+import pytest
+import requests
+
+from tests.conftest import reset_postgres
+from tests.gateway_process import GatewayProcess, wait_for
+
+pytestmark = pytest.mark.gateway
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def database(request, tmp_path_factory):
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path_factory.mktemp('gw')}/gateway.db"
+    url = request.getfixturevalue("postgres_url")
+    reset_postgres(url)
+    return url
+
+
+@pytest.fixture(scope="module")
+def gateway(database, fake_ollama, tmp_path_factory):
+    """Two workers, and an upstream that serves two requests at once."""
+    with GatewayProcess(database, fake_ollama.url, workers=2, upstream_max_concurrent=2,
+                        queue_per_key=500) as gw:
+        yield gw.start(tmp_path_factory.mktemp("log") / "gateway.log")
+
+
+def new_key(gateway, name):
+    return gateway.add_key("--name", name, "--rate-limit", "none")["key"]
+
+
+def generate(url, key, tokens=5, timeout=120):
+    return requests.post(url + "/api/generate", timeout=timeout,
+                         headers={"Authorization": f"Bearer {key}"},
+                         json={"model": "llama3.2", "prompt": "x", "stream": False,
+                               "options": {"num_predict": tokens}})
+
+
+def queue_rows(gateway):
+    return json.loads(gateway.cli("queue", "--json").stdout)
+
+
+def queue_is_empty(gateway):
+    return queue_rows(gateway) == []
+
+
+def waiting(gateway):
+    return sum(row["waiting"] for row in queue_rows(gateway))
+
+
+def test_every_worker_and_instance_keeps_the_upstreams_cap(gateway, fake, database, tmp_path):
+    """Two gateways x two workers (one on SQLite: one machine) share one cap of 2."""
+    fake.token_delay = 0.02
+    instances = [gateway]
+    with GatewayProcess(database, fake.url, workers=2, upstream_max_concurrent=2) as second:
+        if database.startswith("postgresql"):
+            instances.append(second.start(tmp_path / "second.log"))
+        keys = [new_key(gateway, "one"), new_key(gateway, "two")]
+
+        def call(i):
+            return generate(instances[i % len(instances)].url, keys[i % 2])
+
+        with concurrent.futures.ThreadPoolExecutor(24) as pool:
+            answers = list(pool.map(call, range(24)))
+    assert [r.status_code for r in answers] == [200] * 24
+    assert fake.most_running == 2  # never more, and the cap was used
+    assert any(float(r.headers.get("X-Queue-Wait", 0)) > 0 for r in answers)
+    assert all("queue;dur=" in r.headers["Server-Timing"]
+               for r in answers if "X-Queue-Wait" in r.headers)
+    assert wait_for(lambda: queue_is_empty(gateway), 30)
+
+
+def test_a_light_key_is_served_before_a_greedy_keys_backlog(gateway, fake):
+    fake.token_delay = 0.05  # 5 tokens: about a quarter second a request
+    greedy, light = new_key(gateway, "greedy"), new_key(gateway, "light")
+    finished = []
+    lock = threading.Lock()
+
+    def greedy_call(_):
+        answer = generate(gateway.url, greedy)
+        with lock:
+            finished.append("greedy")
+        return answer.status_code
+
+    with concurrent.futures.ThreadPoolExecutor(30) as pool:
+        backlog = [pool.submit(greedy_call, i) for i in range(30)]
+        assert wait_for(lambda: waiting(gateway) >= 20, 60)
+        with lock:
+            before = len(finished)
+        assert generate(gateway.url, light).status_code == 200
+        with lock:
+            overtaken_by = len(finished) - before
+        assert [f.result() for f in backlog] == [200] * 30
+    # Fair: the light key's request waits for a running one to finish, not for the
+    # backlog (first come, first served it would wait for 20 or more).
+    assert overtaken_by <= 4, f"{overtaken_by} greedy requests finished first"
+    assert wait_for(lambda: queue_is_empty(gateway), 30)
+
+
+def open_request(gateway, key, tokens=5):
+    sock = socket.create_connection(("127.0.0.1", gateway.port), timeout=30)
+    body = json.dumps({"model": "llama3.2", "prompt": "x",
+                       "options": {"num_predict": tokens}}).encode()
+    sock.sendall(b"POST /api/generate HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
+                 b"Authorization: Bearer " + key.encode() + b"\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    return sock
+
+
+def test_a_client_that_hangs_up_while_waiting_leaves_the_queue_at_once(gateway, fake):
+    fake.token_delay = 0.2
+    key = new_key(gateway, "hang-up")
+    busy = [open_request(gateway, key, tokens=40) for _ in range(2)]  # 8 s each
+    try:
+        assert wait_for(lambda: fake.running == 2, 30)
+        leaving = open_request(gateway, key)
+        assert wait_for(lambda: waiting(gateway) == 1, 30)
+        leaving.close()
+        assert wait_for(lambda: waiting(gateway) == 0, 10)
+        generates = sum(r.path.startswith("/api/generate") for r in fake.requests)
+        assert generates == 2  # Ollama never saw the request that left
+    finally:
+        for sock in busy:
+            sock.close()
+    assert wait_for(lambda: queue_is_empty(gateway), 30)
+
+
+def test_requests_aborted_at_random_points_leave_no_slot_or_entry_behind(gateway, fake):
+    fake.token_delay = 0.01
+    key = new_key(gateway, "aborts")
+    rng = random.Random(11)
+
+    def abort(_):
+        sock = open_request(gateway, key, tokens=rng.randint(1, 30))
+        try:
+            threading.Event().wait(rng.uniform(0, 0.4))
+        finally:
+            sock.close()
+
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        list(pool.map(abort, range(300)))
+    assert wait_for(lambda: queue_is_empty(gateway), 60)
+    assert wait_for(lambda: fake.running == 0, 30)
+    # Both slots are free: two requests at once run at once.
+    fake.token_delay = 0.0
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(lambda _: generate(gateway.url, key, timeout=30), range(2)))
+    assert [r.status_code for r in answers] == [200, 200]
+    assert all("X-Queue-Wait" not in r.headers for r in answers)
