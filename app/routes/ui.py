@@ -26,7 +26,7 @@ from flask import (
 from app import audit, auth, stats
 from app import keys as keystore
 from app import webhooks as hooks
-from app.errors import Forbidden, GatewayError, NotFound, RateLimited
+from app.errors import Forbidden, GatewayError, NotFound, RateLimited, error_response
 from app.keys import KeyInfo
 from app.models import ApiKey
 from app.ui import charts, status
@@ -87,6 +87,8 @@ def _headers(response):
 
 @bp.errorhandler(GatewayError)
 def _error(exc):
+    if not current_app.config["SETTINGS"].ui:  # off: /ui/ is like any unknown path
+        return error_response(exc.status, exc.message, exc.kind, exc.headers)
     response = make_response(render_template("ui/error.html", message=exc.message),
                              exc.status)
     response.headers.update(exc.headers)
