@@ -8,7 +8,6 @@ scripts are the package's own files (charts, the copy button, local times): the
 Content-Security-Policy allows nothing inline.
 """
 import datetime
-import time
 from pathlib import Path
 
 from flask import (
@@ -23,7 +22,7 @@ from flask import (
     url_for,
 )
 
-from app import audit, auth, stats
+from app import audit, auth
 from app import keys as keystore
 from app import webhooks as hooks
 from app.errors import Forbidden, GatewayError, NotFound, RateLimited, error_response
@@ -175,10 +174,8 @@ def index():
         return redirect(url_for("ui.key", key_id=g.key.id))
     span = _range()
     conf = current_app.config["SETTINGS"]
-    by_key = stats.usage(time.time() - charts.RANGES[span], "key")  # who uses the GPU
-    by_key.sort(key=lambda r: -(r["prompt_tokens"] + r["completion_tokens"]))
     return render_template("ui/overview.html", range=span, data=charts.series(span),
-                           upstreams=status.upstreams(conf), by_key=by_key[:20])
+                           upstreams=status.upstreams(conf), by_key=charts.by_key(span)[:20])
 
 
 @bp.get("/keys")

@@ -1,7 +1,8 @@
 """The dashboard's time series: requests, tokens, error and refusal rates, latency.
 
-Ranges of a day or more read the hourly roll-up (UsageHourly), so a page over 30 days
-of millions of requests sums a few hundred thousand rows at most. The last hour is
+Ranges of a day or more read roll-ups: everyone's charts the one per hour and model,
+a key's the hourly one through its (key_id, hour) index, the table of keys the one per
+day and key; a page over 30 days of millions of requests sums a few thousand rows. The last hour is
 drawn in five-minute steps from the per-request rows of that hour alone (the `at`
 index keeps that read small). Times are epoch seconds; the browser shows them in its
 own time zone.
@@ -11,7 +12,14 @@ import time
 
 from peewee import fn
 
-from app.models import UsageHourly, UsageLabel, UsageRecord
+from app.models import (
+    ApiKey,
+    UsageDailyKey,
+    UsageHourly,
+    UsageHourlyModel,
+    UsageLabel,
+    UsageRecord,
+)
 from app.stats import percentile, summarize
 from app.usage import LATENCY_COLUMNS, SUM_COLUMNS, TTFB_COLUMNS, _bucket
 
@@ -35,73 +43,107 @@ def series(name, key_id=None, now=None):
     times = list(range(start, int(now) + 1, step))
     labels = _label_names({model for _, model in sums})
     models = sorted({labels.get(model, "(none)") for _, model in sums})
-    by_time = collections.defaultdict(collections.Counter)
     per_model = {kind: {m: [0] * len(times) for m in models} for kind in ("requests", "tokens")}
+    by_time, by_model = {}, {}
     for (at, model), row in sums.items():
         i = (at - start) // step
         if not 0 <= i < len(times):
             continue
         name_ = labels.get(model, "(none)")
-        per_model["requests"][name_][i] += row["requests"]
-        per_model["tokens"][name_][i] += row["prompt_tokens"] + row["completion_tokens"]
-        by_time[i].update(row)
+        per_model["requests"][name_][i] += row[REQUESTS]
+        per_model["tokens"][name_][i] += row[PROMPT] + row[COMPLETION]
+        by_time[i] = _add(by_time.get(i), row)
+        by_model[name_] = _add(by_model.get(name_), row)
     result = {"step": step, "times": times, "models": models, **per_model,
               "error_rate": [], "refusal_rate": [], "latency_p50": [], "latency_p95": [],
               "ttfb_p50": [], "ttfb_p95": []}
+    empty = [0] * len(SUM_COLUMNS)
     for i in range(len(times)):
-        row = by_time.get(i, {})
-        requests = row.get("requests", 0)
-        result["error_rate"].append(_percent(row.get("errors", 0), requests))
-        result["refusal_rate"].append(_percent(row.get("refusals", 0), requests))
-        latency = [row.get(c, 0) for c in LATENCY_COLUMNS]
-        ttfb = [row.get(c, 0) for c in TTFB_COLUMNS]
-        result["latency_p50"].append(percentile(latency, 0.5))
-        result["latency_p95"].append(percentile(latency, 0.95))
-        result["ttfb_p50"].append(percentile(ttfb, 0.5))
-        result["ttfb_p95"].append(percentile(ttfb, 0.95))
-    total = collections.Counter()
+        row = by_time.get(i, empty)
+        result["error_rate"].append(_percent(row[ERRORS], row[REQUESTS]))
+        result["refusal_rate"].append(_percent(row[REFUSED], row[REQUESTS]))
+        for kind, histogram in (("latency", row[LATENCY]), ("ttfb", row[TTFB])):
+            result[f"{kind}_p50"].append(percentile(histogram, 0.5))
+            result[f"{kind}_p95"].append(percentile(histogram, 0.95))
+    total = None
     for row in by_time.values():
-        total.update(row)
-    result["totals"] = _totals(total)
-    result["by_model"] = [{"model": labels.get(model, "(none)"), **_totals(row)}
-                          for model, row in _by_model(sums).items()]
-    result["by_model"].sort(key=lambda r: -r["requests"])
+        total = _add(total, row)
+    result["totals"] = _totals(total or empty)
+    result["by_model"] = sorted(({"model": model, **_totals(row)}
+                                 for model, row in by_model.items()),
+                                key=lambda r: -r["requests"])
     return result
+
+
+COLUMN = {name: i for i, name in enumerate(SUM_COLUMNS)}
+REQUESTS, ERRORS, REFUSED = COLUMN["requests"], COLUMN["errors"], COLUMN["refusals"]
+PROMPT, COMPLETION = COLUMN["prompt_tokens"], COLUMN["completion_tokens"]
+LATENCY = slice(COLUMN[LATENCY_COLUMNS[0]], COLUMN[LATENCY_COLUMNS[-1]] + 1)
+TTFB = slice(COLUMN[TTFB_COLUMNS[0]], COLUMN[TTFB_COLUMNS[-1]] + 1)
+
+
+def _add(total, row):
+    """Sums are lists in SUM_COLUMNS order: adding thousands of them stays cheap."""
+    return list(row) if total is None else [a + b for a, b in zip(total, row, strict=True)]
 
 
 def _percent(part, whole):
     return round(100 * part / whole, 2) if whole else None
 
 
-def _totals(sums):
-    row = summarize(sums)
-    ttfb = [int(sums.get(c) or 0) for c in TTFB_COLUMNS]
-    return {**row, "tokens": row["prompt_tokens"] + row["completion_tokens"],
-            "ttfb_ms_p95": percentile(ttfb, 0.95),
-            "error_rate": _percent(row["errors"], row["requests"]),
-            "refusal_rate": _percent(row["refused"], row["requests"])}
-
-
-def _by_model(sums):
-    models = collections.defaultdict(collections.Counter)
-    for (_, model), row in sums.items():
-        models[model].update(row)
-    return models
+def _totals(row):
+    sums = dict(zip(SUM_COLUMNS, row, strict=True))
+    summary = summarize(sums)
+    return {**summary, "tokens": summary["prompt_tokens"] + summary["completion_tokens"],
+            "ttfb_ms_p95": percentile(row[TTFB], 0.95),
+            "error_rate": _percent(summary["errors"], summary["requests"]),
+            "refusal_rate": _percent(summary["refused"], summary["requests"])}
 
 
 def _from_rollup(start, key_id):
-    """{(hour, model id): {column: sum}} from the hourly roll-up since `start`."""
-    columns = [fn.SUM(getattr(UsageHourly, c)).alias(c) for c in SUM_COLUMNS]
-    query = (UsageHourly.select(UsageHourly.hour, UsageHourly.model_id, *columns)
-             .where(UsageHourly.hour >= start)
-             .group_by(UsageHourly.hour, UsageHourly.model_id))
+    """{(hour, model id): sums in SUM_COLUMNS order} since `start`.
+
+    Everyone's from the roll-up per hour and model; one key's from the hourly roll-up,
+    through its (key_id, hour) index.
+    """
+    table = UsageHourlyModel if key_id is None else UsageHourly
+    query = (table.select(table.hour, table.model_id, *_sums(table))
+             .where(table.hour >= start).group_by(table.hour, table.model_id))
     if key_id is not None:
         query = query.where(UsageHourly.key_id == key_id)
-    found = {}
-    for row in query.dicts():
-        at, model = int(row.pop("hour")), int(row.pop("model_id") or 0)
-        found[(at, model)] = {c: int(v or 0) for c, v in row.items()}
-    return found
+    return {(int(at), int(model or 0)): [int(v or 0) for v in sums]
+            for at, model, *sums in query.tuples()}
+
+
+def _sums(table):
+    return [fn.SUM(getattr(table, c)).alias(c) for c in SUM_COLUMNS]
+
+
+def by_key(name, now=None):
+    """Each key's usage over range `name`, most tokens first: who uses the GPU.
+
+    Whole days come from the daily roll-up per key, the hours before the first of them
+    from the hourly roll-up: exact to the hour, and never more than a day of hourly rows.
+    """
+    now = time.time() if now is None else now
+    start = int((now - RANGES[name]) // 3600 * 3600)
+    first_day = -(-start // 86400) * 86400
+    parts = [UsageHourly.select(UsageHourly.key_id, *_sums(UsageHourly))
+             .where((UsageHourly.hour >= start) & (UsageHourly.hour < first_day))
+             .group_by(UsageHourly.key_id),
+             UsageDailyKey.select(UsageDailyKey.key_id, *_sums(UsageDailyKey))
+             .where(UsageDailyKey.day >= first_day).group_by(UsageDailyKey.key_id)]
+    keys = {}
+    for query in parts:
+        for key_id, *sums in query.tuples():
+            keys[key_id] = _add(keys.get(key_id), [int(v or 0) for v in sums])
+    rows = [{"key_id": key_id or None, **_totals(sums)} for key_id, sums in keys.items()]
+    names = {k.id: k for k in ApiKey.select(ApiKey.id, ApiKey.prefix, ApiKey.name)
+             .where(ApiKey.id.in_([r["key_id"] for r in rows if r["key_id"]]))}
+    for row in rows:
+        key = names.get(row["key_id"])
+        row.update(key_prefix=key and key.prefix, key_name=key and key.name)
+    return sorted(rows, key=lambda r: (-r["tokens"], -r["requests"]))
 
 
 def _from_requests(start, key_id, step=300):
@@ -124,8 +166,10 @@ def _from_requests(start, key_id, step=300):
         sums["latency_ms_sum"] += latency
         sums[_bucket("latency", latency)] += 1
         if ttfb is not None:
+            sums["ttfb_ms_sum"] += ttfb
+            sums["ttfb_count"] += 1
             sums[_bucket("ttfb", ttfb)] += 1
-    return found
+    return {group: [sums[c] for c in SUM_COLUMNS] for group, sums in found.items()}
 
 
 def _label_names(ids):
