@@ -115,6 +115,12 @@ def _iso(value):
     return value.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+@bp.app_template_filter("thousands")
+def _thousands(value):
+    """12,345,678: big counts people can read at a glance."""
+    return "-" if value is None else f"{value:,}"
+
+
 @bp.get("/assets/<path:name>")
 def asset(name):
     if name not in _asset_names():
@@ -175,7 +181,8 @@ def index():
     span = _range()
     conf = current_app.config["SETTINGS"]
     return render_template("ui/overview.html", range=span, data=charts.series(span),
-                           upstreams=status.upstreams(conf), by_key=charts.by_key(span)[:20])
+                           upstreams=status.upstreams(conf), by_key=charts.by_key(span)[:20],
+                           streams=status.streams_in_flight())
 
 
 @bp.get("/keys")

@@ -1,12 +1,14 @@
 """What the dashboard shows besides charts: upstreams, a key's limits and recent requests,
 webhook deliveries. Each reads little: a LIMIT, an index, or one row per upstream.
 """
+import os
 import time
 
 import requests
 from peewee import fn
+from prometheus_client import CollectorRegistry, multiprocess
 
-from app import webhook_delivery
+from app import metrics, webhook_delivery
 from app.limits import format_rate_limit, format_token_quota, quota_period
 from app.models import (
     ConcurrencySlot,
@@ -36,6 +38,17 @@ def upstreams(settings):
         found.append({"name": spec.name, "url": spec.url, "status": status, "loaded": loaded,
                       "in_flight": sum(v.in_flight for v in mine) if mine else None})
     return found
+
+
+def streams_in_flight():
+    """Answers being relayed now by this host's workers: the /metrics gauge, summed."""
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return int(metrics.INFLIGHT._value.get())  # one process: its own gauge
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)
+    return int(sum(sample.value for family in registry.collect()
+                   if family.name == "ollama_gw_inflight_streams"
+                   for sample in family.samples))
 
 
 def _probe(url, connect_timeout):

@@ -50,6 +50,16 @@ function chartSeries(kind, data) {
           {label: "first byte p95", values: data.ttfb_p95, colour: COLOURS[6]}];
 }
 
+function compact(value) {  // 1.5M, 350k: axis labels that fit
+  const size = Math.abs(value);
+  for (const [unit, suffix] of [[1e9, "G"], [1e6, "M"], [1e3, "k"]]) {
+    if (size >= unit) {
+      return (value / unit).toLocaleString(undefined, {maximumFractionDigits: 1}) + suffix;
+    }
+  }
+  return value.toLocaleString(undefined, {maximumFractionDigits: 2});
+}
+
 function drawCharts() {
   const source = document.getElementById("chart-data");
   if (!source || typeof uPlot === "undefined") {
@@ -65,7 +75,7 @@ function drawCharts() {
         label: line.label, stroke: line.colour, width: 2, spanGaps: false,
         points: {show: data.times.length < 80},
       }))),
-      axes: [{}, {size: 60}],
+      axes: [{}, {size: 56, values: (u, splits) => splits.map(compact)}],
       scales: {y: {range: (u, low, high) => [0, Math.max(1, high * 1.1)]}},
     };
     if (lines.length === 0) {  // nothing in this range: an empty line still draws the axes
