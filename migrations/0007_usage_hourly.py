@@ -16,30 +16,19 @@ BIG = {"prompt_tokens", "completion_tokens", "bytes", "latency_ms_sum", "ttfb_ms
 INDEX = "usage_hourly_key_id_hour"
 
 
+def _table(db, name, time_column, id_column):
+    """A roll-up table as it is at this migration: (time, id) and the sums."""
+    meta = type("Meta", (), {"database": db, "table_name": name,
+                             "primary_key": CompositeKey(time_column, id_column)})
+    columns = {time_column: BigIntegerField(), id_column: IntegerField()}
+    columns.update({c: BigIntegerField(default=0) if c in BIG else IntegerField(default=0)
+                    for c in SUMS})
+    return type(name, (Model,), {"Meta": meta, **columns})
+
+
 def _tables(db):
-    class UsageHourlyModel(Model):
-        hour = BigIntegerField()
-        model_id = IntegerField()
-
-        class Meta:
-            database = db
-            table_name = "usage_hourly_model"
-            primary_key = CompositeKey("hour", "model_id")
-
-    class UsageDailyKey(Model):
-        day = BigIntegerField()
-        key_id = IntegerField()
-
-        class Meta:
-            database = db
-            table_name = "usage_daily_key"
-            primary_key = CompositeKey("day", "key_id")
-
-    for model in (UsageHourlyModel, UsageDailyKey):
-        for name in SUMS:
-            field = BigIntegerField(default=0) if name in BIG else IntegerField(default=0)
-            model._meta.add_field(name, field)
-    return [UsageHourlyModel, UsageDailyKey]
+    return [_table(db, "usage_hourly_model", "hour", "model_id"),
+            _table(db, "usage_daily_key", "day", "key_id")]
 
 
 def up(migrator, db):
