@@ -115,6 +115,13 @@ class Settings:
         "this the oldest are dropped and counted (ollama_gw_usage_dropped_records).")
     metrics_public: bool = setting(
         False, "Serve /metrics without a key. Off: Prometheus must send an admin key.")
+    ui: bool = setting(
+        False, "Serve the web dashboard at /ui/ (sign in with a key). Off: /ui/ answers 404.")
+    ui_session_hours: float = setting(
+        12.0, "Hours a dashboard sign-in lasts; a revoked or rotated key ends it sooner.")
+    ui_secret: str = setting(
+        "", "Signs dashboard session cookies. Empty: one is made and kept in data_dir/"
+        "ui-secret; give every instance the same one when several serve the dashboard.")
 
     @property
     def resolved_data_dir(self):
@@ -341,6 +348,8 @@ def validate(settings):
             raise ConfigError(f"cors_origins entry {origin!r} must be an origin like "
                               "https://chat.example.com, a pattern like http://localhost:*, "
                               "or *")
+    if settings.ui_session_hours <= 0:
+        raise ConfigError("ui_session_hours must be a positive number of hours")
     if settings.webhook_timeout <= 0:
         raise ConfigError("webhook_timeout must be a positive number of seconds")
     if not 1 <= settings.webhook_concurrency <= 1000:

@@ -133,10 +133,38 @@ class UsageHourly(BaseModel):
 
     class Meta:
         primary_key = peewee.CompositeKey("hour", "key_id", "model_id", "endpoint_id")
+        indexes = ((("key_id", "hour"), False),)  # one key's hours (its dashboard page)
 
 
 for _column in bucket_columns("latency") + bucket_columns("ttfb"):
     UsageHourly._meta.add_field(_column, peewee.IntegerField(default=0))
+
+
+class UsageHourlyModel(BaseModel):
+    """UsageHourly summed over keys and endpoints: weeks of charts by model read few rows."""
+
+    hour = peewee.BigIntegerField()
+    model_id = peewee.IntegerField()
+
+    class Meta:
+        primary_key = peewee.CompositeKey("hour", "model_id")
+
+
+class UsageDailyKey(BaseModel):
+    """UsageHourly summed per UTC day and key: who used what over weeks, in few rows."""
+
+    day = peewee.BigIntegerField()  # epoch seconds at 00:00 UTC
+    key_id = peewee.IntegerField()
+
+    class Meta:
+        primary_key = peewee.CompositeKey("day", "key_id")
+
+
+for _field in UsageHourly._meta.sorted_fields:
+    if _field.name in ("hour", "key_id", "model_id", "endpoint_id"):
+        continue  # the grouping columns; the rest are the sums each roll-up keeps
+    for _model in (UsageHourlyModel, UsageDailyKey):
+        _model._meta.add_field(_field.name, type(_field)(default=0))
 
 
 class TokenUsage(BaseModel):
@@ -229,5 +257,6 @@ class AuditEntry(BaseModel):
 
 
 MODELS = [ApiKey, RateCounter, ConcurrencySlot, Heartbeat, UsageLabel, UsageRecord,
+          UsageHourlyModel, UsageDailyKey,
           UsageHourly, TokenUsage, Webhook, WebhookDelivery, WebhookAttempt, UpstreamStatus,
           AuditEntry, QueueEntry]

@@ -24,7 +24,9 @@ from app.limits import quota_period
 from app.models import (
     LATENCY_BUCKETS_MS,
     TokenUsage,
+    UsageDailyKey,
     UsageHourly,
+    UsageHourlyModel,
     UsageLabel,
     UsageRecord,
     bucket_columns,
@@ -210,9 +212,14 @@ class UsageWriter:
             names = {_label(n) for r in records for n in (r.endpoint, r.model, r.upstream) if n}
             ids = self._labels.resolve(names)
             _insert(UsageRecord, ROW_COLUMNS, [_row(r, ids) for r in records])
+            hourly = _rollup(records, ids)
             _add_to(UsageHourly, ("hour", "key_id", "model_id", "endpoint_id"), SUM_COLUMNS,
-                    [(*group, *(sums[c] for c in SUM_COLUMNS))
-                     for group, sums in _rollup(records, ids).items()])
+                    _sum_rows(hourly))
+            # The dashboard's coarser roll-ups, kept in the same transaction as the hourly one.
+            _add_to(UsageHourlyModel, ("hour", "model_id"), SUM_COLUMNS,
+                    _sum_rows(_regroup(hourly, lambda hour, key, model, _: (hour, model))))
+            _add_to(UsageDailyKey, ("day", "key_id"), SUM_COLUMNS, _sum_rows(_regroup(
+                hourly, lambda hour, key, model, _: (hour // 86400 * 86400, key))))
             _add_to(TokenUsage, ("key_id", "period_start"), ("tokens",),
                     [(*key, tokens) for key, tokens in _charges(records).items()])
             self.on_batch(records)
@@ -268,6 +275,18 @@ def _rollup(records, ids):
             sums["eval_ms_sum"] += r.eval_ms
             sums["eval_tokens"] += r.completion_tokens or 0
     return groups
+
+
+def _regroup(groups, coarser):
+    """The same sums under coarser groups: coarser(hour, key, model, endpoint) -> group."""
+    regrouped = collections.defaultdict(collections.Counter)
+    for group, sums in groups.items():
+        regrouped[coarser(*group)].update(sums)
+    return regrouped
+
+
+def _sum_rows(groups):
+    return [(*group, *(sums[c] for c in SUM_COLUMNS)) for group, sums in groups.items()]
 
 
 def _charges(records):

@@ -108,6 +108,8 @@ def check():
         ok, verdict = _check_upstream(spec.url, conf.connect_timeout)
         problems += not ok
         click.echo(f"upstream {spec.url}: {verdict}")
+    click.echo("web dashboard: " + ("on, at /ui/ (ui = true)" if conf.ui else
+                                    "off (set ui = true to serve it at /ui/)"))
     if problems:
         raise click.ClickException(f"{problems} problem(s) found")
     click.echo("all checks passed")

@@ -1,5 +1,5 @@
 """Blueprints by API family, registered in one place."""
-from app.routes import admin, docs, legacy, meta, native, openai, stats
+from app.routes import admin, docs, legacy, meta, native, openai, stats, ui
 
 
 def init_app(app):
@@ -7,6 +7,7 @@ def init_app(app):
     app.register_blueprint(docs.bp)
     app.register_blueprint(stats.bp)
     app.register_blueprint(admin.bp)
+    app.register_blueprint(ui.bp)
     app.register_blueprint(native.bp)
     app.register_blueprint(openai.bp)
     app.register_blueprint(legacy.bp)

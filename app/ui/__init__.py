@@ -1,0 +1,1 @@
+"""The web dashboard's workings: sign-in sessions, chart series, status tables."""

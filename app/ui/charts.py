@@ -1,0 +1,179 @@
+"""The dashboard's time series: requests, tokens, error and refusal rates, latency.
+
+Ranges of a day or more read roll-ups: everyone's charts the one per hour and model,
+a key's the hourly one through its (key_id, hour) index, the table of keys the one per
+day and key; a page over 30 days of millions of requests sums a few thousand rows. The last hour is
+drawn in five-minute steps from the per-request rows of that hour alone (the `at`
+index keeps that read small). Times are epoch seconds; the browser shows them in its
+own time zone.
+"""
+import collections
+import time
+
+from peewee import fn
+
+from app.models import (
+    ApiKey,
+    UsageDailyKey,
+    UsageHourly,
+    UsageHourlyModel,
+    UsageLabel,
+    UsageRecord,
+)
+from app.stats import percentile, summarize
+from app.usage import LATENCY_COLUMNS, SUM_COLUMNS, TTFB_COLUMNS, _bucket
+
+RANGES = {"1h": 3600, "24h": 86400, "7d": 7 * 86400, "30d": 30 * 86400}
+DEFAULT_RANGE = "24h"
+
+
+def range_name(text):
+    return text if text in RANGES else DEFAULT_RANGE
+
+
+def series(name, key_id=None, now=None):
+    """Everything the overview's and a key's charts draw for range `name`, as plain JSON."""
+    now = time.time() if now is None else now
+    if name == "1h":
+        step, start = 300, int((now - 3600) // 300 * 300)
+        sums = _from_requests(start, key_id)
+    else:
+        step, start = 3600, int((now - RANGES[name]) // 3600 * 3600)
+        sums = _from_rollup(start, key_id)
+    times = list(range(start, int(now) + 1, step))
+    labels = _label_names({model for _, model in sums})
+    models = sorted({labels.get(model, "(none)") for _, model in sums})
+    per_model = {kind: {m: [0] * len(times) for m in models} for kind in ("requests", "tokens")}
+    by_time, by_model = {}, {}
+    for (at, model), row in sums.items():
+        i = (at - start) // step
+        if not 0 <= i < len(times):
+            continue
+        name_ = labels.get(model, "(none)")
+        per_model["requests"][name_][i] += row[REQUESTS]
+        per_model["tokens"][name_][i] += row[PROMPT] + row[COMPLETION]
+        by_time[i] = _add(by_time.get(i), row)
+        by_model[name_] = _add(by_model.get(name_), row)
+    result = {"step": step, "times": times, "models": models, **per_model,
+              "error_rate": [], "refusal_rate": [], "latency_p50": [], "latency_p95": [],
+              "ttfb_p50": [], "ttfb_p95": []}
+    empty = [0] * len(SUM_COLUMNS)
+    for i in range(len(times)):
+        row = by_time.get(i, empty)
+        result["error_rate"].append(_percent(row[ERRORS], row[REQUESTS]))
+        result["refusal_rate"].append(_percent(row[REFUSED], row[REQUESTS]))
+        for kind, histogram in (("latency", row[LATENCY]), ("ttfb", row[TTFB])):
+            result[f"{kind}_p50"].append(percentile(histogram, 0.5))
+            result[f"{kind}_p95"].append(percentile(histogram, 0.95))
+    total = None
+    for row in by_time.values():
+        total = _add(total, row)
+    result["totals"] = _totals(total or empty)
+    result["by_model"] = sorted(({"model": model, **_totals(row)}
+                                 for model, row in by_model.items()),
+                                key=lambda r: -r["requests"])
+    return result
+
+
+COLUMN = {name: i for i, name in enumerate(SUM_COLUMNS)}
+REQUESTS, ERRORS, REFUSED = COLUMN["requests"], COLUMN["errors"], COLUMN["refusals"]
+PROMPT, COMPLETION = COLUMN["prompt_tokens"], COLUMN["completion_tokens"]
+LATENCY = slice(COLUMN[LATENCY_COLUMNS[0]], COLUMN[LATENCY_COLUMNS[-1]] + 1)
+TTFB = slice(COLUMN[TTFB_COLUMNS[0]], COLUMN[TTFB_COLUMNS[-1]] + 1)
+
+
+def _add(total, row):
+    """Sums are lists in SUM_COLUMNS order: adding thousands of them stays cheap."""
+    return list(row) if total is None else [a + b for a, b in zip(total, row, strict=True)]
+
+
+def _percent(part, whole):
+    return round(100 * part / whole, 2) if whole else None
+
+
+def _totals(row):
+    sums = dict(zip(SUM_COLUMNS, row, strict=True))
+    summary = summarize(sums)
+    return {**summary, "tokens": summary["prompt_tokens"] + summary["completion_tokens"],
+            "ttfb_ms_p95": percentile(row[TTFB], 0.95),
+            "error_rate": _percent(summary["errors"], summary["requests"]),
+            "refusal_rate": _percent(summary["refused"], summary["requests"])}
+
+
+def _from_rollup(start, key_id):
+    """{(hour, model id): sums in SUM_COLUMNS order} since `start`.
+
+    Everyone's from the roll-up per hour and model; one key's from the hourly roll-up,
+    through its (key_id, hour) index.
+    """
+    table = UsageHourlyModel if key_id is None else UsageHourly
+    query = (table.select(table.hour, table.model_id, *_sums(table))
+             .where(table.hour >= start).group_by(table.hour, table.model_id))
+    if key_id is not None:
+        query = query.where(UsageHourly.key_id == key_id)
+    return {(int(at), int(model or 0)): [int(v or 0) for v in sums]
+            for at, model, *sums in query.tuples()}
+
+
+def _sums(table):
+    return [fn.SUM(getattr(table, c)).alias(c) for c in SUM_COLUMNS]
+
+
+def by_key(name, now=None):
+    """Each key's usage over range `name`, most tokens first: who uses the GPU.
+
+    Whole days come from the daily roll-up per key, the hours before the first of them
+    from the hourly roll-up: exact to the hour, and never more than a day of hourly rows.
+    """
+    now = time.time() if now is None else now
+    start = int((now - RANGES[name]) // 3600 * 3600)
+    first_day = -(-start // 86400) * 86400
+    parts = [UsageHourly.select(UsageHourly.key_id, *_sums(UsageHourly))
+             .where((UsageHourly.hour >= start) & (UsageHourly.hour < first_day))
+             .group_by(UsageHourly.key_id),
+             UsageDailyKey.select(UsageDailyKey.key_id, *_sums(UsageDailyKey))
+             .where(UsageDailyKey.day >= first_day).group_by(UsageDailyKey.key_id)]
+    keys = {}
+    for query in parts:
+        for key_id, *sums in query.tuples():
+            keys[key_id] = _add(keys.get(key_id), [int(v or 0) for v in sums])
+    rows = [{"key_id": key_id or None, **_totals(sums)} for key_id, sums in keys.items()]
+    names = {k.id: k for k in ApiKey.select(ApiKey.id, ApiKey.prefix, ApiKey.name)
+             .where(ApiKey.id.in_([r["key_id"] for r in rows if r["key_id"]]))}
+    for row in rows:
+        key = names.get(row["key_id"])
+        row.update(key_prefix=key and key.prefix, key_name=key and key.name)
+    return sorted(rows, key=lambda r: (-r["tokens"], -r["requests"]))
+
+
+def _from_requests(start, key_id, step=300):
+    """The same sums, in `step`-second buckets, from the per-request rows since `start`."""
+    query = (UsageRecord.select(UsageRecord.at, UsageRecord.model_id, UsageRecord.status,
+                                UsageRecord.refusal, UsageRecord.prompt_tokens,
+                                UsageRecord.completion_tokens, UsageRecord.latency_ms,
+                                UsageRecord.ttfb_ms)
+             .where(UsageRecord.at >= start))
+    if key_id is not None:
+        query = query.where(UsageRecord.key_id == key_id)
+    found = collections.defaultdict(collections.Counter)
+    for at, model, status, refusal, prompt, completion, latency, ttfb in query.tuples():
+        sums = found[(int(at // step * step), model or 0)]
+        sums["requests"] += 1
+        sums["refusals"] += refusal != 0
+        sums["errors"] += refusal == 0 and status >= 400
+        sums["prompt_tokens"] += prompt or 0
+        sums["completion_tokens"] += completion or 0
+        sums["latency_ms_sum"] += latency
+        sums[_bucket("latency", latency)] += 1
+        if ttfb is not None:
+            sums["ttfb_ms_sum"] += ttfb
+            sums["ttfb_count"] += 1
+            sums[_bucket("ttfb", ttfb)] += 1
+    return {group: [sums[c] for c in SUM_COLUMNS] for group, sums in found.items()}
+
+
+def _label_names(ids):
+    ids = [i for i in ids if i]
+    if not ids:
+        return {}
+    return {label.id: label.name for label in UsageLabel.select().where(UsageLabel.id.in_(ids))}

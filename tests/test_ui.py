@@ -1,0 +1,303 @@
+"""The web dashboard through Flask's test client: sign-in, who may see and do what, CSRF,
+cross-site posts, sessions that end with their key, and no secret where it must not be.
+"""
+import dataclasses
+import logging
+import re
+import time
+
+import itsdangerous
+import pytest
+
+from app import create_app
+from app import keys as keystore
+from app import webhooks as hooks
+from app.models import ApiKey, AuditEntry, WebhookDelivery
+from app.ui import session as ui_session
+from tests.conftest import auth_header
+
+GENERATE = {"model": "llama3.2", "prompt": "hi", "stream": False}
+ADMIN_PAGES = ("/ui/keys", "/ui/webhooks", "/ui/audit")
+
+
+@pytest.fixture
+def ui_app(settings, migrated):
+    app = create_app(dataclasses.replace(settings, ui=True))
+    app.config["TESTING"] = True
+    return app
+
+
+@pytest.fixture
+def browser(ui_app):
+    """A test client that signs in as a browser would: form posts from the same origin."""
+    client = ui_app.test_client()
+    client.environ_base["HTTP_SEC_FETCH_SITE"] = "same-origin"
+    return client
+
+
+def sign_in(client, secret):
+    answer = client.post("/ui/signin", data={"key": secret})
+    assert answer.status_code == 302, answer.data
+    return answer
+
+
+def csrf(client, path="/ui/keys"):
+    html = client.get(path).get_data(as_text=True)
+    return re.search(r'name="csrf" value="([^"]+)"', html).group(1)
+
+
+@pytest.fixture
+def admin(make_key):
+    return make_key("ops", role="admin")
+
+
+@pytest.fixture
+def user(make_key):
+    return make_key("alice", role="user")
+
+
+def test_the_dashboard_is_off_unless_configured(client, admin):
+    assert client.get("/ui/").status_code == 404
+    assert client.post("/ui/signin", data={"key": admin[0]}).status_code == 404
+    assert "ui = true" in client.get("/ui/signin").get_json()["error"]
+
+
+def test_signing_in_sets_a_strict_http_only_cookie_that_does_not_hold_the_key(browser, admin):
+    assert browser.get("/ui/").headers["Location"] == "/ui/signin"
+    cookie = sign_in(browser, admin[0]).headers["Set-Cookie"]
+    assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and "Path=/ui/" in cookie
+    assert "Max-Age=43200" in cookie and "Secure" not in cookie  # plain HTTP here
+    assert admin[0] not in cookie and admin[1].key_hash not in cookie
+    assert browser.get("/ui/").status_code == 200
+
+
+def test_the_cookie_is_secure_over_tls(browser, admin):
+    answer = browser.post("/ui/signin", data={"key": admin[0]}, base_url="https://gw.example")
+    assert "Secure" in answer.headers["Set-Cookie"]
+
+
+def test_a_key_in_the_url_signs_nobody_in(browser, admin):
+    answer = browser.get(f"/ui/signin?key={admin[0]}")
+    assert answer.status_code == 200 and "Set-Cookie" not in answer.headers
+    assert browser.get("/ui/").status_code == 302
+
+
+def test_wrong_keys_are_refused_and_repeated_failures_must_wait(browser, admin):
+    for _ in range(ui_session.FAILED_SIGNINS_PER_MINUTE):
+        answer = browser.post("/ui/signin", data={"key": "ogw_" + "x" * 43})
+        assert answer.status_code == 401 and "invalid API key" in answer.get_data(as_text=True)
+    answer = browser.post("/ui/signin", data={"key": admin[0]})
+    assert answer.status_code == 429 and answer.headers["Retry-After"] == "60"
+
+
+@pytest.mark.parametrize("path", ["/ui/", "/ui/?range=1h", "/ui/?range=7d", "/ui/?range=30d",
+                                  "/ui/keys", "/ui/keys/1", "/ui/webhooks",
+                                  "/ui/webhooks?state=failed", "/ui/audit",
+                                  "/ui/audit?action=key", "/ui/keys/1/rotate"])
+def test_pages_allow_no_inline_script(browser, admin, path):
+    sign_in(browser, admin[0])
+    answer = browser.get(path)
+    assert answer.status_code == 200
+    policy = answer.headers["Content-Security-Policy"]
+    assert "script-src 'self'" in policy and "unsafe-inline" not in policy
+    assert answer.headers["Cache-Control"] == "no-store"
+    html = answer.get_data(as_text=True)
+    for tag in re.findall(r"<script[^>]*>", html):
+        assert "src=" in tag or 'type="application/json"' in tag, tag
+    assert " on" not in " ".join(re.findall(r"<[^>]+>", html)).replace(" one", "")
+
+
+def test_assets_are_served_from_the_package(browser):
+    for name in ("ui.js", "ui.css", "vendor/uPlot.iife.min.js", "vendor/uPlot.min.css"):
+        assert browser.get(f"/ui/assets/{name}").status_code == 200
+    assert browser.get("/ui/assets/../routes/ui.py").status_code == 404
+    assert browser.get("/ui/assets/VENDORED.md").status_code == 404
+
+
+def test_a_user_key_sees_its_own_page_and_nothing_else(browser, admin, user):
+    sign_in(browser, user[0])
+    assert browser.get("/ui/").headers["Location"] == f"/ui/keys/{user[1].id}"
+    page = browser.get(f"/ui/keys/{user[1].id}").get_data(as_text=True)
+    assert "requests this window" in page and 'id="edit-key"' not in page
+    assert browser.get(f"/ui/keys/{admin[1].id}").status_code == 403
+    for path in ADMIN_PAGES + (f"/ui/keys/{user[1].id}/revoke",):
+        assert browser.get(path).status_code == 403, path
+
+
+def test_a_user_key_cannot_change_anything(browser, admin, user):
+    sign_in(browser, user[0])
+    token = csrf(browser, f"/ui/keys/{user[1].id}")
+    own, other = user[1].id, admin[1].id
+    for path, form in [("/ui/keys", {"name": "mine", "role": "admin"}),
+                       (f"/ui/keys/{own}", {"rate_limit": "1000000/second"}),
+                       (f"/ui/keys/{own}", {"role": "admin"}),
+                       (f"/ui/keys/{other}/revoke", {}), (f"/ui/keys/{other}/rotate", {}),
+                       (f"/ui/keys/{own}/rotate", {}), ("/ui/webhooks/1/test", {}),
+                       ("/ui/webhooks/deliveries/1/retry", {})]:
+        assert browser.post(path, data={"csrf": token, **form}).status_code == 403, path
+    assert ApiKey.select().count() == 2
+    assert ApiKey.get_by_id(own).role == "user" and ApiKey.get_by_id(other).revoked_at is None
+
+
+@pytest.mark.parametrize("headers", [{"Origin": "https://evil.example"},
+                                     {"Sec-Fetch-Site": "cross-site"},
+                                     {"Sec-Fetch-Site": "same-site"},
+                                     {"Origin": "null"}])
+def test_a_cross_site_form_post_is_refused(ui_app, browser, admin, user, headers):
+    sign_in(browser, admin[0])
+    token = csrf(browser)
+    cross = ui_app.test_client()
+    cross.set_cookie(ui_session.COOKIE, browser.get_cookie(ui_session.COOKIE, path="/ui/").value,
+                     path="/ui/")
+    answer = cross.post(f"/ui/keys/{user[1].id}/revoke", data={"csrf": token}, headers=headers)
+    assert answer.status_code == 403
+    assert ApiKey.get_by_id(user[1].id).revoked_at is None
+
+
+def test_a_post_without_the_session_csrf_token_is_refused(browser, admin, user):
+    sign_in(browser, admin[0])
+    for form in ({}, {"csrf": "guess"}):
+        answer = browser.post(f"/ui/keys/{user[1].id}/revoke", data=form)
+        assert answer.status_code == 403 and "CSRF" in answer.get_data(as_text=True)
+    assert ApiKey.get_by_id(user[1].id).revoked_at is None
+
+
+@pytest.mark.parametrize("change", ["revoke", "rotate", "expire"])
+def test_a_session_ends_with_its_key(browser, user, change):
+    sign_in(browser, user[0])
+    assert browser.get(f"/ui/keys/{user[1].id}").status_code == 200
+    if change == "revoke":
+        keystore.revoke_key(user[1].id)
+    elif change == "rotate":
+        keystore.rotate_key(user[1].id)
+    else:
+        ApiKey.update(expires_at=ApiKey.created_at).where(ApiKey.id == user[1].id).execute()
+    answer = browser.get(f"/ui/keys/{user[1].id}")
+    assert answer.status_code == 302 and answer.headers["Location"] == "/ui/signin"
+    assert "ogw_ui=;" in answer.headers["Set-Cookie"]  # the stale cookie is removed
+
+
+def test_a_session_expires(browser, user, monkeypatch):
+    sign_in(browser, user[0])
+    later = int(time.time()) + 12 * 3600 + 5
+    monkeypatch.setattr(itsdangerous.TimestampSigner, "get_timestamp", lambda self: later)
+    assert browser.get("/ui/").headers["Location"] == "/ui/signin"
+
+
+def test_signing_out_ends_the_session(browser, admin):
+    sign_in(browser, admin[0])
+    answer = browser.post("/ui/signout", data={"csrf": csrf(browser)})
+    assert answer.headers["Location"] == "/ui/signin"
+    assert browser.get("/ui/keys").headers["Location"] == "/ui/signin"
+
+
+def test_an_admin_manages_keys_as_the_cli_does(browser, client, admin):
+    sign_in(browser, admin[0])
+    token = csrf(browser)
+    created = browser.post("/ui/keys", data={
+        "csrf": token, "name": "ci", "role": "user", "rate_limit": "60/minute",
+        "token_quota": "1000/day", "models": "llama3.2", "expires": "30d",
+        "max_concurrent": "2"})
+    assert created.status_code == 201
+    secret = re.search(r'id="secret">(ogw_[A-Za-z0-9_-]{43})<', created.get_data(as_text=True))[1]
+    row = ApiKey.get(ApiKey.name == "ci")
+    summary = keystore.key_summary(row)
+    assert (summary["rate_limit"], summary["token_quota"], summary["models"],
+            summary["max_concurrent"]) == ("60/minute", "1000/day", ["llama3.2:latest"], 2)
+    assert summary["expires_at"] is not None
+    assert client.post("/api/generate", json=GENERATE, headers=auth_header(secret)).status_code \
+        == 200
+
+    edited = browser.post(f"/ui/keys/{row.id}", data={"csrf": token, "rate_limit": "500/hour",
+                                                      "expires": "never", "name": "ci-2"})
+    assert edited.status_code == 302
+    row = ApiKey.get_by_id(row.id)
+    assert (row.name, row.rate_limit, row.rate_period, row.expires_at) == ("ci-2", 500, 3600, None)
+    bad = browser.post(f"/ui/keys/{row.id}", data={"csrf": token, "rate_limit": "lots"})
+    assert bad.status_code == 400 and "form-error" in bad.get_data(as_text=True)
+
+    confirm = browser.get(f"/ui/keys/{row.id}/rotate").get_data(as_text=True)
+    assert "Rotate the key" in confirm and ApiKey.get_by_id(row.id).key_hash == row.key_hash
+    rotated = browser.post(f"/ui/keys/{row.id}/rotate", data={"csrf": token})
+    new_secret = re.search(r'id="secret">(ogw_[A-Za-z0-9_-]{43})<',
+                           rotated.get_data(as_text=True))[1]
+    client.application.extensions["key_cache"].clear()  # rather than wait its second out
+    assert client.post("/api/generate", json=GENERATE,
+                       headers=auth_header(secret)).status_code == 401
+    assert client.post("/api/generate", json=GENERATE,
+                       headers=auth_header(new_secret)).status_code == 200
+
+    assert browser.post(f"/ui/keys/{row.id}/revoke", data={"csrf": token}).status_code == 302
+    assert ApiKey.get_by_id(row.id).revoked_at is not None
+    entries = list(AuditEntry.select().where(AuditEntry.via == "ui").order_by(AuditEntry.id))
+    assert [e.action for e in entries] == ["key.created", "key.updated", "key.rotated",
+                                           "key.revoked"]
+    assert all(e.actor == f"{admin[1].prefix} (ops)" for e in entries)
+
+
+def test_a_new_key_secret_appears_only_on_its_creation_page(browser, admin, caplog):
+    caplog.set_level(logging.DEBUG)
+    sign_in(browser, admin[0])
+    created = browser.post("/ui/keys", data={"csrf": csrf(browser), "name": "once"})
+    secret = re.search(r'id="secret">(ogw_[A-Za-z0-9_-]{43})<', created.get_data(as_text=True))[1]
+    assert "Location" not in created.headers
+    row = ApiKey.get(ApiKey.name == "once")
+    for path in ("/ui/", "/ui/keys", f"/ui/keys/{row.id}", "/ui/audit", "/ui/webhooks",
+                 f"/ui/keys/{row.id}/rotate"):
+        answer = browser.get(path)
+        assert secret not in answer.get_data(as_text=True), path
+        assert admin[0] not in answer.get_data(as_text=True), path
+        assert secret not in str(answer.headers)
+    assert secret not in caplog.text and admin[0] not in caplog.text
+
+
+def test_the_overview_and_a_key_page_show_usage(ui_app, browser, client, admin, user):
+    for secret, status in ((admin[0], 200), (user[0], 200), ("ogw_" + "y" * 43, 401)):
+        answer = client.post("/api/generate", json=GENERATE, headers=auth_header(secret))
+        answer.get_data()
+        answer.close()  # the usage record is taken when the server closes the answer
+        assert answer.status_code == status
+    assert client.application.extensions["usage"].write_pending()
+    sign_in(browser, admin[0])
+    for span in ("1h", "24h", "30d"):
+        page = browser.get(f"/ui/?range={span}").get_data(as_text=True)
+        data = re.search(r'id="chart-data">(.*?)</script>', page, re.S)[1]
+        assert '"llama3.2:latest"' in data
+        assert re.search(r'id="total-requests">3<', page), span
+        assert "alice" in page and "healthy" in page
+    key_page = browser.get(f"/ui/keys/{user[1].id}").get_data(as_text=True)
+    assert re.search(r'id="total-requests">1<', key_page)
+    assert "/api/generate" in key_page
+
+
+def test_webhooks_can_be_tested_and_failed_deliveries_retried(browser, admin):
+    row, _ = hooks.add_webhook("http://127.0.0.1:9/hook")  # nothing listens on port 9
+    sign_in(browser, admin[0])
+    token = csrf(browser, "/ui/webhooks")
+    answer = browser.post(f"/ui/webhooks/{row.id}/test", data={"csrf": token})
+    assert answer.status_code == 302
+    assert "failed" in browser.get(answer.headers["Location"]).get_data(as_text=True)
+    delivery = WebhookDelivery.get(WebhookDelivery.webhook == row.id)
+    assert delivery.state == "failed"
+    failed_page = browser.get("/ui/webhooks?state=failed").get_data(as_text=True)
+    assert f"/ui/webhooks/deliveries/{delivery.id}/retry" in failed_page
+    assert browser.post(f"/ui/webhooks/deliveries/{delivery.id}/retry",
+                        data={"csrf": token}).status_code == 302
+    assert WebhookDelivery.get_by_id(delivery.id).state == "pending"
+    again = browser.post(f"/ui/webhooks/deliveries/{delivery.id}/retry", data={"csrf": token})
+    assert again.status_code == 404  # only a failed delivery is retried
+
+
+def test_the_cookie_secret_is_made_once_and_kept_private(settings):
+    first = ui_session.cookie_secret(settings)
+    assert first == ui_session.cookie_secret(settings) and len(first) >= 48
+    path = settings.resolved_data_dir / ui_session.SECRET_FILE
+    assert path.stat().st_mode & 0o077 == 0
+    assert ui_session.cookie_secret(dataclasses.replace(settings, ui_secret="set")) == "set"
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_check_says_whether_the_dashboard_is_on(runner, monkeypatch, on):
+    monkeypatch.setenv("OLLAMA_GW_UI", str(on).lower())
+    result = runner("check")
+    assert ("web dashboard: on" if on else "web dashboard: off") in result.output
