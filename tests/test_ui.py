@@ -209,10 +209,12 @@ def test_an_admin_manages_keys_as_the_cli_does(browser, client, admin):
         == 200
 
     edited = browser.post(f"/ui/keys/{row.id}", data={"csrf": token, "rate_limit": "500/hour",
-                                                      "expires": "never", "name": "ci-2"})
+                                                      "expires": "never", "name": "ci-2",
+                                                      "priority": "3"})
     assert edited.status_code == 302
     row = ApiKey.get_by_id(row.id)
-    assert (row.name, row.rate_limit, row.rate_period, row.expires_at) == ("ci-2", 500, 3600, None)
+    assert (row.name, row.rate_limit, row.rate_period, row.expires_at, row.priority) == (
+        "ci-2", 500, 3600, None, 3)
     bad = browser.post(f"/ui/keys/{row.id}", data={"csrf": token, "rate_limit": "lots"})
     assert bad.status_code == 400 and "form-error" in bad.get_data(as_text=True)
 

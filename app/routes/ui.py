@@ -37,7 +37,7 @@ CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' 
        "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
 OPEN = {"ui.signin", "ui.asset"}  # the pages reached without a session
 KEY_FIELDS = ("role", "rate_limit", "max_concurrent", "token_quota", "max_ctx", "max_predict",
-              "keep_alive", "models", "expires")
+              "keep_alive", "priority", "models", "expires")
 
 
 def _sessions():
