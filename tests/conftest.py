@@ -157,8 +157,15 @@ def fake(fake_ollama):
 
 @pytest.fixture
 def settings(database_url, fake, tmp_path):
+    """Settings for the app in this process, behind Flask's test client.
+
+    No upstream cap: a fair-queue slot is freed when the WSGI server closes the answer,
+    which gunicorn always does and Flask's test client only for answers a test reads to
+    the end (schemathesis reads none). tests/test_fair_queue*.py test the queue, and every
+    gunicorn-run test runs with it on.
+    """
     return Settings(data_dir=str(tmp_path), database_url=database_url, upstreams=(fake.url,),
-                    read_timeout=10.0, connect_timeout=2.0)
+                    read_timeout=10.0, connect_timeout=2.0, upstream_max_concurrent=0)
 
 
 @pytest.fixture
