@@ -27,7 +27,7 @@ import zlib
 
 from app import metrics
 from app.db import db, forget_idle_connections, is_postgres
-from app.errors import GatewayError, RateLimited
+from app.errors import DATABASE_ERRORS, GatewayError, RateLimited
 from app.models import QueueEntry
 
 log = logging.getLogger(__name__)
@@ -80,6 +80,7 @@ class FairQueue:
         self._wake = threading.Event()  # a request started waiting: look more often
         self._keeper = None
         self._listener = None  # PostgreSQL connection LISTENing on CHANNEL
+        self._warned_at = -math.inf
 
     # -- the request's side
 
@@ -88,10 +89,21 @@ class FairQueue:
 
         429 if the key already has `per_key` requests waiting there, 503 after
         `max_wait` seconds; a client hang-up (through `watch`) leaves the queue at once.
+        None, and no wait, while the database is unreachable.
         """
         started = time.monotonic()
-        with db.connection_context():
-            entry_id, granted = self._enqueue(upstream, cap, key, time.time())
+        try:
+            with db.connection_context():
+                entry_id, granted = self._enqueue(upstream, cap, key, time.time())
+        except DATABASE_ERRORS as exc:
+            # Without the database the queue cannot be shared: the request goes on
+            # uncounted, and Ollama queues it as it would without a gateway.
+            forget_idle_connections()
+            if time.monotonic() >= self._warned_at + 10:
+                self._warned_at = time.monotonic()
+                log.warning("the fair queue cannot reach the database; requests go to "
+                            "Ollama without waiting their turn until it is back: %s", exc)
+            return None
         self._hold(entry_id, upstream, cap)
         waiting = metrics._child(metrics.QUEUE_WAITING, upstream, key.prefix)
         waited = metrics._child(metrics.QUEUE_WAIT, upstream, key.prefix)

