@@ -141,6 +141,16 @@ def database_url(request, tmp_path):
     return url
 
 
+@pytest.fixture(name="database", scope="module", params=["sqlite", "postgresql"])
+def gateway_database(request, tmp_path_factory):
+    """An empty database of each kind, as a URL, for a module's gunicorn-run gateways."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path_factory.mktemp('gw')}/gateway.db"
+    url = request.getfixturevalue("postgres_url")
+    reset_postgres(url)
+    return url
+
+
 @pytest.fixture(scope="session")
 def fake_ollama():
     with FakeOllama() as fake:
