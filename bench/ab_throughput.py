@@ -31,6 +31,7 @@ def main(argv=None):
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--postgres", action="store_true", help="PostgreSQL, not SQLite")
     args = parser.parse_args(argv)
+    bench.ensure_tools(need_profiler=False)  # wrk, on a fresh machine
     run = bench.Bench(bench.parse_args(["--quick"]))
     rows = {"gateway": [], "baseline": []}
     try:
