@@ -25,6 +25,8 @@ import threading
 import time
 import zlib
 
+import peewee
+
 from app import metrics
 from app.db import db, forget_idle_connections, is_postgres
 from app.errors import DATABASE_ERRORS, GatewayError, RateLimited
@@ -47,10 +49,25 @@ QUEUED_PATHS = frozenset({
 
 # Statements every model request runs, written once: peewee would build each anew, at
 # several times the cost of running it (the queue's CPU per request halved on SQLite).
-_INSERT = ("INSERT INTO queue_entry (upstream, key_id, holder, start_tag, finish_tag, "
-           "enqueued_at, granted_at, expires_at) VALUES ({p}, {p}, {p}, {p}, {p}, {p}, {p}, {p}) "
-           "RETURNING id")
+# _ENTER reads the upstream's queue and inserts the request's entry in one statement:
+# running at once if a slot is free and no one waits; none if the key's share is full.
+_ENTER = (
+    "INSERT INTO queue_entry (upstream, key_id, holder, start_tag, finish_tag, enqueued_at, "
+    "granted_at, expires_at) "
+    "SELECT {p}, {p}, {p}, s.start, s.start + {p}, {p}, "
+    "CASE WHEN s.running < {p} AND s.waiting = 0 THEN {p} END, {p} FROM ("
+    "SELECT CASE WHEN {p} = 1 THEN {greatest}("
+    "COALESCE(MAX(CASE WHEN granted_at IS NOT NULL THEN start_tag END), 0), "
+    "COALESCE(MAX(CASE WHEN key_id = {p} THEN finish_tag END), 0)) ELSE {p} END AS start, "
+    "COALESCE(SUM(CASE WHEN granted_at IS NOT NULL THEN 1 ELSE 0 END), 0) AS running, "
+    "COALESCE(SUM(CASE WHEN granted_at IS NULL THEN 1 ELSE 0 END), 0) AS waiting, "
+    "COALESCE(SUM(CASE WHEN granted_at IS NULL AND key_id = {p} THEN 1 ELSE 0 END), 0) AS mine "
+    "FROM queue_entry WHERE upstream = {p} AND expires_at > {p}) s "
+    "WHERE s.running < {p} OR s.mine < {p} RETURNING id, granted_at")
 _DELETE = "DELETE FROM queue_entry WHERE id = {p}"
+# PostgreSQL: a transaction under the upstream's lock, begun in the same round trip as
+# the statements after it (each sees what committed before it: READ COMMITTED).
+_LOCKED = "BEGIN; SELECT pg_advisory_xact_lock({p}); "
 _STATE = ("SELECT COALESCE(SUM(CASE WHEN granted_at IS NOT NULL THEN 1 ELSE 0 END), 0), "
           "COALESCE(SUM(CASE WHEN granted_at IS NULL THEN 1 ELSE 0 END), 0), "
           "COALESCE(SUM(CASE WHEN granted_at IS NULL AND key_id = {p} THEN 1 ELSE 0 END), 0), "
@@ -61,7 +78,24 @@ _STATE = ("SELECT COALESCE(SUM(CASE WHEN granted_at IS NOT NULL THEN 1 ELSE 0 EN
 
 def _run(statement, params):
     """Run one of the statements above with this database's parameter mark."""
-    return db.execute_sql(statement.format(p=db.obj.param), params)
+    greatest = "GREATEST" if is_postgres() else "MAX"
+    return db.execute_sql(statement.format(p=db.obj.param, greatest=greatest), params)
+
+
+def _lock_id(upstream):
+    return zlib.crc32(b"ollama-gw queue " + upstream.encode())
+
+
+@contextlib.contextmanager
+def _pg_transaction():
+    """COMMIT what _LOCKED began, or ROLLBACK if anything failed."""
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(Exception):
+            db.execute_sql("ROLLBACK")
+        raise
+    db.execute_sql("COMMIT")
 
 
 class QueueTimeout(GatewayError):
@@ -182,8 +216,7 @@ class FairQueue:
     def _lock_upstream(self, upstream):
         """Serialise changes to one upstream's queue (SQLite's write lock already does)."""
         if is_postgres():
-            db.execute_sql("SELECT pg_advisory_xact_lock(%s)",
-                           (zlib.crc32(b"ollama-gw queue " + upstream.encode()),))
+            db.execute_sql("SELECT pg_advisory_xact_lock(%s)", (_lock_id(upstream),))
 
     def _state(self, upstream, key_id, now):
         """(running, waiting, waiting for key_id, newest running start tag, key's last finish)."""
@@ -191,39 +224,54 @@ class FairQueue:
         return int(row[0]), int(row[1]), int(row[2]), row[3] or 0.0, row[4] or 0.0
 
     def _enqueue(self, upstream, cap, key, now):
-        """Insert the request's entry; (entry id, whether it runs at once)."""
-        priority = max(1, key.priority or 1)
-        with db.atomic():
-            self._lock_upstream(upstream)
-            running, waiting, mine, vtime, last_finish = self._state(upstream, key.id, now)
-            free = running < cap
-            if not free and mine >= self.per_key:
-                raise RateLimited(
-                    f"queue full: this key already has {mine} requests waiting for upstream "
-                    f"{upstream} (queue_per_key {self.per_key}); retry when one is answered",
-                    headers={"Retry-After": "1"}, refusal="queue_full")
-            start = max(vtime, last_finish) if self.fair else now
-            granted_at = now if free and not waiting else None
-            entry_id = _run(_INSERT, (upstream, key.id, self.holder, start, start + 1.0 / priority,
-                                      now, granted_at, now + self.lease_seconds)).fetchone()[0]
-            grants = []
-            if granted_at is None and free:  # waiting entries with a free slot: a lapse
-                grants = self._grant(upstream, cap - running, now)
-        self._announce(grants)
-        return entry_id, granted_at is not None or entry_id in {g for g, _ in grants}
+        """Insert the request's entry; (entry id, whether it runs at once).
+
+        One round trip on SQLite (a single statement takes the write lock for itself),
+        two on PostgreSQL (the upstream's lock and the statement, then COMMIT).
+        """
+        params = (upstream, key.id, self.holder, 1.0 / max(1, key.priority or 1), now, cap,
+                  now, now + self.lease_seconds, int(self.fair), key.id, now, key.id,
+                  upstream, now, cap, self.per_key)
+        if is_postgres():
+            with _pg_transaction():
+                row = _run(_LOCKED + _ENTER, (_lock_id(upstream), *params)).fetchone()
+        else:
+            with peewee.__exception_wrapper__:  # sqlite3 reports some errors on reading
+                row = _run(_ENTER, params).fetchone()
+        if row is None:
+            raise RateLimited(
+                f"queue full: this key already has {self.per_key} requests waiting for "
+                f"upstream {upstream} (queue_per_key); retry when one is answered",
+                headers={"Retry-After": "1"}, refusal="queue_full")
+        entry_id, granted_at = row
+        if granted_at is not None:
+            return entry_id, True
+        # Waiting. A slot may be free all the same, if one lapsed: grant what is due.
+        return entry_id, entry_id in self._dispatch(upstream, cap, now)
 
     def _leave(self, entry_id, upstream, cap, now):
-        with db.atomic():
-            self._lock_upstream(upstream)
-            _run(_DELETE, (entry_id,))
-            grants = self._dispatch_locked(upstream, cap, now)
-        self._announce(grants)
+        """Delete the entry and grant its slot to the next waiting request, if any."""
+        if is_postgres():
+            with _pg_transaction():
+                running, waiting, *_ = _run(
+                    _LOCKED + _DELETE + "; " + _STATE,
+                    (_lock_id(upstream), entry_id, None, None, upstream, now)).fetchone()
+                grants = (self._grant(upstream, cap - running, now)
+                          if waiting and running < cap else [])
+            self._announce(grants)
+            return
+        _run(_DELETE, (entry_id,))
+        running, waiting, *_ = self._state(upstream, None, now)
+        if waiting and running < cap:  # under the write lock: the grant checks again
+            self._dispatch(upstream, cap, now)
 
     def _dispatch(self, upstream, cap, now):
+        """Grant free slots to waiting entries; the ids granted."""
         with db.atomic():
             self._lock_upstream(upstream)
             grants = self._dispatch_locked(upstream, cap, now)
         self._announce(grants)
+        return {entry_id for entry_id, _ in grants}
 
     def _dispatch_locked(self, upstream, cap, now):
         running, waiting, _, _, _ = self._state(upstream, None, now)

@@ -1,6 +1,6 @@
 """The fair queue: requests waiting for, or holding, an upstream's slots (app/fair_queue.py),
 and each key's priority there."""
-from peewee import CharField, DoubleField, IntegerField, Model
+from peewee import CharField, DoubleField, IntegerField, Model, PostgresqlDatabase
 
 
 def _tables(db):
@@ -23,6 +23,10 @@ def _tables(db):
 
 def up(migrator, db):
     db.create_tables(_tables(db))
+    if isinstance(db, PostgresqlDatabase):
+        # Entries live for one request and lapse with their lease: a crash may lose them,
+        # and a commit need not wait for the disk (half the queue's time per request).
+        db.execute_sql("ALTER TABLE queue_entry SET UNLOGGED")
     migrator.migrate(migrator.add_column("api_key", "priority", IntegerField(default=1)))
 
 
