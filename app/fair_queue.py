@@ -20,6 +20,7 @@ import dataclasses
 import logging
 import math
 import os
+import secrets
 import socket
 import threading
 import time
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 CHANNEL = "ollama_gw_queue"
 # How often a worker with requests waiting looks for their grants: on SQLite the only
 # way to learn of them; on PostgreSQL a safety net under NOTIFY.
-POLL_SECONDS = {False: 0.02, True: 0.5}
+POLL_SECONDS = {False: 0.02, True: 0.25}
 # How often a worker with requests waiting re-runs the grant itself: a slot freed by a
 # worker that crashed lapses with its lease, and no one else would notice.
 DISPATCH_SECONDS = 1.0
@@ -52,9 +53,9 @@ QUEUED_PATHS = frozenset({
 # _ENTER reads the upstream's queue and inserts the request's entry in one statement:
 # running at once if a slot is free and no one waits; none if the key's share is full.
 _ENTER = (
-    "INSERT INTO queue_entry (upstream, key_id, holder, start_tag, finish_tag, enqueued_at, "
+    "INSERT INTO queue_entry (id, upstream, key_id, holder, start_tag, finish_tag, enqueued_at, "
     "granted_at, expires_at) "
-    "SELECT {p}, {p}, {p}, s.start, s.start + {p}, {p}, "
+    "SELECT {p}, {p}, {p}, {p}, s.start, s.start + {p}, {p}, "
     "CASE WHEN s.running < {p} AND s.waiting = 0 THEN {p} END, {p} FROM ("
     "SELECT CASE WHEN {p} = 1 THEN {greatest}("
     "COALESCE(MAX(CASE WHEN granted_at IS NOT NULL THEN start_tag END), 0), "
@@ -63,11 +64,22 @@ _ENTER = (
     "COALESCE(SUM(CASE WHEN granted_at IS NULL THEN 1 ELSE 0 END), 0) AS waiting, "
     "COALESCE(SUM(CASE WHEN granted_at IS NULL AND key_id = {p} THEN 1 ELSE 0 END), 0) AS mine "
     "FROM queue_entry WHERE upstream = {p} AND expires_at > {p}) s "
-    "WHERE s.running < {p} OR s.mine < {p} RETURNING id, granted_at")
+    "WHERE s.running < {p} OR s.mine < {p}")
 _DELETE = "DELETE FROM queue_entry WHERE id = {p}"
-# PostgreSQL: a transaction under the upstream's lock, begun in the same round trip as
-# the statements after it (each sees what committed before it: READ COMMITTED).
-_LOCKED = "BEGIN; SELECT pg_advisory_xact_lock({p}); "
+# PostgreSQL: a whole transaction under the upstream's lock sent as one string, so the
+# lock is never held while a busy worker gets round to its next statement (each
+# statement sees what committed before it: READ COMMITTED).
+_LOCKED = "BEGIN; SELECT pg_advisory_xact_lock({p}); {statements}; COMMIT"
+# Grant free slots to the waiting entries with the smallest tags, and say so to every
+# worker LISTENing (this one included) if any was granted.
+_GRANT = (
+    "UPDATE queue_entry SET granted_at = {p} WHERE id IN (SELECT id FROM queue_entry "
+    "WHERE upstream = {p} AND granted_at IS NULL AND expires_at > {p} "
+    "ORDER BY start_tag, id LIMIT GREATEST(0, {p} - (SELECT COUNT(*) FROM queue_entry "
+    "WHERE upstream = {p} AND granted_at IS NOT NULL AND expires_at > {p}))); "
+    "SELECT pg_notify({p}, {p}) WHERE EXISTS (SELECT 1 FROM queue_entry "
+    "WHERE upstream = {p} AND granted_at = {p})")
+_GRANTED = "SELECT granted_at FROM queue_entry WHERE id = {p}"
 _STATE = ("SELECT COALESCE(SUM(CASE WHEN granted_at IS NOT NULL THEN 1 ELSE 0 END), 0), "
           "COALESCE(SUM(CASE WHEN granted_at IS NULL THEN 1 ELSE 0 END), 0), "
           "COALESCE(SUM(CASE WHEN granted_at IS NULL AND key_id = {p} THEN 1 ELSE 0 END), 0), "
@@ -82,20 +94,19 @@ def _run(statement, params):
     return db.execute_sql(statement.format(p=db.obj.param, greatest=greatest), params)
 
 
+def _run_locked(upstream, statements, params):
+    """PostgreSQL: `statements` in one transaction under the upstream's lock, one round trip."""
+    _run(_LOCKED.replace("{statements}", statements), (_lock_id(upstream), *params))
+
+
 def _lock_id(upstream):
     return zlib.crc32(b"ollama-gw queue " + upstream.encode())
 
 
-@contextlib.contextmanager
-def _pg_transaction():
-    """COMMIT what _LOCKED began, or ROLLBACK if anything failed."""
-    try:
-        yield
-    except BaseException:
-        with contextlib.suppress(Exception):
-            db.execute_sql("ROLLBACK")
-        raise
-    db.execute_sql("COMMIT")
+def _pg_rollback():
+    """After a failed _run_locked: end its transaction if the server still has it open."""
+    with contextlib.suppress(Exception):
+        db.execute_sql("ROLLBACK")
 
 
 class QueueTimeout(GatewayError):
@@ -226,25 +237,29 @@ class FairQueue:
     def _enqueue(self, upstream, cap, key, now):
         """Insert the request's entry; (entry id, whether it runs at once).
 
-        One round trip on SQLite (a single statement takes the write lock for itself),
-        two on PostgreSQL (the upstream's lock and the statement, then COMMIT).
+        One round trip on SQLite (a single statement takes the write lock for itself);
+        on PostgreSQL one under the upstream's lock and one to read the outcome.
         """
-        params = (upstream, key.id, self.holder, 1.0 / max(1, key.priority or 1), now, cap,
-                  now, now + self.lease_seconds, int(self.fair), key.id, now, key.id,
+        entry_id = secrets.randbits(62)
+        params = (entry_id, upstream, key.id, self.holder, 1.0 / max(1, key.priority or 1), now,
+                  cap, now, now + self.lease_seconds, int(self.fair), key.id, now, key.id,
                   upstream, now, cap, self.per_key)
         if is_postgres():
-            with _pg_transaction():
-                row = _run(_LOCKED + _ENTER, (_lock_id(upstream), *params)).fetchone()
+            try:
+                _run_locked(upstream, _ENTER, params)
+            except BaseException:
+                _pg_rollback()
+                raise
+            row = _run(_GRANTED, (entry_id,)).fetchone()
         else:
             with peewee.__exception_wrapper__:  # sqlite3 reports some errors on reading
-                row = _run(_ENTER, params).fetchone()
+                row = _run(_ENTER + " RETURNING granted_at", params).fetchone()
         if row is None:
             raise RateLimited(
                 f"queue full: this key already has {self.per_key} requests waiting for "
                 f"upstream {upstream} (queue_per_key); retry when one is answered",
                 headers={"Retry-After": "1"}, refusal="queue_full")
-        entry_id, granted_at = row
-        if granted_at is not None:
+        if row[0] is not None:
             return entry_id, True
         # Waiting. A slot may be free all the same, if one lapsed: grant what is due.
         return entry_id, entry_id in self._dispatch(upstream, cap, now)
@@ -252,14 +267,14 @@ class FairQueue:
     def _leave(self, entry_id, upstream, cap, now):
         """Delete the entry and grant its slot to the next waiting request, if any."""
         if is_postgres():
-            with _pg_transaction():
-                running, waiting, *_ = _run(
-                    _LOCKED + _DELETE + "; " + _STATE,
-                    (_lock_id(upstream), entry_id, None, None, upstream, now)).fetchone()
-                grants = (self._grant(upstream, cap - running, now)
-                          if waiting and running < cap else [])
-            self._announce(grants)
-            return
+            try:
+                _run_locked(upstream, _DELETE + "; " + _GRANT,
+                            (entry_id, now, upstream, now, cap, upstream, now, CHANNEL,
+                             upstream, upstream, now))
+            except BaseException:
+                _pg_rollback()
+                raise
+            return  # whoever was granted hears of it by NOTIFY, this worker too
         _run(_DELETE, (entry_id,))
         running, waiting, *_ = self._state(upstream, None, now)
         if waiting and running < cap:  # under the write lock: the grant checks again
@@ -351,7 +366,10 @@ class FairQueue:
             return
         self._wake.clear()
         interval = POLL_SECONDS[is_postgres()]
+        listening = self._listener is not None
         listener = self._listen() if is_postgres() else None
+        if listener is not None and not listening:
+            return  # a grant made before LISTEN took effect sent no word: look again now
         if listener is None:
             time.sleep(interval)
             return

@@ -1,5 +1,6 @@
 """The tables. Times that limits compare are epoch seconds; times people read are UTC."""
 import datetime
+import secrets
 
 import peewee
 
@@ -234,6 +235,8 @@ class UpstreamStatus(BaseModel):
 class QueueEntry(BaseModel):
     """A request waiting for, or holding, one of an upstream's slots (app/fair_queue.py)."""
 
+    # Random, so that a worker knows its entry's id before the insert (app/fair_queue.py).
+    id = peewee.BigIntegerField(primary_key=True, default=lambda: secrets.randbits(62))
     upstream = peewee.CharField(max_length=255, index=True)  # the upstream's name
     key_id = peewee.IntegerField()
     holder = peewee.CharField(max_length=128)  # host:pid of the worker with the request

@@ -1,10 +1,11 @@
 """The fair queue: requests waiting for, or holding, an upstream's slots (app/fair_queue.py),
 and each key's priority there."""
-from peewee import CharField, DoubleField, IntegerField, Model, PostgresqlDatabase
+from peewee import BigIntegerField, CharField, DoubleField, IntegerField, Model, PostgresqlDatabase
 
 
 def _tables(db):
     class QueueEntry(Model):
+        id = BigIntegerField(primary_key=True)
         upstream = CharField(max_length=255, index=True)
         key_id = IntegerField()
         holder = CharField(max_length=128)
