@@ -169,15 +169,14 @@ class FairQueue:
                             "Ollama without waiting their turn until it is back: %s", exc)
             return None
         self._hold(entry_id, upstream, cap)
-        waiting = metrics._child(metrics.QUEUE_WAITING, upstream, key.prefix)
-        waited = metrics._child(metrics.QUEUE_WAIT, upstream, key.prefix)
         if granted:
-            waited.observe(0.0)
+            metrics.TALLY.observe_queue_wait(upstream, key.prefix, 0.0)
             return Ticket(entry_id, upstream, cap, 0.0)
         wait = _Wait()
         with self._lock:
             self._waits[entry_id] = wait
         self._wake.set()
+        waiting = metrics._child(metrics.QUEUE_WAITING, upstream, key.prefix)
         waiting.inc()
         try:
             with watch.waiting() if watch is not None else contextlib.nullcontext():
@@ -187,7 +186,7 @@ class FairQueue:
             raise
         finally:
             waiting.dec()
-            waited.observe(time.monotonic() - started)
+            metrics.TALLY.observe_queue_wait(upstream, key.prefix, time.monotonic() - started)
             with self._lock:
                 self._waits.pop(entry_id, None)
         if wait.lost or not wait.event.is_set():
@@ -324,6 +323,9 @@ class FairQueue:
         self._start_keeper()
 
     def _start_keeper(self):
+        keeper = self._keeper
+        if keeper is not None and keeper.is_alive():
+            return  # the usual case under load: no lock taken
         with self._lock:
             if self._keeper is None or not self._keeper.is_alive():
                 self._keeper = threading.Thread(target=self._keep, name="queue-keeper",

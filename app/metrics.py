@@ -91,6 +91,11 @@ class Tally:
         with self._lock:
             self._add(record, outcome, self._counts, self._observed)
 
+    def observe_queue_wait(self, upstream, key_prefix, seconds):
+        """Count one request's wait for an upstream's slot (app/fair_queue.py)."""
+        with self._lock:
+            self._observed[QUEUE_WAIT, (upstream, key_prefix)].append(seconds)
+
     @staticmethod
     def _add(record, outcome, counts, observed):
         endpoint = endpoint_label(record.endpoint)

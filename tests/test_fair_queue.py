@@ -11,6 +11,7 @@ from unittest.mock import ANY
 
 import pytest
 
+from app import metrics
 from app.errors import RateLimited
 from app.fair_queue import FairQueue, QueueTimeout
 from app.keys import KeyInfo
@@ -212,3 +213,17 @@ def test_priority_is_a_key_setting_from_1_to_100(runner):
     assert runner("keys", "update", "batch", "--priority", "0").exit_code != 0
     assert runner("keys", "update", "batch", "--priority", "1").exit_code == 0
     assert json.loads(runner("keys", "show", "batch", "--json").stdout)["priority"] == 1
+
+
+def test_waits_and_waiting_requests_show_in_the_metrics(queue, make_key):
+    key = key_info(make_key, "measured")
+    running = queue.acquire(UPSTREAM, 1, key)
+    waiter = Waiter(queue, key)
+    wait_until_waiting(1)
+    labels = f'key="{key.prefix}",upstream="{UPSTREAM}"'
+    assert f"ollama_gw_queue_waiting{{{labels}}} 1.0" in metrics.exposition()[0].decode()
+    queue.release(running)
+    serve_one_at_a_time(queue, [waiter])
+    text = metrics.exposition()[0].decode()
+    assert f"ollama_gw_queue_waiting{{{labels}}} 0.0" in text
+    assert f"ollama_gw_queue_wait_seconds_count{{{labels}}} 2.0" in text
