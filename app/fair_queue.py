@@ -66,19 +66,10 @@ _ENTER = (
     "FROM queue_entry WHERE upstream = {p} AND expires_at > {p}) s "
     "WHERE s.running < {p} OR s.mine < {p}")
 _DELETE = "DELETE FROM queue_entry WHERE id = {p}"
-# PostgreSQL: a whole transaction under the upstream's lock sent as one string, so the
-# lock is never held while a busy worker gets round to its next statement (each
-# statement sees what committed before it: READ COMMITTED).
-_LOCKED = "BEGIN; SELECT pg_advisory_xact_lock({p}); {statements}; COMMIT"
-# Grant free slots to the waiting entries with the smallest tags, and say so to every
-# worker LISTENing (this one included) if any was granted.
-_GRANT = (
-    "UPDATE queue_entry SET granted_at = {p} WHERE id IN (SELECT id FROM queue_entry "
-    "WHERE upstream = {p} AND granted_at IS NULL AND expires_at > {p} "
-    "ORDER BY start_tag, id LIMIT GREATEST(0, {p} - (SELECT COUNT(*) FROM queue_entry "
-    "WHERE upstream = {p} AND granted_at IS NOT NULL AND expires_at > {p}))); "
-    "SELECT pg_notify({p}, {p}) WHERE EXISTS (SELECT 1 FROM queue_entry "
-    "WHERE upstream = {p} AND granted_at = {p})")
+# PostgreSQL: the same, and leaving, as functions (migrations/0008_fair_queue.py): one
+# round trip each, the upstream's lock held only while the server works.
+_PG_ENTER = "SELECT ollama_gw_queue_enter(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+_PG_LEAVE = "SELECT ollama_gw_queue_leave(%s, %s, %s, %s, %s, %s)"
 _GRANTED = "SELECT granted_at FROM queue_entry WHERE id = {p}"
 _STATE = ("SELECT COALESCE(SUM(CASE WHEN granted_at IS NOT NULL THEN 1 ELSE 0 END), 0), "
           "COALESCE(SUM(CASE WHEN granted_at IS NULL THEN 1 ELSE 0 END), 0), "
@@ -94,19 +85,9 @@ def _run(statement, params):
     return db.execute_sql(statement.format(p=db.obj.param, greatest=greatest), params)
 
 
-def _run_locked(upstream, statements, params):
-    """PostgreSQL: `statements` in one transaction under the upstream's lock, one round trip."""
-    _run(_LOCKED.replace("{statements}", statements), (_lock_id(upstream), *params))
-
 
 def _lock_id(upstream):
     return zlib.crc32(b"ollama-gw queue " + upstream.encode())
-
-
-def _pg_rollback():
-    """After a failed _run_locked: end its transaction if the server still has it open."""
-    with contextlib.suppress(Exception):
-        db.execute_sql("ROLLBACK")
 
 
 class QueueTimeout(GatewayError):
@@ -223,11 +204,6 @@ class FairQueue:
 
     # -- the database
 
-    def _lock_upstream(self, upstream):
-        """Serialise changes to one upstream's queue (SQLite's write lock already does)."""
-        if is_postgres():
-            db.execute_sql("SELECT pg_advisory_xact_lock(%s)", (_lock_id(upstream),))
-
     def _state(self, upstream, key_id, now):
         """(running, waiting, waiting for key_id, newest running start tag, key's last finish)."""
         row = _run(_STATE, (key_id, key_id, upstream, now)).fetchone()
@@ -236,56 +212,53 @@ class FairQueue:
     def _enqueue(self, upstream, cap, key, now):
         """Insert the request's entry; (entry id, whether it runs at once).
 
-        One round trip on SQLite (a single statement takes the write lock for itself);
-        on PostgreSQL one under the upstream's lock and one to read the outcome.
+        One round trip: a single statement on SQLite (it takes the write lock for
+        itself), a function on PostgreSQL.
         """
-        entry_id = secrets.randbits(62)
-        params = (entry_id, upstream, key.id, self.holder, 1.0 / max(1, key.priority or 1), now,
-                  cap, now, now + self.lease_seconds, int(self.fair), key.id, now, key.id,
-                  upstream, now, cap, self.per_key)
+        entry_id, step = secrets.randbits(62), 1.0 / max(1, key.priority or 1)
         if is_postgres():
-            try:
-                _run_locked(upstream, _ENTER, params)
-            except BaseException:
-                _pg_rollback()
-                raise
-            row = _run(_GRANTED, (entry_id,)).fetchone()
+            outcome = db.execute_sql(_PG_ENTER, (
+                entry_id, upstream, key.id, self.holder, step, now, cap, self.lease_seconds,
+                self.fair, self.per_key, _lock_id(upstream))).fetchone()[0]
         else:
             with peewee.__exception_wrapper__:  # sqlite3 reports some errors on reading
-                row = _run(_ENTER + " RETURNING granted_at", params).fetchone()
-        if row is None:
+                row = _run(_ENTER + " RETURNING granted_at", (
+                    entry_id, upstream, key.id, self.holder, step, now, cap, now,
+                    now + self.lease_seconds, int(self.fair), key.id, now, key.id, upstream,
+                    now, cap, self.per_key)).fetchone()
+            outcome = -1 if row is None else int(row[0] is not None)
+        if outcome < 0:
             raise RateLimited(
                 f"queue full: this key already has {self.per_key} requests waiting for "
                 f"upstream {upstream} (queue_per_key); retry when one is answered",
                 headers={"Retry-After": "1"}, refusal="queue_full")
-        if row[0] is not None:
+        if outcome:
             return entry_id, True
         # Waiting. A slot may be free all the same, if one lapsed: grant what is due.
-        return entry_id, entry_id in self._dispatch(upstream, cap, now)
+        self._dispatch(upstream, cap, now)
+        return entry_id, _run(_GRANTED, (entry_id,)).fetchone()[0] is not None
 
     def _leave(self, entry_id, upstream, cap, now):
-        """Delete the entry and grant its slot to the next waiting request, if any."""
+        """Delete the entry (None: none) and grant free slots to the next waiting requests.
+
+        Whoever was granted one hears of it: through NOTIFY on PostgreSQL (this worker
+        too), directly or by its poll on SQLite.
+        """
         if is_postgres():
-            try:
-                _run_locked(upstream, _DELETE + "; " + _GRANT,
-                            (entry_id, now, upstream, now, cap, upstream, now, CHANNEL,
-                             upstream, upstream, now))
-            except BaseException:
-                _pg_rollback()
-                raise
-            return  # whoever was granted hears of it by NOTIFY, this worker too
-        _run(_DELETE, (entry_id,))
+            db.execute_sql(_PG_LEAVE, (entry_id, upstream, cap, now, _lock_id(upstream),
+                                       CHANNEL)).fetchone()
+            return
+        if entry_id is not None:
+            _run(_DELETE, (entry_id,))
         running, waiting, *_ = self._state(upstream, None, now)
         if waiting and running < cap:  # under the write lock: the grant checks again
-            self._dispatch(upstream, cap, now)
+            with db.atomic():
+                grants = self._dispatch_locked(upstream, cap, now)
+            self._announce(grants)
 
     def _dispatch(self, upstream, cap, now):
-        """Grant free slots to waiting entries; the ids granted."""
-        with db.atomic():
-            self._lock_upstream(upstream)
-            grants = self._dispatch_locked(upstream, cap, now)
-        self._announce(grants)
-        return {entry_id for entry_id, _ in grants}
+        """Grant free slots to waiting entries (a slot that lapsed frees no one)."""
+        self._leave(None, upstream, cap, now)
 
     def _dispatch_locked(self, upstream, cap, now):
         running, waiting, _, _, _ = self._state(upstream, None, now)
@@ -303,8 +276,6 @@ class FairQueue:
         if chosen:
             QueueEntry.update(granted_at=now).where(
                 QueueEntry.id.in_([entry_id for entry_id, _ in chosen])).execute()
-            if is_postgres() and any(holder != self.holder for _, holder in chosen):
-                db.execute_sql("SELECT pg_notify(%s, %s)", (CHANNEL, upstream))
         return chosen
 
     def _announce(self, grants):

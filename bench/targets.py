@@ -126,7 +126,9 @@ class Targets:
                     # The fake upstream serves any number at once, as ref-relay's does:
                     # every request goes through the fair queue's bookkeeping, and its
                     # cap never makes one wait (bench/fair_queue.py measures waiting).
-                    "OLLAMA_GW_UPSTREAM_MAX_CONCURRENT": "100000"})
+                    # BENCH_UPSTREAM_CAP=0 measures without the queue.
+                    "OLLAMA_GW_UPSTREAM_MAX_CONCURRENT":
+                        os.environ.get("BENCH_UPSTREAM_CAP", "100000")})
         return env
 
     def add_key(self, env, src=None):
