@@ -90,6 +90,10 @@ def _lock_id(upstream):
     return zlib.crc32(b"ollama-gw queue " + upstream.encode())
 
 
+# What entering the queue came to.
+RUNS_NOW, RUNS_AFTER_A_WAIT, WAITS = "runs now", "runs after a wait", "waits"
+
+
 class QueueTimeout(GatewayError):
     status, kind = 503, "service_unavailable"
     refusal = "queue_timeout"
@@ -150,9 +154,10 @@ class FairQueue:
                             "Ollama without waiting their turn until it is back: %s", exc)
             return None
         self._hold(entry_id, upstream, cap)
-        if granted:
-            metrics.TALLY.observe_queue_wait(upstream, key.prefix, 0.0)
-            return Ticket(entry_id, upstream, cap, 0.0)
+        if granted != WAITS:
+            waited = 0.0 if granted == RUNS_NOW else time.monotonic() - started
+            metrics.TALLY.observe_queue_wait(upstream, key.prefix, waited)
+            return Ticket(entry_id, upstream, cap, waited)
         wait = _Wait()
         with self._lock:
             self._waits[entry_id] = wait
@@ -210,7 +215,7 @@ class FairQueue:
         return int(row[0]), int(row[1]), int(row[2]), row[3] or 0.0, row[4] or 0.0
 
     def _enqueue(self, upstream, cap, key, now):
-        """Insert the request's entry; (entry id, whether it runs at once).
+        """Insert the request's entry; (entry id, RUNS_NOW, RUNS_AFTER_A_WAIT or WAITS).
 
         One round trip: a single statement on SQLite (it takes the write lock for
         itself), a function on PostgreSQL.
@@ -233,10 +238,12 @@ class FairQueue:
                 f"upstream {upstream} (queue_per_key); retry when one is answered",
                 headers={"Retry-After": "1"}, refusal="queue_full")
         if outcome:
-            return entry_id, True
-        # Waiting. A slot may be free all the same, if one lapsed: grant what is due.
+            return entry_id, RUNS_NOW
+        # Waiting. A slot may be free all the same, if one lapsed: grant what is due (or a
+        # slot freed meanwhile was granted to it).
         self._dispatch(upstream, cap, now)
-        return entry_id, _run(_GRANTED, (entry_id,)).fetchone()[0] is not None
+        granted = _run(_GRANTED, (entry_id,)).fetchone()[0] is not None
+        return entry_id, RUNS_AFTER_A_WAIT if granted else WAITS
 
     def _leave(self, entry_id, upstream, cap, now):
         """Delete the entry (None: none) and grant free slots to the next waiting requests.
