@@ -93,12 +93,24 @@ class Page:
 
     @staticmethod
     def _gone(element):
-        from selenium.common.exceptions import StaleElementReferenceException
+        """Whether the page that held `element` was replaced.
+
+        Chromium says so as a stale element, or, caught mid-navigation, as an inspector
+        error that the node no longer belongs to the document.
+        """
+        from selenium.common.exceptions import (
+            StaleElementReferenceException,
+            WebDriverException,
+        )
 
         try:
             return element.tag_name is None
         except StaleElementReferenceException:
             return True
+        except WebDriverException as exc:
+            if "does not belong to the document" in str(exc):
+                return True
+            raise
 
     def shot(self, name):
         self.driver.save_screenshot(str(ARTIFACTS / f"{name}.png"))
