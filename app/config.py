@@ -308,11 +308,11 @@ def validate(settings):
 
     if not settings.upstreams:
         raise ConfigError("upstreams is empty: set OLLAMA_URL or OLLAMA_GW_UPSTREAMS")
+    if settings.upstream_max_concurrent < 0:  # before the upstreams it is the default of
+        raise ConfigError("upstream_max_concurrent must be 0 (no cap) or more")
     names = [spec.name for spec in settings.upstream_specs]
     if len(set(names)) != len(names):
         raise ConfigError(f"upstream names must differ: {', '.join(names)} (give each a name)")
-    if settings.upstream_max_concurrent < 0:
-        raise ConfigError("upstream_max_concurrent must be 0 (no cap) or more")
     if settings.upstream_refresh_seconds <= 0:
         raise ConfigError("upstream_refresh_seconds must be a positive number of seconds")
     if settings.data_dir and not Path(settings.data_dir).expanduser().is_absolute():

@@ -11,8 +11,8 @@ starts level with the requests being served, not ahead by the time it was away.
 The queue is rows in the database (queue_entry), so every worker and gateway instance
 sees one queue per upstream. Each change to an upstream's queue runs under one lock
 (PostgreSQL: an advisory lock; SQLite: its write lock), and whoever frees a slot grants
-the next. A waiting worker learns of a grant at once if it granted it itself, else from
-PostgreSQL's NOTIFY, or by polling on SQLite (one machine; a read of a local file).
+the next. A waiting worker learns of a grant from PostgreSQL's NOTIFY, or on SQLite at
+once if it granted it itself, else by polling (one machine; a read of a local file).
 Entries carry a lease the holding worker renews: a crashed worker's entries lapse.
 """
 import contextlib
@@ -72,10 +72,7 @@ _PG_ENTER = "SELECT ollama_gw_queue_enter(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s
 _PG_LEAVE = "SELECT ollama_gw_queue_leave(%s, %s, %s, %s, %s, %s)"
 _GRANTED = "SELECT granted_at FROM queue_entry WHERE id = {p}"
 _STATE = ("SELECT COALESCE(SUM(CASE WHEN granted_at IS NOT NULL THEN 1 ELSE 0 END), 0), "
-          "COALESCE(SUM(CASE WHEN granted_at IS NULL THEN 1 ELSE 0 END), 0), "
-          "COALESCE(SUM(CASE WHEN granted_at IS NULL AND key_id = {p} THEN 1 ELSE 0 END), 0), "
-          "MAX(CASE WHEN granted_at IS NOT NULL THEN start_tag END), "
-          "MAX(CASE WHEN key_id = {p} THEN finish_tag END) "
+          "COALESCE(SUM(CASE WHEN granted_at IS NULL THEN 1 ELSE 0 END), 0) "
           "FROM queue_entry WHERE upstream = {p} AND expires_at > {p}")
 
 
@@ -83,7 +80,6 @@ def _run(statement, params):
     """Run one of the statements above with this database's parameter mark."""
     greatest = "GREATEST" if is_postgres() else "MAX"
     return db.execute_sql(statement.format(p=db.obj.param, greatest=greatest), params)
-
 
 
 def _lock_id(upstream):
@@ -209,10 +205,11 @@ class FairQueue:
 
     # -- the database
 
-    def _state(self, upstream, key_id, now):
-        """(running, waiting, waiting for key_id, newest running start tag, key's last finish)."""
-        row = _run(_STATE, (key_id, key_id, upstream, now)).fetchone()
-        return int(row[0]), int(row[1]), int(row[2]), row[3] or 0.0, row[4] or 0.0
+    @staticmethod
+    def _state(upstream, now):
+        """(running, waiting) at the upstream (SQLite; PostgreSQL's functions read their own)."""
+        running, waiting = _run(_STATE, (upstream, now)).fetchone()
+        return int(running), int(waiting)
 
     def _enqueue(self, upstream, cap, key, now):
         """Insert the request's entry; (entry id, RUNS_NOW, RUNS_AFTER_A_WAIT or WAITS).
@@ -257,7 +254,7 @@ class FairQueue:
             return
         if entry_id is not None:
             _run(_DELETE, (entry_id,))
-        running, waiting, *_ = self._state(upstream, None, now)
+        running, waiting = self._state(upstream, now)
         if waiting and running < cap:  # under the write lock: the grant checks again
             with db.atomic():
                 grants = self._dispatch_locked(upstream, cap, now)
@@ -268,7 +265,7 @@ class FairQueue:
         self._leave(None, upstream, cap, now)
 
     def _dispatch_locked(self, upstream, cap, now):
-        running, waiting, _, _, _ = self._state(upstream, None, now)
+        running, waiting = self._state(upstream, now)
         if not waiting or running >= cap:
             return []
         return self._grant(upstream, cap - running, now)

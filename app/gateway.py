@@ -221,7 +221,6 @@ def _send_to_first(members, chosen, pending, watch, take_slot, *request_args):
     `take_slot(member)` waits for a slot there first (app/fair_queue.py); a slot at an
     upstream that failed is given back before the next is tried.
     """
-    queue = current_app.extensions["fair_queue"]
     for i, member in enumerate(members):
         if pending is not None:
             pending.upstream = member.name
@@ -235,7 +234,8 @@ def _send_to_first(members, chosen, pending, watch, take_slot, *request_args):
             chosen.pop().in_flight -= 1
             if not getattr(exc, "retryable", False):
                 raise
-            queue.release(slot)  # at once, not when the answer from the next is done
+            if slot is not None:  # given back at once, not when the next one's answer ends
+                current_app.extensions["fair_queue"].release(slot)
             member.failed()
             if i + 1 == len(members):
                 raise

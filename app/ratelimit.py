@@ -52,6 +52,13 @@ class Admission:
         }
 
 
+def tokens_used(key_id, period_start):
+    """Tokens charged to a key in its quota period that starts at `period_start`."""
+    return (TokenUsage.select(TokenUsage.tokens)
+            .where((TokenUsage.key_id == key_id) & (TokenUsage.period_start == period_start))
+            .scalar()) or 0
+
+
 class _Group:
     """Requests of one key and window that one counting statement admits together."""
 
@@ -110,9 +117,7 @@ class Limiter:
         quota runs out still finish and are charged: the README states the bound.
         """
         start, end = quota_period(key.token_period, now)
-        used = (TokenUsage.select(TokenUsage.tokens)
-                .where((TokenUsage.key_id == key.id) & (TokenUsage.period_start == start))
-                .scalar()) or 0
+        used = tokens_used(key.id, start)
         if used >= key.token_quota:
             retry = max(1, math.ceil(end - now))
             raise RateLimited(

@@ -186,6 +186,24 @@ class UpstreamPool:
         return [(m.name, "healthy" if m.up else "unreachable") for m in self.members]
 
 
+def probe(url, connect_timeout):
+    """('healthy'|'unreachable'|'unhealthy', models, loaded models), asked of the server
+    itself now (`ollama-gw upstreams`, the dashboard), not a worker's view."""
+    session = Upstream(url, connect_timeout).session
+    timeout = (min(connect_timeout, 2.0), 5.0)
+    try:
+        tags = session.get(url + "/api/tags", timeout=timeout)
+        ps = session.get(url + "/api/ps", timeout=timeout)
+        if not (tags.ok and ps.ok):
+            return "unhealthy", [], []
+        return ("healthy", sorted(m.get("name", "") for m in tags.json().get("models") or []),
+                sorted(m.get("name", "") for m in ps.json().get("models") or []))
+    except (requests.RequestException, ValueError, AttributeError):
+        return "unreachable", [], []
+    finally:
+        session.close()
+
+
 def init_app(app):
     settings = app.config["SETTINGS"]
     pool = app.extensions["upstreams"] = UpstreamPool(

@@ -3,10 +3,9 @@ import statistics
 import time
 
 import click
-import requests
 
 from app.models import UpstreamStatus, UsageLabel, UsageRecord
-from app.upstream import Upstream
+from app.upstreams import probe
 from cli.context import echo_json, open_db, settings, table
 
 COLUMNS = ["name", "status", "models", "loaded", "in_flight", "requests_10m",
@@ -24,7 +23,7 @@ def upstreams(as_json):
     now = time.time()
     rows = []
     for spec in conf.upstream_specs:
-        status, models, loaded = _probe(spec.url, conf.connect_timeout)
+        status, models, loaded = probe(spec.url, conf.connect_timeout)
         views = list(UpstreamStatus.select().where(
             (UpstreamStatus.upstream == spec.name)
             & (UpstreamStatus.updated_at > now - 3 * conf.upstream_refresh_seconds)))
@@ -50,20 +49,3 @@ def upstreams(as_json):
             "max_concurrent": row["max_concurrent"] or "-"} for row in rows], COLUMNS)
     click.echo("(in_flight: on the gateways running now; '-': none has reported in the last "
                f"{3 * conf.upstream_refresh_seconds:g} s)")
-
-
-def _probe(url, connect_timeout):
-    """('healthy'|'unreachable'|'unhealthy', models, loaded models) from the server itself."""
-    session = Upstream(url, connect_timeout).session
-    timeout = (min(connect_timeout, 2.0), 5.0)
-    try:
-        tags = session.get(url + "/api/tags", timeout=timeout)
-        ps = session.get(url + "/api/ps", timeout=timeout)
-        if not (tags.ok and ps.ok):
-            return "unhealthy", [], []
-        return ("healthy", sorted(m.get("name", "") for m in tags.json().get("models") or []),
-                sorted(m.get("name", "") for m in ps.json().get("models") or []))
-    except (requests.RequestException, ValueError, AttributeError):
-        return "unreachable", [], []
-    finally:
-        session.close()

@@ -131,24 +131,28 @@ def reset_postgres(url):
     instance.close_all()
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request, tmp_path):
-    """An empty database of each kind, as a URL."""
+def empty_database(request, directory):
+    """The URL of an empty database of the kind `request.param` names (SQLite: in `directory`).
+
+    For fixtures parametrized over ["sqlite", "postgresql"], whatever their scope.
+    """
     if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/gateway.db"
+        return f"sqlite:///{directory}/gateway.db"
     url = request.getfixturevalue("postgres_url")
     reset_postgres(url)
     return url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request, tmp_path):
+    """An empty database of each kind, as a URL."""
+    return empty_database(request, tmp_path)
 
 
 @pytest.fixture(name="database", scope="module", params=["sqlite", "postgresql"])
 def gateway_database(request, tmp_path_factory):
     """An empty database of each kind, as a URL, for a module's gunicorn-run gateways."""
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path_factory.mktemp('gw')}/gateway.db"
-    url = request.getfixturevalue("postgres_url")
-    reset_postgres(url)
-    return url
+    return empty_database(request, tmp_path_factory.mktemp("gw"))
 
 
 @pytest.fixture(scope="session")

@@ -16,21 +16,11 @@ import threading
 import pytest
 import requests
 
-from tests.conftest import reset_postgres
 from tests.gateway_process import GatewayProcess, free_port, wait_for
 from tests.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.gateway
 GENERATE = {"model": "llama3.2", "prompt": "hi", "stream": False}
-
-
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
-def database(request, tmp_path_factory):
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path_factory.mktemp('robust')}/gateway.db"
-    url = request.getfixturevalue("postgres_url")
-    reset_postgres(url)
-    return url
 
 
 @pytest.fixture(scope="module")

@@ -3,20 +3,10 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import reset_postgres
 from tests.gateway_process import GatewayProcess
 
 pytestmark = pytest.mark.gateway
 CHAT = [{"role": "user", "content": "hello there"}]
-
-
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
-def database(request, tmp_path_factory):
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path_factory.mktemp('oai')}/gateway.db"
-    url = request.getfixturevalue("postgres_url")
-    reset_postgres(url)
-    return url
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import time
 import pytest
 import requests
 
-from tests.conftest import reset_postgres
+from tests.conftest import empty_database
 from tests.gateway_process import GatewayProcess, wait_for
 from tests.tcp_proxy import TcpProxy
 
@@ -23,11 +23,7 @@ GENERATE = {"model": "llama3.2", "prompt": "hi", "stream": False}  # 1 prompt to
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def database(request, tmp_path):
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/usage.db"
-    url = request.getfixturevalue("postgres_url")
-    reset_postgres(url)
-    return url
+    return empty_database(request, tmp_path)
 
 
 def bearer(key):

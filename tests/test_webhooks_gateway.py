@@ -13,7 +13,7 @@ import standardwebhooks
 from app import db as database
 from app import webhooks as hooks
 from app.models import Webhook, WebhookAttempt, WebhookDelivery
-from tests.conftest import reset_postgres
+from tests.conftest import empty_database
 from tests.gateway_process import GatewayProcess, wait_for
 from tests.webhook_receiver import WebhookReceiver
 
@@ -26,11 +26,7 @@ WEBHOOK_SETTINGS = {"webhook_retry_seconds": "0.5,0.5,0.5", "webhook_timeout": 6
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def database_url(request, tmp_path_factory):
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path_factory.mktemp('hooks')}/gateway.db"
-    url = request.getfixturevalue("postgres_url")
-    reset_postgres(url)
-    return url
+    return empty_database(request, tmp_path_factory.mktemp("hooks"))
 
 
 @pytest.fixture

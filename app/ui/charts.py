@@ -41,7 +41,7 @@ def series(name, key_id=None, now=None):
         step, start = 3600, int((now - RANGES[name]) // 3600 * 3600)
         sums = _from_rollup(start, key_id)
     times = list(range(start, int(now) + 1, step))
-    labels = _label_names({model for _, model in sums})
+    labels = label_names({model for _, model in sums})
     models = sorted({labels.get(model, "(none)") for _, model in sums})
     per_model = {kind: {m: [0] * len(times) for m in models} for kind in ("requests", "tokens")}
     by_time, by_model = {}, {}
@@ -172,7 +172,8 @@ def _from_requests(start, key_id, step=300):
     return {group: [sums[c] for c in SUM_COLUMNS] for group, sums in found.items()}
 
 
-def _label_names(ids):
+def label_names(ids):
+    """{label id: name} for usage rows' endpoint and model ids (0 or None: no label)."""
     ids = [i for i in ids if i]
     if not ids:
         return {}

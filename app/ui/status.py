@@ -4,7 +4,6 @@ webhook deliveries. Each reads little: a LIMIT, an index, or one row per upstrea
 import os
 import time
 
-import requests
 from peewee import fn
 from prometheus_client import CollectorRegistry, multiprocess
 
@@ -12,14 +11,14 @@ from app import metrics, webhook_delivery
 from app.limits import format_rate_limit, format_token_quota, quota_period
 from app.models import (
     ConcurrencySlot,
-    TokenUsage,
     UpstreamStatus,
-    UsageLabel,
     UsageRecord,
     Webhook,
     WebhookDelivery,
 )
-from app.upstream import Upstream
+from app.ratelimit import tokens_used
+from app.ui.charts import label_names
+from app.upstreams import probe
 from app.usage import REFUSAL_NAMES
 from app.webhooks import WebhookOpError, connection
 
@@ -34,7 +33,7 @@ def upstreams(settings):
     found = []
     for spec in settings.upstream_specs:
         mine = [v for v in views if v.upstream == spec.name]
-        status, loaded = _probe(spec.url, settings.connect_timeout)
+        status, _, loaded = probe(spec.url, settings.connect_timeout)
         found.append({"name": spec.name, "url": spec.url, "status": status, "loaded": loaded,
                       "in_flight": sum(v.in_flight for v in mine) if mine else None})
     return found
@@ -51,20 +50,6 @@ def streams_in_flight():
                    for sample in family.samples))
 
 
-def _probe(url, connect_timeout):
-    """('healthy'|'unhealthy'|'unreachable', loaded models) from Ollama's /api/ps."""
-    session = Upstream(url, connect_timeout).session
-    try:
-        answer = session.get(url + "/api/ps", timeout=(min(connect_timeout, 2.0), 5.0))
-        if not answer.ok:
-            return "unhealthy", []
-        return "healthy", sorted(m.get("name", "") for m in answer.json().get("models") or [])
-    except (requests.RequestException, ValueError, AttributeError):
-        return "unreachable", []
-    finally:
-        session.close()
-
-
 def limits(key, limiter, now=None):
     """How close a key (KeyInfo) is to each of its limits: [{name, used, limit, percent}]."""
     now = time.time() if now is None else now
@@ -77,9 +62,7 @@ def limits(key, limiter, now=None):
                             window.reset_at))
     if key.token_quota:
         start, end = quota_period(key.token_period, now)
-        used = (TokenUsage.select(TokenUsage.tokens)
-                .where((TokenUsage.key_id == key.id) & (TokenUsage.period_start == start))
-                .scalar()) or 0
+        used = tokens_used(key.id, start)
         found.append(_limit(f"tokens this UTC {key.token_period}", used, key.token_quota,
                             format_token_quota(key.token_quota, key.token_period), end))
     if key.max_concurrent:
@@ -102,9 +85,7 @@ def recent_requests(key_id, refused_only=False, limit=RECENT_REQUESTS):
     if refused_only:
         query = query.where(UsageRecord.refusal != 0)
     rows = list(query)
-    ids = {i for r in rows for i in (r.endpoint_id, r.model_id) if i}
-    names = {label.id: label.name for label in
-             UsageLabel.select().where(UsageLabel.id.in_(list(ids)))} if ids else {}
+    names = label_names({i for r in rows for i in (r.endpoint_id, r.model_id)})
     return [{"at": r.at, "endpoint": names.get(r.endpoint_id), "model": names.get(r.model_id),
              "status": r.status, "refusal": REFUSAL_NAMES.get(r.refusal),
              "tokens": (r.prompt_tokens or 0) + (r.completion_tokens or 0),
