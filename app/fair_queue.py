@@ -31,6 +31,7 @@ import peewee
 from app import metrics
 from app.db import db, forget_idle_connections, is_postgres
 from app.errors import DATABASE_ERRORS, GatewayError, RateLimited
+from app.gather import Gather
 from app.models import QueueEntry
 
 log = logging.getLogger(__name__)
@@ -65,11 +66,18 @@ _ENTER = (
     "COALESCE(SUM(CASE WHEN granted_at IS NULL AND key_id = {p} THEN 1 ELSE 0 END), 0) AS mine "
     "FROM queue_entry WHERE upstream = {p} AND expires_at > {p}) s "
     "WHERE s.running < {p} OR s.mine < {p}")
-_DELETE = "DELETE FROM queue_entry WHERE id = {p}"
-# PostgreSQL: the same, and leaving, as functions (migrations/0008_fair_queue.py): one
-# round trip each, the upstream's lock held only while the server works.
-_PG_ENTER = "SELECT ollama_gw_queue_enter(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
-_PG_LEAVE = "SELECT ollama_gw_queue_leave(%s, %s, %s, %s, %s, %s)"
+# Leaving: the entries go, and the statement says whether anyone waits for a slot.
+_DELETE = ("DELETE FROM queue_entry WHERE id IN ({ids}) RETURNING ("
+           "SELECT COUNT(*) FROM queue_entry q WHERE q.upstream = {{p}} AND q.granted_at IS NULL "
+           "AND q.expires_at > {{p}})")
+# PostgreSQL: entering and leaving are functions (migrations/0008_fair_queue.py), each
+# holding the upstream's lock only while the server works; a batch of entries is one
+# statement, one round trip, the calls made in the batch's order.
+_PG_ENTER = ("SELECT n, ollama_gw_queue_enter(id, %s, key_id, %s, step, %s, %s, %s, %s, %s, %s) "
+             "FROM unnest(%s::bigint[], %s::bigint[], %s::float8[]) WITH ORDINALITY "
+             "AS e(id, key_id, step, n)")
+_PG_LEAVE = ("SELECT ollama_gw_queue_leave(id, %s, %s, %s, %s, %s) "
+             "FROM unnest(%s::bigint[]) AS e(id)")
 _GRANTED = "SELECT granted_at FROM queue_entry WHERE id = {p}"
 _STATE = ("SELECT COALESCE(SUM(CASE WHEN granted_at IS NOT NULL THEN 1 ELSE 0 END), 0), "
           "COALESCE(SUM(CASE WHEN granted_at IS NULL THEN 1 ELSE 0 END), 0) "
@@ -126,6 +134,8 @@ class FairQueue:
         self._keeper = None
         self._listener = None  # PostgreSQL connection LISTENing on CHANNEL
         self._warned_at = -math.inf
+        self._entering = Gather(self._enter_batch)  # groups: (upstream, cap)
+        self._leaving = Gather(self._leave_batch)
 
     # -- the request's side
 
@@ -138,8 +148,7 @@ class FairQueue:
         """
         started = time.monotonic()
         try:
-            with db.connection_context():
-                entry_id, granted = self._enqueue(upstream, cap, key, time.time())
+            entry_id, granted = self._enqueue(upstream, cap, key)
         except DATABASE_ERRORS as exc:
             # Without the database the queue cannot be shared: the request goes on
             # uncounted, and Ollama queues it as it would without a gateway.
@@ -193,8 +202,7 @@ class FairQueue:
         with self._lock:
             self._held.pop(entry_id, None)
         try:
-            with db.connection_context():
-                self._leave(entry_id, upstream, cap, time.time())
+            self._leaving((upstream, cap), entry_id)
         except Exception as exc:  # the keeper retries; the lease bounds the damage
             log.warning("could not free a queue slot at %s, retrying every second: %s",
                         upstream, exc)
@@ -211,24 +219,14 @@ class FairQueue:
         running, waiting = _run(_STATE, (upstream, now)).fetchone()
         return int(running), int(waiting)
 
-    def _enqueue(self, upstream, cap, key, now):
+    def _enqueue(self, upstream, cap, key):
         """Insert the request's entry; (entry id, RUNS_NOW, RUNS_AFTER_A_WAIT or WAITS).
 
-        One round trip: a single statement on SQLite (it takes the write lock for
-        itself), a function on PostgreSQL.
+        Requests that arrive while another enters the same upstream's queue enter
+        together, after it, in one round trip (app/gather.py).
         """
         entry_id, step = secrets.randbits(62), 1.0 / max(1, key.priority or 1)
-        if is_postgres():
-            outcome = db.execute_sql(_PG_ENTER, (
-                entry_id, upstream, key.id, self.holder, step, now, cap, self.lease_seconds,
-                self.fair, self.per_key, _lock_id(upstream))).fetchone()[0]
-        else:
-            with peewee.__exception_wrapper__:  # sqlite3 reports some errors on reading
-                row = _run(_ENTER + " RETURNING granted_at", (
-                    entry_id, upstream, key.id, self.holder, step, now, cap, now,
-                    now + self.lease_seconds, int(self.fair), key.id, now, key.id, upstream,
-                    now, cap, self.per_key)).fetchone()
-            outcome = -1 if row is None else int(row[0] is not None)
+        outcome = self._entering((upstream, cap), (entry_id, key.id, step))
         if outcome < 0:
             raise RateLimited(
                 f"queue full: this key already has {self.per_key} requests waiting for "
@@ -238,31 +236,71 @@ class FairQueue:
             return entry_id, RUNS_NOW
         # Waiting. A slot may be free all the same, if one lapsed: grant what is due (or a
         # slot freed meanwhile was granted to it).
-        self._dispatch(upstream, cap, now)
-        granted = _run(_GRANTED, (entry_id,)).fetchone()[0] is not None
+        with db.connection_context():
+            self._dispatch(upstream, cap, time.time())
+            granted = _run(_GRANTED, (entry_id,)).fetchone()[0] is not None
         return entry_id, RUNS_AFTER_A_WAIT if granted else WAITS
 
-    def _leave(self, entry_id, upstream, cap, now):
-        """Delete the entry (None: none) and grant free slots to the next waiting requests.
+    def _enter_batch(self, group, entries):
+        """Enter [(entry id, key id, step)] in order: 1 runs now, 0 waits, -1 queue full.
+
+        One round trip: a function call per entry in one statement on PostgreSQL; on
+        SQLite one statement each, under one turn at the write lock.
+        """
+        (upstream, cap), now = group, time.time()
+        with db.connection_context():
+            if is_postgres():
+                ids, keys, steps = zip(*entries, strict=True)
+                rows = db.execute_sql(_PG_ENTER, (
+                    upstream, self.holder, now, cap, self.lease_seconds, self.fair,
+                    self.per_key, _lock_id(upstream), list(ids), list(keys),
+                    list(steps))).fetchall()
+                return [outcome for _, outcome in sorted(rows)]
+            with db.atomic() if len(entries) > 1 else contextlib.nullcontext():
+                return [self._enter_sqlite(upstream, cap, now, *entry) for entry in entries]
+
+    def _enter_sqlite(self, upstream, cap, now, entry_id, key_id, step):
+        with peewee.__exception_wrapper__:  # sqlite3 reports some errors on reading
+            row = _run(_ENTER + " RETURNING granted_at", (
+                entry_id, upstream, key_id, self.holder, step, now, cap, now,
+                now + self.lease_seconds, int(self.fair), key_id, now, key_id, upstream,
+                now, cap, self.per_key)).fetchone()
+        return -1 if row is None else int(row[0] is not None)
+
+    def _leave_batch(self, group, entry_ids):
+        """Leave the upstream's queue with a batch of entries (see _leave)."""
+        upstream, cap = group
+        with db.connection_context():
+            self._leave(entry_ids, upstream, cap, time.time())
+        return [None] * len(entry_ids)
+
+    def _leave(self, entry_ids, upstream, cap, now):
+        """Delete the entries (none: []) and grant free slots to the next waiting requests.
 
         Whoever was granted one hears of it: through NOTIFY on PostgreSQL (this worker
         too), directly or by its poll on SQLite.
         """
         if is_postgres():
-            db.execute_sql(_PG_LEAVE, (entry_id, upstream, cap, now, _lock_id(upstream),
-                                       CHANNEL)).fetchone()
+            db.execute_sql(_PG_LEAVE, (upstream, cap, now, _lock_id(upstream), CHANNEL,
+                                       list(entry_ids) or [None])).fetchall()
             return
-        if entry_id is not None:
-            _run(_DELETE, (entry_id,))
-        running, waiting = self._state(upstream, now)
-        if waiting and running < cap:  # under the write lock: the grant checks again
+        waiting = None
+        if entry_ids:
+            with peewee.__exception_wrapper__:
+                rows = _run(_DELETE.format(ids=", ".join("{p}" for _ in entry_ids)),
+                            (*entry_ids, upstream, now)).fetchall()
+            # No row deleted (already lapsed): look, as with nothing to delete.
+            waiting = max((row[0] for row in rows), default=None)
+        if waiting is None:
+            waiting = self._state(upstream, now)[1]
+        if waiting:  # under the write lock: the grant checks again
             with db.atomic():
                 grants = self._dispatch_locked(upstream, cap, now)
             self._announce(grants)
 
     def _dispatch(self, upstream, cap, now):
         """Grant free slots to waiting entries (a slot that lapsed frees no one)."""
-        self._leave(None, upstream, cap, now)
+        self._leave([], upstream, cap, now)
 
     def _dispatch_locked(self, upstream, cap, now):
         running, waiting = self._state(upstream, now)
@@ -394,7 +432,7 @@ class FairQueue:
     def _retry_releases(self, unreleased):
         with db.connection_context():
             for entry_id, (upstream, cap) in unreleased.items():
-                self._leave(entry_id, upstream, cap, time.time())
+                self._leave([entry_id], upstream, cap, time.time())
                 with self._lock:
                     self._unreleased.pop(entry_id, None)
         log.info("freed %d queue slot(s) once the database was back", len(unreleased))

@@ -20,6 +20,7 @@ from flask import g
 
 from app.db import db, forget_idle_connections, is_postgres
 from app.errors import RateLimited
+from app.gather import Gather
 from app.limits import format_rate_limit, format_token_quota, quota_period
 from app.models import ApiKey, ConcurrencySlot, RateCounter, TokenUsage
 
@@ -59,16 +60,6 @@ def tokens_used(key_id, period_start):
             .scalar()) or 0
 
 
-class _Group:
-    """Requests of one key and window that one counting statement admits together."""
-
-    def __init__(self):
-        self.size = 1
-        self.done = threading.Event()
-        self.count = None  # the window's count after the statement added `size`
-        self.error = None
-
-
 class Limiter:
     def __init__(self, lease_seconds=60):
         self.lease_seconds = lease_seconds
@@ -79,8 +70,7 @@ class Limiter:
         self._lock = threading.Lock()
         self._count_sql_for = None  # the database _count_sql_cached was rendered for
         self._count_sql_cached = None
-        self._counting = {}  # (key id, window) -> the group whose statement is running
-        self._gathering = {}  # (key id, window) -> the group that waits to run next
+        self._counting = Gather(self._count_batch)  # groups: (key id, window)
 
     def admit(self, key, now=None):
         """Count one request for `key` and take a concurrency slot, or raise 429."""
@@ -177,48 +167,19 @@ class Limiter:
 
         While one statement for a key runs (a PostgreSQL round trip, a SQLite lock wait),
         that key's next requests gather behind it and are then counted by a single
-        `count + n`, instead of queueing one by one on the counter row. The database
-        still adds every request it admits, so the limit holds across workers and
-        instances; the statement's result says which of the n fit (the first ones).
+        `count + n`, instead of queueing one by one on the counter row (app/gather.py).
+        The database still adds every request it admits, so the limit holds across
+        workers and instances; the statement's result says which of the n fit (the first).
         """
         window = self._window(key, now, admission)
-        slot = (key.id, window)
-        with self._lock:
-            group = self._gathering.get(slot)
-            running = self._counting.get(slot)
-            if group is not None:  # join the group that runs next
-                position, group.size = group.size, group.size + 1
-                leads = False
-            else:
-                group, position, leads = _Group(), 0, True
-                if running is None:
-                    self._counting[slot] = group
-                else:
-                    self._gathering[slot] = group
-        if not leads:
-            group.done.wait()
-        else:
-            try:
-                if running is not None:
-                    running.done.wait()
-                    with self._lock:  # no one joins from here: later requests gather anew
-                        del self._gathering[slot]
-                        self._counting[slot] = group
-                group.count = self._add(key, window, group.size)
-            except BaseException as exc:
-                # The others fail as on any database error; this request as it failed.
-                group.error = exc if isinstance(exc, Exception) else peewee.OperationalError(
-                    "counting this key's requests was interrupted")
-                raise
-            finally:
-                with self._lock:
-                    for groups in (self._gathering, self._counting):
-                        if groups.get(slot) is group:
-                            del groups[slot]
-                group.done.set()
-        if group.error is not None:
-            raise group.error
-        self._admit_from(key, now, admission, group.count, group.size, position)
+        count, n, position = self._counting((key.id, window), key)
+        self._admit_from(key, now, admission, count, n, position)
+
+    def _count_batch(self, group, keys):
+        """Add a batch of one key's requests to its window: (count after, n, position) each."""
+        _, window = group
+        count = self._add(keys[0], window, len(keys))
+        return [(count, len(keys), position) for position in range(len(keys))]
 
     def _add(self, key, window, n):
         """Add n requests to the key's window; its count after, or None if it was full."""

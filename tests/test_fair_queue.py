@@ -189,6 +189,43 @@ def test_a_waiting_request_is_granted_when_a_lapsed_slot_is_noticed(make_queue, 
     queue.release(waiter.ticket)
 
 
+def test_requests_arriving_together_enter_and_leave_in_few_statements_within_the_cap(
+        queue, make_key, monkeypatch):
+    """While one request's statement runs (a slow database here), the next gather and run
+    as one: the cap still holds, fair order holds inside a batch, and every slot freed
+    together is granted."""
+    greedy, light = key_info(make_key, "greedy"), key_info(make_key, "light")
+    batches = {"enter": [], "leave": []}
+    for name, gather in (("enter", queue._entering), ("leave", queue._leaving)):
+        def slow(group, items, run=gather._run, sizes=batches[name]):
+            sizes.append(len(items))
+            time.sleep(0.2)
+            return run(group, items)
+        monkeypatch.setattr(gather, "_run", slow)
+    order = []
+    waiters = [Waiter(queue, greedy, cap=3, order=order) for _ in range(9)]
+    wait_until_waiting(6)
+    late = Waiter(queue, light, cap=3, order=order)
+    wait_until_waiting(7)
+    assert sum(batches["enter"]) == 10 and len(batches["enter"]) < 10
+    running = [w for w in waiters if w.ticket is not None]
+    assert len(running) == 3 and QueueEntry.select().count() == 10
+    releases = [threading.Thread(target=queue.release, args=(w.ticket,)) for w in running]
+    for thread in releases:
+        thread.start()
+    for thread in releases:
+        thread.join(30)
+    assert len(batches["leave"]) < 3
+    assert wait_for(lambda: sum(bool(w.ticket) for w in [*waiters, late]) == 6, 30)
+    assert late.ticket is not None, f"served in the order {order}"  # ahead of the backlog
+    for w in [*waiters, late]:
+        w.join(30)
+        if w not in running:
+            queue.release(w.ticket)
+    assert QueueEntry.select().count() == 0
+    assert queue._entering.idle() and queue._leaving.idle()
+
+
 def test_a_key_with_priority_2_gets_twice_the_slots_of_a_key_with_1(queue, make_key):
     _, low_row = make_key("low")
     _, high_row = make_key("high", priority=2)
@@ -237,7 +274,9 @@ def test_waits_and_waiting_requests_show_in_the_metrics(queue, make_key):
     waiter = Waiter(queue, key)
     wait_until_waiting(1)
     labels = f'key="{key.prefix}",upstream="{UPSTREAM}"'
-    assert f"ollama_gw_queue_waiting{{{labels}}} 1.0" in metrics.exposition()[0].decode()
+    # The gauge goes up just after the entry is in the table.
+    assert wait_for(lambda: f"ollama_gw_queue_waiting{{{labels}}} 1.0"
+                    in metrics.exposition()[0].decode(), 30)
     queue.release(running)
     serve_one_at_a_time(queue, [waiter])
     text = metrics.exposition()[0].decode()

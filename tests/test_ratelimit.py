@@ -125,7 +125,7 @@ def test_a_burst_on_one_key_is_counted_in_few_statements_and_exactly(
     assert sorted(a.remaining for a in wins) == list(range(25))
     assert all(r.headers["X-RateLimit-Remaining"] == "0" for r in losses)
     assert limiter.peek(key, now=T0).remaining == 0  # and the window stays full
-    assert not limiter._counting and not limiter._gathering
+    assert limiter._counting.idle()
 
 
 def test_a_key_cannot_exceed_its_concurrent_requests(limiter, make_key):
