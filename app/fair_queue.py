@@ -67,17 +67,23 @@ _ENTER = (
     "FROM queue_entry WHERE upstream = {p} AND expires_at > {p}) s "
     "WHERE s.running < {p} OR s.mine < {p}")
 # Leaving: the entries go, and the statement says whether anyone waits for a slot.
-_DELETE = ("DELETE FROM queue_entry WHERE id IN ({ids}) RETURNING ("
-           "SELECT COUNT(*) FROM queue_entry q WHERE q.upstream = {{p}} AND q.granted_at IS NULL "
-           "AND q.expires_at > {{p}})")
+# (The entries deleted are left out by id: SQLite does not say whether a subquery in
+# RETURNING sees the table before or after the rows it deletes.)
+_DELETE = ("DELETE FROM queue_entry WHERE id IN ({ids}) RETURNING "
+           "(SELECT COUNT(*) FROM queue_entry q WHERE q.upstream = {{p}} "
+           "AND q.granted_at IS NOT NULL AND q.expires_at > {{p}} AND q.id NOT IN ({ids})), "
+           "(SELECT COUNT(*) FROM queue_entry q WHERE q.upstream = {{p}} "
+           "AND q.granted_at IS NULL AND q.expires_at > {{p}} AND q.id NOT IN ({ids}))")
 # PostgreSQL: entering and leaving are functions (migrations/0008_fair_queue.py), each
 # holding the upstream's lock only while the server works; a batch of entries is one
 # statement, one round trip, the calls made in the batch's order.
-_PG_ENTER = ("SELECT n, ollama_gw_queue_enter(id, %s, key_id, %s, step, %s, %s, %s, %s, %s, %s) "
-             "FROM unnest(%s::bigint[], %s::bigint[], %s::float8[]) WITH ORDINALITY "
-             "AS e(id, key_id, step, n)")
-_PG_LEAVE = ("SELECT ollama_gw_queue_leave(id, %s, %s, %s, %s, %s) "
-             "FROM unnest(%s::bigint[]) AS e(id)")
+# ORDER BY n makes PostgreSQL call the functions in the batch's order (the plan keeps
+# unnest's order and sorts nothing); each call sees what the calls before it wrote.
+_PG_ENTER = ("SELECT n, ollama_gw_queue_enter(id, %s, key_id, %s, step, arrived, %s, %s, %s, %s, "
+             "%s) FROM unnest(%s::bigint[], %s::bigint[], %s::float8[], %s::float8[]) "
+             "WITH ORDINALITY AS e(id, key_id, step, arrived, n) ORDER BY n")
+_PG_LEAVE = ("SELECT n, ollama_gw_queue_leave(id, %s, %s, %s, %s, %s) "
+             "FROM unnest(%s::bigint[]) WITH ORDINALITY AS e(id, n) ORDER BY n")
 _GRANTED = "SELECT granted_at FROM queue_entry WHERE id = {p}"
 _STATE = ("SELECT COALESCE(SUM(CASE WHEN granted_at IS NOT NULL THEN 1 ELSE 0 END), 0), "
           "COALESCE(SUM(CASE WHEN granted_at IS NULL THEN 1 ELSE 0 END), 0) "
@@ -146,13 +152,17 @@ class FairQueue:
         `max_wait` seconds; a client hang-up (through `watch`) leaves the queue at once.
         None, and no wait, while the database is unreachable.
         """
-        started = time.monotonic()
+        started, entry_id = time.monotonic(), secrets.randbits(62)
         try:
-            entry_id, granted = self._enqueue(upstream, cap, key)
+            granted = self._enqueue(entry_id, upstream, cap, key)
         except DATABASE_ERRORS as exc:
             # Without the database the queue cannot be shared: the request goes on
-            # uncounted, and Ollama queues it as it would without a gateway.
+            # uncounted, and Ollama queues it as it would without a gateway. Its entry,
+            # if it was made, is deleted once the database answers again.
             forget_idle_connections()
+            with self._lock:
+                self._unreleased[entry_id] = (upstream, cap)
+            self._start_keeper()
             if time.monotonic() >= self._warned_at + 10:
                 self._warned_at = time.monotonic()
                 log.warning("the fair queue cannot reach the database; requests go to "
@@ -219,47 +229,47 @@ class FairQueue:
         running, waiting = _run(_STATE, (upstream, now)).fetchone()
         return int(running), int(waiting)
 
-    def _enqueue(self, upstream, cap, key):
-        """Insert the request's entry; (entry id, RUNS_NOW, RUNS_AFTER_A_WAIT or WAITS).
+    def _enqueue(self, entry_id, upstream, cap, key):
+        """Insert the request's entry: RUNS_NOW, RUNS_AFTER_A_WAIT or WAITS.
 
         Requests that arrive while another enters the same upstream's queue enter
-        together, after it, in one round trip (app/gather.py).
+        together, after it, in one round trip (app/gather.py), each with the time it
+        arrived (first come, first served orders by it).
         """
-        entry_id, step = secrets.randbits(62), 1.0 / max(1, key.priority or 1)
-        outcome = self._entering((upstream, cap), (entry_id, key.id, step))
+        step = 1.0 / max(1, key.priority or 1)
+        outcome = self._entering((upstream, cap), (entry_id, key.id, step, time.time()))
         if outcome < 0:
             raise RateLimited(
                 f"queue full: this key already has {self.per_key} requests waiting for "
                 f"upstream {upstream} (queue_per_key); retry when one is answered",
                 headers={"Retry-After": "1"}, refusal="queue_full")
         if outcome:
-            return entry_id, RUNS_NOW
+            return RUNS_NOW
         # Waiting. A slot may be free all the same, if one lapsed: grant what is due (or a
         # slot freed meanwhile was granted to it).
         with db.connection_context():
             self._dispatch(upstream, cap, time.time())
             granted = _run(_GRANTED, (entry_id,)).fetchone()[0] is not None
-        return entry_id, RUNS_AFTER_A_WAIT if granted else WAITS
+        return RUNS_AFTER_A_WAIT if granted else WAITS
 
     def _enter_batch(self, group, entries):
-        """Enter [(entry id, key id, step)] in order: 1 runs now, 0 waits, -1 queue full.
+        """Enter [(entry id, key id, step, arrived)] in order: 1 runs now, 0 waits, -1 full.
 
         One round trip: a function call per entry in one statement on PostgreSQL; on
         SQLite one statement each, under one turn at the write lock.
         """
-        (upstream, cap), now = group, time.time()
+        upstream, cap = group
         with db.connection_context():
             if is_postgres():
-                ids, keys, steps = zip(*entries, strict=True)
+                ids, keys, steps, arrived = (list(c) for c in zip(*entries, strict=True))
                 rows = db.execute_sql(_PG_ENTER, (
-                    upstream, self.holder, now, cap, self.lease_seconds, self.fair,
-                    self.per_key, _lock_id(upstream), list(ids), list(keys),
-                    list(steps))).fetchall()
-                return [outcome for _, outcome in sorted(rows)]
+                    upstream, self.holder, cap, self.lease_seconds, self.fair, self.per_key,
+                    _lock_id(upstream), ids, keys, steps, arrived)).fetchall()
+                return [outcome for _, outcome in rows]
             with db.atomic() if len(entries) > 1 else contextlib.nullcontext():
-                return [self._enter_sqlite(upstream, cap, now, *entry) for entry in entries]
+                return [self._enter_sqlite(upstream, cap, *entry) for entry in entries]
 
-    def _enter_sqlite(self, upstream, cap, now, entry_id, key_id, step):
+    def _enter_sqlite(self, upstream, cap, entry_id, key_id, step, now):
         with peewee.__exception_wrapper__:  # sqlite3 reports some errors on reading
             row = _run(_ENTER + " RETURNING granted_at", (
                 entry_id, upstream, key_id, self.holder, step, now, cap, now,
@@ -284,16 +294,16 @@ class FairQueue:
             db.execute_sql(_PG_LEAVE, (upstream, cap, now, _lock_id(upstream), CHANNEL,
                                        list(entry_ids) or [None])).fetchall()
             return
-        waiting = None
+        state = None
         if entry_ids:
+            ids = ", ".join("{p}" for _ in entry_ids)
             with peewee.__exception_wrapper__:
-                rows = _run(_DELETE.format(ids=", ".join("{p}" for _ in entry_ids)),
-                            (*entry_ids, upstream, now)).fetchall()
-            # No row deleted (already lapsed): look, as with nothing to delete.
-            waiting = max((row[0] for row in rows), default=None)
-        if waiting is None:
-            waiting = self._state(upstream, now)[1]
-        if waiting:  # under the write lock: the grant checks again
+                state = _run(_DELETE.format(ids=ids), (
+                    *entry_ids, upstream, now, *entry_ids, upstream, now, *entry_ids)).fetchone()
+        if state is None:  # nothing to delete, or it was gone (lapsed): look all the same
+            state = self._state(upstream, now)
+        running, waiting = state
+        if waiting and running < cap:  # under the write lock: the grant checks again
             with db.atomic():
                 grants = self._dispatch_locked(upstream, cap, now)
             self._announce(grants)
@@ -430,11 +440,16 @@ class FairQueue:
                 self._dispatch(upstream, cap, time.time())
 
     def _retry_releases(self, unreleased):
+        by_upstream = {}
+        for entry_id, upstream_cap in unreleased.items():
+            by_upstream.setdefault(upstream_cap, []).append(entry_id)
         with db.connection_context():
-            for entry_id, (upstream, cap) in unreleased.items():
-                self._leave([entry_id], upstream, cap, time.time())
+            for (upstream, cap), entry_ids in by_upstream.items():
+                for at in range(0, len(entry_ids), 500):  # within SQLite's parameter limit
+                    self._leave(entry_ids[at:at + 500], upstream, cap, time.time())
                 with self._lock:
-                    self._unreleased.pop(entry_id, None)
+                    for entry_id in entry_ids:
+                        self._unreleased.pop(entry_id, None)
         log.info("freed %d queue slot(s) once the database was back", len(unreleased))
 
     def _renew(self, entry_ids):

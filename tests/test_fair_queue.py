@@ -195,13 +195,8 @@ def test_requests_arriving_together_enter_and_leave_in_few_statements_within_the
     as one: the cap still holds, fair order holds inside a batch, and every slot freed
     together is granted."""
     greedy, light = key_info(make_key, "greedy"), key_info(make_key, "light")
-    batches = {"enter": [], "leave": []}
-    for name, gather in (("enter", queue._entering), ("leave", queue._leaving)):
-        def slow(group, items, run=gather._run, sizes=batches[name]):
-            sizes.append(len(items))
-            time.sleep(0.2)
-            return run(group, items)
-        monkeypatch.setattr(gather, "_run", slow)
+    batches = {"enter": slow_batches(queue._entering, monkeypatch),
+               "leave": slow_batches(queue._leaving, monkeypatch)}
     order = []
     waiters = [Waiter(queue, greedy, cap=3, order=order) for _ in range(9)]
     wait_until_waiting(6)
@@ -224,6 +219,41 @@ def test_requests_arriving_together_enter_and_leave_in_few_statements_within_the
             queue.release(w.ticket)
     assert QueueEntry.select().count() == 0
     assert queue._entering.idle() and queue._leaving.idle()
+
+
+def slow_batches(gather, monkeypatch, seconds=0.2):
+    """Make each of the gather's batches take `seconds`; the list of their sizes."""
+    sizes = []
+    run = gather._run
+
+    def slow(group, items):
+        sizes.append(len(items))
+        time.sleep(seconds)
+        return run(group, items)
+
+    monkeypatch.setattr(gather, "_run", slow)
+    return sizes
+
+
+def test_without_fairness_requests_entering_together_are_served_in_arrival_order(
+        make_queue, make_key, monkeypatch):
+    queue = make_queue(fair=False)
+    keys = [key_info(make_key, f"k{i}") for i in range(6)]
+    running = queue.acquire(UPSTREAM, 1, keys[0])
+    sizes = slow_batches(queue._entering, monkeypatch)
+    order = []
+    waiters = [Waiter(queue, key, order=order) for key in keys]
+    wait_until_waiting(6)
+    assert max(sizes) > 1  # some entered in one batch
+    names = {key.id: key.name for key in keys}
+    entries = list(QueueEntry.select(QueueEntry.key_id, QueueEntry.enqueued_at)
+                   .where(QueueEntry.granted_at.is_null()).order_by(QueueEntry.enqueued_at)
+                   .tuples())
+    assert len({at for _, at in entries}) == 6  # each keeps the moment it arrived
+    arrived = [names[key_id] for key_id, _ in entries]
+    queue.release(running)
+    serve_one_at_a_time(queue, waiters)
+    assert order == arrived
 
 
 def test_a_key_with_priority_2_gets_twice_the_slots_of_a_key_with_1(queue, make_key):
