@@ -141,7 +141,6 @@ def forward(key, path, body, query=b"", transform=None, rewrite=None, model=None
     """
     _, limiter, pool = services()
     admission = limiter.admit(key)
-    db.close()  # the wait on Ollama may take minutes: give the connection back now
     outcome = RelayOutcome(status=0, started=time.monotonic())
     pending = request_record.current()
     if pending is not None:
@@ -218,13 +217,15 @@ def forward(key, path, body, query=b"", transform=None, rewrite=None, model=None
 def _send_to_first(members, chosen, pending, watch, take_slot, *request_args):
     """The first upstream's answer that takes the request; the one used goes in `chosen`.
 
-    `take_slot(member)` waits for a slot there first (app/fair_queue.py); a slot at an
-    upstream that failed is given back before the next is tried.
+    `take_slot(member)` waits for a slot there first (app/fair_queue.py), on the
+    connection the rate limit used (a wait gives it back); a slot at an upstream that
+    failed is given back before the next is tried.
     """
     for i, member in enumerate(members):
         if pending is not None:
             pending.upstream = member.name
         slot = take_slot(member)
+        db.close()  # the wait on Ollama may take minutes: give the connection back now
         member.in_flight += 1
         chosen.append(member)
         started = time.monotonic()

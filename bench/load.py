@@ -228,6 +228,7 @@ PROFILE_AREAS = [
     ("app: read and parse the JSON body", ("read_body (app/", "JsonBody.")),
     ("app: authenticate (key cache)", ("_authenticate (app/",)),
     ("app: rate limit (database write)", ("Limiter.admit (app/",)),
+    ("app: fair queue: enter and leave an upstream's queue", ("FairQueue.",)),
     ("app: send to upstream (requests/urllib3/http.client)", ("open_upstream (app/",)),
     ("app: relay the answer body", ("RelayBody",)),
     ("app: client-hang-up watcher", ("ClientWatch",)),
