@@ -10,6 +10,8 @@ import threading
 
 import peewee
 
+from app.cooperative import pause
+
 
 class _Batch:
     def __init__(self, item):
@@ -43,16 +45,18 @@ class Gather:
                 batch.items.append(item)
             else:
                 batch, position, leads = _Batch(item), 0, True
-                (self._gathering if running is not None else self._running)[group] = batch
+                self._gathering[group] = batch
         if not leads:
             batch.done.wait()
         else:
             try:
                 if running is not None:
                     running.done.wait()
-                    with self._lock:  # no one joins from here: later items gather anew
-                        del self._gathering[group]
-                        self._running[group] = batch
+                else:
+                    pause()  # greenlets about to do the same join in (gevent only)
+                with self._lock:  # no one joins from here: later items gather anew
+                    del self._gathering[group]
+                    self._running[group] = batch
                 batch.results = self._run(group, batch.items)
             except BaseException as exc:
                 batch.error = exc if isinstance(exc, Exception) else peewee.OperationalError(
