@@ -203,8 +203,9 @@ def test_requests_arriving_together_enter_and_leave_in_few_statements_within_the
     late = Waiter(queue, light, cap=3, order=order)
     wait_until_waiting(7)
     assert sum(batches["enter"]) == 10 and len(batches["enter"]) < 10
+    assert wait_for(lambda: sum(w.ticket is not None for w in waiters) == 3, 30)
     running = [w for w in waiters if w.ticket is not None]
-    assert len(running) == 3 and QueueEntry.select().count() == 10
+    assert QueueEntry.select().count() == 10
     releases = [threading.Thread(target=queue.release, args=(w.ticket,)) for w in running]
     for thread in releases:
         thread.start()
@@ -213,10 +214,7 @@ def test_requests_arriving_together_enter_and_leave_in_few_statements_within_the
     assert len(batches["leave"]) < 3
     assert wait_for(lambda: sum(bool(w.ticket) for w in [*waiters, late]) == 6, 30)
     assert late.ticket is not None, f"served in the order {order}"  # ahead of the backlog
-    for w in [*waiters, late]:
-        w.join(30)
-        if w not in running:
-            queue.release(w.ticket)
+    serve_one_at_a_time(queue, [w for w in [*waiters, late] if w not in running])
     assert QueueEntry.select().count() == 0
     assert queue._entering.idle() and queue._leaving.idle()
 
