@@ -66,7 +66,7 @@ _ENTER = (
     "COALESCE(SUM(CASE WHEN granted_at IS NULL AND key_id = {p} THEN 1 ELSE 0 END), 0) AS mine "
     "FROM queue_entry WHERE upstream = {p} AND expires_at > {p}) s "
     "WHERE s.running < {p} OR s.mine < {p}")
-# Leaving: the entries go, and the statement says whether anyone waits for a slot.
+# Leaving: the entries go, and the statement says how many others run and wait.
 # (The entries deleted are left out by id: SQLite does not say whether a subquery in
 # RETURNING sees the table before or after the rows it deletes.)
 _DELETE = ("DELETE FROM queue_entry WHERE id IN ({ids}) RETURNING "
@@ -75,14 +75,13 @@ _DELETE = ("DELETE FROM queue_entry WHERE id IN ({ids}) RETURNING "
            "(SELECT COUNT(*) FROM queue_entry q WHERE q.upstream = {{p}} "
            "AND q.granted_at IS NULL AND q.expires_at > {{p}} AND q.id NOT IN ({ids}))")
 # PostgreSQL: entering and leaving are functions (migrations/0008_fair_queue.py), each
-# holding the upstream's lock only while the server works; a batch of entries is one
-# statement, one round trip, the calls made in the batch's order.
-# ORDER BY n makes PostgreSQL call the functions in the batch's order (the plan keeps
-# unnest's order and sorts nothing); each call sees what the calls before it wrote.
+# holding the upstream's lock only while the server works. A batch is one statement, one
+# round trip: ORDER BY n makes PostgreSQL call the functions in the batch's order (the
+# plan keeps unnest's order and sorts nothing), and each call sees what those before wrote.
 _PG_ENTER = ("SELECT n, ollama_gw_queue_enter(id, %s, key_id, %s, step, arrived, %s, %s, %s, %s, "
              "%s) FROM unnest(%s::bigint[], %s::bigint[], %s::float8[], %s::float8[]) "
              "WITH ORDINALITY AS e(id, key_id, step, arrived, n) ORDER BY n")
-_PG_LEAVE = ("SELECT n, ollama_gw_queue_leave(id, %s, %s, %s, %s, %s) "
+_PG_LEAVE = ("SELECT ollama_gw_queue_leave(id, %s, %s, %s, %s, %s) "
              "FROM unnest(%s::bigint[]) WITH ORDINALITY AS e(id, n) ORDER BY n")
 _GRANTED = "SELECT granted_at FROM queue_entry WHERE id = {p}"
 _STATE = ("SELECT COALESCE(SUM(CASE WHEN granted_at IS NOT NULL THEN 1 ELSE 0 END), 0), "
@@ -450,7 +449,8 @@ class FairQueue:
                 with self._lock:
                     for entry_id in entry_ids:
                         self._unreleased.pop(entry_id, None)
-        log.info("freed %d queue slot(s) once the database was back", len(unreleased))
+        log.info("cleared %d queue entr(y/ies) left by failed database calls, now that the "
+                 "database answers", len(unreleased))
 
     def _renew(self, entry_ids):
         now = time.time()

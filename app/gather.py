@@ -4,7 +4,9 @@ A statement per request is a round trip each (PostgreSQL) or a turn at the write
 each (SQLite): under load, one key's or one upstream's requests would queue behind each
 other one statement at a time. Here, while a statement for a group runs, the group's
 next requests gather, and the first of them runs them all in one go once it is done.
-With no one else waiting, a request runs at once, alone, as before.
+A request that finds nothing running yields once first (under gevent), so that the
+worker's other ready requests can join it: a SQLite statement never yields, and without
+that pause nobody could ever gather behind one.
 """
 import threading
 
