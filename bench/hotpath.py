@@ -6,6 +6,7 @@ calls the pieces of one /api/generate request directly, without gunicorn or sock
 on the client side (the fake upstream still answers over loopback):
 
   admit     Limiter.admit(key): the rate-limit upsert in its transaction
+  queue     FairQueue.acquire() and release() of a slot at an upstream with slots free
   send      Upstream.send() of a non-streaming request, body read, response closed
   request   the whole Flask request through app.test_client(): auth, admit, send, relay
 
@@ -60,6 +61,12 @@ def measure(src, key, calls):
             pass
         response.close()
 
+    queue = app.extensions.get("fair_queue")
+
+    def enter_and_leave():
+        with app.app_context():
+            queue.release(queue.acquire("bench", 100000, info))
+
     def request():
         response = client.post("/api/generate", data=body, headers=headers)
         response.get_data()
@@ -67,7 +74,9 @@ def measure(src, key, calls):
         response.close()
 
     result = {}
-    for name, fn in (("admit", admit), ("send", send), ("request", request)):
+    pieces = [("admit", admit), ("queue", enter_and_leave), ("send", send),
+              ("request", request)]
+    for name, fn in pieces if queue is not None else pieces[:1] + pieces[2:]:
         for _ in range(min(200, calls)):
             fn()
         start = time.process_time()
@@ -138,11 +147,12 @@ def main():
                     file=sys.stderr, flush=True)
         print(f"CPU µs per call, median of {args.rounds} rounds × {args.calls} calls "
               f"({'PostgreSQL' if args.postgres else 'SQLite'}):")
-        print(f"{'':10}" + "".join(f"{k:>10}" for k in ("admit", "send", "request")))
+        pieces = [k for k in ("admit", "queue", "send", "request")
+                  if all(k in s for ss in samples.values() for s in ss)]
+        print(f"{'':10}" + "".join(f"{k:>10}" for k in pieces))
         for label in srcs:
             print(f"{label:10}" + "".join(
-                f"{statistics.median(s[k] for s in samples[label]):10.0f}"
-                for k in ("admit", "send", "request")))
+                f"{statistics.median(s[k] for s in samples[label]):10.0f}" for k in pieces))
     finally:
         upstream.terminate()
         upstream.wait(10)
