@@ -30,6 +30,11 @@ log = logging.getLogger(__name__)
 _peewee_errors = peewee.__exception_wrapper__
 # Seconds between retries of a slot release the database refused.
 RETRY_SECONDS = 1.0
+# PostgreSQL: a count (and a slot taken in its transaction) commits without waiting for
+# the disk. Every worker and instance sees it at once all the same; only a crash of the
+# database server can forget its last moments' counts (README, Keys and limits). A commit
+# that waits keeps the key's counter row locked through the flush (bench/: 1.04-1.07x).
+ASYNC_COMMIT = "SET LOCAL synchronous_commit = off; "
 # Stand-ins for one request's values in the cached counting statement (see _count_sql).
 _KEY, _WINDOW, _LIMIT, _N = -7001, -7002, -7003, -7004
 
@@ -185,6 +190,8 @@ class Limiter:
         """Add n requests to the key's window; its count after, or None if it was full."""
         sql, params = self._count_sql()
         values = {_KEY: key.id, _WINDOW: window, _LIMIT: key.rate_limit, _N: n}
+        if is_postgres():
+            sql = ASYNC_COMMIT + sql
         cursor = db.execute_sql(sql, [values.get(p, p) for p in params])
         with _peewee_errors:  # sqlite3 reports a full disk only when the row is read
             row = next(iter(cursor), None)
