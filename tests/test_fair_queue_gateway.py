@@ -67,6 +67,21 @@ def test_every_worker_and_instance_keeps_the_upstreams_cap(gateway, fake, databa
     assert wait_for(lambda: queue_is_empty(gateway), 30)
 
 
+def test_a_rate_limited_burst_is_counted_exactly_and_only_what_it_admits_waits(gateway, fake):
+    """12 requests at once from a key allowing 5 a day, at an upstream serving 2 at once:
+    exactly 5 are answered, never more than 2 at a time, and the 7 the rate limit refuses
+    take no place in the queue."""
+    fake.token_delay = 0.02
+    key = gateway.add_key("--name", "burst", "--rate-limit", "5/day")["key"]
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        answers = list(pool.map(lambda _: generate(gateway.url, key), range(12)))
+    assert sorted(r.status_code for r in answers) == [200] * 5 + [429] * 7
+    assert all(r.json()["error"].startswith("rate limit exceeded")
+               for r in answers if r.status_code == 429)
+    assert fake.most_running <= 2
+    assert wait_for(lambda: queue_is_empty(gateway), 30)
+
+
 def test_a_light_key_is_served_before_a_greedy_keys_backlog(gateway, fake):
     fake.token_delay = 0.05  # 5 tokens: about a quarter second a request
     greedy, light = new_key(gateway, "greedy"), new_key(gateway, "light")
