@@ -162,8 +162,8 @@ class _Handler(OpenAIRoutes, BaseHTTPRequestHandler):
     def _dispatch(self):
         path, self._started, self._streaming = self.path.split("?", 1)[0], False, False
         cancellations = self.fake.cancellations  # so a reset() mid-request doesn't inherit this one
-        running = self.command == "POST" and (path.startswith("/v1/") or path in RUNS_MODEL)
-        if running:
+        self._counted = self.command == "POST" and (path.startswith("/v1/") or path in RUNS_MODEL)
+        if self._counted:
             self.fake._running(+1)
         try:
             if path.startswith("/api/blobs/") and self.command in ("HEAD", "POST"):
@@ -189,8 +189,7 @@ class _Handler(OpenAIRoutes, BaseHTTPRequestHandler):
             if self._streaming:
                 with self.fake._lock:
                     self.fake.active_streams -= 1
-            if running:
-                self.fake._running(-1)
+            self._done_running()
 
     do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _dispatch
 
@@ -231,11 +230,23 @@ class _Handler(OpenAIRoutes, BaseHTTPRequestHandler):
             400, f"json: cannot unmarshal {kind} into Go value of type api.{go_type}"
         )
 
+    def _done_running(self):
+        """No longer count this request as running: called as its last bytes go out.
+
+        The gateway can free the request's slot and send the next request once it has
+        those bytes, which may be before this thread runs again on a busy machine; counted
+        any later, two requests the cap kept apart could be counted at once.
+        """
+        if self._counted:
+            self._counted = False
+            self.fake._running(-1)
+
     def _send(self, status: int, body: bytes = b"", ctype: str | None = None):
         self.send_response(status)
         if ctype:
             self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
+        self._done_running()
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
@@ -403,6 +414,7 @@ class _Handler(OpenAIRoutes, BaseHTTPRequestHandler):
         )
         if stream:
             self._line(final)
+            self._done_running()
             self.wfile.write(b"0\r\n\r\n")
         else:
             self._json(final)
@@ -473,6 +485,7 @@ class _Handler(OpenAIRoutes, BaseHTTPRequestHandler):
             if stream:
                 self._line(status)
         if stream:
+            self._done_running()
             self.wfile.write(b"0\r\n\r\n")
         else:
             self._json(statuses[-1], ctype="application/json")  # waitForStream's header

@@ -67,10 +67,10 @@ def test_every_worker_and_instance_keeps_the_upstreams_cap(gateway, fake, databa
     assert wait_for(lambda: queue_is_empty(gateway), 30)
 
 
-def test_a_rate_limited_burst_is_counted_exactly_and_only_what_it_admits_waits(gateway, fake):
+def test_a_rate_limited_burst_at_a_capped_upstream_is_counted_exactly(gateway, fake):
     """12 requests at once from a key allowing 5 a day, at an upstream serving 2 at once:
-    exactly 5 are answered, never more than 2 at a time, and the 7 the rate limit refuses
-    take no place in the queue."""
+    exactly 5 are answered, never more than 2 at a time; the 7 others are refused by the
+    rate limit, not by the queue, and nothing is left in the queue."""
     fake.token_delay = 0.02
     key = gateway.add_key("--name", "burst", "--rate-limit", "5/day")["key"]
     with concurrent.futures.ThreadPoolExecutor(12) as pool:
