@@ -547,7 +547,8 @@ def test_max_concurrent_refuses_a_second_stream_until_the_first_ends(client, fak
         assert ndjson(first.get_data())[-1]["done"] is True
         first.close()
     fake.token_delay = 0
-    third = client.post("/api/generate", json=GENERATE, headers=auth_header(secret))
+    third = client.post("/api/generate", json=GENERATE, headers=auth_header(secret),
+                        buffered=True)
     assert third.status_code == 200
     assert ndjson(third.data)[-1]["done"] is True
 
@@ -799,7 +800,7 @@ def test_a_one_at_a_time_key_works_right_after_a_failed_request(make_client, mak
     fake.first_byte_delay = 0
     working = make_client()
     response = working.post("/api/generate", json={**GENERATE, "stream": False},
-                            headers=auth_header(secret))
+                            headers=auth_header(secret), buffered=True)
     assert response.status_code == 200
 
 

@@ -205,8 +205,8 @@ def test_an_admin_manages_keys_as_the_cli_does(browser, client, admin):
     assert (summary["rate_limit"], summary["token_quota"], summary["models"],
             summary["max_concurrent"]) == ("60/minute", "1000/day", ["llama3.2:latest"], 2)
     assert summary["expires_at"] is not None
-    assert client.post("/api/generate", json=GENERATE, headers=auth_header(secret)).status_code \
-        == 200
+    assert client.post("/api/generate", json=GENERATE, headers=auth_header(secret),
+                       buffered=True).status_code == 200
 
     edited = browser.post(f"/ui/keys/{row.id}", data={"csrf": token, "rate_limit": "500/hour",
                                                       "expires": "never", "name": "ci-2",
@@ -226,8 +226,8 @@ def test_an_admin_manages_keys_as_the_cli_does(browser, client, admin):
     client.application.extensions["key_cache"].clear()  # rather than wait its second out
     assert client.post("/api/generate", json=GENERATE,
                        headers=auth_header(secret)).status_code == 401
-    assert client.post("/api/generate", json=GENERATE,
-                       headers=auth_header(new_secret)).status_code == 200
+    assert client.post("/api/generate", json=GENERATE, headers=auth_header(new_secret),
+                       buffered=True).status_code == 200
 
     assert browser.post(f"/ui/keys/{row.id}/revoke", data={"csrf": token}).status_code == 302
     assert ApiKey.get_by_id(row.id).revoked_at is not None
