@@ -17,6 +17,7 @@ Entries carry a lease the holding worker renews: a crashed worker's entries laps
 """
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -66,6 +67,7 @@ _ENTER = (
     "COALESCE(SUM(CASE WHEN granted_at IS NULL AND key_id = {p} THEN 1 ELSE 0 END), 0) AS mine "
     "FROM queue_entry WHERE upstream = {p} AND expires_at > {p}) s "
     "WHERE s.running < {p} OR s.mine < {p}")
+_ENTER_RETURNING = _ENTER + " RETURNING granted_at"  # SQLite: whether it runs now
 # Leaving: the entries go, and the statement says how many others run and wait.
 # (The entries deleted are left out by id: SQLite does not say whether a subquery in
 # RETURNING sees the table before or after the rows it deletes.)
@@ -89,10 +91,21 @@ _STATE = ("SELECT COALESCE(SUM(CASE WHEN granted_at IS NOT NULL THEN 1 ELSE 0 EN
           "FROM queue_entry WHERE upstream = {p} AND expires_at > {p}")
 
 
+@functools.lru_cache(maxsize=256)
+def _sql(statement, param, postgres):
+    return statement.format(p=param, greatest="GREATEST" if postgres else "MAX")
+
+
+@functools.lru_cache(maxsize=64)
+def _delete(n):
+    """_DELETE for n entries."""
+    return _DELETE.format(ids=", ".join("{p}" for _ in range(n)))
+
+
 def _run(statement, params):
-    """Run one of the statements above with this database's parameter mark."""
-    greatest = "GREATEST" if is_postgres() else "MAX"
-    return db.execute_sql(statement.format(p=db.obj.param, greatest=greatest), params)
+    """Run one of the statements above with this database's parameter mark (each is
+    written out once, not on every call: its text never changes)."""
+    return db.execute_sql(_sql(statement, db.obj.param, is_postgres()), params)
 
 
 def _lock_id(upstream):
@@ -270,7 +283,7 @@ class FairQueue:
 
     def _enter_sqlite(self, upstream, cap, entry_id, key_id, step, now):
         with peewee.__exception_wrapper__:  # sqlite3 reports some errors on reading
-            row = _run(_ENTER + " RETURNING granted_at", (
+            row = _run(_ENTER_RETURNING, (
                 entry_id, upstream, key_id, self.holder, step, now, cap, now,
                 now + self.lease_seconds, int(self.fair), key_id, now, key_id, upstream,
                 now, cap, self.per_key)).fetchone()
@@ -295,9 +308,8 @@ class FairQueue:
             return
         state = None
         if entry_ids:
-            ids = ", ".join("{p}" for _ in entry_ids)
             with peewee.__exception_wrapper__:
-                state = _run(_DELETE.format(ids=ids), (
+                state = _run(_delete(len(entry_ids)), (
                     *entry_ids, upstream, now, *entry_ids, upstream, now, *entry_ids)).fetchone()
         if state is None:  # nothing to delete, or it was gone (lapsed): look all the same
             state = self._state(upstream, now)
