@@ -142,7 +142,8 @@ class Limiter:
         return window
 
     def _count_sql(self):
-        """The counting upsert's (sql, params), rendered by peewee once per database.
+        """The counting upsert's (sql, params), rendered by peewee once per database
+        (on PostgreSQL after ASYNC_COMMIT).
 
         Building the statement costs several times what running it does (bench/: about
         0.2 ms a request on SQLite), and only its parameters change: they are the
@@ -158,7 +159,8 @@ class Limiter:
                 )
                 .returning(RateCounter.count)
             )
-            self._count_sql_cached = query.sql()
+            sql, params = query.sql()
+            self._count_sql_cached = (ASYNC_COMMIT + sql if is_postgres() else sql), params
             self._count_sql_for = db.obj
         return self._count_sql_cached
 
@@ -190,8 +192,6 @@ class Limiter:
         """Add n requests to the key's window; its count after, or None if it was full."""
         sql, params = self._count_sql()
         values = {_KEY: key.id, _WINDOW: window, _LIMIT: key.rate_limit, _N: n}
-        if is_postgres():
-            sql = ASYNC_COMMIT + sql
         cursor = db.execute_sql(sql, [values.get(p, p) for p in params])
         with _peewee_errors:  # sqlite3 reports a full disk only when the row is read
             row = next(iter(cursor), None)
