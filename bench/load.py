@@ -120,14 +120,20 @@ class Measurements(Targets):
                     f"{data['chunk_delay'].get('p99', 0):5.2f} ms  errors {data['errors']}")
         self.results["streaming"] = rows
 
-    def profile(self, target, proc):
-        """py-spy on the gateway's workers while wrk drives /api/generate at 16 connections."""
+    def profile(self, target, pid):
+        """py-spy on a target's workers while wrk drives /api/generate at 16 connections.
+
+        Run for gw-sqlite and for ref-relay: side by side, the CPU each spends per request
+        in each area names what the gateway does that the bare relay does not
+        (results["profiles"]).
+        """
         seconds = self.args.profile_seconds
-        raw = self.out / "profile-gw-sqlite.txt"
+        raw = self.out / f"profile-{target.name}.txt"
         spy = subprocess.Popen(
-            [py_spy_binary(), "record", "--pid", str(proc.pid), "--subprocesses", "--rate", "200",
-             "--duration", str(seconds + 2), "--format", "raw", "--output", str(raw),
-             "--nonblocking"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            [py_spy_binary(), "record", "--pid", str(pid), "--subprocesses", "--rate",
+             str(PROFILE_RATE), "--duration", str(seconds + 2), "--format", "raw", "--output",
+             str(raw), "--nonblocking"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            text=True)
         time.sleep(1)
         row = self.wrk(target, "/api/generate", 16, seconds)
         try:
@@ -136,10 +142,11 @@ class Measurements(Targets):
             spy.kill()
             _, err = spy.communicate()
         if spy.returncode != 0 or not raw.exists():
-            self.results["notes"].append(f"py-spy failed: {err.strip()[-300:]}")
+            self.results["notes"].append(f"py-spy failed on {target.name}: {err.strip()[-300:]}")
             return
-        self.results["profile"] = {"raw": str(raw), "under_load": row,
-                                   **summarize_profile(raw.read_text())}
+        self.results.setdefault("profiles", {})[target.name] = {
+            "raw": str(raw), "under_load": row,
+            **summarize_profile(raw.read_text(), row["cpu_us_per_req"])}
 
     def measure_scale(self, sqlite_url, key):
         rows = []
@@ -222,35 +229,49 @@ class Measurements(Targets):
 
 # ---------------------------------------------------------------- profile summary
 
-# Areas of the request path, matched against whole stacks (inclusive time).
+PROFILE_RATE = 200  # py-spy samples per second
+# Areas of the request path, each sample counted in the first whose names its stack has:
+# the gateway's own steps first, then what ref-relay does too (bench/reference_app.py
+# is matched as well), then Flask; what is left of a request is gunicorn's.
 PROFILE_AREAS = [
-    ("gunicorn: parse request, write response", ("gunicorn/http/",)),
-    ("app: read and parse the JSON body", ("read_body (app/", "JsonBody.")),
-    ("app: authenticate (key cache)", ("_authenticate (app/",)),
-    ("app: rate limit (database write)", ("Limiter.admit (app/",)),
     ("app: fair queue: enter and leave an upstream's queue", ("FairQueue.",)),
-    ("app: send to upstream (requests/urllib3/http.client)", ("open_upstream (app/",)),
-    ("app: relay the answer body", ("RelayBody",)),
-    ("app: client-hang-up watcher", ("ClientWatch",)),
+    ("app: rate limit (database write)", ("Limiter.admit (app/",)),
+    ("app: authenticate (key cache)", ("_authenticate (app/",)),
     ("app: usage record, metrics, access log", ("(app/request_record.py", "UsageWriter.",
                                                 "Tally.")),
+    ("app: client-hang-up watcher", ("ClientWatch",)),
     ("Flask teardown: return DB connection to pool", ("do_teardown_appcontext",)),
+    ("app: read and parse the JSON body", ("read_body (app/", "JsonBody.")),
+    ("send to upstream (requests/urllib3/http.client)", ("open_upstream (app/",
+                                                         "Session.request (requests/")),
+    ("relay the answer body", ("RelayBody", "relay_answer.<locals>.body")),
+    ("gunicorn: read the request, write the response", ("gunicorn/http/",)),
+    ("Flask/werkzeug's own work (routing, hooks, request/response objects)",
+     ("Flask.__call__",)),
 ]
-# Flask's and werkzeug's own work: request stacks in none of the areas above.
-FLASK_AREA = "Flask/werkzeug's own work (routing, hooks, request/response objects)"
+GUNICORN_AREA = PROFILE_AREAS[-2][0]  # and the rest of a request: its worker's loop
+OUTSIDE_AREA = "outside requests: the event loop, usage writer, keepers"
 
 
-def summarize_profile(raw_text):
-    """Self and inclusive shares of the gateway workers' samples, by function and by area."""
-    worker = []
+def summarize_profile(raw_text, cpu_us_per_req=None):
+    """Shares of the workers' samples in request handling, by function (self) and by area.
+
+    With `cpu_us_per_req` (the processes' CPU per request while sampled, from /proc),
+    each area's share of it in µs: the CPU is split in proportion to all samples, those
+    outside request handling (the hub, the usage writer, keepers) included. Samples alone
+    cannot give time: a process waiting for one of the two cores still looks busy.
+    """
+    worker, outside = [], 0
     for line in raw_text.splitlines():
         stack, _, count = line.rpartition(" ")
         if not stack or not count.isdigit():
             continue
         frames = [short(f) for f in stack.split(";") if not f.startswith(("process ", "thread "))]
-        # Only request handling in the workers (the master and idle loops just sleep).
+        # Request handling in the workers; the rest is their background work.
         if any("gunicorn/workers" in f for f in frames):
             worker.append((frames, int(count)))
+        else:
+            outside += int(count)
     total = sum(c for _, c in worker) or 1
     self_time, libs, areas = {}, {}, {}
     for frames, count in worker:
@@ -258,19 +279,21 @@ def summarize_profile(raw_text):
         self_time[leaf] = self_time.get(leaf, 0) + count
         libs[library(leaf)] = libs.get(library(leaf), 0) + count
         joined = ";".join(frames)
-        matched = [area for area, needles in PROFILE_AREAS if any(n in joined for n in needles)]
-        if not matched and "Flask.__call__" in joined:
-            matched = [FLASK_AREA]
-        for area in matched:
-            areas[area] = areas.get(area, 0) + count
+        area = next((area for area, needles in PROFILE_AREAS
+                     if any(n in joined for n in needles)), GUNICORN_AREA)
+        areas[area] = areas.get(area, 0) + count
 
     def top(d, n):
         return [(k, round(100 * v / total, 1)) for k, v in
                 sorted(d.items(), key=lambda kv: -kv[1])[:n]]
 
+    us = (cpu_us_per_req or 0) / (total + outside)  # CPU per request, per sample
+    areas[OUTSIDE_AREA] = outside
     return {"samples": total, "self_top": top(self_time, 15),
-            "areas": [(a, round(100 * areas.get(a, 0) / total, 1))
-                      for a in [*(a for a, _ in PROFILE_AREAS), FLASK_AREA]],
+            "areas": [(a, round(100 * areas.get(a, 0) / total, 1)) for a, _ in PROFILE_AREAS],
+            "us_per_request": {a: round(areas.get(a, 0) * us)
+                               for a in [*(a for a, _ in PROFILE_AREAS), OUTSIDE_AREA]},
+            "cpu_us_per_request": round(cpu_us_per_req or 0),
             "self_by_library": top(libs, 10)}
 
 

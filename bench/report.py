@@ -1,7 +1,7 @@
 """The Markdown report of a run: tables side by side, then the targets met or missed."""
 from pathlib import Path
 
-from load import BODIES, TOKEN_RATE
+from load import BODIES, OUTSIDE_AREA, TOKEN_RATE
 
 
 def fmt(value, digits=2):
@@ -93,19 +93,42 @@ def render(r):
                        f" MiB | {fmt(x['kib_per_stream'], 1)} KiB | "
                        f"{fmt((x['worker_cpu_while_holding'] or 0) * 100, 0)} % |")
         out.append("")
-    p = r.get("profile")
+    profiles = r.get("profiles") or {}
+    p = profiles.get("gw-sqlite")
+    ref = profiles.get("ref-relay")
     if p:
         u = p["under_load"]
-        out.append("### Profile: py-spy on gw-sqlite's workers under wrk -c16 /api/generate\n")
-        out.append(f"{p['samples']} samples at 200 Hz ({u['rps']:.0f} req/s while sampled); "
-                   f"raw stacks in `{Path(p['raw']).name}` (open with speedscope.app or "
-                   "flamegraph.pl).\n")
-        out.append("| where the workers' time goes (inclusive) | % of samples |")
-        out.append("|---|---:|")
-        for k, v in p["areas"]:
-            out.append(f"| {k} | {v} |")
+        out.append("### Profile: py-spy on the workers under wrk -c16 /api/generate\n")
+        out.append(f"gw-sqlite: {p['samples']} samples at 200 Hz ({u['rps']:.0f} req/s while "
+                   f"sampled); raw stacks in `{Path(p['raw']).name}`"
+                   + (f", ref-relay's in `{Path(ref['raw']).name}`" if ref else "")
+                   + " (open with speedscope.app or flamegraph.pl). *%*: of the samples in "
+                   "request handling, each in the first area its stack reaches. *µs/req*: "
+                   "the processes' CPU per request while sampled (/proc), split in proportion "
+                   "to all their samples (ref-relay reads its body inside Flask's own "
+                   "work).\n")
+        if ref:
+            out.append("| where the workers' time goes | gw-sqlite % | gw-sqlite "
+                       "µs/req | ref-relay µs/req | gw − ref |")
+            out.append("|---|---:|---:|---:|---:|")
+        else:
+            out.append("| where the workers' time goes | % of samples | µs/req |")
+            out.append("|---|---:|---:|")
+        for k, v in [*p["areas"], (OUTSIDE_AREA, "")]:
+            gw_us = p["us_per_request"][k]
+            if ref:
+                ref_us = ref["us_per_request"][k]
+                out.append(f"| {k} | {v} | {gw_us} | {ref_us} | {gw_us - ref_us:+d} |")
+            else:
+                out.append(f"| {k} | {v} | {gw_us} |")
+        total = p["cpu_us_per_request"]
+        if ref:
+            out.append(f"| **CPU per request** | | {total} | {ref['cpu_us_per_request']} | "
+                       f"{total - ref['cpu_us_per_request']:+d} |")
+        else:
+            out.append(f"| **CPU per request** | | {total} |")
         out.append("")
-        out.append("| top self time (function) | % | | self time by package | % |")
+        out.append("| top self time, gw-sqlite (function) | % | | self time by package | % |")
         out.append("|---|---:|---|---|---:|")
         libs = p["self_by_library"]
         for i, (k, v) in enumerate(p["self_top"][:10]):

@@ -106,8 +106,11 @@ class Bench(Measurements):
         # ref-relay streams too (the floor for added time to first byte); ref-flask cannot.
         self.measure_streaming([t for t in targets if t.name != "ref-flask"])
         if not a.no_profile:
-            log(f"profiling gw-sqlite with py-spy for {a.profile_seconds} s under wrk -c16")
-            self.profile(gw_sqlite, gw_sqlite_proc)
+            for target, pid in [(gw_sqlite, gw_sqlite_proc.pid), *(
+                    (t, t.pids()[0]) for t in targets if t.name == "ref-relay")]:
+                log(f"profiling {target.name} with py-spy for {a.profile_seconds} s "
+                    "under wrk -c16")
+                self.profile(target, pid)
         if gw_pg is not None:
             self.procs.stop(gw_pg_proc)
         self.procs.stop(gw_sqlite_proc)
