@@ -26,8 +26,12 @@ log = logging.getLogger(__name__)
 CHUNK_SIZE = 64 * 1024
 # What is kept of an answer while it streams: its end carries the token counts (Ollama's
 # final NDJSON object; the usage event and `data: [DONE]` of a /v1 stream, blank lines
-# included). Every open stream holds it, so only its last lines, and at most TAIL bytes.
+# included). Every open stream holds it, so only its last lines, and at most TAIL bytes:
+# an NDJSON stream's counts are all in its last line (two are kept, so that a stray
+# blank line after it cannot push it out); SSE's six lines would cost NDJSON streams
+# 0.4 KiB more each (tracemalloc, bench/RESULTS.md).
 TAIL_LINES = 6
+NDJSON_TAIL_LINES = 2
 TAIL = 8192
 STREAM_TYPES = ("application/x-ndjson", "text/event-stream")
 
@@ -89,22 +93,16 @@ class ClientWatch:
             self._readable.close()
             self._readable = None
 
-    @contextlib.contextmanager
     def sending(self):
         """Mark a chunk on its way to the client: past send_timeout, drop the connection."""
         if self.sock is None or not self.send_timeout:
-            yield
-            return
+            return _NOTHING
         if self._send_timer is None:
             import gevent
 
             self._send_timer = gevent.get_hub().loop.timer(self.send_timeout)
         self._send_timer.start(self._drop_stalled_client)
-        try:
-            yield
-        finally:
-            if self._send_timer is not None:
-                self._send_timer.stop()
+        return _Sending(self)
 
     def _drop_stalled_client(self):
         """The client left a chunk unread for send_timeout seconds: hang up on it.
@@ -119,18 +117,9 @@ class ClientWatch:
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
 
-    @contextlib.contextmanager
     def waiting(self):
         """Mark a wait on Ollama that a hang-up may interrupt with ClientDisconnected."""
-        if self.gone:
-            raise ClientDisconnected()
-        import greenlet
-
-        self._waiter = greenlet.getcurrent()
-        try:
-            yield
-        finally:
-            self._waiter = None
+        return _Waiting(self)
 
     def _on_readable(self):
         """In the hub: something arrived, or the client hung up; find out in a greenlet."""
@@ -159,6 +148,44 @@ class ClientWatch:
             waiter.throw(ClientDisconnected())
 
 
+# ClientWatch's `with` blocks run once per chunk, and every open stream sits in one while
+# it waits on Ollama: plain objects, not @contextmanager generators, which cost about
+# 0.7 KiB a stream while held (tracemalloc, bench/RESULTS.md) and more CPU per chunk.
+_NOTHING = contextlib.nullcontext()
+
+
+class _Waiting:
+    __slots__ = ("_watch",)
+
+    def __init__(self, watch):
+        self._watch = watch
+
+    def __enter__(self):
+        if self._watch.gone:
+            raise ClientDisconnected()
+        import greenlet
+
+        self._watch._waiter = greenlet.getcurrent()
+
+    def __exit__(self, *exc):
+        self._watch._waiter = None
+
+
+class _Sending:
+    __slots__ = ("_watch",)
+
+    def __init__(self, watch):
+        self._watch = watch
+
+    def __enter__(self):
+        pass
+
+    def __exit__(self, *exc):
+        timer = self._watch._send_timer  # None once stop() closed it meanwhile
+        if timer is not None:
+            timer.stop()
+
+
 def open_upstream(upstream, watch, *args, **kwargs):
     """upstream.send() that a client hang-up interrupts (before any byte of the answer)."""
     with watch.waiting():
@@ -181,6 +208,15 @@ class RelayBody:
         self._rewrite = rewrite  # e.g. app.sse.UsageStripper: takes back what only we asked
         self._complete = False
         self._closed = False
+        self._then = ()  # call_on_close()'s callbacks
+
+    def call_on_close(self, callback):
+        """Run `callback` once this body is closed, after its own cleanup.
+
+        What werkzeug's ClosingIterator would do (app/request_record.py), without a
+        wrapper that every chunk passes through and every open stream keeps.
+        """
+        self._then += (callback,)
 
     def __iter__(self):
         outcome = self._outcome
@@ -188,6 +224,7 @@ class RelayBody:
         # A stream's unit: NDJSON lines, or SSE events (each ends with a blank line).
         separator = {STREAM_TYPES[0]: b"\n", STREAM_TYPES[1]: b"\n\n"}.get(
             content_type.split(";")[0].strip())
+        keep = NDJSON_TAIL_LINES if separator == b"\n" else TAIL_LINES
         chunks = self._response.raw.stream(CHUNK_SIZE, decode_content=False)
         while True:
             try:
@@ -213,7 +250,7 @@ class RelayBody:
                 outcome.first_byte_at = time.monotonic()
             if separator:
                 outcome.lines += chunk.count(separator)
-            outcome.tail = last_lines(outcome.tail + chunk)  # Ollama's own: its counts
+            outcome.tail = last_lines(outcome.tail + chunk, keep)  # Ollama's own: its counts
             if self._rewrite is not None and not (chunk := self._rewrite.feed(chunk)):
                 continue
             outcome.bytes += len(chunk)
@@ -237,9 +274,13 @@ class RelayBody:
             self._complete = self._outcome.complete = True
         # Not read to the end (and Ollama did not fail): the client left or never read.
         self._outcome.client_aborted = not self._complete
-        self._watch.stop()
-        self._response.close()
-        self._on_finish(self._outcome)
+        try:
+            self._watch.stop()
+            self._response.close()
+            self._on_finish(self._outcome)
+        finally:
+            for callback in self._then:
+                callback()
 
 
 def last_lines(data, lines=TAIL_LINES, limit=TAIL):

@@ -229,9 +229,14 @@ def _when_closed(response, callback):
     """Call `callback` once the server closes the response, relayed streams included.
 
     werkzeug hands a direct_passthrough body (the relay's) to the server as it is, so
-    call_on_close would never run for it: wrap that body instead; its close() runs first.
+    call_on_close would never run for it: the relay's body runs it itself after its own
+    cleanup (app/relay.py), any other is wrapped, and its close() runs first.
     """
     if response.direct_passthrough:
-        response.response = ClosingIterator(response.response, callback)
+        body = response.response
+        if hasattr(body, "call_on_close"):
+            body.call_on_close(callback)
+        else:
+            response.response = ClosingIterator(body, callback)
     else:
         response.call_on_close(callback)
