@@ -252,6 +252,25 @@ def test_a_full_buffer_drops_its_oldest_records_and_counts_them():
     assert [r.at for r in writer.take_all()] == [2.0, 3.0, 4.0]
 
 
+def test_records_that_arrive_while_the_writer_writes_wait_for_its_next_turn(migrated):
+    """A busy gateway writes usage a turn (usage_flush_seconds) at a time: a writer that
+    chased each record arriving mid-write ran a transaction every few milliseconds."""
+    def ended(at):
+        return Record(at=at, endpoint="/api/generate", status=200, latency_ms=5)
+
+    arriving = [ended(3.0)]
+    writer = UsageWriter(on_batch=lambda records: arriving and writer.add(arriving.pop()))
+    writer._thread = object()  # no writer thread: the test runs the turns
+    writer.add(ended(1.0))
+    writer.add(ended(2.0))
+    assert writer.write_pending()
+    assert sorted(r.at for r in UsageRecord.select()) == [1.0, 2.0]
+    assert writer.depth == 1  # the record that ended during the write
+    assert writer.write_pending()
+    assert sorted(r.at for r in UsageRecord.select()) == [1.0, 2.0, 3.0]
+    assert writer.depth == 0
+
+
 # --- statistics over HTTP and /metrics ---------------------------------------------------------
 
 def test_a_key_sees_its_own_statistics(client, make_key, fake):
