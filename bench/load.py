@@ -230,6 +230,7 @@ class Measurements(Targets):
 # ---------------------------------------------------------------- profile summary
 
 PROFILE_RATE = 200  # py-spy samples per second
+GUNICORN_AREA = "gunicorn: read the request, write the response"  # and a request's rest
 # Areas of the request path, each sample counted in the first whose names its stack has:
 # the gateway's own steps first, then what ref-relay does too (bench/reference_app.py
 # is matched as well), then Flask; what is left of a request is gunicorn's.
@@ -245,11 +246,10 @@ PROFILE_AREAS = [
     ("send to upstream (requests/urllib3/http.client)", ("open_upstream (app/",
                                                          "Session.request (requests/")),
     ("relay the answer body", ("RelayBody", "relay_answer.<locals>.body")),
-    ("gunicorn: read the request, write the response", ("gunicorn/http/",)),
+    (GUNICORN_AREA, ("gunicorn/http/",)),
     ("Flask/werkzeug's own work (routing, hooks, request/response objects)",
      ("Flask.__call__",)),
 ]
-GUNICORN_AREA = PROFILE_AREAS[-2][0]  # and the rest of a request: its worker's loop
 OUTSIDE_AREA = "outside requests: the event loop, usage writer, keepers"
 
 

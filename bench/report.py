@@ -1,7 +1,7 @@
 """The Markdown report of a run: tables side by side, then the targets met or missed."""
 from pathlib import Path
 
-from load import BODIES, OUTSIDE_AREA, TOKEN_RATE
+from load import BODIES, OUTSIDE_AREA, PROFILE_RATE, TOKEN_RATE
 
 
 def fmt(value, digits=2):
@@ -99,34 +99,27 @@ def render(r):
     if p:
         u = p["under_load"]
         out.append("### Profile: py-spy on the workers under wrk -c16 /api/generate\n")
-        out.append(f"gw-sqlite: {p['samples']} samples at 200 Hz ({u['rps']:.0f} req/s while "
-                   f"sampled); raw stacks in `{Path(p['raw']).name}`"
+        out.append(f"gw-sqlite: {p['samples']} samples at {PROFILE_RATE} Hz ({u['rps']:.0f} "
+                   f"req/s while sampled); raw stacks in `{Path(p['raw']).name}`"
                    + (f", ref-relay's in `{Path(ref['raw']).name}`" if ref else "")
                    + " (open with speedscope.app or flamegraph.pl). *%*: of the samples in "
                    "request handling, each in the first area its stack reaches. *µs/req*: "
                    "the processes' CPU per request while sampled (/proc), split in proportion "
                    "to all their samples (ref-relay reads its body inside Flask's own "
                    "work).\n")
-        if ref:
-            out.append("| where the workers' time goes | gw-sqlite % | gw-sqlite "
-                       "µs/req | ref-relay µs/req | gw − ref |")
-            out.append("|---|---:|---:|---:|---:|")
-        else:
-            out.append("| where the workers' time goes | % of samples | µs/req |")
-            out.append("|---|---:|---:|")
+
+        def row(label, share, gw_us, ref_us):
+            """A table row; ref-relay's columns only when it was profiled."""
+            return (f"| {label} | {share} | {gw_us} |"
+                    + (f" {ref_us} | {gw_us - ref_us:+d} |" if ref else ""))
+
+        out.append("| where the workers' time goes | gw-sqlite % | gw-sqlite µs/req |"
+                   + (" ref-relay µs/req | gw − ref |" if ref else ""))
+        out.append("|---|---:|---:|" + ("---:|---:|" if ref else ""))
         for k, v in [*p["areas"], (OUTSIDE_AREA, "")]:
-            gw_us = p["us_per_request"][k]
-            if ref:
-                ref_us = ref["us_per_request"][k]
-                out.append(f"| {k} | {v} | {gw_us} | {ref_us} | {gw_us - ref_us:+d} |")
-            else:
-                out.append(f"| {k} | {v} | {gw_us} |")
-        total = p["cpu_us_per_request"]
-        if ref:
-            out.append(f"| **CPU per request** | | {total} | {ref['cpu_us_per_request']} | "
-                       f"{total - ref['cpu_us_per_request']:+d} |")
-        else:
-            out.append(f"| **CPU per request** | | {total} |")
+            out.append(row(k, v, p["us_per_request"][k], ref and ref["us_per_request"][k]))
+        out.append(row("**CPU per request**", "", p["cpu_us_per_request"],
+                       ref and ref["cpu_us_per_request"]))
         out.append("")
         out.append("| top self time, gw-sqlite (function) | % | | self time by package | % |")
         out.append("|---|---:|---|---|---:|")
