@@ -43,9 +43,11 @@ def webhooks():
 @json_option
 def add(url, events, include_prompt, as_json):
     """Add a receiver and print its signing secret once."""
+    conf = settings()
     open_db()
     try:
-        row, secret = hooks.add_webhook(url, events, include_prompt)
+        row, secret = hooks.add_webhook(url, events, include_prompt,
+                                        conf.webhook_deny_networks)
     except hooks.WebhookOpError as exc:
         _fail(exc)
     summary = hooks.webhook_summary(row)
