@@ -217,14 +217,18 @@ class Clock:
 
 
 def reason(exc):
-    """What went wrong in a few words: the OS's reason (`Connection refused`) if there is one."""
+    """What went wrong in a few words of the gateway's own, never words the receiver sent.
+
+    (http.client puts a bad status line in its exception: an SSH banner, say.)
+    """
     if isinstance(exc, socket.gaierror) and exc.args:  # an unknown host
         return str(exc.args[-1])
     if isinstance(exc, ssl.SSLError):
-        return f"TLS: {exc.reason or exc}"
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
+        return f"TLS failed ({exc.reason or type(exc).__name__})"
     if isinstance(exc, http.client.RemoteDisconnected):
         return "the receiver closed the connection without answering"
-    text = str(exc) or type(exc).__name__
-    return text if len(text) <= 300 else text[:300] + "…"
+    if isinstance(exc, http.client.HTTPException):
+        return f"the receiver's answer is not HTTP ({type(exc).__name__})"
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc) or type(exc).__name__
+    return type(exc).__name__
