@@ -31,6 +31,7 @@ REFUSED = [
     ("http://example.com:http/hook", "bad port"),
     ("http://exa mple.com/hook", "spaces or control characters"),
     ("http://example.com\r\nX-Injected: 1/hook", "spaces or control characters"),
+    ("http://example.com\r\n/hook", "spaces or control characters"),  # urlsplit drops CRLF
     ("http://exa\tmple.com/hook", "spaces or control characters"),
     ("http://example.com/a\x00b", "spaces or control characters"),
     ("http://[fe80::1%25eth0]/", "cannot hold a %"),
