@@ -24,7 +24,7 @@ from app import metrics, webhook_http
 from app.cooperative import gevent_active
 from app.db import db, forget_idle_connections, is_postgres
 from app.models import Webhook, WebhookAttempt, WebhookDelivery
-from app.webhooks import TEST_EVENT, connection, new_message_id, payload
+from app.webhooks import TEST_EVENT, WebhookOpError, connection, new_message_id, payload
 
 log = logging.getLogger(__name__)
 
@@ -285,6 +285,24 @@ def send_test(settings, webhook):
             created_at=now).execute()
     claim = Claim(delivery_id, message_id, TEST_EVENT, body, 1, webhook.url, webhook.secret)
     return dispatcher.deliver(claim)
+
+
+def retry_delivery(delivery_id):
+    """Send a failed delivery again: pending now, with its attempts counted afresh.
+
+    For the dashboard's Retry button and `ollama-gw webhooks retry`.
+    """
+    with connection():
+        changed = (WebhookDelivery.update(state="pending", attempts=0,
+                                          next_attempt_at=time.time(), claimed_until=None)
+                   .where((WebhookDelivery.id == delivery_id)
+                          & (WebhookDelivery.state == "failed")).execute())
+        state = None if changed else WebhookDelivery.select(WebhookDelivery.state).where(
+            WebhookDelivery.id == delivery_id).scalar()
+    if not changed:
+        raise WebhookOpError(f"no delivery with id {delivery_id}" if state is None else
+                             f"delivery {delivery_id} is {state}: only a failed one is retried")
+    wake_local_dispatcher()
 
 
 def init_app(app):

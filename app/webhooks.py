@@ -112,13 +112,22 @@ def add_webhook(url, events=None, include_prompt=False,
     return row, secret
 
 
+def parse_id(ident, what="webhook"):
+    """An id as people type it: ASCII digits in a database integer's range, or a WebhookOpError."""
+    text = str(ident).strip()
+    if not (text.isascii() and text.isdigit()):
+        listing = "list" if what == "webhook" else "deliveries"
+        raise WebhookOpError(f"a {what} is named by its id (a number), not {text!r}: "
+                             f"see `ollama-gw webhooks {listing}`")
+    if int(text) > 2**63 - 1:
+        raise WebhookOpError(f"no {what} with id {text}")
+    return int(text)
+
+
 def find_webhook(ident):
     """The webhook with this id, or a WebhookOpError."""
     text = str(ident).strip()
-    if not text.isdigit():
-        raise WebhookOpError(f"a webhook is named by its id (a number), not {text!r}: "
-                             "see `ollama-gw webhooks list`")
-    row = Webhook.get_or_none(Webhook.id == int(text))
+    row = Webhook.get_or_none(Webhook.id == parse_id(text))
     if row is None:
         raise WebhookOpError(f"no webhook with id {text}")
     return row
@@ -140,10 +149,11 @@ def list_webhooks():
 
 
 def delivery_counts():
-    """{webhook id: {state: number of deliveries}} for every webhook that has any."""
+    """{webhook id: {state: number of deliveries}} of events, not counting tests."""
     counts = {}
     query = (WebhookDelivery.select(WebhookDelivery.webhook, WebhookDelivery.state,
                                     peewee.fn.COUNT(WebhookDelivery.id).alias("n"))
+             .where(WebhookDelivery.event != TEST_EVENT)  # a test is not an event's delivery
              .group_by(WebhookDelivery.webhook, WebhookDelivery.state).tuples())
     for webhook_id, state, n in query:
         counts.setdefault(webhook_id, {})[state] = n

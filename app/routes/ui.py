@@ -23,7 +23,7 @@ from flask import (
     url_for,
 )
 
-from app import audit, auth
+from app import audit, auth, webhook_delivery
 from app import keys as keystore
 from app import webhooks as hooks
 from app.errors import Forbidden, GatewayError, NotFound, RateLimited, error_response
@@ -316,7 +316,7 @@ def test_webhook(webhook_id):
 def retry_delivery(delivery_id):
     _admin()
     try:
-        status.retry_delivery(delivery_id)
+        webhook_delivery.retry_delivery(delivery_id)
     except hooks.WebhookOpError as exc:
         raise NotFound(str(exc)) from None
     flash(f"delivery {delivery_id} will be sent again")
