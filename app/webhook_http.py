@@ -64,7 +64,9 @@ def post(url, message_id, secret, body, timeout,
     except webhook_target.TargetError as exc:
         return None, f"not sent: {exc}"
     except Exception as exc:
-        if clock.cut:  # whatever the shut socket made the reader raise
+        # Whatever the shut socket made the reader raise; or a socket timeout, which is
+        # always set to the attempt's time left.
+        if clock.cut or isinstance(exc, TimeoutError):
             return None, too_slow
         if not isinstance(exc, (OSError, http.client.HTTPException)):
             raise
