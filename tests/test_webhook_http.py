@@ -173,3 +173,61 @@ def test_a_trickling_receiver_is_cut_at_webhook_timeout_under_gevent(receiver):
     result = json.loads(child.stdout)
     assert result["status"] is None
     assert_cut_in_time(result["elapsed"], result["error"], receiver)
+
+
+@pytest.fixture
+def tls_receiver(tmp_path, monkeypatch):
+    """(port, ca): an HTTPS receiver for hooks.test on 127.0.0.1, trusted by the sender."""
+    import shutil
+    import ssl
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is needed to make a test certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-keyout", str(key), "-out", str(cert), "-subj", "/CN=hooks.test",
+                    "-addext", "subjectAltName=DNS:hooks.test"], check=True,
+                   capture_output=True, timeout=60)
+    hosts = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            hosts.append(self.headers["Host"])
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
+                              daemon=True)
+    thread.start()
+    monkeypatch.setattr(webhook_http, "_tls_context",
+                        lambda: ssl.create_default_context(cafile=str(cert)))
+    try:
+        yield server.server_address[1], hosts
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
+def test_https_checks_the_certificate_against_the_name_not_the_address(tls_receiver,
+                                                                      resolved):
+    port, hosts = tls_receiver
+    resolved("127.0.0.1")
+    secret = "whsec_" + "A" * 43
+    assert webhook_http.post(f"https://hooks.test:{port}/x", "msg_1", secret, "{}",
+                             10) == (204, None)
+    assert hosts == [f"hooks.test:{port}"]
+    status, error = webhook_http.post(f"https://other.test:{port}/x", "msg_2", secret, "{}",
+                                      10)
+    assert status is None and "CERTIFICATE_VERIFY_FAILED" in error
+    assert len(hosts) == 1
