@@ -22,6 +22,7 @@ from flask import (
     send_from_directory,
     url_for,
 )
+from flask.sessions import SecureCookieSessionInterface
 
 from app import audit, auth, webhook_delivery
 from app import keys as keystore
@@ -41,6 +42,16 @@ KEY_FIELDS = ("role", "rate_limit", "max_concurrent", "token_quota", "max_ctx", 
               "keep_alive", "priority", "models", "expires")
 
 
+class _FlashSessions(SecureCookieSessionInterface):
+    """Flask's signed-cookie session, opened under /ui/ only: elsewhere it would cost every
+    relayed request a signer (some 40 µs) for nothing."""
+
+    def open_session(self, app, request):
+        if not request.path.startswith(bp.url_prefix + "/"):
+            return None  # Flask makes a null session, never saved
+        return super().open_session(app, request)
+
+
 @bp.record_once
 def _flash_messages(state):
     """Flask's session, for flash messages only: what a page says after a form post.
@@ -51,6 +62,7 @@ def _flash_messages(state):
     conf = state.app.config["SETTINGS"]
     if conf.ui:
         state.app.secret_key = cookie_secret(conf)
+        state.app.session_interface = _FlashSessions()
         state.app.config.update(SESSION_COOKIE_NAME="ollama_gw_flash",
                                 SESSION_COOKIE_PATH="/ui/", SESSION_COOKIE_HTTPONLY=True,
                                 SESSION_COOKIE_SAMESITE="Strict")
