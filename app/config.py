@@ -103,6 +103,15 @@ class Settings:
         (5, 300, 1800, 7200, 18000, 36000, 36000), "Seconds before each retry of a failed "
         "webhook delivery (5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 10 h: eight attempts over "
         "about 27 hours); after the last the delivery is marked failed. [] never retries.")
+    # Link-local (every cloud's 169.254.169.254, AWS ECS's 169.254.170.2, IPv6 fe80::), and
+    # the metadata services elsewhere: AWS over IPv6, Alibaba, Azure's WireServer, Oracle's
+    # older endpoint.
+    webhook_deny_networks: tuple = setting(
+        ("169.254.0.0/16", "fe80::/10", "fd00:ec2::254/128", "100.100.100.200/32",
+         "168.63.129.16/32", "192.0.0.192/32"), "Networks (CIDR) webhooks may never be sent "
+        "to, checked when a webhook is added and on every address its host resolves to at "
+        "each attempt: link-local and the clouds' metadata services by default. Loopback "
+        "and private ranges are allowed, for receivers on the LAN; add them to refuse them.")
     log_level: str = setting("info", "debug, info, warning, error or critical.")
     access_log: bool = setting(
         True, "Write one JSON line per relayed request to stderr (key prefix, model, status, "
@@ -355,6 +364,12 @@ def validate(settings):
     if not 1 <= settings.webhook_concurrency <= 1000:
         raise ConfigError("webhook_concurrency must be 1 to 1000, got "
                           f"{settings.webhook_concurrency}")
+    try:
+        from app.webhook_target import parse_networks
+
+        parse_networks(settings.webhook_deny_networks)
+    except ValueError as exc:
+        raise ConfigError(f"webhook_deny_networks: {exc}") from None
     if any(not 0 < seconds < 10**7 for seconds in settings.webhook_retry_seconds):
         raise ConfigError("webhook_retry_seconds must be positive numbers of seconds (each "
                           "under 10 million), e.g. [5, 300, 1800]")

@@ -180,7 +180,11 @@ class TokenUsage(BaseModel):
 
 
 class Webhook(BaseModel):
-    """A receiver of events. Its signing secret is shown once, when it is added."""
+    """A receiver of events. Its signing secret is shown once, when it is added.
+
+    Its id is never given to another webhook after it is removed (SQLite: AUTOINCREMENT,
+    migrations/0011_webhook_ids.py).
+    """
 
     url = peewee.TextField()
     events = peewee.TextField()  # comma-separated event types

@@ -9,9 +9,9 @@ after webhook_timeout + CLAIM_MARGIN seconds, and the delivery is tried again.
 Deliveries are therefore sent at least once; a receiver that must act only once
 dedupes on the webhook-id header, as the Standard Webhooks spec advises.
 
-Sends run in their own greenlets from a pool of webhook_concurrency, each bounded by
-webhook_timeout: a receiver that is slow, failing or hanging holds only those greenlets,
-never a client request.
+Sends run in their own greenlets from a pool of webhook_concurrency, each bounded as a
+whole by webhook_timeout (app/webhook_http.py): a receiver that is slow, failing or
+hanging holds only those greenlets, never a client request.
 """
 import dataclasses
 import logging
@@ -21,10 +21,10 @@ import time
 import peewee
 
 from app import metrics, webhook_http
-from app.cooperative import deadline, gevent_active
+from app.cooperative import gevent_active
 from app.db import db, forget_idle_connections, is_postgres
 from app.models import Webhook, WebhookAttempt, WebhookDelivery
-from app.webhooks import TEST_EVENT, connection, new_message_id, payload
+from app.webhooks import TEST_EVENT, WebhookOpError, connection, new_message_id, payload
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +49,6 @@ def wake_local_dispatcher():
     """Have this process's dispatcher look for new deliveries now rather than at its next poll."""
     if _running is not None:
         _running.wake()
-
-
-class _AttemptTimeout(Exception):
-    pass
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,8 +94,8 @@ class Dispatcher:
         self.timeout = settings.webhook_timeout
         self.concurrency = settings.webhook_concurrency
         self.schedule = tuple(settings.webhook_retry_seconds)
+        self.deny_networks = tuple(settings.webhook_deny_networks)
         self.lease = self.timeout + CLAIM_MARGIN
-        self._session = None
         self._wake = threading.Event()
         self._stopping = False
         self._loop = None
@@ -134,8 +130,6 @@ class Dispatcher:
             log.warning("stopping with %d webhook attempt(s) unanswered after %g s: recorded as "
                         "interrupted, to be retried", len(self._pool), timeout)
             self._pool.kill(timeout=timeout)  # each greenlet records its cut attempt
-        if self._session is not None:
-            self._session.close()
 
     def _run(self):
         while not self._stopping:
@@ -223,10 +217,7 @@ class Dispatcher:
         clock = time.monotonic()
         status, error = None, None
         try:
-            with deadline(self.timeout, _AttemptTimeout):
-                status, error = self.send(claim)
-        except _AttemptTimeout:
-            error = f"no complete answer within {self.timeout:g} s (webhook_timeout)"
+            status, error = self.send(claim)
         except BaseException as exc:  # GreenletExit at shutdown, most likely
             if not isinstance(exc, Exception):
                 error = "interrupted: the gateway stopped during the attempt"
@@ -236,16 +227,10 @@ class Dispatcher:
             error = f"gateway error: {type(exc).__name__}"
         return self.record(claim, started, status, error, _ms_since(clock))
 
-    @property
-    def session(self):
-        if self._session is None:
-            self._session = webhook_http.new_session(self.concurrency)
-        return self._session
-
     def send(self, claim):
         """POST the claim's payload, signed now; return (HTTP status or None, error or None)."""
-        return webhook_http.post(self.session, claim.url, claim.message_id, claim.secret,
-                                 claim.payload, self.timeout)
+        return webhook_http.post(claim.url, claim.message_id, claim.secret, claim.payload,
+                                 self.timeout, self.deny_networks)
 
     def record(self, claim, at, status, error, duration_ms):
         """Keep the attempt and set what happens next: delivered, a retry, or failed."""
@@ -299,11 +284,25 @@ def send_test(settings, webhook):
             attempts=1, next_attempt_at=now, claimed_until=now + dispatcher.lease,
             created_at=now).execute()
     claim = Claim(delivery_id, message_id, TEST_EVENT, body, 1, webhook.url, webhook.secret)
-    try:
-        return dispatcher.deliver(claim)
-    finally:
-        if dispatcher._session is not None:
-            dispatcher._session.close()
+    return dispatcher.deliver(claim)
+
+
+def retry_delivery(delivery_id):
+    """Send a failed delivery again: pending now, with its attempts counted afresh.
+
+    For the dashboard's Retry button and `ollama-gw webhooks retry`.
+    """
+    with connection():
+        changed = (WebhookDelivery.update(state="pending", attempts=0,
+                                          next_attempt_at=time.time(), claimed_until=None)
+                   .where((WebhookDelivery.id == delivery_id)
+                          & (WebhookDelivery.state == "failed")).execute())
+        state = None if changed else WebhookDelivery.select(WebhookDelivery.state).where(
+            WebhookDelivery.id == delivery_id).scalar()
+    if not changed:
+        raise WebhookOpError(f"no delivery with id {delivery_id}" if state is None else
+                             f"delivery {delivery_id} is {state}: only a failed one is retried")
+    wake_local_dispatcher()
 
 
 def init_app(app):

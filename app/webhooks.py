@@ -14,11 +14,10 @@ import logging
 import secrets
 import threading
 import time
-from urllib.parse import urlsplit
 
 import peewee
 
-from app import audit
+from app import audit, webhook_target
 from app.db import db
 from app.models import Webhook, WebhookDelivery
 
@@ -36,7 +35,6 @@ MAX_PROMPT_CHARS = 100_000
 # Seconds a process trusts its cached list of webhooks; one added elsewhere (the CLI, another
 # instance) receives events from at most this long after it was added.
 CACHE_SECONDS = 2.0
-MAX_URL_LENGTH = 2000
 
 
 class WebhookOpError(ValueError):
@@ -82,20 +80,12 @@ def parse_events(events):
     return (ALL,) if ALL in names else names
 
 
-def check_url(url):
-    """The URL, stripped, if deliveries can be sent to it; else a WebhookOpError saying why."""
-    url = (url or "").strip()
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise WebhookOpError(f"webhook URL {url!r} must be an http:// or https:// URL with a host")
-    if parts.username or parts.password:
-        raise WebhookOpError("a webhook URL must not hold credentials: listings would show "
-                             "them. Receivers authenticate the gateway by the signature")
-    if parts.fragment:
-        raise WebhookOpError("a webhook URL cannot have a #fragment (it is never sent)")
-    if len(url) > MAX_URL_LENGTH:
-        raise WebhookOpError(f"a webhook URL is at most {MAX_URL_LENGTH} characters")
-    return url
+def check_url(url, deny_networks=webhook_target.DEFAULT_DENY_NETWORKS):
+    """The URL, stripped, if deliveries may be sent to it; else a WebhookOpError saying why."""
+    try:
+        return webhook_target.check_url(url, deny_networks)
+    except webhook_target.TargetError as exc:
+        raise WebhookOpError(str(exc)) from None
 
 
 def _without_query(url):
@@ -103,9 +93,13 @@ def _without_query(url):
     return url.split("?", 1)[0]
 
 
-def add_webhook(url, events=None, include_prompt=False):
-    """Register a receiver; return (row, secret). The secret is shown to people only now."""
-    url = check_url(url)
+def add_webhook(url, events=None, include_prompt=False,
+                deny_networks=webhook_target.DEFAULT_DENY_NETWORKS):
+    """Register a receiver; return (row, secret). The secret is shown to people only now.
+
+    Give `deny_networks` from the settings (webhook_deny_networks).
+    """
+    url = check_url(url, deny_networks)
     names = parse_events(events)
     secret = new_secret()
     with db.atomic():
@@ -118,13 +112,22 @@ def add_webhook(url, events=None, include_prompt=False):
     return row, secret
 
 
+def parse_id(ident, what="webhook"):
+    """An id as people type it: ASCII digits in a database integer's range, or a WebhookOpError."""
+    text = str(ident).strip()
+    if not (text.isascii() and text.isdigit()):
+        listing = "list" if what == "webhook" else "deliveries"
+        raise WebhookOpError(f"a {what} is named by its id (a number), not {text!r}: "
+                             f"see `ollama-gw webhooks {listing}`")
+    if int(text) > 2**63 - 1:
+        raise WebhookOpError(f"no {what} with id {text}")
+    return int(text)
+
+
 def find_webhook(ident):
     """The webhook with this id, or a WebhookOpError."""
     text = str(ident).strip()
-    if not text.isdigit():
-        raise WebhookOpError(f"a webhook is named by its id (a number), not {text!r}: "
-                             "see `ollama-gw webhooks list`")
-    row = Webhook.get_or_none(Webhook.id == int(text))
+    row = Webhook.get_or_none(Webhook.id == parse_id(text))
     if row is None:
         raise WebhookOpError(f"no webhook with id {text}")
     return row
@@ -146,10 +149,11 @@ def list_webhooks():
 
 
 def delivery_counts():
-    """{webhook id: {state: number of deliveries}} for every webhook that has any."""
+    """{webhook id: {state: number of deliveries}} of events, not counting tests."""
     counts = {}
     query = (WebhookDelivery.select(WebhookDelivery.webhook, WebhookDelivery.state,
                                     peewee.fn.COUNT(WebhookDelivery.id).alias("n"))
+             .where(WebhookDelivery.event != TEST_EVENT)  # a test is not an event's delivery
              .group_by(WebhookDelivery.webhook, WebhookDelivery.state).tuples())
     for webhook_id, state, n in query:
         counts.setdefault(webhook_id, {})[state] = n

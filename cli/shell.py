@@ -113,7 +113,7 @@ class Console(cmd.Cmd):
 
     def do_addwebhook(self, arg):
         (url,) = self._words(arg, 1, "addwebhook URL")
-        row, secret = hooks.add_webhook(url)
+        row, secret = hooks.add_webhook(url, deny_networks=settings().webhook_deny_networks)
         self.say(f"Added webhook {row.id} -> {row.url} (all events). Signing secret "
                  "(shown once):")
         self.say(secret)

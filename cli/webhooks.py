@@ -43,9 +43,11 @@ def webhooks():
 @json_option
 def add(url, events, include_prompt, as_json):
     """Add a receiver and print its signing secret once."""
+    conf = settings()
     open_db()
     try:
-        row, secret = hooks.add_webhook(url, events, include_prompt)
+        row, secret = hooks.add_webhook(url, events, include_prompt,
+                                        conf.webhook_deny_networks)
     except hooks.WebhookOpError as exc:
         _fail(exc)
     summary = hooks.webhook_summary(row)
@@ -136,13 +138,17 @@ def test(ident, as_json):
 
 
 @webhooks.command()
-@click.argument("ident", metavar="[ID]", required=False)
+@click.argument("ident", metavar="[WEBHOOK_ID]", required=False)
 @click.option("--state", type=click.Choice(STATES), help="Only deliveries in this state.")
 @click.option("--limit", type=click.IntRange(1, 10000), default=20, show_default=True,
               help="How many of the most recent deliveries.")
 @json_option
 def deliveries(ident, state, limit, as_json):
-    """Recent deliveries, newest first, with their attempts (of one webhook, or all)."""
+    """Recent deliveries, newest first, with their attempts (of one webhook, or all).
+
+    Each has an id of its own (the DELIVERY column; `webhooks retry DELIVERY_ID`) and
+    belongs to a webhook (the WEBHOOK column; WEBHOOK_ID chooses one).
+    """
     open_db()
     query = WebhookDelivery.select().order_by(WebhookDelivery.id.desc()).limit(limit)
     if ident is not None:
@@ -168,8 +174,25 @@ def deliveries(ident, state, limit, as_json):
         click.echo("no deliveries" + (f" in state {state}" if state else "") + " yet")
     else:
         table([_delivery_for_people(d) for d in found],
-              ["id", "webhook", "event", "state", "attempts", "last_status", "created_at",
+              ["delivery", "webhook", "event", "state", "attempts", "last_status", "created_at",
                "next", "last_error"])
+
+
+@webhooks.command()
+@click.argument("ident", metavar="DELIVERY_ID")
+def retry(ident):
+    """Send a failed delivery again, from its first attempt (ids: `webhooks deliveries`).
+
+    A running gateway sends it within a second or so, then retries it on the usual
+    schedule if it fails again.
+    """
+    open_db()
+    try:
+        webhook_delivery.retry_delivery(hooks.parse_id(ident, "delivery"))
+    except hooks.WebhookOpError as exc:
+        _fail(exc)
+    click.echo(f"delivery {ident.strip()} will be sent again: see `ollama-gw webhooks "
+               "deliveries`")
 
 
 def _delivery(row, attempts):
@@ -183,7 +206,8 @@ def _delivery(row, attempts):
 
 def _delivery_for_people(d):
     error = d["last_error"] or ""
-    return {**d, "webhook": d["webhook_id"], "last_status": d["last_status"] or "-",
+    return {**d, "delivery": d["id"], "webhook": d["webhook_id"],
+            "last_status": d["last_status"] or "-",
             "created_at": _when_iso(d["created_at"]),
             "next": _when_iso(d["next_attempt_at"]) if d["state"] == "pending" else "-",
             "last_error": error if len(error) <= 60 else error[:59] + "…"}

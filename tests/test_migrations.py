@@ -13,7 +13,8 @@ from app.models import MODELS
 HISTORY_TABLE = "schema_migration"
 MIGRATIONS = ["0001_initial", "0002_heartbeat", "0003_usage_quotas_webhooks",
               "0004_key_model_policy", "0005_upstream_status",
-              "0006_audit_log", "0007_usage_hourly", "0008_fair_queue"]
+              "0006_audit_log", "0007_usage_hourly", "0008_fair_queue",
+              "0011_webhook_ids"]
 
 
 @pytest.fixture
@@ -61,6 +62,11 @@ def table_schema(instance, table):
     }
 
 
+def tables(instance):
+    """The database's tables, without SQLite's own (sqlite_sequence: AUTOINCREMENT's marks)."""
+    return {name for name in instance.get_tables() if not name.startswith("sqlite_")}
+
+
 def history(instance):
     return [row[0] for row in instance.execute_sql(
         f'SELECT name FROM "{HISTORY_TABLE}" ORDER BY name').fetchall()]
@@ -70,7 +76,7 @@ def test_empty_database_gets_exactly_the_models_tables(empty):
     assert empty.get_tables() == []
     assert database.upgrade(empty) == MIGRATIONS
     expected = {model._meta.table_name for model in MODELS} | {HISTORY_TABLE}
-    assert set(empty.get_tables()) == expected
+    assert tables(empty) == expected
 
 
 @pytest.mark.parametrize("model", MODELS, ids=lambda model: model.__name__)
@@ -90,9 +96,9 @@ def test_migrations_are_recorded_once_and_reported_applied(empty):
 def test_upgrading_twice_changes_nothing(empty):
     database.upgrade(empty)
     MODELS[0].create(prefix="ogw_abcdefgh", key_hash="0" * 64, name="kept")
-    before = {table: table_schema(empty, table) for table in empty.get_tables()}
+    before = {table: table_schema(empty, table) for table in tables(empty)}
     assert database.upgrade(empty) == []
-    assert {table: table_schema(empty, table) for table in empty.get_tables()} == before
+    assert {table: table_schema(empty, table) for table in tables(empty)} == before
     assert history(empty) == MIGRATIONS
     assert [row.name for row in MODELS[0].select()] == ["kept"]
 
@@ -102,7 +108,7 @@ def test_downgrade_removes_the_tables_and_upgrade_restores_them(empty):
     assert database.downgrade(empty) == [MIGRATIONS[-1]]  # the newest only, by default
     assert database.upgrade(empty) == [MIGRATIONS[-1]]
     assert database.downgrade(empty, MIGRATIONS[0]) == list(reversed(MIGRATIONS))
-    assert set(empty.get_tables()) == {HISTORY_TABLE}
+    assert tables(empty) == {HISTORY_TABLE}
     assert history(empty) == []
     assert database.pending_migrations(empty) == MIGRATIONS
     assert database.upgrade(empty) == MIGRATIONS
@@ -164,3 +170,23 @@ def test_two_cli_upgrades_at_once_both_succeed(database_url, empty, tmp_path):
     assert [run.returncode for run in runs] == [0, 0], outputs
     assert outputs == ["already up to date", f"applied: {', '.join(MIGRATIONS)}"]
     assert history(empty) == MIGRATIONS
+
+
+def test_webhook_ids_are_never_reused_across_0011(empty):
+    """Ids removed before the migration (the audit log names them) and after it stay unused;
+    ids, columns and deliveries survive it, so instances of the previous release carry on."""
+    from app import webhooks as hooks
+    from app.models import Webhook, WebhookDelivery
+
+    database.migration_runner(empty).up("0008_fair_queue")
+    kept = [hooks.add_webhook(f"http://127.0.0.1:9/{n}")[0].id for n in range(3)]
+    hooks.remove_webhook(kept.pop())  # the newest: without AUTOINCREMENT its id came back
+    hooks.enqueue("key.created", {"key_id": 1})
+    assert database.upgrade(empty) == ["0011_webhook_ids"]
+    assert [row.id for row in Webhook.select().order_by(Webhook.id)] == kept == [1, 2]
+    assert sorted(d.webhook_id for d in WebhookDelivery.select()) == kept
+    assert hooks.add_webhook("http://127.0.0.1:9/new")[0].id == 4
+    hooks.remove_webhook(4)
+    assert hooks.add_webhook("http://127.0.0.1:9/newer")[0].id == 5
+    hooks.remove_webhook(1)  # its deliveries still go with it: the foreign key holds
+    assert sorted(d.webhook_id for d in WebhookDelivery.select()) == [2]

@@ -303,3 +303,39 @@ def test_check_says_whether_the_dashboard_is_on(runner, monkeypatch, on):
     monkeypatch.setenv("OLLAMA_GW_UI", str(on).lower())
     result = runner("check")
     assert ("web dashboard: on" if on else "web dashboard: off") in result.output
+
+
+@pytest.mark.parametrize("answer", ["status", "banner"])
+def test_a_webhook_test_shows_the_status_never_the_receivers_words(browser, admin, answer):
+    from tests.webhook_receiver import WebhookReceiver
+
+    with WebhookReceiver() as receiver:
+        if answer == "status":
+            receiver.status = 503  # its body: "receiver says no"
+        else:
+            receiver.raw_answer = b"SSH-2.0-OpenSSH_9.6 internal-secret-banner\r\n"
+        row, _ = hooks.add_webhook(receiver.url)
+        sign_in(browser, admin[0])
+        answer_ = browser.post(f"/ui/webhooks/{row.id}/test",
+                               data={"csrf": csrf(browser, "/ui/webhooks")})
+        page = browser.get(answer_.headers["Location"]).get_data(as_text=True)
+    assert re.search(rf'id="message">webhook {row.id} test failed: ', page)
+    assert ("HTTP 503 in" in page and "Service Unavailable" in page if answer == "status"
+            else "not HTTP" in page)
+    for said in ("receiver says no", "SSH-2.0", "internal-secret-banner"):
+        assert said not in page
+
+
+def test_the_webhooks_page_shows_only_its_own_messages_once(browser, admin):
+    row, _ = hooks.add_webhook("http://127.0.0.1:9/hook")  # nothing listens on port 9
+    sign_in(browser, admin[0])
+    forged = "Your session expired: sign in again at https://evil.example"
+    page = browser.get("/ui/webhooks", query_string={"message": forged}).get_data(as_text=True)
+    assert "evil.example" not in page and 'id="message"' not in page
+    answer = browser.post(f"/ui/webhooks/{row.id}/test",
+                          data={"csrf": csrf(browser, "/ui/webhooks")})
+    assert answer.headers["Location"] == "/ui/webhooks"  # nothing in the URL
+    shown = browser.get("/ui/webhooks").get_data(as_text=True)
+    assert f'id="message">webhook {row.id} test failed: no answer' in shown
+    assert "Connection refused" in shown
+    assert 'id="message"' not in browser.get("/ui/webhooks").get_data(as_text=True)

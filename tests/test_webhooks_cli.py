@@ -1,10 +1,12 @@
 """`ollama-gw webhooks` as an admin uses it, on SQLite and PostgreSQL, with a real receiver."""
+import dataclasses
 import json
 import re
 
 import pytest
 import standardwebhooks
 
+from app.webhook_delivery import Dispatcher
 from tests.webhook_receiver import WebhookReceiver
 
 SECRET = re.compile(r"whsec_[A-Za-z0-9+/=]{40,}")
@@ -59,11 +61,19 @@ def test_add_for_people_shows_the_secret_once_and_list_never_does(runner):
     (["webhooks", "remove", "99", "--yes"], "no webhook with id 99"),
     (["webhooks", "test", "abc"], "is named by its id"),
     (["webhooks", "deliveries", "42"], "no webhook with id 42"),
+    (["webhooks", "test", "\u00b2"], "is named by its id"),
+    (["webhooks", "test", "\uff11"], "is named by its id"),  # a full-width 1 is not webhook 1
+    (["webhooks", "remove", "99999999999999999999999", "--yes"],
+     "no webhook with id 99999999999999999999999"),
+    (["webhooks", "retry", "999"], "no delivery with id 999"),
+    (["webhooks", "retry", "99999999999999999999999"], "no delivery with id 9999"),
+    (["webhooks", "retry", "x1"], "a delivery is named by its id"),
 ])
 def test_mistakes_exit_1_with_a_message(runner, args, message):
+    runner("webhooks", "add", "http://127.0.0.1:9/hook")  # webhook 1
     result = runner(*args)
     assert result.exit_code == 1
-    assert message in result.output and "Traceback" not in result.output
+    assert message in result.output and result.output.count("\n") == 1
 
 
 def test_a_bad_option_value_is_a_usage_error(runner):
@@ -99,7 +109,8 @@ def test_a_failed_test_exits_1_and_is_not_retried(runner, receiver):
     receiver.status = 503
     result = runner("webhooks", "test", str(created["id"]))
     assert result.exit_code == 1
-    assert "failed: HTTP 503" in result.output and "receiver says no" in result.output
+    assert "failed: HTTP 503" in result.output and "Service Unavailable" in result.output
+    assert "receiver says no" not in result.output  # the body is never shown
     scripted = runner("webhooks", "test", str(created["id"]), "--json")
     assert scripted.exit_code == 1
     outcome = json.loads(scripted.stdout)
@@ -138,3 +149,37 @@ def test_deliveries_lists_what_key_commands_enqueued_without_their_secrets(runne
 def test_with_no_webhooks_list_and_deliveries_say_so(runner):
     assert "no webhooks yet" in runner("webhooks", "list").output
     assert "no deliveries" in runner("webhooks", "deliveries").output
+
+
+def test_a_failed_delivery_is_retried_by_its_delivery_id(runner, receiver, settings):
+    add(runner, "http://127.0.0.1:9/other", "--events", "key.revoked")  # ids then differ
+    created = add(runner, receiver.url, "--events", "key.created")
+    as_json(runner, "keys", "add", "--name", "a")
+    as_json(runner, "keys", "add", "--name", "b")
+    receiver.status = 503
+    once = dataclasses.replace(settings, webhook_retry_seconds=())  # one attempt, then failed
+    assert [o.state for o in Dispatcher(once).run_once()] == ["failed", "failed"]
+    first, second = reversed(as_json(runner, "webhooks", "deliveries", str(created["id"])))
+    table = runner("webhooks", "deliveries").output.splitlines()
+    assert table[0].split()[:3] == ["DELIVERY", "WEBHOOK", "EVENT"]
+    assert table[1].split()[:2] == [str(second["id"]), str(created["id"])]
+    result = runner("webhooks", "retry", str(second["id"]))
+    assert result.exit_code == 0 and f"delivery {second['id']} will be sent again" in result.output
+    after = {d["id"]: d for d in as_json(runner, "webhooks", "deliveries")}
+    assert (after[second["id"]]["state"], after[second["id"]]["attempts"]) == ("pending", 0)
+    assert after[first["id"]]["state"] == "failed"  # only the one named
+    again = runner("webhooks", "retry", str(second["id"]))
+    assert again.exit_code == 1 and "is pending: only a failed one is retried" in again.output
+
+
+def test_a_failed_test_does_not_count_as_a_failed_delivery(runner, receiver):
+    created = add(runner, receiver.url)
+    receiver.status = 503
+    assert runner("webhooks", "test", str(created["id"])).exit_code == 1
+    assert as_json(runner, "webhooks", "list")[0]["deliveries"] == {
+        "pending": 0, "delivered": 0, "failed": 0}
+    header, row = runner("webhooks", "list").output.splitlines()
+    assert row.split()[header.split().index("FAILED")] == "0"
+    # It is still listed with the deliveries, where its outcome is seen.
+    assert [d["event"] for d in as_json(runner, "webhooks", "deliveries", "--state",
+                                        "failed")] == ["webhook.test"]

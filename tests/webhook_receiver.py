@@ -1,4 +1,5 @@
-"""A real webhook receiver on 127.0.0.1: records what arrives; answers 200, fails, or hangs.
+"""A real webhook receiver on 127.0.0.1: records what arrives; answers 200, fails, hangs,
+trickles its answer a byte at a time, or answers something that is not HTTP.
 
 Use it as a context manager: leaving the block releases hanging requests and stops the
 server, on every path.
@@ -11,6 +12,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 # A hanging request is released after this long even if nobody stops the receiver.
 MAX_HANG_SECONDS = 120
+# A trickled answer stops trickling after this long (and ends), so a sender with no
+# overall deadline is seen taking this long instead of hanging its test forever.
+MAX_TRICKLE_SECONDS = 20
+# A trickled answer: a status line, then one header that never ends.
+TRICKLE = b"HTTP/1.1 200 OK\r\nX-Trickle: "
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +41,9 @@ class WebhookReceiver:
         self.fail_first = 0  # answer 500 to this many requests, then `status`
         self.fail_each = 0  # answer 500 to the first this-many attempts of every message
         self.hang = False  # hold requests open until released or stopped
+        self.trickle = 0.0  # > 0: send the answer one byte every this many seconds
+        self.trickled = 0  # bytes trickled so far
+        self.raw_answer = None  # bytes: answer these instead of HTTP, then close
         self.received = []
         self.hanging = 0
         self._released = threading.Event()
@@ -97,6 +106,13 @@ class WebhookReceiver:
             self.received.append(Received(headers, body, time.time(), status))
             self.hanging += status is None
             self._changed.notify_all()
+        if self.raw_answer is not None:
+            handler.wfile.write(self.raw_answer)
+            handler.close_connection = True
+            return
+        if self.trickle:
+            self._trickle(handler)
+            return
         if status is None:
             self._released.wait(MAX_HANG_SECONDS)
             with self._changed:
@@ -110,6 +126,21 @@ class WebhookReceiver:
             handler.wfile.write(b"ok" if status < 300 else b"receiver says no")
         except OSError:
             pass  # the sender gave up waiting: that is what a hanging receiver tests
+
+    def _trickle(self, handler):
+        handler.close_connection = True
+        ends = time.monotonic() + MAX_TRICKLE_SECONDS
+        sent = 0
+        try:
+            while time.monotonic() < ends and not self._released.wait(self.trickle):
+                handler.wfile.write(TRICKLE[sent:sent + 1] or b"a")
+                sent += 1
+                with self._changed:
+                    self.trickled += 1
+                    self._changed.notify_all()
+            handler.wfile.write(b"\r\nContent-Length: 0\r\n\r\n")
+        except OSError:
+            pass  # the sender gave up: what a trickling receiver tests
 
     def wait(self, predicate, seconds):
         """True as soon as predicate(self) holds, False if it does not within `seconds`."""

@@ -13,6 +13,7 @@ from pathlib import Path
 from flask import (
     Blueprint,
     current_app,
+    flash,
     g,
     make_response,
     redirect,
@@ -21,8 +22,9 @@ from flask import (
     send_from_directory,
     url_for,
 )
+from flask.sessions import SecureCookieSessionInterface
 
-from app import audit, auth
+from app import audit, auth, webhook_delivery
 from app import keys as keystore
 from app import webhooks as hooks
 from app.errors import Forbidden, GatewayError, NotFound, RateLimited, error_response
@@ -38,6 +40,32 @@ CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' 
 OPEN = {"ui.signin", "ui.asset"}  # the pages reached without a session
 KEY_FIELDS = ("role", "rate_limit", "max_concurrent", "token_quota", "max_ctx", "max_predict",
               "keep_alive", "priority", "models", "expires")
+
+
+class _FlashSessions(SecureCookieSessionInterface):
+    """Flask's signed-cookie session, opened under /ui/ only: elsewhere it would cost every
+    relayed request a signer (some 40 µs) for nothing."""
+
+    def open_session(self, app, request):
+        if not request.path.startswith(bp.url_prefix + "/"):
+            return None  # Flask makes a null session, never saved
+        return super().open_session(app, request)
+
+
+@bp.record_once
+def _flash_messages(state):
+    """Flask's session, for flash messages only: what a page says after a form post.
+
+    Not a query parameter, which anyone could fill with a message of their own and send
+    an admin a link to. Signed with the dashboard's secret, kept to /ui/.
+    """
+    conf = state.app.config["SETTINGS"]
+    if conf.ui:
+        state.app.secret_key = cookie_secret(conf)
+        state.app.session_interface = _FlashSessions()
+        state.app.config.update(SESSION_COOKIE_NAME="ollama_gw_flash",
+                                SESSION_COOKIE_PATH="/ui/", SESSION_COOKIE_HTTPONLY=True,
+                                SESSION_COOKIE_SAMESITE="Strict")
 
 
 def _sessions():
@@ -279,7 +307,7 @@ def webhooks():
     _admin()
     counts = hooks.delivery_counts()
     return render_template(
-        "ui/webhooks.html", message=request.args.get("message"),
+        "ui/webhooks.html",
         webhooks=[hooks.webhook_summary(row, counts.get(row.id)) for row in
                   hooks.list_webhooks()],
         deliveries=status.deliveries(request.args.get("state") or None))
@@ -292,19 +320,19 @@ def test_webhook(webhook_id):
         outcome = status.send_test(current_app.config["SETTINGS"], webhook_id)
     except hooks.WebhookOpError as exc:
         raise NotFound(str(exc)) from None
-    return redirect(url_for("ui.webhooks", message=f"webhook {webhook_id} test "
-                            f"{outcome.describe()}"))
+    flash(f"webhook {webhook_id} test {outcome.describe()}")
+    return redirect(url_for("ui.webhooks"))
 
 
 @bp.post("/webhooks/deliveries/<int:delivery_id>/retry")
 def retry_delivery(delivery_id):
     _admin()
     try:
-        status.retry_delivery(delivery_id)
+        webhook_delivery.retry_delivery(delivery_id)
     except hooks.WebhookOpError as exc:
         raise NotFound(str(exc)) from None
-    return redirect(url_for("ui.webhooks", message=f"delivery {delivery_id} will be sent "
-                            "again"))
+    flash(f"delivery {delivery_id} will be sent again")
+    return redirect(url_for("ui.webhooks"))
 
 
 @bp.get("/audit")

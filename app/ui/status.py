@@ -20,7 +20,7 @@ from app.ratelimit import tokens_used
 from app.ui.charts import label_names
 from app.upstreams import probe
 from app.usage import REFUSAL_NAMES
-from app.webhooks import WebhookOpError, connection
+from app.webhooks import WebhookOpError
 
 RECENT_REQUESTS = 50
 
@@ -105,18 +105,6 @@ def failure_counts():
     return dict(WebhookDelivery.select(WebhookDelivery.webhook, fn.COUNT(WebhookDelivery.id))
                 .where(WebhookDelivery.state == "failed")
                 .group_by(WebhookDelivery.webhook).tuples())
-
-
-def retry_delivery(delivery_id):
-    """Send a failed delivery again: pending now, with its attempts counted afresh."""
-    with connection():
-        changed = (WebhookDelivery.update(state="pending", attempts=0,
-                                          next_attempt_at=time.time(), claimed_until=None)
-                   .where((WebhookDelivery.id == delivery_id)
-                          & (WebhookDelivery.state == "failed")).execute())
-    if not changed:
-        raise WebhookOpError(f"delivery {delivery_id} is not a failed delivery")
-    webhook_delivery.wake_local_dispatcher()
 
 
 def send_test(settings, webhook_id):
