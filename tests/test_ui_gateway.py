@@ -22,12 +22,13 @@ ALLOWED = 10  # README: ten failed sign-ins a minute from one address, then 429
 
 @pytest.fixture(scope="module")
 def gateways(database, fake_ollama, tmp_path_factory):
-    """(a, b): `a` trusts a proxy on 127.0.0.1, `b` trusts none; one secret for cookies."""
+    """(a, b): `a` trusts a proxy on 127.0.0.1, `b` one elsewhere; one secret for cookies."""
     logs = tmp_path_factory.mktemp("log")
     common = {"ui": "true", "ui_secret": "s" * 48, "data_dir": str(logs)}
     with GatewayProcess(database, fake_ollama.url, workers=2, trusted_proxies="127.0.0.1",
                         **common) as a, \
-            GatewayProcess(database, fake_ollama.url, workers=2, **common) as b:
+            GatewayProcess(database, fake_ollama.url, workers=2, trusted_proxies="10.0.0.0/8",
+                           **common) as b:
         a.start(logs / "a.log")
         b.start(logs / "b.log")
         a.admin = b.admin = a.add_key("--name", "ops", "--role", "admin")["key"]
