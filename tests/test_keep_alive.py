@@ -6,6 +6,7 @@ close` on the refusal itself, or it sends its next request on a connection the g
 has already closed: 8 of 30 such requests failed after a 401.
 """
 import contextlib
+import http.client
 import time
 
 import pytest
@@ -134,3 +135,28 @@ def test_a_refusal_without_a_body_keeps_the_connection(gateway):
         assert refused.headers.get("Connection") == "keep-alive"
         assert wait_for(lambda: session.get(gateway.url + "/api/tags", timeout=60,
                                             headers=bearer(gateway.user)).ok, 30)
+
+
+@pytest.mark.parametrize("path, headers, body, status", [
+    ("/api/generate", {}, BODY, 401),
+    ("/api/generate", {"Authorization": "Bearer ogw_" + "x" * 43}, BODY, 401),
+    ("/api/keys", "user", b'{"name": "mine"}', 403),
+    ("/api/generate", "user", b" " * 5000 + BODY, 413),
+], ids=["no key", "wrong key", "user key on the admin API", "too large"])
+def test_a_client_that_reuses_every_connection_it_is_not_told_to_close_never_fails(
+        gateway, path, headers, body, status):
+    """http.client keeps a connection unless the answer says `Connection: close`."""
+    headers = bearer(gateway.user) if headers == "user" else headers
+    conn = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=60)
+    try:
+        for _ in range(ROUNDS):
+            conn.request("POST", path, body=body, headers=headers)
+            answer = conn.getresponse()
+            answer.read()
+            assert answer.status == status
+            conn.request("GET", "/api/tags", headers=bearer(gateway.user))
+            after = conn.getresponse()
+            after.read()
+            assert after.status == 200
+    finally:
+        conn.close()
