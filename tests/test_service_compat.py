@@ -326,6 +326,20 @@ def test_gunicorn_run_directly_sets_up_demo_keys_with_its_migrations(runner, set
     database.close_all()
 
 
+def test_a_gateway_starts_without_a_demo_key_too_short(database_url, fake, tmp_path):
+    short, user = demo_secret("admin")[:31], demo_secret("user")
+    leak_check.remember_secrets([short])
+    with GatewayProcess(database_url, fake.url, workers=1) as gw:
+        gw.env.update(DEMO_ADMIN_KEY=short, DEMO_USER_KEY=user)
+        gw.start(tmp_path / "short.log")
+        assert "ERROR app.demo_keys: DEMO_ADMIN_KEY is only 31 characters long" in gw.log()
+        assert requests.get(gw.url + "/api/tags", headers=auth_header(short),
+                            timeout=60).status_code == 401
+        assert requests.get(gw.url + "/api/tags", headers=auth_header(user),
+                            timeout=60).status_code == 200
+        assert short not in gw.log()
+
+
 # --- settings from ollama-api-service's .env ---------------------------------------------------
 
 def test_ollama_base_url_names_the_upstream_and_ollama_url_wins(tmp_path):
