@@ -59,13 +59,15 @@ def current_actor():
     if actor is not None:
         return actor
     try:
-        from flask import g, has_request_context, request
+        from flask import g, has_request_context
+
+        from app.client_address import client_address
     except ImportError:  # pragma: no cover - Flask is a dependency
         return cli_actor()
     if has_request_context():
         key = g.get("key")
         who = f"{key.prefix} ({key.name})" if key is not None else "anonymous"
-        return Actor(who, "http", request.remote_addr or "-")
+        return Actor(who, "http", client_address())
     return cli_actor()
 
 

@@ -6,6 +6,7 @@ the defaults below. The file is the one named
 by ``--config`` / ``OLLAMA_GW_CONFIG``, else ``/etc/ollama-gw/config.toml`` when it exists.
 """
 import dataclasses
+import ipaddress
 import os
 import tomllib
 from pathlib import Path
@@ -128,6 +129,11 @@ class Settings:
         False, "Serve the web dashboard at /ui/ (sign in with a key). Off: /ui/ answers 404.")
     ui_session_hours: float = setting(
         12.0, "Hours a dashboard sign-in lasts; a revoked or rotated key ends it sooner.")
+    trusted_proxies: tuple = setting(
+        (), "Addresses or networks (CIDR) of reverse proxies whose X-Forwarded-For header is "
+        "believed, e.g. [\"127.0.0.1\", \"10.0.0.0/8\"]. The client's address (sign-in "
+        "throttle, access log, audit log) is then the last one in it that is not such a "
+        "proxy. Empty: the connection's own address; the header is ignored.")
     ui_secret: str = setting(
         "", "Signs dashboard session cookies. Empty: one is made and kept in data_dir/"
         "ui-secret; give every instance the same one when several serve the dashboard.")
@@ -357,6 +363,12 @@ def validate(settings):
             raise ConfigError(f"cors_origins entry {origin!r} must be an origin like "
                               "https://chat.example.com, a pattern like http://localhost:*, "
                               "or *")
+    for entry in settings.trusted_proxies:
+        try:
+            ipaddress.ip_network(entry, strict=False)
+        except ValueError:
+            raise ConfigError(f"trusted_proxies entry {entry!r} must be an address or a "
+                              "network, e.g. 127.0.0.1 or 10.0.0.0/8") from None
     if settings.ui_session_hours <= 0:
         raise ConfigError("ui_session_hours must be a positive number of hours")
     if settings.webhook_timeout <= 0:

@@ -47,7 +47,8 @@ def close_after_response(environ):
     For an answer sent without reading the request body (401 before a large upload,
     413, 408): gunicorn would otherwise read and discard the rest of the body to reach
     the next request, which is the work refusing early was meant to save. A
-    `Connection: close` header from the app is not enough; gunicorn drops it.
+    `Connection: close` header from the app is not enough, gunicorn drops it: the
+    worker (app/worker.py) has gunicorn send it, so keep-alive clients reconnect.
     """
     sock = environ.get("gunicorn.socket")
     if sock is not None:

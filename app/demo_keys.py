@@ -13,7 +13,9 @@ instances starting together create each key once. On a later start:
 - a changed value: the newest key of that name gets the new secret (key.rotated; the
   old value stops working). ollama-api-service crashed here on its unique name;
 - that key was revoked: it stays revoked and the variable is ignored, with a warning;
-- the value is another key's secret: ignored, with an error naming that key.
+- the value is another key's secret: ignored, with an error naming that key;
+- a value shorter than 32 characters (guessable, and the dashboard's sign-in never
+  refuses a right key): ignored, with an error; the start goes on without that key.
 """
 import logging
 import socket
@@ -26,8 +28,8 @@ log = logging.getLogger(__name__)
 
 # (environment variable, key name, role)
 DEMO_KEYS = (("DEMO_ADMIN_KEY", "demo-admin", "admin"), ("DEMO_USER_KEY", "demo-user", "user"))
-# A chosen secret shorter than this is easy to guess; it is still honoured, with a warning.
-SHORT_SECRET = 24
+# A chosen secret shorter than this is easy to guess: it is refused, with an error.
+SHORTEST_SECRET = 32
 
 
 def wanted(environ):
@@ -57,9 +59,11 @@ def ensure(database, environ, settings):
 
 
 def _ensure_one(var, name, role, secret, defaults):
-    if len(secret) < SHORT_SECRET:
-        log.warning("%s is only %d characters long: easy to guess for a key with role %s",
-                    var, len(secret), role)
+    if len(secret) < SHORTEST_SECRET:
+        log.error("%s is only %d characters long, easy to guess: demo key %s is not created "
+                  "or changed; give it %d characters or more (a random value)", var,
+                  len(secret), name, SHORTEST_SECRET)
+        return
     owner = ApiKey.get_or_none(ApiKey.key_hash == keystore.hash_key(secret))
     if owner is not None:
         if owner.name != name:

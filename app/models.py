@@ -263,7 +263,26 @@ class AuditEntry(BaseModel):
     details = peewee.TextField(null=True)  # JSON: before/after of settings, never a secret
 
 
+class UiSession(BaseModel):
+    """A dashboard sign-in (app/ui/session.py): its cookie names it; sign-out deletes it."""
+
+    id = peewee.CharField(max_length=64, primary_key=True)  # SHA-256 of the cookie's session id
+    key = peewee.ForeignKeyField(ApiKey, on_delete="CASCADE")
+    created_at = peewee.DoubleField()
+    expires_at = peewee.DoubleField(index=True)
+
+
+class SigninFailure(BaseModel):
+    """A failed dashboard sign-in from a client address (app/ui/throttle.py)."""
+
+    address = peewee.CharField(max_length=64)
+    at = peewee.DoubleField(index=True)
+
+    class Meta:
+        indexes = ((("address", "at"), False),)
+
+
 MODELS = [ApiKey, RateCounter, ConcurrencySlot, Heartbeat, UsageLabel, UsageRecord,
           UsageHourlyModel, UsageDailyKey,
           UsageHourly, TokenUsage, Webhook, WebhookDelivery, WebhookAttempt, UpstreamStatus,
-          AuditEntry, QueueEntry]
+          AuditEntry, QueueEntry, UiSession, SigninFailure]

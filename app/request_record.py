@@ -18,6 +18,7 @@ from flask import g, request
 from werkzeug.wsgi import ClosingIterator
 
 from app import metrics, webhooks
+from app.client_address import client_address
 from app.keys import normalize_model
 from app.redact import redact
 from app.usage import Record, UsageWriter, load_spills, spill, token_counts
@@ -213,7 +214,7 @@ def init_app(app):
             req = request._get_current_object()
             pending.status = response.status_code
             pending.refusal = getattr(context, "refusal", None)
-            pending.remote = req.remote_addr
+            pending.remote = client_address()
             pending.query = _query_without_keys(req)
             _when_closed(response, lambda: finish(writer, pending, response, log_access))
         return response

@@ -10,13 +10,39 @@ from app.cooperative import closing_connections
 from app.redact import redact_exception, redact_handlers
 
 
+def closing_when_asked(app):
+    """The WSGI app, with gunicorn told to close the connections the app asked to close.
+
+    gunicorn drops a `Connection: close` header from the app, sends `keep-alive`, and
+    would then read and discard the body the app refused unread before the next request.
+    Hanging up after such an answer broke keep-alive clients, which sent their next
+    request on a connection they believed open. Marked before the headers go out,
+    gunicorn writes `Connection: close` itself and closes the connection after the answer.
+    """
+    def wsgi(environ, start_response):
+        def start(status, headers, exc_info=None):
+            if environ.get("gunicorn.socket") in closing_connections:
+                # gunicorn hands its Response's bound start_response to the app.
+                response = getattr(start_response, "__self__", None)
+                if hasattr(response, "force_close"):
+                    response.force_close()
+            return start_response(status, headers, exc_info)
+
+        return app(environ, start)
+
+    return wsgi
+
+
 class GatewayWorker(GeventWorker):
+    def load_wsgi(self):
+        super().load_wsgi()
+        self.wsgi = closing_when_asked(self.wsgi)
+
     def handle_request(self, listener_name, req, sock, addr):
-        keep_alive = super().handle_request(listener_name, req, sock, addr)
-        if sock in closing_connections:  # app.cooperative.close_after_response()
+        try:
+            return super().handle_request(listener_name, req, sock, addr)
+        finally:
             closing_connections.discard(sock)
-            raise StopIteration("the gateway closes this connection after its answer")
-        return keep_alive
 
     def handle_error(self, req, client, addr, exc):
         """gunicorn's 400 page and log line quote the bad request line: mask keys in it."""

@@ -277,6 +277,28 @@ def test_a_changed_demo_value_takes_over_the_key_and_a_revoked_one_stays_revoked
                                                 "key.rotated"]
 
 
+def test_a_demo_value_shorter_than_32_characters_is_refused_with_an_error(
+        migrated, settings, caplog):
+    short, enough = demo_secret("admin")[:31], demo_secret("user")[:32]
+    leak_check.remember_secrets([short, enough])
+    with caplog.at_level(logging.INFO):
+        demo_keys.ensure(migrated, {"DEMO_ADMIN_KEY": short, "DEMO_USER_KEY": enough}, settings)
+    assert [(r.name, r.key_hash) for r in ApiKey.select()] == [
+        ("demo-user", keystore.hash_key(enough))]
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert errors == ["DEMO_ADMIN_KEY is only 31 characters long, easy to guess: demo key "
+                      "demo-admin is not created or changed; give it 32 characters or more "
+                      "(a random value)"]
+    assert short not in caplog.text and enough not in caplog.text
+
+
+def test_a_short_demo_value_does_not_take_over_an_existing_demo_key(migrated, settings):
+    first = demo_secret("admin")
+    demo_keys.ensure(migrated, {"DEMO_ADMIN_KEY": first}, settings)
+    demo_keys.ensure(migrated, {"DEMO_ADMIN_KEY": first[:31]}, settings)
+    assert ApiKey.get(ApiKey.name == "demo-admin").key_hash == keystore.hash_key(first)
+
+
 def test_a_demo_value_that_is_another_keys_secret_is_refused_not_taken(
         migrated, settings, make_key, caplog):
     secret, row = make_key("alice")
@@ -302,6 +324,20 @@ def test_gunicorn_run_directly_sets_up_demo_keys_with_its_migrations(runner, set
         assert [(r.name, r.key_hash) for r in ApiKey.select()] == [
             ("demo-admin", keystore.hash_key(admin))]
     database.close_all()
+
+
+def test_a_gateway_starts_without_a_demo_key_too_short(database_url, fake, tmp_path):
+    short, user = demo_secret("admin")[:31], demo_secret("user")
+    leak_check.remember_secrets([short])
+    with GatewayProcess(database_url, fake.url, workers=1) as gw:
+        gw.env.update(DEMO_ADMIN_KEY=short, DEMO_USER_KEY=user)
+        gw.start(tmp_path / "short.log")
+        assert "ERROR app.demo_keys: DEMO_ADMIN_KEY is only 31 characters long" in gw.log()
+        assert requests.get(gw.url + "/api/tags", headers=auth_header(short),
+                            timeout=60).status_code == 401
+        assert requests.get(gw.url + "/api/tags", headers=auth_header(user),
+                            timeout=60).status_code == 200
+        assert short not in gw.log()
 
 
 # --- settings from ollama-api-service's .env ---------------------------------------------------

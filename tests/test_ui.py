@@ -2,6 +2,7 @@
 cross-site posts, sessions that end with their key, and no secret where it must not be.
 """
 import dataclasses
+import hashlib
 import logging
 import re
 import time
@@ -12,8 +13,9 @@ import pytest
 from app import create_app
 from app import keys as keystore
 from app import webhooks as hooks
-from app.models import ApiKey, AuditEntry, WebhookDelivery
+from app.models import ApiKey, AuditEntry, SigninFailure, UiSession, WebhookDelivery
 from app.ui import session as ui_session
+from app.ui import throttle
 from tests.conftest import auth_header
 
 GENERATE = {"model": "llama3.2", "prompt": "hi", "stream": False}
@@ -83,11 +85,22 @@ def test_a_key_in_the_url_signs_nobody_in(browser, admin):
 
 
 def test_wrong_keys_are_refused_and_repeated_failures_must_wait(browser, admin):
-    for _ in range(ui_session.FAILED_SIGNINS_PER_MINUTE):
+    for _ in range(throttle.FAILURES_ALLOWED):
         answer = browser.post("/ui/signin", data={"key": "ogw_" + "x" * 43})
         assert answer.status_code == 401 and "invalid API key" in answer.get_data(as_text=True)
-    answer = browser.post("/ui/signin", data={"key": admin[0]})
-    assert answer.status_code == 429 and answer.headers["Retry-After"] == "60"
+    answer = browser.post("/ui/signin", data={"key": "ogw_" + "x" * 43})
+    assert answer.status_code == 429 and 1 <= int(answer.headers["Retry-After"]) <= 60
+    assert SigninFailure.select().count() == throttle.FAILURES_ALLOWED  # not the refused one
+    sign_in(browser, admin[0])  # the right key is never throttled
+
+
+def test_failures_older_than_the_window_no_longer_count(migrated):
+    start = 1_000_000.0
+    for n in range(throttle.FAILURES_ALLOWED):
+        assert throttle.failed("192.0.2.1", now=start + n) == 0
+    assert throttle.failed("192.0.2.1", now=start + 30) == 30  # the first leaves at start+60
+    assert throttle.failed("192.0.2.2", now=start + 30) == 0  # another address
+    assert throttle.failed("192.0.2.1", now=start + throttle.WINDOW_SECONDS + 0.5) == 0
 
 
 @pytest.mark.parametrize("path", ["/ui/", "/ui/?range=1h", "/ui/?range=7d", "/ui/?range=30d",
@@ -186,8 +199,32 @@ def test_a_session_expires(browser, user, monkeypatch):
 
 def test_signing_out_ends_the_session(browser, admin):
     sign_in(browser, admin[0])
+    cookie = browser.get_cookie(ui_session.COOKIE, path="/ui/").value
     answer = browser.post("/ui/signout", data={"csrf": csrf(browser)})
     assert answer.headers["Location"] == "/ui/signin"
+    assert browser.get("/ui/keys").headers["Location"] == "/ui/signin"
+    browser.set_cookie(ui_session.COOKIE, cookie, path="/ui/")  # the same cookie, replayed
+    assert browser.get("/ui/keys").headers["Location"] == "/ui/signin"
+    assert UiSession.select().count() == 0
+
+
+def test_the_session_id_is_kept_only_as_a_hash(ui_app, browser, admin):
+    sign_in(browser, admin[0])
+    cookie = browser.get_cookie(ui_session.COOKIE, path="/ui/").value
+    session_id = ui_app.extensions["ui_sessions"]._signer.loads(cookie)["s"]
+    assert [row.id for row in UiSession.select()] == [
+        hashlib.sha256(session_id.encode()).hexdigest()]
+
+
+def test_a_cookie_without_a_server_session_is_refused(ui_app, browser, admin):
+    """A cookie of the previous version (no session id) or one whose row is gone."""
+    sign_in(browser, admin[0])
+    UiSession.delete().execute()  # ended by another instance
+    assert browser.get("/ui/keys").headers["Location"] == "/ui/signin"
+    signer = ui_app.extensions["ui_sessions"]
+    old = signer._signer.dumps({"k": admin[1].id, "t": signer._tag(admin[1].key_hash),
+                                "c": "token"})
+    browser.set_cookie(ui_session.COOKIE, old, path="/ui/")
     assert browser.get("/ui/keys").headers["Location"] == "/ui/signin"
 
 

@@ -27,10 +27,18 @@ from flask.sessions import SecureCookieSessionInterface
 from app import audit, auth, webhook_delivery
 from app import keys as keystore
 from app import webhooks as hooks
-from app.errors import Forbidden, GatewayError, NotFound, RateLimited, error_response
+from app.client_address import client_address
+from app.errors import (
+    Forbidden,
+    GatewayError,
+    NotFound,
+    RateLimited,
+    Unauthorized,
+    error_response,
+)
 from app.keys import KeyInfo
 from app.models import ApiKey
-from app.ui import charts, status
+from app.ui import charts, status, throttle
 from app.ui.session import COOKIE, Sessions, cookie_secret, cross_site, csrf_ok
 
 bp = Blueprint("ui", __name__, url_prefix="/ui", template_folder="../templates")
@@ -128,7 +136,7 @@ def _admin():
 
 def _dashboard_actor():
     """Audit entries made from the dashboard say so (via `ui`), with the signed-in key."""
-    return audit.Actor(f"{g.key.prefix} ({g.key.name})", "ui", request.remote_addr or "-")
+    return audit.Actor(f"{g.key.prefix} ({g.key.name})", "ui", client_address())
 
 
 @bp.app_template_filter("iso")
@@ -170,15 +178,15 @@ def signin():
         return redirect(url_for("ui.index"))
     if request.method == "GET":
         return render_template("ui/signin.html")
-    sessions, address = _sessions(), request.remote_addr or "-"
-    if sessions.too_many_failures(address):
-        raise RateLimited("too many failed sign-ins from this address: wait a minute",
-                          headers={"Retry-After": "60"})
-    try:
+    sessions = _sessions()
+    try:  # the key first: a valid one always signs in, whatever failed before it
         info = auth.authenticate(current_app.extensions["key_cache"],
                                  request.form.get("key", "").strip())
-    except GatewayError as exc:
-        sessions.failed(address)
+    except Unauthorized as exc:
+        wait = throttle.failed(client_address())
+        if wait:
+            raise RateLimited(f"too many failed sign-ins from this address: wait {wait} s",
+                              headers={"Retry-After": str(wait)}) from None
         return render_template("ui/signin.html", error=exc.message), 401
     response = redirect(url_for("ui.index"))
     response.set_cookie(COOKIE, sessions.issue(ApiKey.get_by_id(info.id)),
@@ -189,6 +197,7 @@ def signin():
 
 @bp.post("/signout")
 def signout():
+    _sessions().end(request.cookies.get(COOKIE))
     return _forget_cookie(redirect(url_for("ui.signin")))
 
 

@@ -1,29 +1,28 @@
-"""Dashboard sign-in: a signed cookie that names a key and never holds it.
+"""Dashboard sign-in: a signed cookie that names a key and a session, and never holds the key.
 
-The cookie carries the key's id, a tag of its hash, a CSRF token and when it was
-issued, signed with the cookie secret. The tag is an HMAC under that secret, not the
-hash itself: a cookie must not help anyone guess a weak chosen (demo) secret offline.
+The cookie carries the key's id, a tag of its hash, a session id, a CSRF token and when
+it was issued, signed with the cookie secret. The tag is an HMAC under that secret, not
+the hash itself: a cookie must not help anyone guess a weak chosen (demo) secret offline.
 Every request reads the key again, so revoking, expiring or rotating it (a new hash,
-so the tag no longer matches) ends its sessions at once, on every worker.
+so the tag no longer matches) ends its sessions at once, on every worker. The session
+is a row in the database (only the SHA-256 of its id): sign-out deletes it, so the same
+cookie replayed afterwards is refused by every worker and instance. Sign-out ends that
+session only; the key's other sessions (another browser) run on.
 """
-import collections
 import hashlib
 import hmac
 import os
 import secrets
-import threading
 import time
 from pathlib import Path
 
 from flask import request
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 
-from app.models import ApiKey, utcnow
+from app.models import ApiKey, UiSession, utcnow
 
 COOKIE = "ogw_ui"
 SECRET_FILE = "ui-secret"
-# Failed sign-ins a client address may make per minute and process before it must wait.
-FAILED_SIGNINS_PER_MINUTE = 10
 
 
 def cookie_secret(settings):
@@ -47,53 +46,58 @@ def cookie_secret(settings):
 
 
 class Sessions:
-    """Issues and checks dashboard session cookies."""
+    """Issues, checks and ends dashboard sessions."""
 
     def __init__(self, secret, hours):
         self._secret = secret.encode()
         self._signer = URLSafeTimedSerializer(secret, salt="ollama-gw dashboard session")
         self.max_age = int(hours * 3600)
-        self._failures = collections.defaultdict(collections.deque)
-        self._lock = threading.Lock()
 
     def _tag(self, key_hash):
         return hmac.new(self._secret, key_hash.encode(), hashlib.sha256).hexdigest()[:32]
 
-    def issue(self, row):
-        """A cookie value for a session of key `row`."""
-        return self._signer.dumps({"k": row.id, "t": self._tag(row.key_hash),
-                                   "c": secrets.token_urlsafe(24)})
+    @staticmethod
+    def _session_row_id(session_id):
+        return hashlib.sha256(session_id.encode()).hexdigest()
 
-    def read(self, cookie):
-        """(ApiKey row, CSRF token) for a valid cookie of a usable key, else None."""
-        if not cookie:
-            return None
+    def issue(self, row):
+        """A cookie value for a new session of key `row`, recorded in the database."""
+        now = time.time()
+        UiSession.delete().where(UiSession.expires_at <= now).execute()  # the lapsed ones
+        session_id = secrets.token_urlsafe(24)
+        UiSession.create(id=self._session_row_id(session_id), key=row.id, created_at=now,
+                         expires_at=now + self.max_age)
+        return self._signer.dumps({"k": row.id, "t": self._tag(row.key_hash),
+                                   "s": session_id, "c": secrets.token_urlsafe(24)})
+
+    def _data(self, cookie):
         try:
             data = self._signer.loads(cookie, max_age=self.max_age)
-            row = ApiKey.get_or_none(ApiKey.id == int(data["k"]))
-            tag, csrf = str(data["t"]), str(data["c"])
+            return int(data["k"]), str(data["t"]), str(data["s"]), str(data["c"])
         except (BadSignature, KeyError, TypeError, ValueError):
+            return None  # a cookie of the previous version has no session id: sign in again
+
+    def read(self, cookie):
+        """(ApiKey row, CSRF token) for a valid cookie of a live session of a usable key."""
+        data = self._data(cookie) if cookie else None
+        if data is None:
             return None
+        key_id, tag, session_id, csrf = data
+        row = ApiKey.get_or_none(ApiKey.id == key_id)
         if row is None or not hmac.compare_digest(tag, self._tag(row.key_hash)):
             return None
         if row.revoked_at is not None or (row.expires_at and row.expires_at <= utcnow()):
             return None
-        return row, csrf
+        live = UiSession.select(UiSession.id).where(
+            UiSession.id == self._session_row_id(session_id), UiSession.key == key_id,
+            UiSession.expires_at > time.time()).exists()
+        return (row, csrf) if live else None
 
-    def too_many_failures(self, address, now=None):
-        """Whether `address` failed to sign in too often in the last minute."""
-        now = time.monotonic() if now is None else now
-        with self._lock:
-            failures = self._failures.get(address)
-            while failures and failures[0] < now - 60:
-                failures.popleft()
-            return bool(failures) and len(failures) >= FAILED_SIGNINS_PER_MINUTE
-
-    def failed(self, address):
-        with self._lock:
-            if len(self._failures) > 10_000:
-                self._failures.clear()  # a backstop against many addresses
-            self._failures[address].append(time.monotonic())
+    def end(self, cookie):
+        """End the cookie's session, for every worker and instance."""
+        data = self._data(cookie) if cookie else None
+        if data is not None:
+            UiSession.delete().where(UiSession.id == self._session_row_id(data[2])).execute()
 
 
 def cross_site():
