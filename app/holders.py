@@ -21,7 +21,6 @@ import logging
 import os
 import socket
 import threading
-import time
 
 from app.db import db, forget_idle_connections
 from app.models import ConcurrencySlot, QueueEntry
@@ -100,6 +99,7 @@ class Reaper:
                           if m.spec.max_concurrent}
         self.sweep_seconds = sweep_seconds
         self.first_sweep = threading.Event()
+        self._stop = threading.Event()
         self._failing = False
 
     def start(self, wait=FIRST_SWEEP_SECONDS):
@@ -108,11 +108,14 @@ class Reaper:
         self.first_sweep.wait(wait)
         return self
 
+    def stop(self):
+        self._stop.set()
+
     def _run(self):
-        while True:
+        self.sweep()
+        self.first_sweep.set()
+        while not self._stop.wait(self.sweep_seconds):
             self.sweep()
-            self.first_sweep.set()
-            time.sleep(self.sweep_seconds)
 
     def sweep(self):
         """Free what dead processes of this host held, then grant the freed queue slots."""

@@ -35,6 +35,16 @@ def test_alive_tells_a_running_process_from_an_ended_one():
     assert not holders.alive(dead_pid())
 
 
+def test_a_process_that_ended_but_was_not_waited_for_is_not_alive():
+    """A killed worker stays a zombie until gunicorn's master waits for it."""
+    proc = subprocess.Popen(["true"])
+    try:
+        assert wait_for(lambda: open(f"/proc/{proc.pid}/stat").read().split()[2] == "Z", 30)
+        assert not holders.alive(proc.pid)
+    finally:
+        proc.wait()
+
+
 def test_only_rows_of_dead_processes_of_this_host_are_freed(migrated, make_key):
     _, row = make_key("a", max_concurrent=9)
     dead = f"{HERE}:{dead_pid()}"
@@ -80,3 +90,15 @@ def test_a_slot_a_dead_process_held_goes_to_the_request_waiting_for_it(migrated,
     queue.release(tickets[0])
     assert QueueEntry.select().count() == 0
     assert wait_for(lambda: queue._keeper is None, 30)
+
+
+def test_every_worker_sweeps_again_for_processes_that_died_since(migrated, make_key):
+    _, row = make_key("a", max_concurrent=9)
+    reaper = holders.Reaper(FairQueue(), pool(1), sweep_seconds=0.1).start()
+    try:
+        assert reaper.first_sweep.is_set()
+        ConcurrencySlot.create(key=row.id, holder=f"{HERE}:{dead_pid()}",
+                               expires_at=time.time() + 60)
+        assert wait_for(lambda: ConcurrencySlot.select().count() == 0, 10)
+    finally:
+        reaper.stop()
