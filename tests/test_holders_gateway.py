@@ -9,10 +9,13 @@ import concurrent.futures
 import os
 import signal
 import time
+from urllib.parse import urlsplit
 
+import psycopg2
 import pytest
 import requests
 
+from app.fair_queue import _lock_id
 from tests.gateway_process import GatewayProcess, wait_for
 from tests.test_fair_queue_gateway import (
     generate,
@@ -135,6 +138,48 @@ def test_killed_after_the_last_line_before_the_stream_ends(gateway, fake):
     finally:
         for sock in socks:
             sock.close()
+    assert [r.status_code for r in answers] == [200, 200]
+    assert seconds < SERVED_WITHIN
+    assert wait_for(lambda: queue_is_empty(gateway), 30)
+
+
+def test_killed_while_entering_the_queue_a_row_written_after_its_death_goes_too(
+        gateway, fake, database):
+    """Entering, on PostgreSQL: the worker dies while its entry waits for the queue's lock.
+
+    Its database session lives on, and writes the entry once the lock is free, after the
+    next worker's first look: the living worker's sweep frees it, not the lease.
+    """
+    if not database.startswith("postgresql"):
+        pytest.skip("SQLite: a statement dies with its process")
+    upstream = urlsplit(fake.url).netloc  # the upstream's default name
+    other, capped = new_key(gateway, "other-4"), add_capped_key(gateway, "capped-4")
+    lock = psycopg2.connect(database)
+    lock.autocommit = True
+    locked = True
+    try:
+        lock.cursor().execute("SELECT pg_advisory_lock(%s)", (_lock_id(upstream),))
+        entering = open_request(gateway, capped, tokens=1)
+
+        def waiting_on_the_lock():
+            cursor = lock.cursor()
+            cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event = "
+                           "'advisory' AND query LIKE '%ollama_gw_queue_enter%'")
+            return cursor.fetchone()[0] == 1
+
+        assert wait_for(waiting_on_the_lock, 30)
+        kill_the_worker(gateway)
+        entering.close()
+        freed_before = gateway.log().count("queue_entry row(s)")
+        lock.cursor().execute("SELECT pg_advisory_unlock(%s)", (_lock_id(upstream),))
+        locked = False
+        # The dead worker's session wrote the entry, and a sweep freed it.
+        assert wait_for(lambda: gateway.log().count("queue_entry row(s)") > freed_before, 10)
+        answers, seconds = served_after_the_kill(gateway, other, capped)
+    finally:
+        if locked:
+            lock.cursor().execute("SELECT pg_advisory_unlock_all()")
+        lock.close()
     assert [r.status_code for r in answers] == [200, 200]
     assert seconds < SERVED_WITHIN
     assert wait_for(lambda: queue_is_empty(gateway), 30)
