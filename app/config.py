@@ -93,7 +93,8 @@ class Settings:
         1.0, "How long a worker trusts its cached view of a key: a revoked key stops working "
         "within this.")
     slot_lease_seconds: int = setting(
-        60, "A concurrency slot not renewed for this long (its worker crashed) is free again.")
+        60, "A concurrency slot not renewed for this long (its gateway instance died) is free "
+        "again; a crashed worker's are freed as soon as gunicorn replaces it.")
     webhook_timeout: float = setting(
         10.0, "Seconds one webhook delivery attempt may take, from connecting to the "
         "receiver's answer; a slower attempt counts as failed and is retried.")

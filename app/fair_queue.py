@@ -20,9 +20,7 @@ import dataclasses
 import functools
 import logging
 import math
-import os
 import secrets
-import socket
 import threading
 import time
 import zlib
@@ -33,6 +31,7 @@ from app import metrics
 from app.db import db, forget_idle_connections, is_postgres
 from app.errors import DATABASE_ERRORS, GatewayError, RateLimited
 from app.gather import Gather
+from app.holders import this_process
 from app.models import QueueEntry
 
 log = logging.getLogger(__name__)
@@ -143,7 +142,7 @@ class FairQueue:
         self.fair = fair  # False: first come, first served (bench/fair_queue.py compares)
         self.per_key = per_key
         self.max_wait = max_wait
-        self.holder = f"{socket.gethostname()}:{os.getpid()}"[:128]
+        self.holder = this_process()
         self._lock = threading.Lock()
         self._held = {}  # entry id -> (upstream, cap), waiting or running here
         self._waits = {}  # entry id -> _Wait
@@ -151,6 +150,7 @@ class FairQueue:
         self._wake = threading.Event()  # a request started waiting: look more often
         self._keeper = None
         self._listener = None  # PostgreSQL connection LISTENing on CHANNEL
+        self._listen_failed = False  # said once per outage
         self._warned_at = -math.inf
         self._entering = Gather(self._enter_batch)  # groups: (upstream, cap)
         self._leaving = Gather(self._leave_batch)
@@ -381,18 +381,22 @@ class FairQueue:
                     self._look_for_grants(waiting)
                     if time.monotonic() - dispatched_at >= DISPATCH_SECONDS:
                         dispatched_at = time.monotonic()
-                        self._dispatch_all({held[i] for i in waiting if i in held})
+                        self.dispatch_all({held[i] for i in waiting if i in held})
                 if unreleased:
                     self._retry_releases(unreleased)
                 if time.monotonic() - renewed_at >= self.lease_seconds / 3:
                     renewed_at = time.monotonic()
                     self._renew(list(held))
+                self._pause(bool(waiting))
             except Exception as exc:
+                # Whatever failed (a query, the LISTEN connection's poll or select after
+                # a database restart), the keeper stays: without it no waiting request
+                # here would hear of its grant. The next pause LISTENs anew and the next
+                # look re-reads the queue, so grants NOTIFYed meanwhile are not lost.
                 log.warning("queue keeper: the database failed, retrying: %s", exc)
                 forget_idle_connections()
                 self._close_listener()
                 time.sleep(1)
-            self._pause(bool(waiting))
 
     def _pause(self, waiting):
         """Sleep until the next look: a NOTIFY, a new waiting request, or the interval."""
@@ -417,6 +421,7 @@ class FairQueue:
 
     def _listen(self):
         if self._listener is None:
+            conn = None
             try:
                 import psycopg2
 
@@ -425,8 +430,14 @@ class FairQueue:
                 conn.cursor().execute(f"LISTEN {CHANNEL}")
                 self._listener = conn
             except Exception as exc:
-                log.warning("queue: cannot LISTEN for grants, polling instead: %s", exc)
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        conn.close()
+                if not self._listen_failed:
+                    log.warning("queue: cannot LISTEN for grants, polling instead: %s", exc)
+                self._listen_failed = True
                 return None
+            self._listen_failed = False
         return self._listener
 
     def _close_listener(self):
@@ -445,7 +456,8 @@ class FairQueue:
             if entry_id not in rows or rows[entry_id] is not None:
                 wait.event.set()
 
-    def _dispatch_all(self, upstreams):
+    def dispatch_all(self, upstreams):
+        """Grant the free slots of [(upstream, cap)] (app/holders.py, after freeing some)."""
         with db.connection_context():
             for upstream, cap in upstreams:
                 self._dispatch(upstream, cap, time.time())

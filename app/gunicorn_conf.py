@@ -77,6 +77,19 @@ def post_fork(server, worker):
         patch_psycopg()
 
 
+def post_worker_init(worker):
+    """Before a worker serves: free what dead workers of this host held, then sweep on.
+
+    A worker killed mid-request leaves its queue entries and concurrency slots behind;
+    the worker gunicorn starts in its place deletes them (app/holders.py), so the
+    upstream's slots and the key's max_concurrent come back now, not after the lease.
+    Runs in the worker, after gevent patched it: the master imports nothing of this.
+    """
+    from app.holders import start_reaper
+
+    start_reaper(worker.wsgi)
+
+
 def worker_exit(server, worker):
     """After a worker's last request (SIGTERM, reload): write its usage, then its webhooks.
 

@@ -10,8 +10,6 @@ Both checks run in one transaction, so a request refused by one consumes neither
 import dataclasses
 import logging
 import math
-import os
-import socket
 import threading
 import time
 
@@ -21,6 +19,7 @@ from flask import g
 from app.db import db, forget_idle_connections, is_postgres
 from app.errors import RateLimited
 from app.gather import Gather
+from app.holders import this_process
 from app.limits import format_rate_limit, format_token_quota, quota_period
 from app.models import ApiKey, ConcurrencySlot, RateCounter, TokenUsage
 
@@ -68,7 +67,7 @@ def tokens_used(key_id, period_start):
 class Limiter:
     def __init__(self, lease_seconds=60):
         self.lease_seconds = lease_seconds
-        self.holder = f"{socket.gethostname()}:{os.getpid()}"[:128]
+        self.holder = this_process()
         self._held = set()
         self._unreleased = set()  # slots whose delete failed; the keeper retries them
         self._keeper = None
@@ -292,14 +291,17 @@ class Limiter:
                 if not held and not unreleased:
                     self._keeper = None  # nothing to keep: the next slot starts a new one
                     return
-            if unreleased and self._delete_slots(unreleased):
-                with self._lock:
-                    self._unreleased.difference_update(unreleased)
-                log.info("released %d concurrency slot(s) once the database was back",
-                         len(unreleased))
-            if held and time.monotonic() - renewed_at >= self.lease_seconds / 3:
-                renewed_at = time.monotonic()
-                self.renew(held)
+            try:
+                if unreleased and self._delete_slots(unreleased):
+                    with self._lock:
+                        self._unreleased.difference_update(unreleased)
+                    log.info("released %d concurrency slot(s) once the database was back",
+                             len(unreleased))
+                if held and time.monotonic() - renewed_at >= self.lease_seconds / 3:
+                    renewed_at = time.monotonic()
+                    self.renew(held)
+            except Exception as exc:  # the keeper stays, whatever failed: leases lapse without it
+                log.warning("slot keeper: %s", exc)
 
     def renew(self, slot_ids):
         try:

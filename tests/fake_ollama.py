@@ -415,6 +415,8 @@ class _Handler(OpenAIRoutes, BaseHTTPRequestHandler):
         if stream:
             self._line(final)
             self._done_running()
+            if self.fake.end_delay:  # the last line is out, the stream not over yet
+                self._sleep(self.fake.end_delay)
             self.wfile.write(b"0\r\n\r\n")
         else:
             self._json(final)
@@ -568,6 +570,7 @@ class FakeOllama:
         for key, value in self._defaults.items():
             setattr(self, key, list(value) if key == "models" else value)
         self.fail_after_tokens: int | None = None
+        self.end_delay = 0.0  # seconds between a generate/chat stream's last line and its end
         self.requests: list[RecordedRequest] = []
         self.cancellations: list[float] = []
         self.blobs: dict[str, int] = {}  # digest -> size

@@ -5,11 +5,13 @@ import json
 import random
 import socket
 import threading
+import time
 
 import pytest
 import requests
 
 from tests.gateway_process import GatewayProcess, wait_for
+from tests.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.gateway
 
@@ -159,3 +161,43 @@ def test_requests_aborted_at_random_points_leave_no_slot_or_entry_behind(gateway
         answers = list(pool.map(lambda _: generate(gateway.url, key, timeout=30), range(2)))
     assert [r.status_code for r in answers] == [200, 200]
     assert all("X-Queue-Wait" not in r.headers for r in answers)
+
+
+def test_a_request_waiting_through_a_database_outage_is_served_once_it_is_back(
+        own_postgres, fake, tmp_path):
+    """The waiting worker's keeper outlives its connections dropping (PostgreSQL's LISTEN).
+
+    Two instances on one PostgreSQL database (PostgreSQL alone: on SQLite no connection
+    can drop): the first reaches it through a proxy, and has a request waiting; the
+    second runs the request that holds the upstream's one slot. The proxy cuts the
+    first's connections, as a restarting server would, and lets them through again;
+    then the running request ends, the second instance grants the slot and NOTIFYs,
+    and the waiting request must start at once, not when its wait times out.
+    """
+    fake.token_delay = 0.1
+    host, port = own_postgres.split("@", 1)[1].split("/", 1)[0].split(":")
+    with TcpProxy(host, int(port)) as proxy, \
+            GatewayProcess(own_postgres.replace(f"{host}:{port}", f"127.0.0.1:{proxy.port}"),
+                           fake.url, workers=1, upstream_max_concurrent=1,
+                           queue_max_wait_seconds=120) as waiter, \
+            GatewayProcess(own_postgres, fake.url, workers=1,
+                           upstream_max_concurrent=1) as runner:
+        runner.start(tmp_path / "runner.log")
+        waiter.start(tmp_path / "waiter.log")
+        busy = open_request(runner, new_key(runner, "busy"), tokens=1200)  # 2 minutes
+        patient = new_key(runner, "patient")
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            try:
+                assert busy.recv(1)  # running: the slot is taken
+                answer = pool.submit(generate, waiter.url, patient, 1, 150)
+                assert wait_for(lambda: waiting(runner) == 1, 30)
+                proxy.cut()
+                assert wait_for(lambda: "queue keeper" in waiter.log()
+                                or "queue-keeper" in waiter.log(), 30), waiter.log()
+                proxy.restore()
+            finally:
+                busy.close()  # the slot is given back, and granted to the waiting request
+            ended = time.monotonic()
+            served = answer.result()
+        assert served.status_code == 200, served.text
+        assert time.monotonic() - ended < 10  # its wait times out after 120 s

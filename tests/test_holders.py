@@ -1,0 +1,104 @@
+"""Freeing what dead processes held (app/holders.py): only this host's, only the dead.
+
+tests/test_holders_gateway.py kills real gunicorn workers; these check which rows go.
+"""
+import os
+import socket
+import subprocess
+import threading
+import time
+from types import SimpleNamespace
+
+from app import fair_queue, holders
+from app.fair_queue import FairQueue
+from app.keys import KeyInfo
+from app.models import ConcurrencySlot, QueueEntry
+from tests.gateway_process import wait_for
+
+HERE = socket.gethostname()
+
+
+def dead_pid():
+    """The pid of a process of this host that has ended (and been waited for)."""
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def pool(cap):
+    return SimpleNamespace(members=[SimpleNamespace(name="gpu",
+                                                    spec=SimpleNamespace(max_concurrent=cap))])
+
+
+def test_alive_tells_a_running_process_from_an_ended_one():
+    assert holders.alive(os.getpid())
+    assert not holders.alive(dead_pid())
+
+
+def test_a_process_that_ended_but_was_not_waited_for_is_not_alive():
+    """A killed worker stays a zombie until gunicorn's master waits for it."""
+    proc = subprocess.Popen(["true"])
+    try:
+        assert wait_for(lambda: open(f"/proc/{proc.pid}/stat").read().split()[2] == "Z", 30)
+        assert not holders.alive(proc.pid)
+    finally:
+        proc.wait()
+
+
+def test_only_rows_of_dead_processes_of_this_host_are_freed(migrated, make_key):
+    _, row = make_key("a", max_concurrent=9)
+    dead = f"{HERE}:{dead_pid()}"
+    kept = [f"{HERE}:{os.getppid()}",  # another live process here (another instance)
+            holders.this_process(),  # this one
+            f"other-{HERE}:{dead.split(':')[1]}",  # the same pid on another host
+            f"{HERE[:1]}:{dead.split(':')[1]}",  # a host name that starts like this one
+            f"{HERE}:{dead.split(':')[1]}0000000"]  # no such pid: not a holder of ours
+    now = time.time()
+    for holder in [dead, *kept]:
+        QueueEntry.create(upstream="gpu", key_id=row.id, holder=holder, start_tag=0,
+                          finish_tag=1, enqueued_at=now, granted_at=now, expires_at=now + 60)
+        ConcurrencySlot.create(key=row.id, holder=holder, expires_at=now + 60)
+
+    freed = holders.free_dead()
+
+    assert freed == {QueueEntry: 1, ConcurrencySlot: 1}
+    for model in (QueueEntry, ConcurrencySlot):
+        assert sorted(h for (h,) in model.select(model.holder).tuples()) == sorted(kept)
+
+
+def test_a_slot_a_dead_process_held_goes_to_the_request_waiting_for_it(migrated, make_key,
+                                                                      monkeypatch):
+    monkeypatch.setattr(fair_queue, "DISPATCH_SECONDS", 600)  # the waiter's own look: later
+    _, row = make_key("waits")
+    key = KeyInfo.from_row(row)
+    now = time.time()
+    QueueEntry.create(upstream="gpu", key_id=row.id, holder=f"{HERE}:{dead_pid()}",
+                      start_tag=0, finish_tag=1, enqueued_at=now, granted_at=now,
+                      expires_at=now + 60)
+    queue = FairQueue(lease_seconds=60, max_wait=60)
+    tickets = []
+    waiter = threading.Thread(target=lambda: tickets.append(queue.acquire("gpu", 1, key)),
+                              daemon=True)
+    waiter.start()
+    assert wait_for(lambda: QueueEntry.select().where(QueueEntry.granted_at.is_null())
+                    .count() == 1, 30)
+
+    holders.Reaper(queue, pool(1)).sweep()
+
+    waiter.join(5)  # granted by the sweep, not by the lease 60 s on
+    assert tickets and tickets[0] is not None
+    queue.release(tickets[0])
+    assert QueueEntry.select().count() == 0
+    assert wait_for(lambda: queue._keeper is None, 30)
+
+
+def test_every_worker_sweeps_again_for_processes_that_died_since(migrated, make_key):
+    _, row = make_key("a", max_concurrent=9)
+    reaper = holders.Reaper(FairQueue(), pool(1), sweep_seconds=0.1).start()
+    try:
+        assert reaper.first_sweep.is_set()
+        ConcurrencySlot.create(key=row.id, holder=f"{HERE}:{dead_pid()}",
+                               expires_at=time.time() + 60)
+        assert wait_for(lambda: ConcurrencySlot.select().count() == 0, 10)
+    finally:
+        reaper.stop()
