@@ -87,7 +87,7 @@ def post_worker_init(worker):
     """
     from app.holders import start_reaper
 
-    start_reaper(worker.wsgi)
+    start_reaper(worker.flask_app)
 
 
 def worker_exit(server, worker):
@@ -100,7 +100,7 @@ def worker_exit(server, worker):
     the master for a worker that vanished; that has no app, and the master must not
     import one.
     """
-    app = getattr(worker, "wsgi", None)
+    app = getattr(worker, "flask_app", None)
     extensions = getattr(app, "extensions", {})
     if "usage" in extensions:
         from app.request_record import flush_at_exit

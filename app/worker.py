@@ -34,8 +34,11 @@ def closing_when_asked(app):
 
 
 class GatewayWorker(GeventWorker):
+    flask_app = None  # the application itself, for the hooks in app/gunicorn_conf.py
+
     def load_wsgi(self):
         super().load_wsgi()
+        self.flask_app = self.wsgi
         self.wsgi = closing_when_asked(self.wsgi)
 
     def handle_request(self, listener_name, req, sock, addr):
