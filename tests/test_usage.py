@@ -342,9 +342,15 @@ def dead_lettered():
     return lambda: counted() - before
 
 
+# The model's label fails the batch's first statement; the prompt, only its last (the
+# webhook event, stored in the same transaction).
+POISONS = {"model": "a\x00b\ud800", "prompt": "llama3.2:latest"}
+
+
+@pytest.mark.parametrize("poisoned", POISONS)
 @pytest.mark.parametrize("position", [0, 3, 6], ids=["first", "middle", "last"])
 def test_a_record_that_fails_its_batch_is_written_made_safe_in_its_place(
-        migrated, make_key, position, caplog, dead_lettered):
+        migrated, make_key, position, poisoned, caplog, dead_lettered):
     webhooks.add_webhook("http://127.0.0.1:9/hook", "request.completed", include_prompt=True)
     _, key = make_key(token_quota="1000/day")
     now = time.time()
@@ -352,20 +358,21 @@ def test_a_record_that_fails_its_batch_is_written_made_safe_in_its_place(
                      completion_tokens=i + 1, prompt={"prompt": "hi", "stream": False})
                for i in range(7)]
     records[position] = dataclasses.replace(
-        records[position], model="a\x00b\ud800", prompt={"prompt": "\ud800 x\x00"})
+        records[position], model=POISONS[poisoned], prompt={"prompt": "\ud800 x\x00"})
     writer = idle_writer(on_batch=webhooks.enqueue_usage)
     for record in records:
         writer.add(record)
     assert writer.write_pending() and writer.depth == 0
     rows = list(UsageRecord.select().order_by(UsageRecord.id))
     assert [r.completion_tokens for r in rows] == [1, 2, 3, 4, 5, 6, 7]
+    safe_model = "ab\ufffd" if poisoned == "model" else "llama3.2:latest"
     assert [label(r.model_id) for r in rows] == [
-        "ab\ufffd" if i == position else "llama3.2:latest" for i in range(7)]
+        safe_model if i == position else "llama3.2:latest" for i in range(7)]
     [charged] = TokenUsage.select().where(TokenUsage.key_id == key.id)
     assert charged.tokens == 7 + 28  # the made-safe record's tokens too
     events = [e["data"] for e in _events("request.completed")]  # one per record, in order
     assert [e["completion_tokens"] for e in events] == [1, 2, 3, 4, 5, 6, 7]
-    assert (events[position]["model"], events[position]["prompt"]) == ("ab\ufffd", "\ufffd x")
+    assert (events[position]["model"], events[position]["prompt"]) == (safe_model, "\ufffd x")
     made_safe = [r for r in caplog.records if "made safe" in r.getMessage()]
     assert len(made_safe) == 1 and key.prefix in made_safe[0].getMessage()
     assert dead_lettered() == 0
