@@ -17,6 +17,9 @@ MODEL_FIELDS = ("model", "name")  # compared case-insensitively, as Go's encodin
 INLINE_LIMIT = 1024 * 1024  # bodies up to this are parsed whole: ~3 ms at most
 VALUE_LIMIT = 64 * 1024  # in a larger body, values up to this are decoded
 MAX_DEPTH = 1000
+# What no model name holds and a database cannot store (PostgreSQL: NUL; both: an
+# unpaired surrogate, which a JSON "\ud800" decodes to): refused, not recorded.
+_NOT_IN_A_NAME = re.compile(r"[\x00-\x1f\x7f\ud800-\udfff]")
 
 _SPACE = re.compile(rb"[ \t\n\r]*")
 _STRUCTURE = re.compile(rb'["\[\]{}]')
@@ -56,11 +59,12 @@ class JsonBody:
             self.problem = f"request body is not valid JSON: {str(exc)[:200]}"
             return
         for field in self.field_names():
-            if field.lower() in MODEL_FIELDS and not isinstance(self.payload.get(field), str):
-                self.problem = f"'{field}' must be a string"
-                if field not in self.payload:
-                    self.problem += f" of at most {VALUE_LIMIT} bytes"
-                return
+            if field.lower() in MODEL_FIELDS:
+                self.problem = model_problem(field, self.payload.get(field))
+                if self.problem:
+                    if field not in self.payload:  # a value too large to decode
+                        self.problem += f" of at most {VALUE_LIMIT} bytes"
+                    return
 
     def field_names(self):
         """Every top-level field name, duplicates included, in order."""
@@ -108,6 +112,17 @@ class JsonBody:
         added = [json.dumps(name).encode() + b":" + json.dumps(value).encode()
                  for name, value in changes.items()]
         return b"{" + b",".join(kept + added) + b"}"
+
+
+def model_problem(field, name):
+    """Why `name` cannot be a model's name (None if it can): every model a request names,
+    and the one its usage record keeps, passes through here."""
+    if not isinstance(name, str):
+        return f"'{field}' must be a string"
+    if _NOT_IN_A_NAME.search(name):
+        return (f"'{field}' is not a model name: it holds a control character or an "
+                "unpaired surrogate")
+    return None
 
 
 class NotAnObject(ValueError):

@@ -50,6 +50,9 @@ USAGE_BUFFER = Gauge("ollama_gw_usage_buffer_records",
                      multiprocess_mode="livesum")
 USAGE_DROPPED = Counter("ollama_gw_usage_dropped_records",
                         "Usage records dropped because the buffer was full.")
+USAGE_DEAD_LETTERS = Counter("ollama_gw_usage_dead_letters",
+                             "Usage records the database refused even made safe, and spilled "
+                             "lines that could not be read: kept in data_dir's dead-letter file.")
 QUEUE_WAITING = Gauge("ollama_gw_queue_waiting",
                       "Requests waiting in the fair queue for an upstream's slot, by key prefix.",
                       ["upstream", "key"], multiprocess_mode="livesum")

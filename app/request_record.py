@@ -19,6 +19,7 @@ from werkzeug.wsgi import ClosingIterator
 
 from app import metrics, webhooks
 from app.client_address import client_address
+from app.dead_letters import DeadLetters
 from app.keys import normalize_model
 from app.redact import redact
 from app.usage import Record, UsageWriter, load_spills, spill, token_counts
@@ -198,7 +199,7 @@ def init_app(app):
     writer = app.extensions["usage"] = UsageWriter(
         settings.usage_buffer_records, settings.usage_flush_seconds,
         on_batch=webhooks.enqueue_usage,  # events stored with the records: the outbox
-        on_written=_after_each_write)
+        on_written=_after_each_write, dead_letters=DeadLetters(settings.resolved_data_dir))
     load_spills(settings.resolved_data_dir, writer)
     log_access = settings.access_log
 

@@ -6,6 +6,10 @@ roll-up, token-quota charges and webhook events, in one transaction each, so eit
 all of a batch is written or none of it. While the database is away the batch waits
 and is retried; at worker exit the buffer is flushed, and what still cannot be written
 is spilled to a file in data_dir that the next writer loads (spill() / load_spills()).
+A batch that fails for any other reason is split to find the record that fails it:
+the rest are written, that one is written with its text made safe, and only if even
+that fails is it moved to the dead-letter file (app/dead_letters.py). One record can
+never stop the writer, and with it every charge and webhook event of its worker.
 """
 import bisect
 import collections
@@ -20,6 +24,8 @@ import weakref
 
 from app.cooperative import pause
 from app.db import db, forget_idle_connections
+from app.dead_letters import DeadLetters
+from app.errors import DATABASE_ERRORS
 from app.limits import quota_period
 from app.models import (
     LATENCY_BUCKETS_MS,
@@ -127,11 +133,13 @@ class UsageWriter:
 
     running = weakref.WeakSet()  # every writer with a thread, so tests can stop them all
 
-    def __init__(self, capacity=100_000, interval=0.25, on_batch=None, on_written=None):
+    def __init__(self, capacity=100_000, interval=0.25, on_batch=None, on_written=None,
+                 dead_letters=None):
         self.capacity = capacity
         self.interval = interval
         self.on_batch = on_batch or (lambda records: None)  # webhook events, in the txn
         self.on_written = on_written or (lambda depth: None)  # after each turn: buffer depth
+        self.dead_letters = dead_letters or DeadLetters()
         self.dropped = 0
         self._buffer = collections.deque()
         self._labels = Labels()
@@ -176,7 +184,11 @@ class UsageWriter:
             self._wake.clear()
             if self._stopped:
                 return
-            written = self.write_pending()
+            try:
+                written = self.write_pending()
+            except Exception:  # a bug here must not end the writer: the next turn retries
+                log.exception("the usage writer's turn failed")
+                written = False
             self.on_written(self.depth)
             if written:
                 pause_after_failure = 0.5
@@ -198,22 +210,60 @@ class UsageWriter:
                 batch = [self._buffer[i] for i in range(min(BATCH, left, len(self._buffer)))]
                 left -= len(batch)
                 try:
-                    self._write(batch)
-                except Exception as exc:  # the batch stays; the next turn retries it
-                    if self._failing_since is None:
+                    self._settle(batch)
+                except DATABASE_ERRORS as exc:  # what is not settled stays; the next turn
+                    if self._failing_since is None:  # retries it
                         self._failing_since = time.monotonic()
                         log.warning("could not write %d usage record(s), retrying: %s",
                                     len(self._buffer), exc)
                     forget_idle_connections()
                     return False
-                for _ in batch:
-                    self._buffer.popleft()
                 if self._failing_since is not None:
                     log.info("usage records written again after %.0f s",
                              time.monotonic() - self._failing_since)
                     self._failing_since = None
                 pause()  # a long backlog is written without holding up the streams
             return True
+
+    def _settle(self, records):
+        """Write `records`, the buffer's first, and take them from it: in one transaction,
+        or if one of them fails it, in halves, down to that record alone.
+
+        A failure of the database itself (DATABASE_ERRORS) is raised, not split: every
+        record would fail, and all wait for the next turn. Halves are written in order,
+        so what was settled before it is always the front of the buffer.
+        """
+        try:
+            self._write(records)
+        except DATABASE_ERRORS:
+            raise
+        except Exception as exc:
+            if len(records) > 1:
+                half = len(records) // 2
+                self._settle(records[:half])
+                self._settle(records[half:])
+            else:
+                self._write_alone(records[0], exc)
+            return
+        self._take(len(records))
+
+    def _write_alone(self, record, failure):
+        """The record that failed alone: again with its text made safe, so its tokens are
+        still charged; if even that fails, to the dead-letter file."""
+        try:
+            self._write([made_safe(record)])
+        except DATABASE_ERRORS:
+            raise
+        except Exception as exc:
+            self.dead_letters.add_record(record, f"{_named(failure)}; made safe: {_named(exc)}")
+        else:
+            log.warning("a usage record (key %s, %s) was written with its text made safe: %s",
+                        record.key_prefix or "-", record.endpoint, _named(failure))
+        self._take(1)
+
+    def _take(self, count):
+        for _ in range(count):
+            self._buffer.popleft()
 
     def _write(self, records):
         with db.connection_context(), db.atomic():
@@ -243,6 +293,33 @@ class UsageWriter:
 
 def _label(name):
     return name[:255] if name else None
+
+
+# An unpaired surrogate (no database encodes one) and NUL (PostgreSQL's text holds none).
+# Other control characters are stored as they are by both.
+_UNSTORABLE = re.compile(r"[\x00\ud800-\udfff]")
+
+
+def made_safe(record):
+    """A copy of `record` whose text any database stores: U+FFFD for each unpaired
+    surrogate, NUL removed, in every text field, the prompt's included."""
+    return dataclasses.replace(record, **{
+        f.name: _safe(getattr(record, f.name)) for f in dataclasses.fields(record) if f.init})
+
+
+def _safe(value):
+    if isinstance(value, str):
+        return _UNSTORABLE.sub(lambda m: "" if m.group() == "\x00" else "\ufffd", value)
+    if isinstance(value, dict):
+        return {_safe(k): _safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_safe(v) for v in value]
+    return value
+
+
+def _named(exc):
+    """An exception in a few words, for a log line (ASCII: it may quote a surrogate)."""
+    return f"{type(exc).__name__}: {exc}"[:300].encode("ascii", "backslashreplace").decode()
 
 
 ROW_COLUMNS = ("at", "key_id", "endpoint_id", "model_id", "upstream_id", "status", "refusal",
@@ -342,17 +419,33 @@ def _quoted(columns):
 
 
 def spill(records, directory):
-    """Write records the database would not take to a file, so that exiting loses none."""
+    """Write records the database would not take to a file, so that exiting loses none.
+
+    Only the gateway's user reads it (0600: records name keys, and may hold prompts). It
+    gets its final name once complete: a worker starting meanwhile (a reload) loads
+    whole files only.
+    """
     path = directory / f"usage-spill-{os.getpid()}-{time.time_ns()}.jsonl"
+    partial = path.with_suffix(".partial")
     directory.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as fh:
+    with open(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as fh:
         for record in records:
             fh.write(json.dumps(dataclasses.asdict(record)) + "\n")
+    os.replace(partial, path)
     return path
 
 
+# A spill written by another version may name fields this one does not have (a rolling
+# upgrade runs both): they are left out, and the record written with the rest.
+_RECORD_FIELDS = {f.name for f in dataclasses.fields(Record) if f.init}
+
+
 def load_spills(directory, writer):
-    """Queue the records earlier processes spilled; each file is taken by one process."""
+    """Queue the records earlier processes spilled; each file is taken by one process.
+
+    A line that is not a record goes to the dead-letter file and the rest load; a
+    record the database refuses is the writer's to settle, like any other.
+    """
     loaded = 0
     for path in sorted(directory.glob("usage-spill-*.jsonl")):
         taken = path.with_name(f"loading-{os.getpid()}-{path.name}")
@@ -360,9 +453,18 @@ def load_spills(directory, writer):
             path.rename(taken)  # atomic: two workers starting together cannot both take it
         except OSError:
             continue
-        with open(taken) as fh:
-            for line in fh:
-                writer.add(Record(**json.loads(line)))
+        with open(taken, "rb") as fh:
+            for number, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    fields = json.loads(line)
+                    record = Record(**{k: v for k, v in fields.items() if k in _RECORD_FIELDS})
+                except Exception as exc:  # whatever is wrong with it, it is this line's
+                    writer.dead_letters.add_line(line, f"{path.name} line {number}: "
+                                                       f"{_named(exc)}")
+                    continue
+                writer.add(record)
                 loaded += 1
         taken.unlink()
     if loaded:

@@ -100,3 +100,25 @@ def test_rewritten_sets_and_drops_fields_whether_parsed_or_scanned(document):
 
 def test_an_empty_body_rewritten_holds_only_the_changes():
     assert json.loads(JsonBody(b"").rewritten({"a": 1})) == {"a": 1}
+
+
+@pytest.mark.parametrize("escaped, refused", [
+    ("\\ud800", True),  # an unpaired surrogate: no database encodes it
+    ("llama\\udfff", True),
+    ("\\ud800\\u0041", True),  # a high surrogate without its low half
+    ("a\\u0000b", True),  # NUL: PostgreSQL's text holds none
+    ("a\\u001fb", True),
+    ("a\\u007fb", True),
+    ("\\ud83d\\ude00:latest", False),  # a surrogate pair is one character
+    ("a\\u0020b~\\u0080", False),  # space, tilde and what follows DEL are names' business
+])
+@pytest.mark.parametrize("field", ["model", "NAME"])
+def test_a_model_name_with_a_control_character_or_unpaired_surrogate_is_refused(
+        escaped, refused, field):
+    raw = f'{{"{field}": "{escaped}", "prompt": "hi"}}'.encode()
+    for body in (JsonBody(raw), JsonBody(scanned(json.loads(raw)))):
+        if refused:
+            assert body.problem == (f"'{field}' is not a model name: it holds a control "
+                                    "character or an unpaired surrogate")
+        else:
+            assert body.problem is None and body.models == [json.loads(raw)[field]]

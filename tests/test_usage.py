@@ -5,15 +5,20 @@ writes the usage buffer (`flush`) and reads what reached the database.
 """
 import dataclasses
 import json
+import logging
+import os
 import time
 
 import pytest
 from flask.testing import FlaskClient
+from prometheus_client import REGISTRY
 
-from app import create_app, stats
+from app import create_app, stats, webhooks
+from app import db as database
+from app.dead_letters import DeadLetters
 from app.models import TokenUsage, UsageHourly, UsageLabel, UsageRecord
 from app.request_record import ACCESS_LOG, flush_at_exit
-from app.usage import REFUSALS, Record, UsageWriter, load_spills, token_counts
+from app.usage import REFUSALS, Record, UsageWriter, load_spills, spill, token_counts
 from tests.conftest import auth_header
 from tests.fake_ollama import fake_text
 
@@ -269,6 +274,206 @@ def test_records_that_arrive_while_the_writer_writes_wait_for_its_next_turn(migr
     assert writer.write_pending()
     assert sorted(r.at for r in UsageRecord.select()) == [1.0, 2.0, 3.0]
     assert writer.depth == 0
+
+
+# --- a record the database cannot store ------------------------------------------------------
+
+POISONED = ["\\ud800", "a\\u0000b"]  # as a JSON body spells them: unpaired surrogate, NUL
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/api/generate", '{"model": "%s", "prompt": "hi"}'),
+    ("/api/chat", '{"model": "%s", "messages": []}'),
+    ("/api/embed", '{"model": "%s", "input": "hi"}'),
+    ("/api/embeddings", '{"model": "%s", "prompt": "hi"}'),
+    ("/api/show", '{"name": "%s"}'),
+    ("/api/pull", '{"model": "%s"}'),
+    ("/api/not-yet-known", '{"model": "%s"}'),  # relayed as it is
+    ("/generate", '{"model": "%s", "prompt": "hi"}'),  # go-ollama-api's route
+    ("/v1/chat/completions", '{"model": "%s", "messages": []}'),
+    ("/v1/completions", '{"model": "%s", "prompt": "hi"}'),
+    ("/v1/embeddings", '{"model": "%s", "input": "hi"}'),
+    ("/v1/responses", '{"model": "%s", "input": "hi"}'),
+])
+@pytest.mark.parametrize("poisoned", POISONED, ids=["surrogate", "nul"])
+def test_a_model_name_no_database_stores_is_refused_on_every_relaying_endpoint(
+        client, make_key, fake, path, body, poisoned):
+    secret, key = make_key()
+    answer = client.post(path, data=(body % poisoned).encode(), headers={
+        **auth_header(secret), "Content-Type": "application/json"})
+    assert answer.status_code == 400
+    error = answer.get_json()["error"]
+    if path.startswith("/v1/"):
+        assert error["type"] == "invalid_request_error" and "not a model name" in error["message"]
+    else:
+        assert "not a model name" in error
+    assert fake.requests == []
+    [row] = flush(client)  # the refusal is recorded, without the name
+    assert (row.key_id, row.model_id, row.refusal) == (key.id, None, REFUSALS["invalid"])
+
+
+def test_a_model_name_in_a_url_path_is_never_one_no_database_stores(client, make_key, fake):
+    """/v1/models/{model}: a URL's unpaired surrogate decodes to U+FFFD, its NUL is refused."""
+    secret, _ = make_key()
+    assert client.get("/v1/models/a%00b", headers=auth_header(secret)).status_code == 400
+    client.get("/v1/models/%ED%A0%80", headers=auth_header(secret))
+    assert [r.path for r in fake.requests] == ["/v1/models/" + "%EF%BF%BD" * 3]
+
+
+def ended(at, **fields):
+    return Record(**{"at": at, "endpoint": "/api/generate", "status": 200, "latency_ms": 5,
+                     "model": "llama3.2:latest", "prompt_tokens": 1, **fields})
+
+
+def idle_writer(**options):
+    """A writer without its thread: the test runs its turns."""
+    writer = UsageWriter(**options)
+    writer._thread = object()
+    return writer
+
+
+@pytest.fixture
+def dead_lettered():
+    """How many records were moved to the dead letters since the test began (the metric)."""
+    def counted():
+        return REGISTRY.get_sample_value("ollama_gw_usage_dead_letters_total") or 0
+
+    before = counted()
+    return lambda: counted() - before
+
+
+# The model's label fails the batch's first statement; the prompt, only its last (the
+# webhook event, stored in the same transaction).
+POISONS = {"model": "a\x00b\ud800", "prompt": "llama3.2:latest"}
+
+
+@pytest.mark.parametrize("poisoned", POISONS)
+@pytest.mark.parametrize("position", [0, 3, 6], ids=["first", "middle", "last"])
+def test_a_record_that_fails_its_batch_is_written_made_safe_in_its_place(
+        migrated, make_key, position, poisoned, caplog, dead_lettered):
+    webhooks.add_webhook("http://127.0.0.1:9/hook", "request.completed", include_prompt=True)
+    _, key = make_key(token_quota="1000/day")
+    now = time.time()
+    records = [ended(now + i / 1000, key_id=key.id, key_prefix=key.prefix, quota_period="day",
+                     completion_tokens=i + 1, prompt={"prompt": "hi", "stream": False})
+               for i in range(7)]
+    records[position] = dataclasses.replace(
+        records[position], model=POISONS[poisoned], prompt={"prompt": "\ud800 x\x00"})
+    writer = idle_writer(on_batch=webhooks.enqueue_usage)
+    for record in records:
+        writer.add(record)
+    assert writer.write_pending() and writer.depth == 0
+    rows = list(UsageRecord.select().order_by(UsageRecord.id))
+    assert [r.completion_tokens for r in rows] == [1, 2, 3, 4, 5, 6, 7]
+    safe_model = "ab\ufffd" if poisoned == "model" else "llama3.2:latest"
+    assert [label(r.model_id) for r in rows] == [
+        safe_model if i == position else "llama3.2:latest" for i in range(7)]
+    [charged] = TokenUsage.select().where(TokenUsage.key_id == key.id)
+    assert charged.tokens == 7 + 28  # the made-safe record's tokens too
+    events = [e["data"] for e in _events("request.completed")]  # one per record, in order
+    assert [e["completion_tokens"] for e in events] == [1, 2, 3, 4, 5, 6, 7]
+    assert (events[position]["model"], events[position]["prompt"]) == (safe_model, "\ufffd x")
+    made_safe = [r for r in caplog.records if "made safe" in r.getMessage()]
+    assert len(made_safe) == 1 and key.prefix in made_safe[0].getMessage()
+    assert dead_lettered() == 0
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    """A data_dir of its own (tmp_path holds the SQLite database)."""
+    (tmp_path / "data").mkdir()
+    return tmp_path / "data"
+
+
+@pytest.fixture
+def no_umask():
+    """Files get exactly the mode they are created with: a private file must ask for it."""
+    old = os.umask(0)
+    yield
+    os.umask(old)
+
+
+def test_a_record_the_database_refuses_even_made_safe_goes_to_a_private_dead_letter_file(
+        migrated, data_dir, caplog, no_umask, dead_lettered):
+    writer = idle_writer(dead_letters=DeadLetters(data_dir))
+    now = time.time()
+    refused = ended(now + 1, key_prefix="ogw_abcdefgh", bytes=2 ** 70)  # past any integer column
+    for record in (ended(now), refused, ended(now + 2), ended(now + 3)):
+        writer.add(record)
+    assert writer.write_pending() and writer.depth == 0
+    assert [r.at for r in UsageRecord.select().order_by(UsageRecord.id)] == [
+        now, now + 2, now + 3]
+    path = data_dir / "usage-dead-letters.jsonl"
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    [entry] = [json.loads(line) for line in path.read_text().splitlines()]
+    assert entry["record"] == dataclasses.asdict(refused) and "made safe" in entry["reason"]
+    assert dead_lettered() == 1
+    writer.add(ended(now + 4))
+    assert writer.write_pending()
+    logged = [r for r in caplog.records if "refused even made safe" in r.getMessage()]
+    assert len(logged) == 1 and "ogw_abcdefgh" in logged[0].getMessage()
+    assert logged[0].levelno == logging.ERROR and str(path) in logged[0].getMessage()
+    assert len(path.read_text().splitlines()) == 1 and UsageRecord.select().count() == 4
+
+
+def test_while_the_database_is_away_a_batch_waits_whole_and_nothing_is_dead_lettered(
+        migrated, data_dir, dead_lettered):
+    writer = idle_writer(dead_letters=DeadLetters(data_dir))
+    now = time.time()
+    for i in range(5):
+        writer.add(ended(now + i, model="\ud800" if i == 2 else "llama3.2:latest"))
+    database.db.initialize(database.open_database("postgresql://x@127.0.0.1:1/gone"))
+    try:
+        assert not writer.write_pending() and not writer.write_pending()
+    finally:
+        database.db.initialize(migrated)
+    assert writer.depth == 5 and list(data_dir.iterdir()) == []
+    assert dead_lettered() == 0
+    assert writer.write_pending() and writer.depth == 0
+    assert [r.at for r in UsageRecord.select().order_by(UsageRecord.id)] == [
+        now + i for i in range(5)]
+
+
+def test_a_spill_file_loads_around_lines_that_are_not_records(migrated, data_dir, no_umask,
+                                                              dead_lettered):
+    now = time.time()
+    good = json.dumps(dataclasses.asdict(ended(now, completion_tokens=1)))
+    newer = json.dumps({**dataclasses.asdict(ended(now + 1, completion_tokens=2)),
+                        "field_of_a_later_version": {"x": 1}})  # a rolling upgrade's spill
+    poisoned = json.dumps(dataclasses.asdict(ended(now + 2, model="\ud800",
+                                                   completion_tokens=3)))
+    unreadable = ['{"at": 1, "endpoint": "/api/generate", "sta', "[1, 2]",
+                  '{"endpoint": "/api/generate"}', "\udcff not json"]  # byte 0xff: not UTF-8
+    lines = [unreadable[0], good, unreadable[1], newer, unreadable[2], poisoned,
+             unreadable[3], ""]
+    (data_dir / "usage-spill-1-1.jsonl").write_bytes(
+        "\n".join(lines).encode("utf-8", "surrogateescape"))
+    writer = idle_writer(dead_letters=DeadLetters(data_dir))
+    assert load_spills(data_dir, writer) == 3
+    assert writer.write_pending()
+    rows = list(UsageRecord.select().order_by(UsageRecord.id))
+    assert [(r.completion_tokens, label(r.model_id)) for r in rows] == [
+        (1, "llama3.2:latest"), (2, "llama3.2:latest"), (3, "\ufffd")]
+    dead = data_dir / "usage-dead-letters.jsonl"
+    assert os.stat(dead).st_mode & 0o777 == 0o600
+    kept = [json.loads(line) for line in dead.read_text().splitlines()]
+    assert [k["line"] for k in kept] == [*unreadable[:3], "\ufffd not json"]
+    assert [k["reason"].split(":")[0] for k in kept] == [
+        f"usage-spill-1-1.jsonl line {n}" for n in (1, 3, 5, 7)]
+    assert dead_lettered() == 4
+    assert sorted(p.name for p in data_dir.iterdir()) == ["usage-dead-letters.jsonl"]
+
+
+def test_a_spill_file_is_private_and_complete_before_it_has_its_name(data_dir, no_umask):
+    records = [ended(1.0 + i, model="\ud800" if i else "m", prompt={"prompt": "a\x00"})
+               for i in range(3)]
+    path = spill(records, data_dir)
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    assert [p.name for p in data_dir.iterdir()] == [path.name]  # no partial file left
+    assert path.read_bytes().isascii()
+    writer = idle_writer()
+    assert load_spills(data_dir, writer) == 3
+    assert writer.take_all() == records
 
 
 # --- statistics over HTTP and /metrics ---------------------------------------------------------

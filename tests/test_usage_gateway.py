@@ -3,7 +3,9 @@
 Usage is read back the way an admin reads it, with `ollama-gw usage --json`.
 """
 import concurrent.futures
+import dataclasses
 import json
+import os
 import re
 import signal
 import sqlite3
@@ -13,9 +15,11 @@ import time
 import pytest
 import requests
 
+from app.usage import Record
 from tests.conftest import empty_database
 from tests.gateway_process import GatewayProcess, wait_for
 from tests.tcp_proxy import TcpProxy
+from tests.webhook_receiver import WebhookReceiver
 
 pytestmark = pytest.mark.gateway
 GENERATE = {"model": "llama3.2", "prompt": "hi", "stream": False}  # 1 prompt token
@@ -184,3 +188,97 @@ def test_a_sqlite_write_that_waits_for_the_lock_does_not_stall_other_streams(fak
         stream.close()
     # ~40 tokens in those 2 s; a worker frozen in SQLite's busy wait relays none.
     assert during >= 10
+
+
+# --- a record the database cannot store ------------------------------------------------------
+# 1 prompt token + 5 completion tokens a request (fake.tokens = 5).
+
+def generate(gw, key, body=None):
+    return requests.post(gw.url + "/api/generate", headers=bearer(key), timeout=60,
+                         json=GENERATE if body is None else None, data=body)
+
+
+def ten_requests_are_counted_and_the_quota_holds(gw, created, recorded_before, quota):
+    """10 good requests served and written after whatever came first; then the quota, used
+    up exactly, refuses the next."""
+    assert [generate(gw, created["key"]).status_code for _ in range(10)] == [200] * 10
+    assert wait_for(lambda: usage_of(gw, created["prefix"])["requests"] == recorded_before + 10,
+                    60)
+    recorded = usage_of(gw, created["prefix"])
+    assert recorded["prompt_tokens"] + recorded["completion_tokens"] == quota
+    refused = generate(gw, created["key"])
+    assert refused.status_code == 429 and "token quota used up" in refused.json()["error"]
+
+
+def test_a_model_name_no_database_stores_is_refused_and_accounting_goes_on(
+        database, fake, tmp_path):
+    with GatewayProcess(database, fake.url, workers=2, data_dir=tmp_path / "data") as gw:
+        gw.start(tmp_path / "poison.log")
+        created = gw.add_key("--name", "poisoner", "--rate-limit", "none",
+                             "--token-quota", "60/day")
+        fake.tokens = 5
+        for poisoned in ("\\ud800", "a\\u0000b"):
+            answer = generate(gw, created["key"], b'{"model": "%s", "prompt": "hi"}' % (
+                poisoned.encode()))
+            assert answer.status_code == 400 and "not a model name" in answer.json()["error"]
+            answer = requests.post(
+                gw.url + "/v1/chat/completions", headers=bearer(created["key"]), timeout=60,
+                data=b'{"model": "%s", "messages": []}' % poisoned.encode())
+            assert answer.status_code == 400
+            assert "not a model name" in answer.json()["error"]["message"]
+        assert [r for r in fake.requests if r.method == "POST"] == []  # not its health checks
+        ten_requests_are_counted_and_the_quota_holds(gw, created, 4, 60)
+        assert usage_of(gw, created["prefix"])["refused"] == 5  # the 4 poisoned, the last
+
+
+def test_a_record_the_database_refuses_is_written_made_safe_and_accounting_goes_on(
+        database, fake, tmp_path):
+    """The front door takes a prompt with an unpaired surrogate, and a webhook that wants
+    prompts puts it in the event stored with the record: the batch failed, forever."""
+    with WebhookReceiver() as receiver, GatewayProcess(
+            database, fake.url, workers=2, data_dir=tmp_path / "data") as gw:
+        gw.start(tmp_path / "prompt.log")
+        gw.cli("webhooks", "add", receiver.url, "--events", "request.completed",
+               "--include-prompt")
+        created = gw.add_key("--name", "prompter", "--rate-limit", "none",
+                             "--token-quota", "66/day")
+        fake.tokens = 5
+        assert generate(gw, created["key"], b'{"model": "llama3.2", "prompt": "\\ud800", '
+                        b'"stream": false}').status_code == 200
+        ten_requests_are_counted_and_the_quota_holds(gw, created, 1, 66)
+        assert wait_for(lambda: len(receiver.received) == 11, 60)  # one event per request
+        prompts = [r.json["data"]["prompt"] for r in receiver.received]
+        assert sorted(prompts) == ["hi"] * 10 + ["\ufffd"]
+        assert len({r.message_id for r in receiver.received}) == 11
+        assert gw.log().count("written with its text made safe") == 1
+
+
+def test_a_spill_file_with_a_poisoned_record_is_written_at_start_and_accounting_goes_on(
+        database, fake, tmp_path):
+    data_dir = tmp_path / "data"
+    with GatewayProcess(database, fake.url, workers=1, data_dir=data_dir,
+                        metrics_public="true") as gw:
+        created = gw.add_key("--name", "spilled", "--rate-limit", "none",
+                             "--token-quota", "78/day")
+        fake.tokens = 5
+        spilled = Record(at=time.time(), endpoint="/api/generate", status=200, latency_ms=5,
+                         key_id=created["id"], key_prefix=created["prefix"], key_name="spilled",
+                         quota_period="day", model="llama3.2:latest", prompt_tokens=1,
+                         completion_tokens=5)
+        lines = [json.dumps(dataclasses.asdict(dataclasses.replace(spilled, model=model)))
+                 for model in ("\ud800", "a\x00b")]  # written as their JSON escapes
+        lines.append(json.dumps({**dataclasses.asdict(spilled), "from_a_later_version": 1}))
+        lines.append('{"at": 1, "endpoint": "/api/gen')  # cut short
+        data_dir.mkdir()
+        (data_dir / "usage-spill-1-1.jsonl").write_text("\n".join(lines) + "\n")
+        gw.start(tmp_path / "spill.log")
+        ten_requests_are_counted_and_the_quota_holds(gw, created, 3, 78)
+        dead = data_dir / "usage-dead-letters.jsonl"
+        assert os.stat(dead).st_mode & 0o777 == 0o600
+        assert [json.loads(line)["line"] for line in dead.read_text().splitlines()] == [
+            lines[-1]]
+        assert "ollama_gw_usage_dead_letters_total 1.0" in requests.get(
+            gw.url + "/metrics", timeout=30).text
+        models = json.loads(gw.cli("usage", "--by", "model", "--since", "1d", "--json").stdout)
+        assert {row["model"]: row["requests"] for row in models} == {
+            "\ufffd": 1, "llama3.2:latest": 12, "a\x00b" if "sqlite" in database else "ab": 1}
