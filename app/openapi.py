@@ -53,7 +53,7 @@ def _errors(*codes, openai=False):
         404: "No such key, model or endpoint",
         405: "Wrong method for a known endpoint (`Allow` says which)",
         408: "The request body stopped arriving",
-        409: "The identifier matches several keys",
+        409: "The identifier matches several keys, or the name is another live key's",
         413: "The body is larger than max_body_bytes",
         429: "Rate limit, concurrency limit or token quota reached",
         502: "Ollama refused the connection or broke off",
@@ -286,7 +286,7 @@ def _gateway_paths():
     key_ops = {
         "/api/keys": {
             "post": _gateway("Create a key (admin)", "The key, with its secret shown once",
-                             NEW_KEY, (400, *ADMIN), _key_body(["name"]), tag="Admin",
+                             NEW_KEY, (400, 409, *ADMIN), _key_body(["name"]), tag="Admin",
                              status="201"),
             "get": _gateway("List keys (admin), never a secret", "Every key",
                             _obj(["api_keys", "total"], api_keys={"type": "array",

@@ -296,9 +296,18 @@ def test_keys_can_be_named_by_their_name(runner):
     created = add_key(runner, "--name", "build-bot")
     shown = json.loads(runner("keys", "show", "build-bot", "--json").stdout)
     assert shown["id"] == created["id"]
-    add_key(runner, "--name", "build-bot")
-    assert_clean_failure(runner("keys", "revoke", "build-bot", "--yes"),
-                         "matches more than one key", code=1)
+    assert_clean_failure(runner("keys", "add", "--name", "build-bot"),
+                         "a key named 'build-bot' already exists "
+                         f"(key {created['id']}, {created['prefix']})", code=1)
+    other = add_key(runner, "--name", "deploy-bot")
+    assert_clean_failure(runner("keys", "update", "deploy-bot", "--name", "build-bot"),
+                         "a key named 'build-bot' already exists", code=1)
+    runner("keys", "revoke", "build-bot", "--yes")
+    again = add_key(runner, "--name", "build-bot")  # a revoked key's name is free again
+    assert json.loads(runner("keys", "show", "build-bot", "--json").stdout)["id"] == again["id"]
+    assert runner("keys", "update", "deploy-bot", "--name", "deploy-bot 2").exit_code == 0
+    assert json.loads(runner("keys", "show", str(other["id"]), "--json").stdout)["name"] == (
+        "deploy-bot 2")
 
 
 def test_update_with_nothing_to_change_is_a_usage_error(runner):

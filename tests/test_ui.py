@@ -237,6 +237,21 @@ def test_an_admin_manages_keys_as_the_cli_does(browser, client, admin):
     assert all(e.actor == f"{admin[1].prefix} (ops)" for e in entries)
 
 
+def test_a_live_keys_name_is_a_form_error_on_create_and_on_rename(browser, admin, user):
+    sign_in(browser, admin[0])
+    token = csrf(browser)
+    taken = (f"a key named &#39;alice&#39; already exists (key {user[1].id}, {user[1].prefix}): "
+             "choose another name, or revoke that key first")
+    refused = browser.post("/ui/keys", data={"csrf": token, "name": "alice"})
+    html = refused.get_data(as_text=True)
+    assert refused.status_code == 400 and f'id="form-error">{taken}</p>' in html
+    assert 'value="alice"' in html  # the form keeps what was typed
+    renamed = browser.post(f"/ui/keys/{admin[1].id}", data={"csrf": token, "name": "alice"})
+    assert renamed.status_code == 400
+    assert f'id="form-error">{taken}</p>' in renamed.get_data(as_text=True)
+    assert [k.name for k in ApiKey.select().order_by(ApiKey.id)] == ["ops", "alice"]
+
+
 def test_a_new_key_secret_appears_only_on_its_creation_page(browser, admin, caplog):
     caplog.set_level(logging.DEBUG)
     sign_in(browser, admin[0])
