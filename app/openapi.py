@@ -353,6 +353,11 @@ def _gateway_paths():
                                   "responses": {"200": _json_response("OpenAPI 3.1")}}},
         "/docs": {"get": _page("Swagger UI")},
         "/redoc": {"get": _page("ReDoc")},
+        "/docs/": {"get": _moved("/docs")},
+        "/redoc/": {"get": _moved("/redoc")},
+        "/favicon.ico": {"get": {"tags": ["Service"], "summary": "The tab icon (SVG)",
+                                 "responses": {"200": {"description": "The icon", "content": {
+                                     "image/svg+xml": {"schema": _str()}}}}}},
         "/docs/assets/{name}": {"get": {
             "tags": ["Service"], "summary": "The documentation pages' scripts and styles",
             "parameters": [_path_param("name", "A file name")],
@@ -360,6 +365,11 @@ def _gateway_paths():
                           **_errors(404)}}},
     }
     return {**meta, **key_ops}
+
+
+def _moved(to):
+    return {"tags": ["Service"], "summary": f"Redirects to {to}",
+            "responses": {"301": {"description": f"Location: {to}"}}}
 
 
 def _page(name):
