@@ -32,7 +32,10 @@ def _short(value):
               help="At most this many entries, newest first.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 def audit(since, action, limit, as_json):
-    """Show the audit log: every admin action from HTTP, the CLI and the shell (newest first)."""
+    """Show the audit log, newest first.
+
+    Every admin action, from HTTP, the CLI and the shell.
+    """
     open_db()
     entries = auditlog.entries(since_option(since), action, limit)
     if as_json:

@@ -58,7 +58,9 @@ def _fail(exc):
 
 @click.group()
 def keys():
-    """Manage gateway API keys (secrets are shown once, at creation or rotation).
+    """Manage gateway API keys.
+
+    Secrets are shown once, at creation or rotation.
 
     KEY names a key by its id, its prefix (6+ characters, e.g. ogw_9cRSO_FS) or its name;
     one that matches several keys is refused.
@@ -133,7 +135,10 @@ def show(ident, as_json):
 @json_option
 def update(ident, name, role, rate_limit, max_concurrent, token_quota, max_ctx, max_predict,
            keep_alive, priority, models, expires, as_json):
-    """Change a key's name, role or limits (takes effect within a second)."""
+    """Change a key's name, role or limits.
+
+    Changes take effect within a second.
+    """
     changes = {"name": name, "role": role, "rate_limit": rate_limit,
                "max_concurrent": max_concurrent, "token_quota": token_quota,
                "max_ctx": max_ctx, "max_predict": max_predict, "keep_alive": keep_alive,
@@ -181,7 +186,10 @@ def revoke(ident, yes, as_json):
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @json_option
 def rotate(ident, yes, as_json):
-    """Give a key a new secret; the old one stops working within a second."""
+    """Give a key a new secret; the old one stops working.
+
+    The old secret is refused within a second.
+    """
     open_db()
     try:
         row = keystore.find_key(ident)

@@ -187,7 +187,9 @@ def _history(path):
 
 @click.command()
 def shell():
-    """go-ollama-api's interactive console: generatekey, listkeys, removekey, addwebhook, …
+    """Run go-ollama-api's interactive console.
+
+    Its commands: generatekey, listkeys, removekey, addwebhook, …
 
     Reads commands from a terminal with line editing and history, or one per line from a
     pipe (`echo listkeys | ollama-gw shell`; exits 1 if any command failed). Works while
