@@ -232,6 +232,7 @@ def test_numbered_names_continue_after_the_highest_any_key_has(make_key):
     ({"max_concurrent": -1}, "0 \\(no limit\\) to 1000000"),
     ({"expires": "soon"}, "30d"),
     ({"name": "  "}, "name cannot be empty"),
+    ({"name": "x" * 201}, "at most 200 characters"),
 ])
 def test_update_refuses_bad_values_and_changes_nothing(make_key, changes, message):
     _, row = make_key(name="kept", rate_limit="5/minute")
