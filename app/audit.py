@@ -109,6 +109,25 @@ def entries(since=None, action=None, limit=None):
     return [entry_summary(row) for row in query]
 
 
+def change_text(details):
+    """An entry's details as people read them, the same in the CLI and the dashboard:
+    `rate_limit: 100/hour -> 60/minute; role: user -> admin`, or the other details."""
+    before, after = details.get("before", {}), details.get("after", {})
+    parts = [f"{field}: {_short(before.get(field))} -> {_short(after.get(field))}"
+             if field in before else f"{field}: {_short(after[field])}"
+             for field in after]
+    parts += [f"{field}: {_short(value)}" for field, value in before.items() if field not in after]
+    parts += [f"{field}: {_short(value)}" for field, value in details.items()
+              if field not in ("before", "after")]
+    return "; ".join(parts)
+
+
+def _short(value):
+    if isinstance(value, list):
+        return ",".join(map(str, value)) or "[]"
+    return "-" if value is None else str(value)
+
+
 def entry_summary(row):
     return {
         "id": row.id,

@@ -16,7 +16,15 @@ DEFAULT_CONFIG_FILE = "/etc/ollama-gw/config.toml"
 
 
 class ConfigError(Exception):
-    """A setting is missing, malformed or contradictory; the message names it."""
+    """A setting is missing, malformed or contradictory; the message names it.
+
+    `setting`: the one at fault, when one is; load_settings then says where its value came
+    from (an environment variable, the file and key, the command line, or the default).
+    """
+
+    def __init__(self, message, setting=None):
+        super().__init__(message)
+        self.setting = setting
 
 
 def setting(default, help):
@@ -227,13 +235,31 @@ def load_settings(path=None, environ=None, overrides=None):
     if path:
         values.update({name: (value, f"in {path}") for name, value in _read_toml(path).items()})
     values.update(_read_env(environ))
-    values.update({name: (value, "") for name, value in (overrides or {}).items()})
+    values.update({name: (value, "on the command line")
+                   for name, value in (overrides or {}).items()})
     if not values.get("data_dir", ("",))[0]:
         values["data_dir"] = (default_data_dir(environ), "")
     settings = Settings(**{name: _coerce(name, value, source)
                            for name, (value, source) in values.items()})
-    validate(settings)
+    try:
+        validate(settings)
+    except ConfigError as exc:
+        if exc.setting is None:
+            raise
+        raise ConfigError(f"{exc} ({_origin(exc.setting, values)})", exc.setting) from None
     return settings
+
+
+def _origin(name, values):
+    """Where the value of setting `name` came from, as a message says it."""
+    if name == "database_url" and not values.get("database_url", ("",))[0]:
+        name = "data_dir"  # the database is the default one in data_dir
+    source = values.get(name, (None, ""))[1]
+    if not source:
+        return f"{name} is the default"
+    if source.startswith("("):
+        return f"{name} set by {source[1:-1]}"  # the environment variable
+    return f"{name} set {source}"  # in the file, or on the command line
 
 
 def _read_toml(path):
@@ -323,69 +349,83 @@ def validate(settings):
     from app.limits import parse_rate_limit  # local: config must not import app at load
 
     if not settings.upstreams:
-        raise ConfigError("upstreams is empty: set OLLAMA_URL or OLLAMA_GW_UPSTREAMS")
+        raise ConfigError("upstreams is empty: set OLLAMA_URL or OLLAMA_GW_UPSTREAMS",
+                          "upstreams")
     if settings.upstream_max_concurrent < 0:  # before the upstreams it is the default of
-        raise ConfigError("upstream_max_concurrent must be 0 (no cap) or more")
-    names = [spec.name for spec in settings.upstream_specs]
+        raise ConfigError("upstream_max_concurrent must be 0 (no cap) or more",
+                          "upstream_max_concurrent")
+    try:
+        names = [spec.name for spec in settings.upstream_specs]
+    except ConfigError as exc:
+        raise ConfigError(str(exc), "upstreams") from None
     if len(set(names)) != len(names):
-        raise ConfigError(f"upstream names must differ: {', '.join(names)} (give each a name)")
+        raise ConfigError(f"upstream names must differ: {', '.join(names)} (give each a name)",
+                          "upstreams")
     if settings.upstream_refresh_seconds <= 0:
-        raise ConfigError("upstream_refresh_seconds must be a positive number of seconds")
+        raise ConfigError("upstream_refresh_seconds must be a positive number of seconds",
+                          "upstream_refresh_seconds")
     if settings.data_dir and not Path(settings.data_dir).expanduser().is_absolute():
         raise ConfigError(
             f"data_dir {settings.data_dir!r} is relative: give an absolute path, so that "
-            "the server and every command find the same database wherever they run"
-        )
-    _validate_database_url(settings.resolved_database_url)
+            "the server and every command find the same database wherever they run",
+            "data_dir")
+    try:
+        _validate_database_url(settings.resolved_database_url)
+    except ConfigError as exc:
+        raise ConfigError(str(exc), "database_url") from None
     host, _, port = settings.bind.rpartition(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"bind {settings.bind!r} must be HOST:PORT, e.g. 127.0.0.1:8080")
+        raise ConfigError(f"bind {settings.bind!r} must be HOST:PORT, e.g. 127.0.0.1:8080",
+                          "bind")
     for name in ("workers", "graceful_timeout", "max_body_bytes", "slot_lease_seconds",
                  "database_pool_size", "max_unauthenticated_body_bytes",
                  "usage_buffer_records", "queue_per_key"):
         if getattr(settings, name) <= 0:
-            raise ConfigError(f"{name} must be positive, got {getattr(settings, name)}")
+            raise ConfigError(f"{name} must be positive, got {getattr(settings, name)}", name)
     for name in ("connect_timeout", "read_timeout", "client_body_timeout",
                  "client_send_timeout", "usage_flush_seconds", "queue_max_wait_seconds"):
         if getattr(settings, name) <= 0:
-            raise ConfigError(f"{name} must be a positive number of seconds")
+            raise ConfigError(f"{name} must be a positive number of seconds", name)
     if settings.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         raise ConfigError(f"log_level {settings.log_level!r} must be one of debug, info, "
-                          "warning, error, critical")
+                          "warning, error, critical", "log_level")
     for name in ("default_rate_limit_user", "default_rate_limit_admin"):
         try:
             parse_rate_limit(getattr(settings, name))
         except ValueError as exc:
-            raise ConfigError(f"{name}: {exc}") from None
+            raise ConfigError(f"{name}: {exc}", name) from None
     if settings.model_policy not in ("refuse", "clamp"):
-        raise ConfigError(f"model_policy must be refuse or clamp, not {settings.model_policy!r}")
+        raise ConfigError(f"model_policy must be refuse or clamp, not {settings.model_policy!r}",
+                          "model_policy")
     for origin in settings.cors_origins:
         if origin != "*" and not urlsplit(origin).scheme:
             raise ConfigError(f"cors_origins entry {origin!r} must be an origin like "
                               "https://chat.example.com, a pattern like http://localhost:*, "
-                              "or *")
+                              "or *", "cors_origins")
     for entry in settings.trusted_proxies:
         try:
             ipaddress.ip_network(entry, strict=False)
         except ValueError:
             raise ConfigError(f"trusted_proxies entry {entry!r} must be an address or a "
-                              "network, e.g. 127.0.0.1 or 10.0.0.0/8") from None
+                              "network, e.g. 127.0.0.1 or 10.0.0.0/8", "trusted_proxies") from None
     if settings.ui_session_hours <= 0:
-        raise ConfigError("ui_session_hours must be a positive number of hours")
+        raise ConfigError("ui_session_hours must be a positive number of hours",
+                          "ui_session_hours")
     if settings.webhook_timeout <= 0:
-        raise ConfigError("webhook_timeout must be a positive number of seconds")
+        raise ConfigError("webhook_timeout must be a positive number of seconds",
+                          "webhook_timeout")
     if not 1 <= settings.webhook_concurrency <= 1000:
         raise ConfigError("webhook_concurrency must be 1 to 1000, got "
-                          f"{settings.webhook_concurrency}")
+                          f"{settings.webhook_concurrency}", "webhook_concurrency")
     try:
         from app.webhook_target import parse_networks
 
         parse_networks(settings.webhook_deny_networks)
     except ValueError as exc:
-        raise ConfigError(f"webhook_deny_networks: {exc}") from None
+        raise ConfigError(f"webhook_deny_networks: {exc}", "webhook_deny_networks") from None
     if any(not 0 < seconds < 10**7 for seconds in settings.webhook_retry_seconds):
         raise ConfigError("webhook_retry_seconds must be positive numbers of seconds (each "
-                          "under 10 million), e.g. [5, 300, 1800]")
+                          "under 10 million), e.g. [5, 300, 1800]", "webhook_retry_seconds")
 
 
 def _validate_database_url(url):

@@ -69,6 +69,12 @@ def on_starting(server):
                        check=True)
 
 
+def when_ready(server):
+    """Say once, in the master, that the web dashboard is on and where (not per worker)."""
+    if _settings.ui:
+        server.log.info("web dashboard on at http://%s/ui/ (ui = true)", _settings.bind)
+
+
 def post_fork(server, worker):
     """Let psycopg2 yield to other greenlets while it waits on PostgreSQL."""
     if _settings.resolved_database_url.startswith("postgres"):

@@ -8,7 +8,13 @@ The one exception is a secret an operator chose (ollama-api-service's DEMO_ADMIN
 app/demo_keys.py): its prefix is ``demo_`` + 8 random characters, taken neither from
 the secret (a 12-character preview of ``demo-admin-key-12345`` would show most of it)
 nor from its hash (which would let anyone reading a log test guesses at a weak secret).
+
+Names are unique among keys that are not revoked, so a name finds one key: checked here
+for a clear error, and held by a partial unique index (migration 0013) against two
+creators racing past the check; `_unique_name` turns that index's refusal into the same
+error.
 """
+import contextlib
 import dataclasses
 import datetime
 import fnmatch
@@ -47,6 +53,10 @@ class AmbiguousKey(KeyOpError):
     """The identifier matches several keys; it is refused rather than guessed."""
 
 
+class KeyNameTaken(KeyOpError):
+    """Another key that is not revoked has the name."""
+
+
 def hash_key(secret):
     # surrogatepass: a lone surrogate from a JSON body is just a wrong key, not a crash.
     return hashlib.sha256(secret.encode("utf-8", "surrogatepass")).hexdigest()
@@ -64,6 +74,49 @@ def _public_prefix(secret, chosen):
 def _require_unused(secret):
     if ApiKey.select().where(ApiKey.key_hash == hash_key(secret)).exists():
         raise KeyOpError("that secret is already another key's; choose a different one")
+
+
+def _name_holder(name, other_than=None):
+    """The key that is not revoked and is named `name` (besides `other_than`), or None."""
+    query = ApiKey.select().where((ApiKey.name == name) & ApiKey.revoked_at.is_null())
+    if other_than is not None:
+        query = query.where(ApiKey.id != other_than)
+    return query.first()
+
+
+def _name_taken(holder):
+    return KeyNameTaken(f"a key named {holder.name!r} already exists (key {holder.id}, "
+                        f"{holder.prefix}): choose another name, or revoke that key first")
+
+
+def _require_free_name(name, other_than=None):
+    holder = _name_holder(name, other_than)
+    if holder is not None:
+        raise _name_taken(holder)
+
+
+@contextlib.contextmanager
+def _unique_name(name, other_than=None):
+    """Turn the name index's IntegrityError (a creator that raced past the check) into
+    KeyNameTaken; any other IntegrityError passes through."""
+    try:
+        yield
+    except peewee.IntegrityError:
+        holder = _name_holder(name, other_than)
+        if holder is None:
+            raise
+        raise _name_taken(holder) from None
+
+
+def next_numbered_name(base):
+    """`base N` with N one more than any key's (revoked or not) `base <number>` name.
+
+    The shell names its keys so: a number is never used twice, across sessions too.
+    """
+    numbers = [int(tail) for (name,) in ApiKey.select(ApiKey.name).where(
+        ApiKey.name.startswith(base + " ")).tuples()
+        if name.startswith(base + " ") and (tail := name[len(base) + 1:]).isdigit()]
+    return f"{base} {max(numbers, default=0) + 1}"
 
 
 def normalize_model(name):
@@ -258,13 +311,14 @@ def create_key(name, role="user", rate_limit=None, max_concurrent=None, models=N
     values = _changes(role or "user", rate_limit, max_concurrent, models, expires, token_quota,
                       **policy)
     values.setdefault("role", "user")
+    _require_free_name(name)
     chosen = secret is not None
     if chosen:
         _require_unused(secret)
     for _ in range(5):
         secret = secret if chosen else new_secret()
         try:
-            with db.atomic():
+            with _unique_name(name), db.atomic():
                 row = ApiKey.create(
                     name=name, prefix=_public_prefix(secret, chosen), key_hash=hash_key(secret),
                     **values
@@ -295,7 +349,10 @@ def find_key(ident):
     row = ApiKey.get_or_none(ApiKey.key_hash == hash_key(ident))
     if row:  # a chosen (demo) secret pasted whole: found, and never echoed in a message
         return row
-    matches = {row.id: row for row in ApiKey.select().where(ApiKey.name == ident)}
+    named = list(ApiKey.select().where(ApiKey.name == ident))
+    live = [row for row in named if row.revoked_at is None]
+    # A name is unique among live keys: the live one is meant, not its revoked namesakes.
+    matches = {row.id: row for row in (live or named)}
     if len(ident) >= 6:
         # startswith is LIKE/ILIKE, case-blind; prefixes are case-sensitive base64, so re-check.
         matches.update((row.id, row) for row in ApiKey.select().where(
@@ -324,10 +381,14 @@ def update_key(ident, name=None, **settings):
         if not name.strip():
             raise KeyOpError("a key name cannot be empty")
         values["name"] = name.strip()
+        if len(values["name"]) > 200:
+            raise KeyOpError("a key name is at most 200 characters")
     changed = {k: v for k, v in values.items() if getattr(row, k) != v}
     if not changed:
         return row, []
-    with db.atomic():
+    if "name" in changed and row.revoked_at is None:
+        _require_free_name(changed["name"], other_than=row.id)
+    with _unique_name(changed.get("name"), other_than=row.id), db.atomic():
         ApiKey.update(changed).where(ApiKey.id == row.id).execute()
         updated = ApiKey.get_by_id(row.id)
         before, after = audit.changes(_settings(row), _settings(updated))

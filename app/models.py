@@ -47,6 +47,12 @@ class ApiKey(BaseModel):
     revoked_at = peewee.DateTimeField(null=True)
 
 
+# A name finds one key: names are unique among keys that are not revoked (app/keys.py,
+# migration 0013); revoked keys keep theirs for the record.
+ApiKey.add_index(ApiKey.index(ApiKey.name, unique=True, where=ApiKey.revoked_at.is_null(),
+                              name="api_key_name_live"))
+
+
 class RateCounter(BaseModel):
     """Requests admitted for a key in one fixed window; updated by one atomic upsert."""
 

@@ -53,7 +53,7 @@ def _errors(*codes, openai=False):
         404: "No such key, model or endpoint",
         405: "Wrong method for a known endpoint (`Allow` says which)",
         408: "The request body stopped arriving",
-        409: "The identifier matches several keys",
+        409: "The identifier matches several keys, or the name is another live key's",
         413: "The body is larger than max_body_bytes",
         429: "Rate limit, concurrency limit or token quota reached",
         502: "Ollama refused the connection or broke off",
@@ -286,7 +286,7 @@ def _gateway_paths():
     key_ops = {
         "/api/keys": {
             "post": _gateway("Create a key (admin)", "The key, with its secret shown once",
-                             NEW_KEY, (400, *ADMIN), _key_body(["name"]), tag="Admin",
+                             NEW_KEY, (400, 409, *ADMIN), _key_body(["name"]), tag="Admin",
                              status="201"),
             "get": _gateway("List keys (admin), never a secret", "Every key",
                             _obj(["api_keys", "total"], api_keys={"type": "array",
@@ -353,6 +353,11 @@ def _gateway_paths():
                                   "responses": {"200": _json_response("OpenAPI 3.1")}}},
         "/docs": {"get": _page("Swagger UI")},
         "/redoc": {"get": _page("ReDoc")},
+        "/docs/": {"get": _moved("/docs")},
+        "/redoc/": {"get": _moved("/redoc")},
+        "/favicon.ico": {"get": {"tags": ["Service"], "summary": "The tab icon (SVG)",
+                                 "responses": {"200": {"description": "The icon", "content": {
+                                     "image/svg+xml": {"schema": _str()}}}}}},
         "/docs/assets/{name}": {"get": {
             "tags": ["Service"], "summary": "The documentation pages' scripts and styles",
             "parameters": [_path_param("name", "A file name")],
@@ -360,6 +365,11 @@ def _gateway_paths():
                           **_errors(404)}}},
     }
     return {**meta, **key_ops}
+
+
+def _moved(to):
+    return {"tags": ["Service"], "summary": f"Redirects to {to}",
+            "responses": {"301": {"description": f"Location: {to}"}}}
 
 
 def _page(name):

@@ -2,7 +2,8 @@
 
 Each worker keeps a view of every upstream: the models it has (/api/tags), the models it
 has loaded (/api/ps), whether it answers, and how many of this worker's requests are in
-flight there. A monitor refreshes the view every `upstream_refresh_seconds`; an upstream
+flight there (with one upstream, only that). A monitor refreshes the view and reports it
+for `ollama-gw upstreams` every `upstream_refresh_seconds`; an upstream
 that fails is down, and is probed again after 1 s, then twice as long each time, up to a
 minute. A request goes to an upstream that is up and has its model, one with the model
 loaded first, then the least busy for its weight; the gateway tries the next when a
@@ -133,7 +134,10 @@ class UpstreamPool:
 
     def _watch(self):
         while True:
-            self.refresh()
+            if self.single:  # nothing to choose between: only report its requests in flight
+                self._publish()
+            else:
+                self.refresh()
             time.sleep(self.refresh_seconds)
 
     def refresh(self, now=None):
@@ -181,7 +185,7 @@ class UpstreamPool:
 
     def health(self):
         """[(name, 'healthy'|'unreachable'), …] for /health: the monitor's view, or a probe."""
-        if self._monitor is None:  # no monitor (tests, one process): ask each, cached 5 s
+        if self._monitor is None or self.single:  # no probing monitor: ask, cached 5 s
             return [(m.name, m.client.health()) for m in self.members]
         return [(m.name, "healthy" if m.up else "unreachable") for m in self.members]
 
@@ -211,5 +215,5 @@ def init_app(app):
         settings.upstream_refresh_seconds)
     from app.cooperative import gevent_active
 
-    if gevent_active() and not pool.single:
+    if gevent_active():  # one upstream too: `ollama-gw upstreams` shows its requests in flight
         pool.start()

@@ -1,5 +1,7 @@
 """The `ollama-gw` command: one group, one module per noun."""
+import inspect
 import os
+import re
 
 import click
 
@@ -32,6 +34,25 @@ cli.add_command(upstreams.upstreams)
 cli.add_command(queue.queue)
 cli.add_command(audit.audit)
 cli.add_command(shell.shell)
+
+
+def _first_sentence(text):
+    paragraph = " ".join(inspect.cleandoc(text).split("\n\n")[0].split())
+    end = re.search(r"(?<!e\.g)(?<!i\.e)\.(?=\s|$)", paragraph)
+    return paragraph[:end.end()] if end else paragraph
+
+
+def _whole_summaries(group):
+    """List each command with its whole first sentence: click cuts a long one mid-sentence
+    (`Send gateway events to HTTP receivers, signed the Standard...`); whole, it wraps."""
+    for command in group.commands.values():
+        if command.short_help is None and command.help:
+            command.short_help = _first_sentence(command.help)
+        if isinstance(command, click.Group):
+            _whole_summaries(command)
+
+
+_whole_summaries(cli)
 
 
 def main():

@@ -5,24 +5,6 @@ from app import audit as auditlog
 from cli.context import echo_json, open_db, since_option, table
 
 
-def _change_text(details):
-    """`rate_limit: 100/hour -> 60/minute; role: user -> admin`, or the other details."""
-    before, after = details.get("before", {}), details.get("after", {})
-    parts = [f"{field}: {_short(before.get(field))} -> {_short(after.get(field))}"
-             if field in before else f"{field}: {_short(after[field])}"
-             for field in after]
-    parts += [f"{field}: {_short(value)}" for field, value in before.items() if field not in after]
-    parts += [f"{field}: {_short(value)}" for field, value in details.items()
-              if field not in ("before", "after")]
-    return "; ".join(parts)
-
-
-def _short(value):
-    if isinstance(value, list):
-        return ",".join(map(str, value)) or "[]"
-    return "-" if value is None else str(value)
-
-
 @click.command()
 @click.option("--since", default="7d", show_default=True,
               help="How far back: 24h, 7d, 30d, … or 'all'.")
@@ -32,7 +14,10 @@ def _short(value):
               help="At most this many entries, newest first.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 def audit(since, action, limit, as_json):
-    """Show the audit log: every admin action from HTTP, the CLI and the shell (newest first)."""
+    """Show the audit log, newest first.
+
+    Every admin action, from HTTP, the CLI and the shell.
+    """
     open_db()
     entries = auditlog.entries(since_option(since), action, limit)
     if as_json:
@@ -43,5 +28,5 @@ def audit(since, action, limit, as_json):
         return
     table([{"at": f"{e['at'][:10]} {e['at'][11:19]} UTC", "actor": e["actor"],
             "via": e["via"], "from": e["source"], "action": e["action"],
-            "target": e["target"] or "-", "changes": _change_text(e["details"]) or "-"}
+            "target": e["target"] or "-", "changes": auditlog.change_text(e["details"]) or "-"}
            for e in entries], ["at", "actor", "via", "from", "action", "target", "changes"])

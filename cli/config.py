@@ -18,7 +18,10 @@ def config_group():
 @click.option("--set", "assignments", multiple=True, metavar="NAME=VALUE",
               help="Uncomment NAME with this value (TOML, or else a plain string); repeatable.")
 def example(assignments):
-    """Print a config file: every setting at its default, commented out, with its help."""
+    """Print a config file with every setting at its default.
+
+    Each setting is commented out, with its help.
+    """
     lines = example_config().splitlines()
     for assignment in assignments:
         name, value = _setting_line(assignment)

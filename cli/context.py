@@ -66,6 +66,16 @@ def echo_json(data):
     click.echo(json.dumps(data, indent=2, default=str))
 
 
+def plural(count, noun):
+    """`1 problem`, `2 problems`."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def when(iso, missing):
+    """`2026-12-22 05:17 UTC` from an ISO timestamp, or `missing` for none."""
+    return f"{iso[:10]} {iso[11:16]} UTC" if iso else missing
+
+
 def table(rows, columns):
     """Print dict rows as an aligned text table for people."""
     if not rows:

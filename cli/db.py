@@ -15,7 +15,7 @@ def db_group():
               help="Also set up the keys DEMO_ADMIN_KEY and DEMO_USER_KEY name, as a starting "
               "gateway does.")
 def upgrade(demo_keys):
-    """Apply pending migrations (safe to run while gateways are running)."""
+    """Apply pending migrations (safe while gateways run)."""
     instance = open_db(migrate=False)
     applied = database.upgrade(instance)
     click.echo("applied: " + ", ".join(applied) if applied else "already up to date")

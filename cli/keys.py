@@ -2,7 +2,7 @@
 import click
 
 from app import keys as keystore
-from cli.context import echo_json, open_db, redact, settings, table
+from cli.context import echo_json, open_db, redact, settings, table, when
 
 LIST_COLUMNS = ["id", "prefix", "name", "role", "rate_limit", "max_concurrent", "token_quota",
                 "models", "status", "last_used_at", "expires_at"]
@@ -41,19 +41,15 @@ def with_limit_options(func):
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 
 
-def _when(iso, missing):
-    """`2026-12-22 05:17 UTC` from an ISO timestamp, or `missing` for none."""
-    return f"{iso[:10]} {iso[11:16]} UTC" if iso else missing
-
-
-def _row_for_people(summary):
+def row_for_people(summary):
+    """A key summary as tables show it (`keys list`, the shell's `listkeys`)."""
     models = summary["models"]
     return {**summary, "models": ",".join(models) if models else "all",
             "max_concurrent": summary["max_concurrent"] or "-",
-            "created_at": _when(summary["created_at"], "-"),
-            "last_used_at": _when(summary["last_used_at"], "never"),
-            "expires_at": _when(summary["expires_at"], "never"),
-            "revoked_at": _when(summary["revoked_at"], "-")}
+            "created_at": when(summary["created_at"], "-"),
+            "last_used_at": when(summary["last_used_at"], "never"),
+            "expires_at": when(summary["expires_at"], "never"),
+            "revoked_at": when(summary["revoked_at"], "-")}
 
 
 def _fail(exc):
@@ -62,7 +58,9 @@ def _fail(exc):
 
 @click.group()
 def keys():
-    """Manage gateway API keys (secrets are shown once, at creation or rotation).
+    """Manage gateway API keys.
+
+    Secrets are shown once, at creation or rotation.
 
     KEY names a key by its id, its prefix (6+ characters, e.g. ogw_9cRSO_FS) or its name;
     one that matches several keys is refused.
@@ -110,7 +108,7 @@ def list_(active, as_json):
     elif not summaries:
         click.echo("no keys yet: create one with `ollama-gw keys add --name NAME`")
     else:
-        table([_row_for_people(s) for s in summaries], LIST_COLUMNS)
+        table([row_for_people(s) for s in summaries], LIST_COLUMNS)
 
 
 @keys.command()
@@ -126,7 +124,7 @@ def show(ident, as_json):
     if as_json:
         echo_json(summary)
         return
-    for field, value in _row_for_people(summary).items():
+    for field, value in row_for_people(summary).items():
         click.echo(f"{field + ':':16}{value if value is not None else '-'}")
 
 
@@ -137,7 +135,10 @@ def show(ident, as_json):
 @json_option
 def update(ident, name, role, rate_limit, max_concurrent, token_quota, max_ctx, max_predict,
            keep_alive, priority, models, expires, as_json):
-    """Change a key's name, role or limits (takes effect within a second)."""
+    """Change a key's name, role or limits.
+
+    Changes take effect within a second.
+    """
     changes = {"name": name, "role": role, "rate_limit": rate_limit,
                "max_concurrent": max_concurrent, "token_quota": token_quota,
                "max_ctx": max_ctx, "max_predict": max_predict, "keep_alive": keep_alive,
@@ -185,7 +186,10 @@ def revoke(ident, yes, as_json):
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @json_option
 def rotate(ident, yes, as_json):
-    """Give a key a new secret; the old one stops working within a second."""
+    """Give a key a new secret; the old one stops working.
+
+    The old secret is refused within a second.
+    """
     open_db()
     try:
         row = keystore.find_key(ident)

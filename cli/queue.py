@@ -11,7 +11,9 @@ COLUMNS = ["upstream", "max_concurrent", "key", "running", "waiting", "longest_w
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 def queue(as_json):
-    """Requests running and waiting at each upstream, by key, on every running gateway.
+    """Show requests running and waiting at each upstream.
+
+    By key, on every running gateway.
 
     Each upstream serves at most max_concurrent requests at once; the rest wait in the
     gateway's fair queue (README: Sharing a busy GPU fairly).

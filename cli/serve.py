@@ -9,21 +9,23 @@ import requests
 
 from app import db as database
 from app.upstream import Upstream
-from cli.context import open_db, prepare_demo_keys, redact, settings
+from cli.context import open_db, plural, prepare_demo_keys, redact, settings
 
 
 @click.command()
 @click.option("--bind", metavar="HOST:PORT", help="Address to listen on [default: 127.0.0.1:8080].")
 @click.option("--port", "-port", type=click.IntRange(1, 65535),
-              help="Port on the configured host (go-ollama-api's -port).")
+              help="Port on the configured host (as go-ollama-api took it).")
 @click.option("--ollama-url", "-ollama-url", metavar="URL",
-              help="The Ollama server (go-ollama-api's -ollama-url) "
-              "[default: http://127.0.0.1:11434].")
+              help="The Ollama server, as in go-ollama-api [default: http://127.0.0.1:11434].")
 @click.option("--workers", type=click.IntRange(min=1),
               help="gunicorn worker processes [default: 2].")
 @click.option("--no-migrate", is_flag=True, help="Do not apply pending migrations at start.")
 def serve(bind, port, ollama_url, workers, no_migrate):
-    """Run the gateway under gunicorn with gevent workers (SIGTERM drains, SIGHUP reloads)."""
+    """Run the gateway under gunicorn with gevent workers.
+
+    SIGTERM drains, SIGHUP reloads.
+    """
     overrides = {}
     if bind:
         overrides["bind"] = bind
@@ -88,7 +90,10 @@ def _require_free_port(bind):
 
 @click.command()
 def check():
-    """Validate the configuration, open the database and reach every upstream."""
+    """Check the configuration, the database and the upstreams.
+
+    Validates the configuration, opens the database and reaches every upstream.
+    """
     problems = 0
     conf = settings()
     click.echo("configuration: ok")
@@ -97,7 +102,7 @@ def check():
         instance = open_db(migrate=False)
         pending = database.pending_migrations(instance)
         if pending:
-            click.echo(f"database {url}: reachable, {len(pending)} migration(s) pending "
+            click.echo(f"database {url}: reachable, {plural(len(pending), 'migration')} pending "
                        "(`ollama-gw db upgrade`, or `serve` applies them)")
         else:
             click.echo(f"database {url}: ok")
@@ -111,7 +116,7 @@ def check():
     click.echo("web dashboard: " + ("on, at /ui/ (ui = true)" if conf.ui else
                                     "off (set ui = true to serve it at /ui/)"))
     if problems:
-        raise click.ClickException(f"{problems} problem(s) found")
+        raise click.ClickException(f"{plural(problems, 'problem')} found")
     click.echo("all checks passed")
 
 

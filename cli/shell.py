@@ -22,6 +22,7 @@ from app import webhooks as hooks
 from app.redact import redact
 from cli.context import open_db, settings, table
 from cli.context import redact as redact_url
+from cli.keys import row_for_people
 
 CONSOLE_RATE_LIMIT = "10/minute"  # what go-ollama-api gave every key
 MAX_KEYS_AT_ONCE = 100
@@ -45,7 +46,7 @@ class Console(cmd.Cmd):
         super().__init__(stdin=stdin, stdout=stdout)
         self.use_rawinput = interactive
         self.prompt = "ollama-gw> " if interactive else ""
-        self.made = 0
+        self.failed = False
 
     # -- what every command shares
 
@@ -56,17 +57,22 @@ class Console(cmd.Cmd):
         try:
             return super().onecmd(line)
         except (keystore.KeyOpError, hooks.WebhookOpError, ValueError) as exc:
-            self.say(f"error: {exc}")
+            self.fail(f"error: {exc}")
         except peewee.PeeweeException as exc:
-            self.say(f"error: the database did not answer ({exc}); try again")
+            self.fail(f"error: the database did not answer ({exc}); try again")
         return False
+
+    def fail(self, text):
+        """Say what went wrong; a piped session then exits non-zero, as a script expects."""
+        self.failed = True
+        self.say(text)
 
     def emptyline(self):
         return False  # cmd's default repeats the last command: never for generatekey
 
     def default(self, line):
         word = line.split()[0]
-        self.say(f"unknown command {word!r}: type help for the commands")
+        self.fail(f"unknown command {word!r}: type help for the commands")
 
     @staticmethod
     def _words(arg, count, usage):
@@ -78,9 +84,14 @@ class Console(cmd.Cmd):
     # -- keys
 
     def _generate(self, description=None):
-        self.made += 1
-        name = description or f"shell key {self.made}"
-        row, secret = keystore.create_key(name, "user", CONSOLE_RATE_LIMIT)
+        for attempt in range(5):
+            name = description or keystore.next_numbered_name("shell key")
+            try:
+                row, secret = keystore.create_key(name, "user", CONSOLE_RATE_LIMIT)
+                break
+            except keystore.KeyNameTaken:
+                if description or attempt == 4:
+                    raise  # another session took the number meanwhile: retry with the next
         self.say(f"Generated key {row.id} ({row.prefix}) {name!r}, {CONSOLE_RATE_LIMIT}. "
                  "Secret (shown once):")
         self.say(secret)
@@ -101,7 +112,7 @@ class Console(cmd.Cmd):
             self.say("no keys yet: generatekey makes one")
             return
         with contextlib.redirect_stdout(self.stdout):
-            table([{**r, "last_used_at": r["last_used_at"] or "never"} for r in rows],
+            table([row_for_people(r) for r in rows],
                   ["id", "prefix", "name", "role", "rate_limit", "status", "last_used_at"])
 
     def do_removekey(self, arg):
@@ -176,10 +187,13 @@ def _history(path):
 
 @click.command()
 def shell():
-    """go-ollama-api's interactive console: generatekey, listkeys, removekey, addwebhook, …
+    """Run go-ollama-api's interactive console.
+
+    Its commands: generatekey, listkeys, removekey, addwebhook, …
 
     Reads commands from a terminal with line editing and history, or one per line from a
-    pipe (`echo listkeys | ollama-gw shell`). Works while the gateway runs.
+    pipe (`echo listkeys | ollama-gw shell`; exits 1 if any command failed). Works while
+    the gateway runs.
     """
     conf = settings()
     open_db()
@@ -195,3 +209,5 @@ def shell():
                 console.cmdloop()
         else:
             console.cmdloop()
+            if console.failed:
+                raise click.exceptions.Exit(1)  # each error was printed where it happened

@@ -16,8 +16,11 @@ RECENT = 600  # seconds of usage the latency columns look at
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 def upstreams(as_json):
-    """Each upstream: does it answer, its models and loaded models, requests in flight on the
-    running gateways, and its recent time to first byte."""
+    """Show each upstream's state, models and load.
+
+    Each upstream: does it answer, its models and loaded models, requests in flight on the
+    running gateways, and its recent time to first byte.
+    """
     conf = settings()
     open_db()
     now = time.time()

@@ -33,7 +33,10 @@ HEADINGS = {"key_prefix": "key", "key_name": "name", "prompt_tokens": "tokens_in
 @click.option("--csv", "as_csv", is_flag=True, help="Print CSV with a header line.")
 @click.pass_context
 def usage(ctx, ident, model, since, by, as_json, as_csv):
-    """Requests, errors, tokens, latency and tokens per second, by key, model or day."""
+    """Show requests, errors, tokens and latency.
+
+    Requests, errors, tokens, latency and tokens per second, by key, model or day.
+    """
     if ctx.invoked_subcommand is not None:
         return
     if as_json and as_csv:
@@ -68,7 +71,10 @@ def usage(ctx, ident, model, since, by, as_json, as_csv):
               help="Delete per-request rows older than this, e.g. 90d.")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 def prune(older_than, yes):
-    """Delete old per-request rows; the hourly totals (and so statistics) are kept."""
+    """Delete old per-request rows; hourly totals are kept.
+
+    The hourly totals (and so statistics) stay.
+    """
     try:
         cutoff = time.time() - parse_duration(older_than)
     except ValueError as exc:

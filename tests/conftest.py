@@ -210,7 +210,8 @@ def client(app):
 def make_key(migrated):
     """make_key(**options) -> (secret, row): a key created the way the CLI creates one."""
 
-    def make(name="test", **options):
+    def make(name=None, **options):
+        name = name or keystore.next_numbered_name("test")  # names are unique among live keys
         options.setdefault("rate_limit", "1000/minute")
         row, secret = keystore.create_key(name, **options)
         return secret, row

@@ -30,7 +30,14 @@ from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Self
 
-from tests.fake_ollama_v1 import OpenAIRoutes
+if __name__ == "__main__":
+    # `python -m tests.fake_ollama` runs this file as `__main__`, a second copy that the /v1
+    # routes (which import `tests.fake_ollama`) would meet half-built: run the real module.
+    from tests.fake_ollama import main
+
+    sys.exit(main())
+
+from tests.fake_ollama_v1 import OpenAIRoutes  # noqa: E402 (after the entry point, see above)
 
 VERSION = "0.6.8"
 DEFAULT_MODELS = ["llama3.2:latest", "qwen2.5:0.5b", "nomic-embed-text:latest"]
@@ -688,7 +695,3 @@ def main(argv=None) -> None:
         with contextlib.suppress(KeyboardInterrupt):
             while True:
                 time.sleep(3600)
-
-
-if __name__ == "__main__":
-    main()

@@ -4,6 +4,7 @@ The machines tests run on are shared and slow down without warning: starting wai
 the gateway's /health with a generous deadline, and a gateway that fails to start is
 stopped before the error is raised, so no server outlives its test.
 """
+import collections
 import json
 import os
 import re
@@ -18,6 +19,7 @@ import requests
 from tests import leak_check
 
 START_SECONDS = 90
+NAMES_GIVEN = collections.Counter()  # key names add_key was given in this run
 
 
 def free_port():
@@ -76,7 +78,17 @@ class GatewayProcess:
         return result
 
     def add_key(self, *options):
-        """Create a key with `ollama-gw keys add --json`; return its JSON (with `key`)."""
+        """Create a key with `ollama-gw keys add --json`; return its JSON (with `key`).
+
+        Names are unique among live keys and a module's tests share one gateway: a name
+        given before in this run gets a number (`--name user` again makes `user 2`).
+        """
+        options = list(options)
+        if "--name" in options:
+            at = options.index("--name") + 1
+            NAMES_GIVEN[options[at]] += 1
+            if NAMES_GIVEN[options[at]] > 1:
+                options[at] = f"{options[at]} {NAMES_GIVEN[options[at]]}"
         return json.loads(self.cli("keys", "add", "--json", *options).stdout)
 
     def start(self, log_path):

@@ -142,11 +142,29 @@ def test_unknown_and_ambiguous_keys_are_404_and_409_never_a_guess(client, admin,
     assert call(client, "GET", "/api/keys/999999", admin[0])[0] == 404
     assert call(client, "DELETE", "/api/keys/ogw_nothere", admin[0])[0] == 404
     _, first = make_key("twin")
-    _, second = make_key("twin")
-    status, answer = call(client, "DELETE", "/api/keys/twin", admin[0])
+    _, second = make_key("twin2")
+    ApiKey.update(prefix="ogw_Twin0001").where(ApiKey.id == first.id).execute()
+    ApiKey.update(prefix="ogw_Twin0002").where(ApiKey.id == second.id).execute()
+    status, answer = call(client, "DELETE", "/api/keys/ogw_Twin", admin[0])
     assert status == 409 and "more than one key" in answer["error"]
     assert ApiKey.get_by_id(first.id).revoked_at is None
     assert ApiKey.get_by_id(second.id).revoked_at is None
+
+
+def test_a_live_keys_name_is_a_409_on_create_and_on_rename(client, admin, user, make_key):
+    """ollama-api-service's POST /api/keys and ollama-gw's PATCH: one live key per name."""
+    _, bob = make_key("bob")
+    for method, path, body in (("POST", "/api/keys", {"name": "alice"}),
+                               ("PATCH", f"/api/keys/{bob.id}", {"name": "alice"})):
+        status, answer = call(client, method, path, admin[0], body)
+        assert status == 409, answer
+        assert answer["error"] == (f"a key named 'alice' already exists (key {user[1].id}, "
+                                   f"{user[1].prefix}): choose another name, or revoke that "
+                                   "key first")
+    assert ApiKey.select().where(ApiKey.name == "alice").count() == 1
+    assert call(client, "DELETE", "/api/keys/alice", admin[0])[0] == 200
+    status, made = call(client, "POST", "/api/keys", admin[0], {"name": "alice"})
+    assert status == 201 and call(client, "GET", "/api/keys/alice", admin[0])[1]["id"] == made["id"]
 
 
 def test_the_audit_log_says_who_did_what_from_where_and_never_a_secret(client, admin, user):

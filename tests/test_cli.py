@@ -221,7 +221,7 @@ def test_check_passes_against_a_running_ollama(runner, fake):
 def test_check_names_an_unreachable_upstream(runner, monkeypatch):
     monkeypatch.setenv("OLLAMA_URL", "http://127.0.0.1:1")
     result = runner("check")
-    assert_clean_failure(result, "upstream http://127.0.0.1:1: FAILED", "1 problem(s) found")
+    assert_clean_failure(result, "upstream http://127.0.0.1:1: FAILED", "Error: 1 problem found\n")
     assert "all checks passed" not in result.output
 
 
@@ -230,7 +230,15 @@ def test_check_names_an_unreachable_database(runner, monkeypatch, tmp_path):
     blocker.write_text("")
     monkeypatch.setenv("DATABASE_URL", f"sqlite:///{blocker}/sub/gateway.db")
     result = runner("check")
-    assert_clean_failure(result, "database: FAILED", "1 problem(s) found")
+    assert_clean_failure(result, "database: FAILED", "Error: 1 problem found\n")
+
+
+def test_check_counts_problems_in_words(runner, monkeypatch, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("DATABASE_URL", f"sqlite:///{blocker}/sub/gateway.db")
+    monkeypatch.setenv("OLLAMA_URL", "http://127.0.0.1:1")
+    assert_clean_failure(runner("check"), "Error: 2 problems found\n")
 
 
 def test_check_reports_a_bad_setting(runner, monkeypatch):
@@ -296,9 +304,18 @@ def test_keys_can_be_named_by_their_name(runner):
     created = add_key(runner, "--name", "build-bot")
     shown = json.loads(runner("keys", "show", "build-bot", "--json").stdout)
     assert shown["id"] == created["id"]
-    add_key(runner, "--name", "build-bot")
-    assert_clean_failure(runner("keys", "revoke", "build-bot", "--yes"),
-                         "matches more than one key", code=1)
+    assert_clean_failure(runner("keys", "add", "--name", "build-bot"),
+                         "a key named 'build-bot' already exists "
+                         f"(key {created['id']}, {created['prefix']})", code=1)
+    other = add_key(runner, "--name", "deploy-bot")
+    assert_clean_failure(runner("keys", "update", "deploy-bot", "--name", "build-bot"),
+                         "a key named 'build-bot' already exists", code=1)
+    runner("keys", "revoke", "build-bot", "--yes")
+    again = add_key(runner, "--name", "build-bot")  # a revoked key's name is free again
+    assert json.loads(runner("keys", "show", "build-bot", "--json").stdout)["id"] == again["id"]
+    assert runner("keys", "update", "deploy-bot", "--name", "deploy-bot 2").exit_code == 0
+    assert json.loads(runner("keys", "show", str(other["id"]), "--json").stdout)["name"] == (
+        "deploy-bot 2")
 
 
 def test_update_with_nothing_to_change_is_a_usage_error(runner):
@@ -315,3 +332,41 @@ def test_update_to_the_same_settings_says_nothing_changed(runner):
     changed = runner("keys", "update", "alice", "--rate-limit", "6/minute", "--name", "al")
     assert f"Updated key {created['id']}" in changed.output
     assert "name, rate_limit" in changed.output
+
+
+def _commands(group, path=()):
+    import click
+
+    yield path
+    for name, command in group.commands.items():
+        if isinstance(command, click.Group):
+            yield from _commands(command, (*path, name))
+        else:
+            yield (*path, name)
+
+
+@pytest.mark.parametrize("width", [80, 60])
+def test_help_never_cuts_a_summary_or_breaks_an_option_name(width):
+    """Every command's --help: summaries whole (no `...`), no word split at a hyphen."""
+    from click.testing import CliRunner
+
+    from cli import cli
+
+    for path in _commands(cli):
+        output = CliRunner().invoke(cli, [*path, "--help"], terminal_width=width).output
+        listed = output.partition("Commands:")[2].splitlines()
+        assert not [line for line in listed if line.endswith("...")], (path, output)
+        broken = [line for line in output.splitlines() if re.search(r"\w-$", line)]
+        assert not broken, (path, broken)
+
+
+def test_top_level_help_lists_each_command_in_one_complete_sentence():
+    from click.testing import CliRunner
+
+    from cli import cli
+
+    listed = CliRunner().invoke(cli, ["--help"], terminal_width=80).output.partition(
+        "Commands:")[2].splitlines()
+    summaries = [line.split(None, 1)[1] for line in listed if line.strip()
+                 and not line.startswith(" " * 5) and line.split(None, 1)[0] != "webhooks"]
+    assert len(summaries) >= 10 and all(s.endswith(".") for s in summaries), summaries

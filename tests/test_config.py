@@ -243,3 +243,46 @@ def test_bad_upstream_tables_are_refused(toml_file, text, fragment):
     with pytest.raises(ConfigError) as caught:
         load_settings(path=toml_file(text), environ={})
     assert fragment in str(caught.value)
+
+
+@pytest.mark.parametrize("environ, origin", [
+    ({"OLLAMA_GW_DEFAULT_RATE_LIMIT_USER": "5/fortnight"},
+     "default_rate_limit_user set by OLLAMA_GW_DEFAULT_RATE_LIMIT_USER"),
+    ({"OLLAMA_URL": "notaurl"}, "upstreams set by OLLAMA_URL"),
+    ({"OLLAMA_BASE_URL": "notaurl"}, "upstreams set by OLLAMA_BASE_URL"),
+    ({"OLLAMA_GW_WORKERS": "0"}, "workers set by OLLAMA_GW_WORKERS"),
+    ({"DATABASE_URL": "mysql://x"}, "database_url set by DATABASE_URL"),
+    ({"OLLAMA_GW_LOG_LEVEL": "loud"}, "log_level set by OLLAMA_GW_LOG_LEVEL"),
+    ({"OLLAMA_GW_WEBHOOK_CONCURRENCY": "0"}, "webhook_concurrency set by "
+     "OLLAMA_GW_WEBHOOK_CONCURRENCY"),
+    ({"OLLAMA_GW_DATA_DIR": "./data"}, "data_dir set by OLLAMA_GW_DATA_DIR"),
+    ({"HOME": "relative/home"}, "data_dir is the default"),  # the default data_dir is relative
+])
+def test_an_environment_or_default_value_refused_names_where_it_came_from(
+        no_system_file, environ, origin):
+    with pytest.raises(ConfigError) as caught:
+        load_settings(environ=environ)
+    assert str(caught.value).endswith(f" ({origin})")
+
+
+@pytest.mark.parametrize("text, origin", [
+    ('default_rate_limit_user = "5/fortnight"\n', "default_rate_limit_user"),
+    ('upstreams = ["notaurl"]\n', "upstreams"),
+    ("read_timeout = -1\n", "read_timeout"),
+    ('model_policy = "maybe"\n', "model_policy"),
+    ('bind = "127.0.0.1"\n', "bind"),
+    ('data_dir = "/srv/gw"\ndatabase_url = "sqlite:///gw.db"\n', "database_url"),
+])
+def test_a_file_value_refused_names_the_file_and_the_key(toml_file, text, origin):
+    path = toml_file(text)
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path=path, environ={})
+    assert str(caught.value).endswith(f" ({origin} set in {path})")
+
+
+@pytest.mark.parametrize("overrides, origin", [
+    ({"bind": "nohost"}, "bind"), ({"upstreams": "notaurl"}, "upstreams")])
+def test_a_command_line_value_refused_says_so(overrides, origin):
+    with pytest.raises(ConfigError) as caught:
+        load_settings(environ={"OLLAMA_GW_BIND": "127.0.0.1:1"}, overrides=overrides)
+    assert str(caught.value).endswith(f" ({origin} set on the command line)")

@@ -2,14 +2,18 @@
 
 import hashlib
 import json
+import pathlib
+import signal
 import socket
+import subprocess
+import sys
 import time
 
 import pytest
 import requests
 
 from tests.fake_ollama import DEFAULT_MODELS, FakeOllama, fake_text
-from tests.gateway_process import wait_for
+from tests.gateway_process import free_port, kill_session, wait_for
 
 
 @pytest.fixture
@@ -283,3 +287,25 @@ def test_official_ollama_client_talks_to_the_fake(fake):
     with pytest.raises(ollama.ResponseError) as err:
         client.generate(model="missing", prompt="hi")
     assert err.value.status_code == 404 and err.value.error == "model 'missing' not found"
+
+
+def test_module_entry_point_serves_api_and_v1_and_stops_on_ctrl_c():
+    """`python -m tests.fake_ollama`, as the README's Quick start runs it."""
+    port = free_port()
+    root = pathlib.Path(__file__).resolve().parent.parent
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.fake_ollama", "--port", str(port)],
+        cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    )
+    try:
+        assert proc.stdout.readline() == f"fake Ollama 0.6.8 listening on http://127.0.0.1:{port}\n"
+        url = f"http://127.0.0.1:{port}"
+        assert requests.get(url + "/api/version", timeout=60).json() == {"version": "0.6.8"}
+        models = requests.get(url + "/v1/models", timeout=60).json()["data"]
+        assert [m["id"] for m in models] == DEFAULT_MODELS
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        kill_session(proc)
+        proc.stdout.close()

@@ -287,3 +287,13 @@ def _healthy(url):
         return requests.get(url + "/health", timeout=5).status_code == 200
     except requests.RequestException:
         return False
+
+
+@pytest.mark.parametrize("ui", [True, False])
+def test_the_log_says_once_that_the_dashboard_is_on(database, fake_ollama, tmp_path, ui):
+    with GatewayProcess(database, fake_ollama.url, workers=2, ui=str(ui).lower()) as gw:
+        gw.start(tmp_path / "gateway.log")
+        assert requests.get(gw.url + "/ui/signin", timeout=60).status_code == (200 if ui else 404)
+        said = [line for line in gw.log().splitlines() if "dashboard" in line]
+    assert [line.split("] ", 3)[-1] for line in said] == (
+        [f"web dashboard on at {gw.url}/ui/ (ui = true)"] if ui else [])

@@ -6,10 +6,12 @@ import pytest
 
 from app.keys import (
     KeyInfo,
+    KeyNameTaken,
     KeyOpError,
     create_key,
     find_key,
     list_keys,
+    next_numbered_name,
     normalize_model,
     parse_models,
     revoke_key,
@@ -163,12 +165,64 @@ def test_update_to_the_settings_a_key_already_has_changes_nothing(make_key):
     assert (updated.name, updated.rate_limit, updated.models) == ("same", 5, "llama3:latest")
 
 
-def test_key_is_found_by_its_name_unless_two_keys_share_it(make_key):
+def test_key_is_found_by_its_name_the_live_one_before_revoked_namesakes(make_key):
     _, alice = make_key(name="alice")
     assert find_key("alice").id == alice.id
+    revoke_key(alice.id)
     _, again = make_key(name="alice")
+    assert find_key("alice").id == again.id
+    revoke_key(again.id)
     with pytest.raises(KeyOpError, match=f"more than one key \\(ids {alice.id}, {again.id}\\)"):
         find_key("alice")
+
+
+def test_a_live_keys_name_is_refused_for_a_new_key_and_for_a_rename(make_key):
+    _, alice = make_key(name="alice")
+    _, bob = make_key(name="bob")
+    message = f"a key named 'alice' already exists \\(key {alice.id}, {alice.prefix}\\)"
+    with pytest.raises(KeyNameTaken, match=message):
+        create_key("alice")
+    with pytest.raises(KeyNameTaken, match=message):
+        update_key(bob.id, name=" alice ")
+    assert ApiKey.select().count() == 2 and ApiKey.get_by_id(bob.id).name == "bob"
+    assert update_key(alice.id, name="alice")[1] == []  # its own name is no clash
+    assert create_key("Alice")[0].name == "Alice"  # names are compared exactly
+
+
+def test_a_revoked_keys_name_is_free_again_and_a_revoked_key_may_be_renamed_to_a_live_name(
+        make_key):
+    _, alice = make_key(name="alice")
+    revoke_key(alice.id)
+    again, _ = create_key("alice")
+    assert update_key(alice.id, name="alice")[1] == []
+    _, old = make_key(name="old")
+    revoke_key(old.id)
+    assert update_key(old.id, name="alice")[0].name == "alice"
+    with pytest.raises(KeyNameTaken):
+        create_key("alice")
+    assert find_key("alice").id == again.id
+
+
+def test_a_creator_that_raced_past_the_name_check_gets_the_same_error(make_key, monkeypatch):
+    """Two workers check at once and both find the name free: the index refuses one."""
+    _, alice = make_key(name="alice")
+    _, bob = make_key(name="bob")
+    monkeypatch.setattr("app.keys._require_free_name", lambda *args, **kwargs: None)
+    with pytest.raises(KeyNameTaken, match=f"already exists \\(key {alice.id}, "):
+        create_key("alice")
+    with pytest.raises(KeyNameTaken, match=f"already exists \\(key {alice.id}, "):
+        update_key(bob.id, name="alice")
+    assert [row.name for row in ApiKey.select().order_by(ApiKey.id)] == ["alice", "bob"]
+
+
+def test_numbered_names_continue_after_the_highest_any_key_has(make_key):
+    assert next_numbered_name("shell key") == "shell key 1"
+    _, first = make_key(name="shell key 1")
+    make_key(name="shell key 3")
+    make_key(name="shell key x")
+    make_key(name="shell keys 9")
+    revoke_key(first.id)
+    assert next_numbered_name("shell key") == "shell key 4"
 
 
 @pytest.mark.parametrize("changes, message", [
@@ -178,6 +232,7 @@ def test_key_is_found_by_its_name_unless_two_keys_share_it(make_key):
     ({"max_concurrent": -1}, "0 \\(no limit\\) to 1000000"),
     ({"expires": "soon"}, "30d"),
     ({"name": "  "}, "name cannot be empty"),
+    ({"name": "x" * 201}, "at most 200 characters"),
 ])
 def test_update_refuses_bad_values_and_changes_nothing(make_key, changes, message):
     _, row = make_key(name="kept", rate_limit="5/minute")

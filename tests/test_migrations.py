@@ -1,4 +1,6 @@
 """Migrations: from empty to exactly the models' schema, repeatable, reversible, race-safe."""
+import datetime
+import json
 import multiprocessing
 import os
 import subprocess
@@ -14,7 +16,7 @@ HISTORY_TABLE = "schema_migration"
 MIGRATIONS = ["0001_initial", "0002_heartbeat", "0003_usage_quotas_webhooks",
               "0004_key_model_policy", "0005_upstream_status",
               "0006_audit_log", "0007_usage_hourly", "0008_fair_queue",
-              "0010_dashboard_sessions", "0011_webhook_ids"]
+              "0010_dashboard_sessions", "0011_webhook_ids", "0013_unique_key_names"]
 
 
 @pytest.fixture
@@ -33,7 +35,11 @@ def model_schema(model):
     primary = {field.column_name for field in meta.get_primary_keys()}
     indexes = {((field.column_name,), bool(field.unique)) for field in meta.sorted_fields
                if (field.unique or field.index) and not field.primary_key}
-    for fields, unique in meta.indexes:
+    for index in meta.indexes:
+        if isinstance(index, peewee.ModelIndex):  # e.g. a partial index (its WHERE: below)
+            indexes.add((tuple(f.column_name for f in index._expressions), index._unique))
+            continue
+        fields, unique = index
         indexes.add((tuple(meta.fields[name].column_name for name in fields), unique))
     foreign_keys = {(field.column_name, field.rel_model._meta.table_name,
                      field.rel_field.column_name, field.on_delete or "NO ACTION")
@@ -190,3 +196,45 @@ def test_webhook_ids_are_never_reused_across_0011(empty):
     assert hooks.add_webhook("http://127.0.0.1:9/newer")[0].id == 5
     hooks.remove_webhook(1)  # its deliveries still go with it: the foreign key holds
     assert sorted(d.webhook_id for d in WebhookDelivery.select()) == [2]
+
+
+def _key(name, revoked=False):
+    return MODELS[0].create(prefix=f"ogw_{os.urandom(4).hex()}", key_hash=os.urandom(32).hex(),
+                            name=name,
+                            revoked_at=datetime.datetime(2026, 1, 1) if revoked else None)
+
+
+def test_unique_names_migration_renames_later_live_duplicates_with_an_audit_entry(empty):
+    from app.models import AuditEntry
+
+    # Just before 0013: duplicates are possible again.
+    database.migration_runner(empty).up(MIGRATIONS[MIGRATIONS.index("0013_unique_key_names") - 1])
+    first = _key("alice")
+    _key("alice", revoked=True)      # revoked: keeps its name, takes no number
+    _key("alice (2)", revoked=True)  # a name any key has is skipped
+    second, third = _key("alice"), _key("alice")
+    _key("bob")
+    before = AuditEntry.select().count()
+    assert database.upgrade(empty) == MIGRATIONS[MIGRATIONS.index("0013_unique_key_names"):]
+    names = {row.id: row.name for row in MODELS[0].select()}
+    assert (names[first.id], names[second.id], names[third.id]) == (
+        "alice", "alice (3)", "alice (4)")
+    entries = list(AuditEntry.select().where(AuditEntry.action == "key.updated")
+                   .order_by(AuditEntry.id))
+    assert [(e.target, json.loads(e.details)["before"], json.loads(e.details)["after"])
+            for e in entries] == [
+        (f"key {second.id} ({second.prefix})", {"name": "alice"}, {"name": "alice (3)"}),
+        (f"key {third.id} ({third.prefix})", {"name": "alice"}, {"name": "alice (4)"})]
+    assert AuditEntry.select().count() == before + 3  # the two renames and db.upgraded
+    with pytest.raises(peewee.IntegrityError), empty.atomic():
+        _key("bob")
+    _key("alice (3)", revoked=True)  # a revoked key may share a live key's name
+
+
+def test_unique_names_migration_keeps_a_name_too_long_for_its_number_within_200(empty):
+    database.upgrade(empty)
+    database.downgrade(empty)
+    _key("x" * 200)
+    later = _key("x" * 200)
+    database.upgrade(empty)
+    assert MODELS[0].get_by_id(later.id).name == "x" * 196 + " (2)"

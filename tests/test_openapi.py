@@ -88,6 +88,39 @@ def test_docs_pages_load_only_assets_the_gateway_serves(client, page):
     assert client.get("/docs/assets/VENDORED.md").status_code == 404
 
 
+# What makes a browser fetch a URL written in a page, a script or a style sheet: an
+# element's src, CSS url() and @import, fetch() and importScripts(); an absolute URL there
+# (https://, http:// or //host) would load something from elsewhere.
+FETCHED_FROM_ELSEWHERE = re.compile(
+    r"""(?:\bsrc\s*[:=]\s*|\bsrcset\s*[:=]\s*|\burl\(\s*|@import\s+(?:url\(\s*)?|"""
+    r"""\bfetch\(\s*|\bimportScripts\(\s*)["'`]?(?:https?:)?//[^"'`)\s]*""")  # not URL()
+
+
+@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+def test_docs_pages_and_their_assets_fetch_nothing_from_elsewhere(client, page):
+    html = client.get(page).get_data(as_text=True)
+    links = _Links()
+    links.feed(html)
+    bodies = {page: html} | {url: client.get("/" + url).get_data(as_text=True)
+                             for url in links.urls}
+    assert len(bodies) > 2
+    found = {url: FETCHED_FROM_ELSEWHERE.findall(body) for url, body in bodies.items()}
+    assert {url: hits for url, hits in found.items() if hits} == {}
+
+
+@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+def test_a_trailing_slash_redirects_to_the_page(client, page):
+    answer = client.get(page + "/")
+    assert (answer.status_code, answer.headers["Location"]) == (301, page)
+    assert client.get(page + "/", follow_redirects=True).status_code == 200
+
+
+def test_the_tab_icon_is_served_without_a_key(client):
+    answer = client.get("/favicon.ico")
+    assert (answer.status_code, answer.mimetype) == (200, "image/svg+xml")
+    assert answer.get_data(as_text=True).startswith("<svg ")
+
+
 def test_swagger_ui_calls_no_outside_validator(client):
     assert "validatorUrl: null" in client.get("/docs/assets/swagger-init.js").get_data(
         as_text=True)

@@ -158,6 +158,42 @@ def test_piped_commands_and_no_stdin_end_cleanly(gateway):
     assert quiet.returncode == 0 and quiet.stderr == ""
 
 
+def test_generated_names_never_collide_across_sessions(gateway, console):
+    first, second = console(), console()
+    number = int(re.search(r"'shell key (\d+)'", run(first, "generatekey"))[1])
+    assert f"'shell key {number + 1}'" in run(second, "generatekey")
+    assert f"'shell key {number + 2}'" in run(first, "generatekey")
+    out = run(second, f"generatekey shell key {number}")
+    assert f"error: a key named 'shell key {number}' already exists" in out
+    assert not SECRET.search(out)
+    names = [k["name"] for k in keys(gateway).values() if k["status"] == "active"]
+    assert len(names) == len(set(names))
+
+
+def test_a_piped_session_whose_command_failed_exits_non_zero(gateway):
+    piped = subprocess.run([sys.executable, "-m", "cli", "shell"],
+                           input="removekey ogw_nothere\nlistkeys\n", env=gateway.env,
+                           capture_output=True, text=True, timeout=120)
+    assert piped.returncode == 1, piped.stdout
+    assert "error: no key" in piped.stdout and "PREFIX" in piped.stdout  # it went on
+    unknown = subprocess.run([sys.executable, "-m", "cli", "shell"], input="frobnicate\n",
+                             env=gateway.env, capture_output=True, text=True, timeout=120)
+    assert unknown.returncode == 1
+
+
+def test_listkeys_prints_times_as_keys_list_does(gateway):
+    created = gateway.add_key("--name", "timed")
+    assert works(gateway, created["key"]) == 200
+    assert wait_for(lambda: keys(gateway)[created["id"]]["last_used_at"], 30)
+    listing = subprocess.run([sys.executable, "-m", "cli", "shell"], input="listkeys\n",
+                             env=gateway.env, capture_output=True, text=True, timeout=120)
+    [row] = [line for line in listing.stdout.splitlines() if created["prefix"] in line]
+    cli_row = [line for line in gateway.cli("keys", "list").stdout.splitlines()
+               if created["prefix"] in line][0]
+    used = re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d UTC", cli_row)[0]
+    assert row.rstrip().endswith(used) and "+00:00" not in listing.stdout
+
+
 def test_the_console_says_so_when_the_database_cannot_be_opened(tmp_path):
     env = {"DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none", "PATH": "/usr/bin:/bin"}
     result = subprocess.run([sys.executable, "-m", "cli", "shell"], input="listkeys\n",

@@ -274,6 +274,31 @@ def test_an_admin_manages_keys_as_the_cli_does(browser, client, admin):
     assert all(e.actor == f"{admin[1].prefix} (ops)" for e in entries)
 
 
+def test_a_live_keys_name_is_a_form_error_on_create_and_on_rename(browser, admin, user):
+    sign_in(browser, admin[0])
+    token = csrf(browser)
+    taken = (f"a key named &#39;alice&#39; already exists (key {user[1].id}, {user[1].prefix}): "
+             "choose another name, or revoke that key first")
+    refused = browser.post("/ui/keys", data={"csrf": token, "name": "alice"})
+    html = refused.get_data(as_text=True)
+    assert refused.status_code == 400 and f'id="form-error">{taken}</p>' in html
+    assert 'value="alice"' in html  # the form keeps what was typed
+    renamed = browser.post(f"/ui/keys/{admin[1].id}", data={"csrf": token, "name": "alice"})
+    assert renamed.status_code == 400
+    assert f'id="form-error">{taken}</p>' in renamed.get_data(as_text=True)
+    assert [k.name for k in ApiKey.select().order_by(ApiKey.id)] == ["ops", "alice"]
+
+
+def test_the_audit_page_shows_changes_as_the_cli_prints_them(browser, admin, user, runner):
+    keystore.update_key(user[1].id, rate_limit="60/minute", role="admin")
+    changes = "rate_limit: 1000/minute -> 60/minute; role: user -> admin"
+    assert changes in runner("audit").output
+    sign_in(browser, admin[0])
+    html = browser.get("/ui/audit?action=key.updated").get_data(as_text=True)
+    assert f"<td>{changes.replace('>', '&gt;')}</td>" in html
+    assert "&#34;" not in html and '{"' not in html  # no raw JSON
+
+
 def test_a_new_key_secret_appears_only_on_its_creation_page(browser, admin, caplog):
     caplog.set_level(logging.DEBUG)
     sign_in(browser, admin[0])
@@ -307,6 +332,26 @@ def test_the_overview_and_a_key_page_show_usage(ui_app, browser, client, admin, 
     key_page = browser.get(f"/ui/keys/{user[1].id}").get_data(as_text=True)
     assert re.search(r'id="total-requests">1<', key_page)
     assert "/api/generate" in key_page
+
+
+def test_a_key_page_lists_each_request_once_answered_or_refused(browser, client, admin,
+                                                                 make_key):
+    secret, row = make_key("narrow", models="llama3.2")
+    for model, status in (("llama3.2", 200), ("qwen2.5:0.5b", 403)):
+        answer = client.post("/api/generate", json={**GENERATE, "model": model},
+                             headers=auth_header(secret))
+        answer.get_data()
+        answer.close()  # the usage record is taken when the server closes the answer
+        assert answer.status_code == status
+    assert client.application.extensions["usage"].write_pending()
+    sign_in(browser, admin[0])
+    page = browser.get(f"/ui/keys/{row.id}").get_data(as_text=True)
+
+    def rows(table):
+        html = re.search(rf'<table id="{table}">(.*?)</table>', page, re.S)[1]
+        return re.findall(r"<td>(\d{3})</td>", html)
+
+    assert (rows("recent"), rows("refusals")) == (["200"], ["403"])
 
 
 def test_webhooks_can_be_tested_and_failed_deliveries_retried(browser, admin):

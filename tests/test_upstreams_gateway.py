@@ -8,6 +8,7 @@ import json
 
 import ollama
 import pytest
+import requests
 
 from tests.fake_ollama import FakeOllama
 from tests.gateway_process import GatewayProcess, wait_for
@@ -87,3 +88,26 @@ def test_one_model_list_and_one_status_command_for_all(gateway, fakes):
     assert shown[0]["models"] == ["llama3.2:latest", "qwen2.5:0.5b"]
     assert wait_for(lambda: json.loads(gateway.cli("upstreams", "--json").stdout)[0]
                     ["in_flight"] is not None, 30)  # the workers have reported
+
+
+def test_one_upstream_shows_its_requests_in_flight(database, tmp_path):
+    """The default set-up: one Ollama. A stream in flight is 1, and 0 once it ends."""
+    with FakeOllama(token_delay=0.1) as fake, GatewayProcess(
+            database, fake.url, workers=2,
+            upstream_refresh_seconds=0.5) as gw:
+        gw.start(tmp_path / "one.log")
+        key = gw.add_key("--name", "streamer", "--rate-limit", "none")["key"]
+
+        def in_flight():
+            return json.loads(gw.cli("upstreams", "--json").stdout)[0]["in_flight"]
+
+        assert wait_for(lambda: in_flight() == 0, 60, interval=0.5)  # reported, idle
+        with requests.post(gw.url + "/api/generate", stream=True, timeout=60,
+                           headers={"Authorization": f"Bearer {key}"},
+                           json={"model": "llama3.2", "prompt": "x",
+                                 "options": {"num_predict": 3000}}) as stream:
+            lines = stream.iter_lines()  # kept: a dropped iterator closes the connection
+            assert next(lines)  # the stream has begun
+            assert wait_for(lambda: in_flight() == 1, 60, interval=0.5)
+            assert next(lines)  # still in flight: the gateway did not count a finished one
+        assert wait_for(lambda: in_flight() == 0, 60, interval=0.5)

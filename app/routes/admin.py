@@ -68,7 +68,7 @@ def _find(ident):
 def _http_error(exc):
     if isinstance(exc, keystore.KeyNotFound):
         return NotFound(str(exc))
-    if isinstance(exc, keystore.AmbiguousKey):
+    if isinstance(exc, (keystore.AmbiguousKey, keystore.KeyNameTaken)):
         return Conflict(str(exc))
     return BadRequest(str(exc))
 

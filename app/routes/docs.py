@@ -6,7 +6,7 @@ needed: the document describes the API and holds nothing secret.
 """
 from pathlib import Path
 
-from flask import Blueprint, jsonify, send_from_directory
+from flask import Blueprint, jsonify, redirect, request, send_from_directory
 
 from app import openapi
 from app.errors import NotFound
@@ -30,6 +30,13 @@ def swagger():
 @bp.get("/redoc")
 def redoc():
     return send_from_directory(ASSETS, "redoc.html", max_age=300)
+
+
+@bp.get("/docs/")
+@bp.get("/redoc/")
+def without_slash():
+    """The pages' asset links are relative to `/docs`: `/docs/` would resolve them wrongly."""
+    return redirect(request.path.rstrip("/"), 301)
 
 
 @bp.get("/docs/assets/<name>")

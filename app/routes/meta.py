@@ -1,9 +1,11 @@
-"""What clients, load balancers and Prometheus probe: `/`, `/health`, `/metrics`."""
+"""What clients, load balancers and Prometheus probe: `/`, `/health`, `/metrics`; and the
+icon browsers ask every site for (`/favicon.ico`)."""
 import datetime
 import functools
 import importlib.metadata
+from pathlib import Path
 
-from flask import Blueprint, Response, current_app, jsonify, request
+from flask import Blueprint, Response, current_app, jsonify, request, send_from_directory
 
 from app import auth, gateway, metrics
 
@@ -25,6 +27,13 @@ def root():
         response = Response("Ollama is running", mimetype="text/plain")
     response.vary.add("Accept")  # caches must not hand one client's form to the other
     return response
+
+
+@bp.get("/favicon.ico")
+def favicon():
+    """The dashboard's and docs' tab icon (an SVG, which browsers take at this name too)."""
+    return send_from_directory(Path(__file__).resolve().parent.parent / "static",
+                               "favicon.svg", mimetype="image/svg+xml", max_age=86400)
 
 
 @functools.cache

@@ -274,7 +274,7 @@ def _key_page(row, error=None, code=200):
         "ui/key.html", key=keystore.key_summary(row), range=span, error=error,
         data=charts.series(span, row.id),
         limits=status.limits(info, current_app.extensions["limiter"]),
-        recent=status.recent_requests(row.id),
+        recent=status.recent_requests(row.id, answered_only=True),
         refusals=status.recent_requests(row.id, refused_only=True, limit=20)), code
 
 
@@ -348,5 +348,7 @@ def retry_delivery(delivery_id):
 def audit_log():
     _admin()
     action = request.args.get("action") or None
-    return render_template("ui/audit.html", entries=audit.entries(None, action, 200),
+    entries = [{**e, "changes": audit.change_text(e["details"])}
+               for e in audit.entries(None, action, 200)]
+    return render_template("ui/audit.html", entries=entries,
                            action=action or "", actions=audit.ACTIONS)

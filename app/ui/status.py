@@ -78,12 +78,18 @@ def _limit(name, used, limit, text, resets_at):
             "percent": min(100.0, round(100 * used / limit, 1)) if limit else None}
 
 
-def recent_requests(key_id, refused_only=False, limit=RECENT_REQUESTS):
-    """A key's latest requests, newest first (the (key_id, at) index answers this)."""
+def recent_requests(key_id, refused_only=False, limit=RECENT_REQUESTS, answered_only=False):
+    """A key's latest requests, newest first (the (key_id, at) index answers this).
+
+    `refused_only`: the gateway's refusals; `answered_only`: the others (the key's page
+    lists each kind once).
+    """
     query = (UsageRecord.select().where(UsageRecord.key_id == key_id)
              .order_by(UsageRecord.at.desc()).limit(limit))
     if refused_only:
         query = query.where(UsageRecord.refusal != 0)
+    if answered_only:
+        query = query.where(UsageRecord.refusal == 0)
     rows = list(query)
     names = label_names({i for r in rows for i in (r.endpoint_id, r.model_id)})
     return [{"at": r.at, "endpoint": names.get(r.endpoint_id), "model": names.get(r.model_id),
