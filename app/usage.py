@@ -18,13 +18,17 @@ import threading
 import time
 import weakref
 
+from app import histogram
 from app.cooperative import pause
 from app.db import db, forget_idle_connections
 from app.limits import quota_period
 from app.models import (
+    HISTOGRAM_GRAINS,
+    HISTOGRAM_METRICS,
     LATENCY_BUCKETS_MS,
     TokenUsage,
     UsageDailyKey,
+    UsageHistogram,
     UsageHourly,
     UsageHourlyModel,
     UsageLabel,
@@ -228,6 +232,7 @@ class UsageWriter:
                     _sum_rows(_regroup(hourly, lambda hour, key, model, _: (hour, model))))
             _add_to(UsageDailyKey, ("day", "key_id"), SUM_COLUMNS, _sum_rows(_regroup(
                 hourly, lambda hour, key, model, _: (hour // 86400 * 86400, key))))
+            _add_to(UsageHistogram, HISTOGRAM_KEY, ("count",), _histogram_rows(hourly))
             _add_to(TokenUsage, ("key_id", "period_start"), ("tokens",),
                     [(*key, tokens) for key, tokens in _charges(records).items()])
             self.on_batch(records)
@@ -275,14 +280,42 @@ def _rollup(records, ids):
         sums["bytes"] += r.bytes
         sums["latency_ms_sum"] += r.latency_ms
         sums[_bucket("latency", r.latency_ms)] += 1
+        sums[(LATENCY, histogram.bucket(r.latency_ms))] += 1
         if r.ttfb_ms is not None:
             sums["ttfb_ms_sum"] += r.ttfb_ms
             sums["ttfb_count"] += 1
             sums[_bucket("ttfb", r.ttfb_ms)] += 1
+            sums[(TTFB, histogram.bucket(r.ttfb_ms))] += 1
         if r.eval_ms:
             sums["eval_ms_sum"] += r.eval_ms
             sums["eval_tokens"] += r.completion_tokens or 0
     return groups
+
+
+LATENCY, TTFB = HISTOGRAM_METRICS["latency"], HISTOGRAM_METRICS["ttfb"]
+HISTOGRAM_KEY = ("grain", "time", "key_id", "model_id", "endpoint_id", "metric", "bucket")
+# Each roll-up's group as (time, key, model, endpoint), 0 where the roll-up does not group.
+_GRAINS = ((HISTOGRAM_GRAINS["hourly"], lambda hour, key, model, endpoint:
+            (hour, key, model, endpoint)),
+           (HISTOGRAM_GRAINS["hourly_model"], lambda hour, key, model, _: (hour, 0, model, 0)),
+           (HISTOGRAM_GRAINS["daily_key"], lambda hour, key, model, _:
+            (hour // 86400 * 86400, key, 0, 0)))
+
+
+def _histogram_rows(hourly):
+    """usage_histogram rows of every roll-up's grain, from _rollup's sums.
+
+    _rollup counts each request's buckets under (metric, bucket) beside its sums, so
+    that _regroup adds them up for the coarser grains as it does the sums.
+    """
+    return [(grain, *group, metric, index, count)
+            for grain, coarser in _GRAINS
+            for group, sums in _regroup(hourly, coarser).items()
+            for (metric, index), count in _histogram_counts(sums)]
+
+
+def _histogram_counts(sums):
+    return [(name, count) for name, count in sums.items() if isinstance(name, tuple) and count]
 
 
 def _regroup(groups, coarser):

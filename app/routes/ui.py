@@ -22,7 +22,7 @@ from flask import (
     url_for,
 )
 
-from app import audit, auth
+from app import audit, auth, histogram
 from app import keys as keystore
 from app import webhooks as hooks
 from app.errors import Forbidden, GatewayError, NotFound, RateLimited, error_response
@@ -119,6 +119,12 @@ def _iso(value):
 def _thousands(value):
     """12,345,678: big counts people can read at a glance."""
     return "-" if value is None else f"{value:,}"
+
+
+@bp.app_template_filter("percentile")
+def _percentile(row, field, unit=False):
+    """A row's percentile as the CLI prints it: 252, < 1 ms, > 10 min, ≈375 (approximate)."""
+    return histogram.shown(row, field, unit)
 
 
 @bp.get("/assets/<path:name>")
