@@ -25,7 +25,7 @@ HOUR = 3600
 NOW = time.time()
 THIS_HOUR = int(NOW // HOUR * HOUR)
 PERCENTS = (50, 95)
-MODEL, OTHER_MODEL = "llama3.2:latest", "qwen2.5:7b"
+MODEL, OTHER_MODEL = "llama3.2:latest", "qwen2.5:7b"  # one model; two in the migration
 
 
 def _lognormal():
@@ -125,9 +125,10 @@ def test_the_bounds_are_shown_as_bounds(ms, shown):
     assert histogram.shown(row, "p") == shown
 
 
-def test_every_duration_from_1_ms_to_10_minutes_is_read_back_within_2_percent():
+def test_every_duration_from_1_ms_to_10_minutes_is_read_back_within_1_1_percent():
+    """What app/histogram.py promises; 2 % is what people are promised."""
     for ms in (*range(1, 2000), *range(2000, 600_001, 997), 600_000):
-        assert close(histogram.value(histogram.bucket(ms)), ms), ms
+        assert abs(histogram.value(histogram.bucket(ms)) - ms) <= 0.011 * ms, ms
 
 
 @pytest.fixture
@@ -145,9 +146,10 @@ def test_the_cli_the_api_and_the_dashboard_show_the_nearest_rank(
         name, alice, ops, client, runner, browser):  # noqa: F811
     values = SAMPLES[name]
     write(values, alice[1].id)
-    # Another key, slower, on another model: in nobody's figures but its own and the totals.
-    write([50_000 + v for v in values], ops[1].id, model=OTHER_MODEL)
-    want = expected(values)
+    # Another key, slower, on the same model: only in its own figures and everyone's.
+    others = [50_000 + v for v in values]
+    write(others, ops[1].id)
+    want, everyone = expected(values), expected(values + others)
 
     stats_json = client.get("/api/stats", headers=auth_header(alice[0])).get_json()
     [row] = stats_json["by_model"]
@@ -167,10 +169,11 @@ def test_the_cli_the_api_and_the_dashboard_show_the_nearest_rank(
         assert close(text.removesuffix(" ms"), exact), (field, text, exact)
     overview = browser.get("/ui/?range=24h").get_data(as_text=True)
     by_model = cells(overview, "by-model", MODEL)
-    assert [close(c, want[f]) for c, f in zip(by_model[4:], want, strict=False)] == [True] * 3
-    everyone = values + [50_000 + v for v in values]
-    assert close(totals(overview)["latency-p50"].removesuffix(" ms"),
-                 nearest_rank(everyone, 50))
+    assert [close(c, everyone[f]) for c, f in zip(by_model[4:], want, strict=False)] == [True] * 3
+    drawn = totals(overview)
+    for field, exact in everyone.items():
+        text = drawn[field.replace("_ms_", "-").replace("_", "-")]
+        assert close(text.removesuffix(" ms"), exact), (field, text, exact)
     # A month: the table of keys reads the daily roll-up for whole days.
     by_key = cells(browser.get("/ui/?range=30d").get_data(as_text=True), "by-key", "alice")
     assert close(by_key[5], want["latency_ms_p50"]) and close(by_key[6], want["latency_ms_p95"])
@@ -223,6 +226,19 @@ def test_hours_whose_rows_were_pruned_are_rebuilt_approximate(migrated, runner):
     assert stats.usage(THIS_HOUR - 4 * HOUR, "model")[0]["approximate"] is False
     assert close(stats.usage(THIS_HOUR - 4 * HOUR, "model")[0]["latency_ms_p50"],
                  nearest_rank(kept, 50))
+    # Each pruned hour's counts all rebuilt, from its coarse buckets, and marked approximate.
+    for hourly in UsageHourly.select():
+        rebuilt = {}
+        for metric, index, count in (UsageHistogram.select(
+                UsageHistogram.metric, UsageHistogram.bucket, UsageHistogram.count)
+                .where((UsageHistogram.grain == HISTOGRAM_GRAINS["hourly"])
+                       & (UsageHistogram.time == hourly.hour)).tuples()):
+            key = (metric, index == histogram.APPROXIMATE)
+            rebuilt[key] = rebuilt.get(key, 0) + count
+        pruned = hourly.hour <= THIS_HOUR - 5 * HOUR
+        assert rebuilt == {(1, False): hourly.requests, (2, False): hourly.ttfb_count,
+                           **({(1, True): hourly.requests, (2, True): hourly.ttfb_count}
+                              if pruned else {})}
     shown = cli_table(runner("usage", "--by", "hour", "--since", "all").output)
     assert [r["P50_MS"].startswith("≈") for r in shown] == [True] * 4 + [False] * 4
     listed = json.loads(runner("usage", "--by", "hour", "--since", "all", "--json").output)
@@ -231,10 +247,12 @@ def test_hours_whose_rows_were_pruned_are_rebuilt_approximate(migrated, runner):
 
 def test_hours_an_older_instance_wrote_fall_back_to_the_coarse_buckets(migrated):
     write([252], 1, hours=[2])
-    write([252], 1, hours=[1])
-    # An instance of the previous release writes the coarse columns only.
-    UsageHistogram.delete().where(UsageHistogram.time == THIS_HOUR - HOUR).execute()
+    write([252, 4000, 4000], 1, hours=[1])
+    # An instance of the previous release wrote the 4000 ms ones: the coarse columns only.
+    UsageHistogram.delete().where((UsageHistogram.time == THIS_HOUR - HOUR)
+                                  & (UsageHistogram.bucket == histogram.bucket(4000))).execute()
     early, late = stats.usage(None, "hour")
     assert close(early["latency_ms_p50"], 252) and early["approximate"] is False
-    assert (late["latency_ms_p50"], late["approximate"]) == (375, True)  # 250–500, interpolated
+    # 2 of 3 in 2500–5000, interpolated as before: 2500 + 2500 * (1.5 - 1) / 2
+    assert (late["latency_ms_p50"], late["approximate"]) == (3125, True)
     assert UsageHourly.select().count() == 2
