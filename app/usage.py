@@ -294,28 +294,26 @@ def _rollup(records, ids):
 
 LATENCY, TTFB = HISTOGRAM_METRICS["latency"], HISTOGRAM_METRICS["ttfb"]
 HISTOGRAM_KEY = ("grain", "time", "key_id", "model_id", "endpoint_id", "metric", "bucket")
-# Each roll-up's group as (time, key, model, endpoint), 0 where the roll-up does not group.
-_GRAINS = ((HISTOGRAM_GRAINS["hourly"], lambda hour, key, model, endpoint:
-            (hour, key, model, endpoint)),
-           (HISTOGRAM_GRAINS["hourly_model"], lambda hour, key, model, _: (hour, 0, model, 0)),
-           (HISTOGRAM_GRAINS["daily_key"], lambda hour, key, model, _:
-            (hour // 86400 * 86400, key, 0, 0)))
+_HOURLY, _HOURLY_MODEL, _DAILY_KEY = (HISTOGRAM_GRAINS[g] for g in
+                                      ("hourly", "hourly_model", "daily_key"))
 
 
 def _histogram_rows(hourly):
-    """usage_histogram rows of every roll-up's grain, from _rollup's sums.
+    """usage_histogram rows of every roll-up's grain, from _rollup's groups.
 
-    _rollup counts each request's buckets under (metric, bucket) beside its sums, so
-    that _regroup adds them up for the coarser grains as it does the sums.
+    _rollup counts each request's bucket under (metric, bucket) beside its sums; each
+    grain's group is (time, key, model, endpoint) with 0 where the roll-up does not group.
+    One pass, not _regroup's three: this runs in the writer's transaction.
     """
-    return [(grain, *group, metric, index, count)
-            for grain, coarser in _GRAINS
-            for group, sums in _regroup(hourly, coarser).items()
-            for (metric, index), count in _histogram_counts(sums)]
-
-
-def _histogram_counts(sums):
-    return [(name, count) for name, count in sums.items() if isinstance(name, tuple) and count]
+    counts = collections.Counter()
+    for (hour, key, model, endpoint), sums in hourly.items():
+        day = hour // 86400 * 86400
+        for name, count in sums.items():
+            if type(name) is tuple and count:
+                counts[(_HOURLY, hour, key, model, endpoint, *name)] += count
+                counts[(_HOURLY_MODEL, hour, 0, model, 0, *name)] += count
+                counts[(_DAILY_KEY, day, key, 0, 0, *name)] += count
+    return [(*group, count) for group, count in counts.items()]
 
 
 def _regroup(groups, coarser):
