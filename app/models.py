@@ -191,8 +191,9 @@ class UsageHistogram(BaseModel):
         indexes = ((("grain", "key_id", "time"), False),)  # one key's hours (its page)
 
 
-# Which roll-up a histogram row sums: UsageHourly's groups, UsageHourlyModel's, UsageDailyKey's.
-HISTOGRAM_GRAINS = {"hourly": 1, "hourly_model": 2, "daily_key": 3}
+# Which roll-up a histogram row sums: UsageHourly's groups, UsageHourlyModel's, UsageDailyKey's,
+# and per day and model (the overview's figures over weeks: a day's buckets, not 24 hours').
+HISTOGRAM_GRAINS = {"hourly": 1, "hourly_model": 2, "daily_key": 3, "daily_model": 4}
 HISTOGRAM_METRICS = {"latency": 1, "ttfb": 2}
 
 

@@ -294,8 +294,8 @@ def _rollup(records, ids):
 
 LATENCY, TTFB = HISTOGRAM_METRICS["latency"], HISTOGRAM_METRICS["ttfb"]
 HISTOGRAM_KEY = ("grain", "time", "key_id", "model_id", "endpoint_id", "metric", "bucket")
-_HOURLY, _HOURLY_MODEL, _DAILY_KEY = (HISTOGRAM_GRAINS[g] for g in
-                                      ("hourly", "hourly_model", "daily_key"))
+_HOURLY, _HOURLY_MODEL, _DAILY_KEY, _DAILY_MODEL = (
+    HISTOGRAM_GRAINS[g] for g in ("hourly", "hourly_model", "daily_key", "daily_model"))
 
 
 def _histogram_rows(hourly):
@@ -313,6 +313,7 @@ def _histogram_rows(hourly):
                 counts[(_HOURLY, hour, key, model, endpoint, *name)] += count
                 counts[(_HOURLY_MODEL, hour, 0, model, 0, *name)] += count
                 counts[(_DAILY_KEY, day, key, 0, 0, *name)] += count
+                counts[(_DAILY_MODEL, day, 0, model, 0, *name)] += count
     return [(*group, count) for group, count in counts.items()]
 
 

@@ -1,19 +1,21 @@
 """Fine latency histograms for the roll-ups, sparse, rebuilt from the per-request rows kept.
 
 usage_histogram holds `(grain, time, key, model, endpoint, metric, bucket) → count` for
-the three roll-ups (app/histogram.py says what the buckets are and why). One table with
-a grain column, not one per roll-up: the writer adds a batch's buckets of every grain in
-one upsert (the writer's transaction holds a SQLite worker; a statement more per batch
-is what it costs), and statistics read them with one query shape. The columns a grain
-does not group by are 0. A few hundred bucket columns on the roll-ups instead would
-make the batched upsert's statement exceed SQLite's 32,766 variables.
+the three roll-ups and per day and model (app/histogram.py says what the buckets are).
+One table with a grain column, not one per roll-up: the writer adds a batch's buckets of
+every grain in one upsert (the writer's transaction holds a SQLite worker; a statement
+more per batch is what it costs), and statistics read them with one query shape. The
+columns a grain does not group by are 0. A few hundred bucket columns on the roll-ups
+instead would make the batched upsert's statement exceed SQLite's 32,766 variables. The
+grain per day and model makes the overview's figures over 30 days read some 100,000
+rows, not 24 times that.
 
 The rebuild goes a day at a time (memory stays small whatever the history): each hourly
 group whose per-request rows are all still there gets their exact buckets; a group whose
 rows were pruned (`ollama-gw usage prune`) gets its coarse buckets (the usage_hourly
 columns, each counted at its middle) and an APPROXIMATE count, which statistics show as
-approximate. The coarser grains are sums of the hourly groups. Old instances keep writing
-only the coarse columns during a rolling upgrade; statistics notice hours whose
+approximate. The coarser grains are sums of the hourly groups. Old instances keep
+writing only the coarse columns during a rolling upgrade; statistics notice hours whose
 histogram counts fall short of their requests and fall back for them (app/stats.py).
 """
 import collections
@@ -23,7 +25,7 @@ from peewee import BigIntegerField, CompositeKey, IntegerField, Model, SmallInte
 from app import histogram
 
 COARSE = (25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 120000, 300000)
-GRAINS = {"hourly": 1, "hourly_model": 2, "daily_key": 3}
+GRAINS = {"hourly": 1, "hourly_model": 2, "daily_key": 3, "daily_model": 4}
 LATENCY, TTFB = 1, 2
 KEY = ("grain", "time", "key_id", "model_id", "endpoint_id", "metric", "bucket")
 INSERT_ROWS = 2000  # 16,000 variables a statement: under SQLite's 32,766
@@ -108,7 +110,9 @@ def _rows(hourly):
     grains = ((GRAINS["hourly"], lambda hour, key, model, endpoint: (hour, key, model, endpoint)),
               (GRAINS["hourly_model"], lambda hour, key, model, _: (hour, 0, model, 0)),
               (GRAINS["daily_key"], lambda hour, key, model, _:
-               (hour // 86400 * 86400, key, 0, 0)))
+               (hour // 86400 * 86400, key, 0, 0)),
+              (GRAINS["daily_model"], lambda hour, key, model, _:
+               (hour // 86400 * 86400, 0, model, 0)))
     rows = []
     for grain, coarser in grains:
         summed = collections.defaultdict(collections.Counter)

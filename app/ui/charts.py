@@ -26,6 +26,10 @@ from app.stats import histograms, percentiles, summarize
 from app.usage import LATENCY, SUM_COLUMNS, TTFB, _bucket
 
 RANGES = {"1h": 3600, "24h": 86400, "7d": 7 * 86400, "30d": 30 * 86400}
+# Ranges whose percentile lines are drawn from the fine histograms hour by hour. Longer
+# ones read too many rows for that (a month: a million); their lines come from the
+# coarse columns (interpolated, the shape only) while the figures printed stay within 2 %.
+FINE_LINES = {"1h", "24h"}
 DEFAULT_RANGE = "24h"
 
 
@@ -41,7 +45,8 @@ def series(name, key_id=None, now=None):
         sums, counts = _from_requests(start, key_id)
     else:
         step, start = 3600, int((now - RANGES[name]) // 3600 * 3600)
-        sums, counts = _from_rollup(start, key_id)
+        sums = _from_rollup(start, key_id)
+        counts = _hourly_counts(start, key_id) if name in FINE_LINES else {}
     times = list(range(start, int(now) + 1, step))
     labels = label_names({model for _, model in sums})
     models = sorted({labels.get(model, "(none)") for _, model in sums})
@@ -72,10 +77,14 @@ def series(name, key_id=None, now=None):
         for kind in ("latency", "ttfb"):
             result[f"{kind}_p50"].append(drawn[f"{kind}_ms_p50"])
             result[f"{kind}_p95"].append(drawn[f"{kind}_ms_p95"])
+    if name not in FINE_LINES:  # the figures printed are still within 2 %: per model
+        model_counts = {labels.get(model, "(none)"): found
+                        for model, found in _range_counts(start, key_id).items()}
     total, total_counts = None, collections.Counter()
-    for i, row in by_time.items():
+    for row in by_time.values():
         total = _add(total, row)
-        total_counts.update(time_counts[i])
+    for found in model_counts.values():
+        total_counts.update(found)
     result["totals"] = _totals(total or empty, total_counts)
     result["by_model"] = sorted(({"model": model, **_totals(row, model_counts[model])}
                                  for model, row in by_model.items()),
@@ -105,20 +114,40 @@ def _totals(row, counts):
 
 
 def _from_rollup(start, key_id):
-    """{(hour, model id): sums in SUM_COLUMNS order} since `start`, and the histograms.
+    """{(hour, model id): sums in SUM_COLUMNS order} since `start`.
 
     Everyone's from the roll-up per hour and model; one key's from the hourly roll-up,
-    through its (key_id, hour) index; the histograms from the same grains.
+    through its (key_id, hour) index.
     """
     table = UsageHourlyModel if key_id is None else UsageHourly
     query = (table.select(table.hour, table.model_id, *_sums(table))
              .where(table.hour >= start).group_by(table.hour, table.model_id))
     if key_id is not None:
         query = query.where(UsageHourly.key_id == key_id)
-    counts = histograms((UsageHistogram.time, UsageHistogram.model_id),
-                        "hourly_model" if key_id is None else "hourly", start, key_id=key_id)
     return {(int(at), int(model or 0)): [int(v or 0) for v in sums]
-            for at, model, *sums in query.tuples()}, counts
+            for at, model, *sums in query.tuples()}
+
+
+def _hourly_counts(start, key_id):
+    """{(hour, model id): fine histogram} since `start`: the lines of a day's chart."""
+    return histograms((UsageHistogram.time, UsageHistogram.model_id),
+                      "hourly_model" if key_id is None else "hourly", start, key_id=key_id)
+
+
+def _range_counts(start, key_id):
+    """{model id: fine histogram} since `start`, for ranges too long for hourly lines.
+
+    Everyone's from whole days per model and the hours before the first of them; one
+    key's from its hourly rows (the (grain, key_id, time) index).
+    """
+    model = UsageHistogram.model_id
+    if key_id is not None:
+        return histograms(model, "hourly", start, key_id=key_id)
+    first_day = -(-start // 86400) * 86400
+    counts = histograms(model, "hourly_model", start, first_day)
+    for model_id, found in histograms(model, "daily_model", first_day).items():
+        counts[model_id].update(found)
+    return counts
 
 
 def _sums(table):
