@@ -17,6 +17,7 @@ import pytest
 from app import db as database
 from app import histogram, stats
 from app.models import HISTOGRAM_GRAINS, UsageHistogram, UsageHourly, UsageRecord
+from app.ui import charts
 from app.usage import Record, UsageWriter
 from tests.conftest import auth_header
 from tests.test_ui import browser, sign_in, ui_app  # noqa: F401 (fixtures)
@@ -260,3 +261,10 @@ def test_hours_an_older_instance_wrote_fall_back_to_the_coarse_buckets(migrated)
     # 2 of 3 in 2500–5000, interpolated as before: 2500 + 2500 * (1.5 - 1) / 2
     assert (late["latency_ms_p50"], late["approximate"]) == (3125, True)
     assert UsageHourly.select().count() == 2
+    # Hours with no fine histogram at all: the dashboard's figures fall back too.
+    UsageHistogram.delete().execute()
+    for span in ("24h", "30d"):
+        drawn = charts.series(span, now=NOW)
+        assert [(r["approximate"], r["latency_ms_p50"]) for r in (drawn["totals"],
+                                                                  *drawn["by_model"])] \
+            == [(True, 500)] * 2, span  # 2 of 4 in 250–500 ms

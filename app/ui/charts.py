@@ -86,7 +86,7 @@ def series(name, key_id=None, now=None):
     for found in model_counts.values():
         total_counts.update(found)
     result["totals"] = _totals(total or empty, total_counts)
-    result["by_model"] = sorted(({"model": model, **_totals(row, model_counts[model])}
+    result["by_model"] = sorted(({"model": model, **_totals(row, model_counts.get(model))}
                                  for model, row in by_model.items()),
                                 key=lambda r: -r["requests"])
     return result
