@@ -69,7 +69,8 @@ def histograms(group, grain, since=None, until=None, key_id=None, model_id=None)
     """{group: Counter{(metric, bucket): count}} of one grain's histograms over a range.
 
     `group` is an expression over UsageHistogram (or a tuple of them: the group is then
-    a tuple).
+    a tuple); key_id may be a list. The rows are read without peewee's per-value
+    conversions: a month's page reads some 100,000 of them.
     """
     groups = group if isinstance(group, tuple) else (group,)
     table = UsageHistogram
@@ -80,12 +81,14 @@ def histograms(group, grain, since=None, until=None, key_id=None, model_id=None)
         query = query.where(table.time >= int(since // 3600 * 3600))
     if until is not None:
         query = query.where(table.time < until)
-    if key_id is not None:
+    if isinstance(key_id, list):
+        query = query.where(table.key_id.in_(key_id))
+    elif key_id is not None:
         query = query.where(table.key_id == key_id)
     if model_id is not None:
         query = query.where(table.model_id == model_id)
     found = collections.defaultdict(collections.Counter)
-    for *names, metric, index, count in query.tuples():
+    for *names, metric, index, count in table._meta.database.execute(query):
         name = tuple(int(n or 0) for n in names) if isinstance(group, tuple) else names[0]
         found[name][(metric, index)] += int(count)
     return found

@@ -187,7 +187,7 @@ def index():
     span = _range()
     conf = current_app.config["SETTINGS"]
     return render_template("ui/overview.html", range=span, data=charts.series(span),
-                           upstreams=status.upstreams(conf), by_key=charts.by_key(span)[:20],
+                           upstreams=status.upstreams(conf), by_key=charts.by_key(span, limit=20),
                            streams=status.streams_in_flight())
 
 

@@ -77,14 +77,15 @@ def series(name, key_id=None, now=None):
         for kind in ("latency", "ttfb"):
             result[f"{kind}_p50"].append(drawn[f"{kind}_ms_p50"])
             result[f"{kind}_p95"].append(drawn[f"{kind}_ms_p95"])
-    if name not in FINE_LINES:  # the figures printed are still within 2 %: per model
-        model_counts = {labels.get(model, "(none)"): found
-                        for model, found in _range_counts(start, key_id).items()}
     total, total_counts = None, collections.Counter()
     for row in by_time.values():
         total = _add(total, row)
-    for found in model_counts.values():
-        total_counts.update(found)
+    if name in FINE_LINES:
+        for found in model_counts.values():
+            total_counts.update(found)
+    else:  # the figures printed are still within 2 %: read per day
+        found, total_counts = _range_counts(start, key_id)
+        model_counts = {labels.get(model, "(none)"): counts for model, counts in found.items()}
     result["totals"] = _totals(total or empty, total_counts)
     result["by_model"] = sorted(({"model": model, **_totals(row, model_counts.get(model))}
                                  for model, row in by_model.items()),
@@ -135,30 +136,38 @@ def _hourly_counts(start, key_id):
 
 
 def _range_counts(start, key_id):
-    """{model id: fine histogram} since `start`, for ranges too long for hourly lines.
+    """({model id: fine histogram}, the total's) since `start`, for ranges of days.
 
-    Everyone's from whole days per model and the hours before the first of them; one
-    key's from its hourly rows (the (grain, key_id, time) index).
+    Whole days from the grain per day (and model, or key), the hours before the first
+    of them from the hourly ones. A key's page prints no figure per model: its models'
+    histograms are left out (their rows would be per hour).
     """
-    model = UsageHistogram.model_id
-    if key_id is not None:
-        return histograms(model, "hourly", start, key_id=key_id)
     first_day = -(-start // 86400) * 86400
+    if key_id is not None:
+        total = histograms(UsageHistogram.key_id, "hourly", start, first_day, key_id)[key_id]
+        total.update(histograms(UsageHistogram.key_id, "daily_key", first_day,
+                                key_id=key_id)[key_id])
+        return {}, total
+    model = UsageHistogram.model_id
     counts = histograms(model, "hourly_model", start, first_day)
     for model_id, found in histograms(model, "daily_model", first_day).items():
         counts[model_id].update(found)
-    return counts
+    total = collections.Counter()
+    for found in counts.values():
+        total.update(found)
+    return counts, total
 
 
 def _sums(table):
     return [fn.SUM(getattr(table, c)).alias(c) for c in SUM_COLUMNS]
 
 
-def by_key(name, now=None):
+def by_key(name, now=None, limit=None):
     """Each key's usage over range `name`, most tokens first: who uses the GPU.
 
     Whole days come from the daily roll-up per key, the hours before the first of them
     from the hourly roll-up: exact to the hour, and never more than a day of hourly rows.
+    `limit`: only the first so many keys (their histograms are most of the reading).
     """
     now = time.time() if now is None else now
     start = int((now - RANGES[name]) // 3600 * 3600)
@@ -172,11 +181,14 @@ def by_key(name, now=None):
     for query in parts:
         for key_id, *sums in query.tuples():
             keys[key_id] = _add(keys.get(key_id), [int(v or 0) for v in sums])
-    counts = histograms(UsageHistogram.key_id, "hourly", start, first_day)
-    for key_id, found in histograms(UsageHistogram.key_id, "daily_key", first_day).items():
+    shown = sorted(keys, key=lambda k: (-keys[k][PROMPT] - keys[k][COMPLETION],
+                                        -keys[k][REQUESTS]))[:limit]
+    counts = histograms(UsageHistogram.key_id, "hourly", start, first_day, shown)
+    for key_id, found in histograms(UsageHistogram.key_id, "daily_key", first_day,
+                                    key_id=shown).items():
         counts[key_id].update(found)
-    rows = [{"key_id": key_id or None, **_totals(sums, counts.get(key_id))}
-            for key_id, sums in keys.items()]
+    rows = [{"key_id": key_id or None, **_totals(keys[key_id], counts.get(key_id))}
+            for key_id in shown]
     names = {k.id: k for k in ApiKey.select(ApiKey.id, ApiKey.prefix, ApiKey.name)
              .where(ApiKey.id.in_([r["key_id"] for r in rows if r["key_id"]]))}
     for row in rows:
