@@ -174,6 +174,35 @@ for _field in UsageHourly._meta.sorted_fields:
         _model._meta.add_field(_field.name, type(_field)(default=0))
 
 
+class UsageHistogram(BaseModel):
+    """Latency and first-byte histograms of the roll-ups, sparse: one row per bucket used.
+
+    `grain` says which roll-up a row belongs to (HISTOGRAM_GRAINS); the columns a grain
+    does not group by are 0. `bucket` is app/histogram.py's; APPROXIMATE (-1) counts
+    requests whose bucket was rebuilt from the coarse columns (their rows were pruned).
+    """
+
+    grain = peewee.SmallIntegerField()
+    time = peewee.BigIntegerField()  # the hour, or the day for the daily grain
+    key_id = peewee.IntegerField()
+    model_id = peewee.IntegerField()
+    endpoint_id = peewee.IntegerField()
+    metric = peewee.SmallIntegerField()  # HISTOGRAM_METRICS
+    bucket = peewee.IntegerField()
+    count = peewee.BigIntegerField(default=0)
+
+    class Meta:
+        primary_key = peewee.CompositeKey("grain", "time", "key_id", "model_id", "endpoint_id",
+                                          "metric", "bucket")
+        indexes = ((("grain", "key_id", "time"), False),)  # one key's hours (its page)
+
+
+# Which roll-up a histogram row sums: UsageHourly's groups, UsageHourlyModel's, UsageDailyKey's,
+# and per day and model (the overview's figures over weeks: a day's buckets, not 24 hours').
+HISTOGRAM_GRAINS = {"hourly": 1, "hourly_model": 2, "daily_key": 3, "daily_model": 4}
+HISTOGRAM_METRICS = {"latency": 1, "ttfb": 2}
+
+
 class TokenUsage(BaseModel):
     """Tokens a key used in one quota period; charged as its usage is written."""
 
@@ -290,5 +319,5 @@ class SigninFailure(BaseModel):
 
 MODELS = [ApiKey, RateCounter, ConcurrencySlot, Heartbeat, UsageLabel, UsageRecord,
           UsageHourlyModel, UsageDailyKey,
-          UsageHourly, TokenUsage, Webhook, WebhookDelivery, WebhookAttempt, UpstreamStatus,
-          AuditEntry, QueueEntry, UiSession, SigninFailure]
+          UsageHourly, UsageHistogram, TokenUsage, Webhook, WebhookDelivery, WebhookAttempt,
+          UpstreamStatus, AuditEntry, QueueEntry, UiSession, SigninFailure]

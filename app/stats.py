@@ -1,23 +1,36 @@
 """Usage statistics, read from the hourly roll-up: fast with millions of requests behind it.
 
-Counts and tokens are exact. Latency and time-to-first-byte percentiles come from the
-roll-up's histogram (app/models.py LATENCY_BUCKETS_MS), interpolated within a bucket,
-as Prometheus does: close to the true value, never off by more than the bucket's width.
-Time ranges start at a whole hour.
+Counts and tokens are exact. Latency and time-to-first-byte percentiles are the nearest
+rank within 1.1 % (app/histogram.py), read from the roll-ups' fine histograms
+(usage_histogram). Where those fall short of the requests counted (hours whose rows were
+pruned before the histograms existed, hours an older instance wrote during a rolling
+upgrade) a percentile comes from the coarse columns instead, interpolated as before, and
+its row says "approximate". Time ranges start at a whole hour.
 """
+import collections
 import time
 
 from peewee import SQL, fn
 
+from app import histogram
 from app.models import (
+    HISTOGRAM_GRAINS,
+    HISTOGRAM_METRICS,
     LATENCY_BUCKETS_MS,
     ApiKey,
+    UsageHistogram,
     UsageHourly,
     UsageLabel,
     UsageRecord,
     bucket_columns,
 )
 from app.usage import SUM_COLUMNS
+
+# Each percentile statistics report: (field, metric, q, the sum that counts its requests).
+PERCENTILES = (("latency_ms_p50", "latency", 0.50, "requests"),
+               ("latency_ms_p95", "latency", 0.95, "requests"),
+               ("ttfb_ms_p50", "ttfb", 0.50, "ttfb_count"),
+               ("ttfb_ms_p95", "ttfb", 0.95, "ttfb_count"))
 
 GROUPS = ("key", "model", "day", "endpoint", "hour")
 
@@ -26,11 +39,7 @@ def usage(since=None, by="key", key_id=None, model=None, until=None):
     """One dict per group (key, model, day, endpoint or hour) over [since, until)."""
     if by not in GROUPS:
         raise ValueError(f"--by must be one of {', '.join(GROUPS)}, not {by!r}")
-    group = {
-        "key": UsageHourly.key_id, "model": UsageHourly.model_id,
-        "endpoint": UsageHourly.endpoint_id, "hour": UsageHourly.hour,
-        "day": (UsageHourly.hour / 86400 * 86400),
-    }[by]
+    group = group_field(UsageHourly, by)
     sums = [fn.SUM(getattr(UsageHourly, c)).alias(c) for c in SUM_COLUMNS]
     query = UsageHourly.select(group.alias("grp"), *sums).group_by(SQL("grp"))
     if since is not None:
@@ -42,16 +51,82 @@ def usage(since=None, by="key", key_id=None, model=None, until=None):
     if model is not None:
         label = UsageLabel.get_or_none(UsageLabel.name == model)
         query = query.where(UsageHourly.model_id == (label.id if label else -1))
-    rows = [summarize(row) for row in query.order_by(SQL("grp")).dicts()]
+    # Everyone's by model, hour or day: the grain per hour and model has far fewer rows.
+    grain = "hourly_model" if key_id is None and by in ("model", "hour", "day") else "hourly"
+    found = histograms(group_field(UsageHistogram, by), grain, since, until, key_id,
+                       model_id=None if model is None else (label.id if label else -1))
+    rows = [summarize(row, found.get(row["grp"])) for row in query.order_by(SQL("grp")).dicts()]
     _name_groups(rows, by)
     return rows
 
 
-def summarize(sums):
-    """A row of sums as people read it: totals, percentiles, tokens per second."""
+def group_field(table, by):
+    """The expression `usage --by` groups a roll-up or histogram table's rows by."""
+    hour = table.time if table is UsageHistogram else table.hour
+    return {"key": table.key_id, "model": table.model_id, "endpoint": table.endpoint_id,
+            "hour": hour, "day": hour / 86400 * 86400}[by]
+
+
+def histograms(group, grain, since=None, until=None, key_id=None, model_id=None):
+    """{group: Counter{(metric, bucket): count}} of one grain's histograms over a range.
+
+    `group` is an expression over UsageHistogram (or a tuple of them: the group is then
+    a tuple); key_id may be a list. The rows are read without peewee's per-value
+    conversions: a month's page reads some 100,000 of them.
+    """
+    groups = group if isinstance(group, tuple) else (group,)
+    table = UsageHistogram
+    query = (table.select(*groups, table.metric, table.bucket, fn.SUM(table.count))
+             .where(table.grain == HISTOGRAM_GRAINS[grain])
+             .group_by(*groups, table.metric, table.bucket))
+    if since is not None:
+        query = query.where(table.time >= int(since // 3600 * 3600))
+    if until is not None:
+        query = query.where(table.time < until)
+    if isinstance(key_id, list):
+        query = query.where(table.key_id.in_(key_id))
+    elif key_id is not None:
+        query = query.where(table.key_id == key_id)
+    if model_id is not None:
+        query = query.where(table.model_id == model_id)
+    found = collections.defaultdict(collections.Counter)
+    for *names, metric, index, count in table._meta.database.execute(query):
+        name = tuple(int(n or 0) for n in names) if isinstance(group, tuple) else names[0]
+        found[name][(metric, index)] += int(count)
+    return found
+
+
+def percentiles(sums, counts):
+    """PERCENTILES' fields of a row, with `approximate` and `out_of_range`.
+
+    out_of_range maps a field to "below" (under 1 ms: the field holds 1) or "above" (over
+    10 minutes: it holds 600000). approximate is true when a percentile came from coarse
+    buckets: from usage_hourly's columns, or histograms rebuilt from them (pruned rows).
+    """
+    counts = counts or {}
+    row = {"approximate": False, "out_of_range": {}}
+    for field, metric, q, counted in PERCENTILES:
+        code = HISTOGRAM_METRICS[metric]
+        fine = {b: c for (m, b), c in counts.items() if m == code}
+        expected = int(sums.get(counted) or 0)
+        if sum(c for b, c in fine.items() if b != histogram.APPROXIMATE) == expected:
+            found = histogram.percentile(fine, q)
+            row["approximate"] |= bool(fine.get(histogram.APPROXIMATE)) and found is not None
+            row[field], bound = found or (None, None)
+            if bound:
+                row["out_of_range"][field] = bound
+        else:  # fewer in the fine histogram than requests: an older writer's hours
+            row[field] = percentile([int(sums.get(c) or 0) for c in bucket_columns(metric)], q)
+            row["approximate"] = True
+    return row
+
+
+def summarize(sums, counts=None):
+    """A row of sums as people read it: totals, percentiles, tokens per second.
+
+    counts: the row's fine histograms, {(metric, bucket): count} (see histograms()).
+    """
     requests = int(sums.get("requests") or 0)
-    latency = [int(sums.get(c) or 0) for c in bucket_columns("latency")]
-    ttfb = [int(sums.get(c) or 0) for c in bucket_columns("ttfb")]
     eval_seconds = int(sums.get("eval_ms_sum") or 0) / 1000
     row = {
         "group": sums.get("grp"),
@@ -64,9 +139,7 @@ def summarize(sums):
         "bytes": int(sums.get("bytes") or 0),
         "latency_ms_avg": round(int(sums.get("latency_ms_sum") or 0) / requests, 1)
         if requests else None,
-        "latency_ms_p50": percentile(latency, 0.50),
-        "latency_ms_p95": percentile(latency, 0.95),
-        "ttfb_ms_p50": percentile(ttfb, 0.50),
+        **percentiles(sums, counts),
         "tokens_per_second": round(int(sums.get("eval_tokens") or 0) / eval_seconds, 1)
         if eval_seconds else None,
     }
@@ -74,7 +147,10 @@ def summarize(sums):
 
 
 def percentile(counts, q):
-    """The q-quantile of a histogram with LATENCY_BUCKETS_MS bounds; None when empty."""
+    """The q-quantile of a coarse histogram (LATENCY_BUCKETS_MS bounds), interpolated.
+
+    Only for hours without fine histograms (see percentiles()); None when empty.
+    """
     total = sum(counts)
     if not total:
         return None

@@ -22,15 +22,19 @@ import threading
 import time
 import weakref
 
+from app import histogram
 from app.cooperative import pause
 from app.db import db, forget_idle_connections
 from app.dead_letters import DeadLetters
 from app.errors import DATABASE_ERRORS
 from app.limits import quota_period
 from app.models import (
+    HISTOGRAM_GRAINS,
+    HISTOGRAM_METRICS,
     LATENCY_BUCKETS_MS,
     TokenUsage,
     UsageDailyKey,
+    UsageHistogram,
     UsageHourly,
     UsageHourlyModel,
     UsageLabel,
@@ -278,6 +282,7 @@ class UsageWriter:
                     _sum_rows(_regroup(hourly, lambda hour, key, model, _: (hour, model))))
             _add_to(UsageDailyKey, ("day", "key_id"), SUM_COLUMNS, _sum_rows(_regroup(
                 hourly, lambda hour, key, model, _: (hour // 86400 * 86400, key))))
+            _add_to(UsageHistogram, HISTOGRAM_KEY, ("count",), _histogram_rows(hourly))
             _add_to(TokenUsage, ("key_id", "period_start"), ("tokens",),
                     [(*key, tokens) for key, tokens in _charges(records).items()])
             self.on_batch(records)
@@ -352,14 +357,41 @@ def _rollup(records, ids):
         sums["bytes"] += r.bytes
         sums["latency_ms_sum"] += r.latency_ms
         sums[_bucket("latency", r.latency_ms)] += 1
+        sums[(LATENCY, histogram.bucket(r.latency_ms))] += 1
         if r.ttfb_ms is not None:
             sums["ttfb_ms_sum"] += r.ttfb_ms
             sums["ttfb_count"] += 1
             sums[_bucket("ttfb", r.ttfb_ms)] += 1
+            sums[(TTFB, histogram.bucket(r.ttfb_ms))] += 1
         if r.eval_ms:
             sums["eval_ms_sum"] += r.eval_ms
             sums["eval_tokens"] += r.completion_tokens or 0
     return groups
+
+
+LATENCY, TTFB = HISTOGRAM_METRICS["latency"], HISTOGRAM_METRICS["ttfb"]
+HISTOGRAM_KEY = ("grain", "time", "key_id", "model_id", "endpoint_id", "metric", "bucket")
+_HOURLY, _HOURLY_MODEL, _DAILY_KEY, _DAILY_MODEL = (
+    HISTOGRAM_GRAINS[g] for g in ("hourly", "hourly_model", "daily_key", "daily_model"))
+
+
+def _histogram_rows(hourly):
+    """usage_histogram rows of every roll-up's grain, from _rollup's groups.
+
+    _rollup counts each request's bucket under (metric, bucket) beside its sums; each
+    grain's group is (time, key, model, endpoint) with 0 where the roll-up does not group.
+    One pass, not _regroup's three: this runs in the writer's transaction.
+    """
+    counts = collections.Counter()
+    for (hour, key, model, endpoint), sums in hourly.items():
+        day = hour // 86400 * 86400
+        for name, count in sums.items():
+            if type(name) is tuple and count:
+                counts[(_HOURLY, hour, key, model, endpoint, *name)] += count
+                counts[(_HOURLY_MODEL, hour, 0, model, 0, *name)] += count
+                counts[(_DAILY_KEY, day, key, 0, 0, *name)] += count
+                counts[(_DAILY_MODEL, day, 0, model, 0, *name)] += count
+    return [(*group, count) for group, count in counts.items()]
 
 
 def _regroup(groups, coarser):

@@ -9,6 +9,8 @@ on the client side (the fake upstream still answers over loopback):
   queue     FairQueue.acquire() and release() of a slot at an upstream with slots free
   send      Upstream.send() of a non-streaming request, body read, response closed
   request   the whole Flask request through app.test_client(): auth, admit, send, relay
+  write200  UsageWriter._write() of a batch of 200 records (rows, roll-ups, histograms),
+            per batch, not per call; into hours already written (the steady state)
 
     python bench/hotpath.py                          # this checkout
     python bench/hotpath.py --baseline-src ../old    # this checkout vs another, alternating
@@ -19,6 +21,7 @@ Prints µs of CPU per call (median over rounds of each round's mean).
 import argparse
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -73,17 +76,32 @@ def measure(src, key, calls):
         assert response.status_code == 200, response.status_code
         response.close()
 
+    from app.usage import Record, UsageWriter
+
+    writer, rng = UsageWriter(), random.Random(1)
+    batch = [Record(at=time.time() - rng.random() * 3600, endpoint=rng.choice(
+        ("/api/chat", "/api/generate", "/v1/chat/completions")), status=200,
+        latency_ms=max(1, round(rng.lognormvariate(7, 1.2))), key_id=rng.randint(1, 20),
+        model=rng.choice(("llama3.2:latest", "qwen2.5:7b", "mistral:7b")), prompt_tokens=30,
+        completion_tokens=200, ttfb_ms=max(1, round(rng.lognormvariate(5, 1))), eval_ms=900)
+        for _ in range(200)]
+
+    def write200():
+        writer._write(batch)
+
     result = {}
-    pieces = {"admit": admit, "queue": enter_and_leave, "send": send, "request": request}
+    pieces = {"admit": admit, "queue": enter_and_leave, "send": send, "request": request,
+              "write200": write200}
     if queue is None:  # a checkout from before the fair queue
         del pieces["queue"]
     for name, fn in pieces.items():
-        for _ in range(min(200, calls)):
+        times = max(1, calls // 20) if name == "write200" else calls  # 200 records a call
+        for _ in range(min(200, times)):
             fn()
         start = time.process_time()
-        for _ in range(calls):
+        for _ in range(times):
             fn()
-        result[name] = (time.process_time() - start) / calls * 1e6
+        result[name] = (time.process_time() - start) / times * 1e6
     print(json.dumps(result))
 
 
@@ -148,7 +166,7 @@ def main():
                     file=sys.stderr, flush=True)
         print(f"CPU µs per call, median of {args.rounds} rounds × {args.calls} calls "
               f"({'PostgreSQL' if args.postgres else 'SQLite'}):")
-        pieces = [k for k in ("admit", "queue", "send", "request")
+        pieces = [k for k in ("admit", "queue", "send", "request", "write200")
                   if all(k in s for ss in samples.values() for s in ss)]
         print(f"{'':10}" + "".join(f"{k:>10}" for k in pieces))
         for label in srcs:

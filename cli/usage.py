@@ -1,11 +1,12 @@
 """`ollama-gw usage`: who used which model, how much and how fast; and trimming old rows."""
 import csv
+import json
 import sys
 import time
 
 import click
 
-from app import audit, stats
+from app import audit, histogram, stats
 from app import keys as keystore
 from app.keys import normalize_model
 from app.limits import parse_duration
@@ -16,6 +17,7 @@ LABELS = {"key": ["key_prefix", "key_name"], "model": ["model"], "endpoint": ["e
           "day": ["day"], "hour": ["hour"]}
 NUMBERS = ["requests", "errors", "refused", "prompt_tokens", "completion_tokens",
            "latency_ms_p50", "latency_ms_p95", "ttfb_ms_p50", "tokens_per_second"]
+PERCENTILES = {field for field, *_ in stats.PERCENTILES}
 HEADINGS = {"key_prefix": "key", "key_name": "name", "prompt_tokens": "tokens_in",
             "completion_tokens": "tokens_out", "latency_ms_p50": "p50_ms",
             "latency_ms_p95": "p95_ms", "ttfb_ms_p50": "ttfb_p50_ms",
@@ -57,11 +59,13 @@ def usage(ctx, ident, model, since, by, as_json, as_csv):
         writer = csv.DictWriter(sys.stdout, fieldnames=list(rows[0]) if rows else columns,
                                 lineterminator="\n")
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({k: json.dumps(v) if isinstance(v, dict) else v for k, v in row.items()}
+                         for row in rows)
     elif not rows:
         click.echo(f"no requests in that time (--since {since})")
     else:
-        shown = [{HEADINGS.get(c, c): ("-" if row.get(c) is None else row[c]) for c in columns}
+        shown = [{HEADINGS.get(c, c): histogram.shown(row, c) if c in PERCENTILES
+                  else ("-" if row.get(c) is None else row[c]) for c in columns}
                  for row in rows]
         table(shown, [HEADINGS.get(c, c) for c in columns])
 

@@ -24,7 +24,7 @@ from flask import (
 )
 from flask.sessions import SecureCookieSessionInterface
 
-from app import audit, auth, webhook_delivery
+from app import audit, auth, histogram, webhook_delivery
 from app import keys as keystore
 from app import webhooks as hooks
 from app.client_address import client_address
@@ -157,6 +157,12 @@ def _thousands(value):
     return "-" if value is None else f"{value:,}"
 
 
+@bp.app_template_filter("percentile")
+def _percentile(row, field, unit=False):
+    """A row's percentile as the CLI prints it: 252, < 1 ms, > 10 min, ≈375 (approximate)."""
+    return histogram.shown(row, field, unit)
+
+
 @bp.get("/assets/<path:name>")
 def asset(name):
     if name not in _asset_names():
@@ -218,7 +224,7 @@ def index():
     span = _range()
     conf = current_app.config["SETTINGS"]
     return render_template("ui/overview.html", range=span, data=charts.series(span),
-                           upstreams=status.upstreams(conf), by_key=charts.by_key(span)[:20],
+                           upstreams=status.upstreams(conf), by_key=charts.by_key(span, limit=20),
                            streams=status.streams_in_flight())
 
 

@@ -12,18 +12,24 @@ import time
 
 from peewee import fn
 
+from app import histogram
 from app.models import (
     ApiKey,
     UsageDailyKey,
+    UsageHistogram,
     UsageHourly,
     UsageHourlyModel,
     UsageLabel,
     UsageRecord,
 )
-from app.stats import percentile, summarize
-from app.usage import LATENCY_COLUMNS, SUM_COLUMNS, TTFB_COLUMNS, _bucket
+from app.stats import histograms, percentiles, summarize
+from app.usage import LATENCY, SUM_COLUMNS, TTFB, _bucket
 
 RANGES = {"1h": 3600, "24h": 86400, "7d": 7 * 86400, "30d": 30 * 86400}
+# Ranges whose percentile lines are drawn from the fine histograms hour by hour. Longer
+# ones read too many rows for that (a month: a million); their lines come from the
+# coarse columns (interpolated, the shape only) while the figures printed stay within 2 %.
+FINE_LINES = {"1h", "24h"}
 DEFAULT_RANGE = "24h"
 
 
@@ -36,15 +42,18 @@ def series(name, key_id=None, now=None):
     now = time.time() if now is None else now
     if name == "1h":
         step, start = 300, int((now - 3600) // 300 * 300)
-        sums = _from_requests(start, key_id)
+        sums, counts = _from_requests(start, key_id)
     else:
         step, start = 3600, int((now - RANGES[name]) // 3600 * 3600)
         sums = _from_rollup(start, key_id)
+        counts = _hourly_counts(start, key_id) if name in FINE_LINES else {}
     times = list(range(start, int(now) + 1, step))
     labels = label_names({model for _, model in sums})
     models = sorted({labels.get(model, "(none)") for _, model in sums})
     per_model = {kind: {m: [0] * len(times) for m in models} for kind in ("requests", "tokens")}
     by_time, by_model = {}, {}
+    time_counts = collections.defaultdict(collections.Counter)
+    model_counts = collections.defaultdict(collections.Counter)
     for (at, model), row in sums.items():
         i = (at - start) // step
         if not 0 <= i < len(times):
@@ -54,6 +63,8 @@ def series(name, key_id=None, now=None):
         per_model["tokens"][name_][i] += row[PROMPT] + row[COMPLETION]
         by_time[i] = _add(by_time.get(i), row)
         by_model[name_] = _add(by_model.get(name_), row)
+        time_counts[i].update(counts.get((at, model), {}))
+        model_counts[name_].update(counts.get((at, model), {}))
     result = {"step": step, "times": times, "models": models, **per_model,
               "error_rate": [], "refusal_rate": [], "latency_p50": [], "latency_p95": [],
               "ttfb_p50": [], "ttfb_p95": []}
@@ -62,14 +73,21 @@ def series(name, key_id=None, now=None):
         row = by_time.get(i, empty)
         result["error_rate"].append(_percent(row[ERRORS], row[REQUESTS]))
         result["refusal_rate"].append(_percent(row[REFUSED], row[REQUESTS]))
-        for kind, histogram in (("latency", row[LATENCY]), ("ttfb", row[TTFB])):
-            result[f"{kind}_p50"].append(percentile(histogram, 0.5))
-            result[f"{kind}_p95"].append(percentile(histogram, 0.95))
-    total = None
+        drawn = percentiles(dict(zip(SUM_COLUMNS, row, strict=True)), time_counts.get(i))
+        for kind in ("latency", "ttfb"):
+            result[f"{kind}_p50"].append(drawn[f"{kind}_ms_p50"])
+            result[f"{kind}_p95"].append(drawn[f"{kind}_ms_p95"])
+    total, total_counts = None, collections.Counter()
     for row in by_time.values():
         total = _add(total, row)
-    result["totals"] = _totals(total or empty)
-    result["by_model"] = sorted(({"model": model, **_totals(row)}
+    if name in FINE_LINES:
+        for found in model_counts.values():
+            total_counts.update(found)
+    else:  # the figures printed are still within 2 %: read per day
+        found, total_counts = _range_counts(start, key_id)
+        model_counts = {labels.get(model, "(none)"): counts for model, counts in found.items()}
+    result["totals"] = _totals(total or empty, total_counts)
+    result["by_model"] = sorted(({"model": model, **_totals(row, model_counts.get(model))}
                                  for model, row in by_model.items()),
                                 key=lambda r: -r["requests"])
     return result
@@ -78,8 +96,6 @@ def series(name, key_id=None, now=None):
 COLUMN = {name: i for i, name in enumerate(SUM_COLUMNS)}
 REQUESTS, ERRORS, REFUSED = COLUMN["requests"], COLUMN["errors"], COLUMN["refusals"]
 PROMPT, COMPLETION = COLUMN["prompt_tokens"], COLUMN["completion_tokens"]
-LATENCY = slice(COLUMN[LATENCY_COLUMNS[0]], COLUMN[LATENCY_COLUMNS[-1]] + 1)
-TTFB = slice(COLUMN[TTFB_COLUMNS[0]], COLUMN[TTFB_COLUMNS[-1]] + 1)
 
 
 def _add(total, row):
@@ -91,11 +107,9 @@ def _percent(part, whole):
     return round(100 * part / whole, 2) if whole else None
 
 
-def _totals(row):
-    sums = dict(zip(SUM_COLUMNS, row, strict=True))
-    summary = summarize(sums)
+def _totals(row, counts):
+    summary = summarize(dict(zip(SUM_COLUMNS, row, strict=True)), counts)
     return {**summary, "tokens": summary["prompt_tokens"] + summary["completion_tokens"],
-            "ttfb_ms_p95": percentile(row[TTFB], 0.95),
             "error_rate": _percent(summary["errors"], summary["requests"]),
             "refusal_rate": _percent(summary["refused"], summary["requests"])}
 
@@ -115,15 +129,45 @@ def _from_rollup(start, key_id):
             for at, model, *sums in query.tuples()}
 
 
+def _hourly_counts(start, key_id):
+    """{(hour, model id): fine histogram} since `start`: the lines of a day's chart."""
+    return histograms((UsageHistogram.time, UsageHistogram.model_id),
+                      "hourly_model" if key_id is None else "hourly", start, key_id=key_id)
+
+
+def _range_counts(start, key_id):
+    """({model id: fine histogram}, the total's) since `start`, for ranges of days.
+
+    Whole days from the grain per day (and model, or key), the hours before the first
+    of them from the hourly ones. A key's page prints no figure per model: its models'
+    histograms are left out (their rows would be per hour).
+    """
+    first_day = -(-start // 86400) * 86400
+    if key_id is not None:
+        total = histograms(UsageHistogram.key_id, "hourly", start, first_day, key_id)[key_id]
+        total.update(histograms(UsageHistogram.key_id, "daily_key", first_day,
+                                key_id=key_id)[key_id])
+        return {}, total
+    model = UsageHistogram.model_id
+    counts = histograms(model, "hourly_model", start, first_day)
+    for model_id, found in histograms(model, "daily_model", first_day).items():
+        counts[model_id].update(found)
+    total = collections.Counter()
+    for found in counts.values():
+        total.update(found)
+    return counts, total
+
+
 def _sums(table):
     return [fn.SUM(getattr(table, c)).alias(c) for c in SUM_COLUMNS]
 
 
-def by_key(name, now=None):
+def by_key(name, now=None, limit=None):
     """Each key's usage over range `name`, most tokens first: who uses the GPU.
 
     Whole days come from the daily roll-up per key, the hours before the first of them
     from the hourly roll-up: exact to the hour, and never more than a day of hourly rows.
+    `limit`: only the first so many keys (their histograms are most of the reading).
     """
     now = time.time() if now is None else now
     start = int((now - RANGES[name]) // 3600 * 3600)
@@ -137,7 +181,14 @@ def by_key(name, now=None):
     for query in parts:
         for key_id, *sums in query.tuples():
             keys[key_id] = _add(keys.get(key_id), [int(v or 0) for v in sums])
-    rows = [{"key_id": key_id or None, **_totals(sums)} for key_id, sums in keys.items()]
+    shown = sorted(keys, key=lambda k: (-keys[k][PROMPT] - keys[k][COMPLETION],
+                                        -keys[k][REQUESTS]))[:limit]
+    counts = histograms(UsageHistogram.key_id, "hourly", start, first_day, shown)
+    for key_id, found in histograms(UsageHistogram.key_id, "daily_key", first_day,
+                                    key_id=shown).items():
+        counts[key_id].update(found)
+    rows = [{"key_id": key_id or None, **_totals(keys[key_id], counts.get(key_id))}
+            for key_id in shown]
     names = {k.id: k for k in ApiKey.select(ApiKey.id, ApiKey.prefix, ApiKey.name)
              .where(ApiKey.id.in_([r["key_id"] for r in rows if r["key_id"]]))}
     for row in rows:
@@ -147,7 +198,7 @@ def by_key(name, now=None):
 
 
 def _from_requests(start, key_id, step=300):
-    """The same sums, in `step`-second buckets, from the per-request rows since `start`."""
+    """The same sums and histograms, in `step`-second steps, from the per-request rows."""
     query = (UsageRecord.select(UsageRecord.at, UsageRecord.model_id, UsageRecord.status,
                                 UsageRecord.refusal, UsageRecord.prompt_tokens,
                                 UsageRecord.completion_tokens, UsageRecord.latency_ms,
@@ -156,8 +207,10 @@ def _from_requests(start, key_id, step=300):
     if key_id is not None:
         query = query.where(UsageRecord.key_id == key_id)
     found = collections.defaultdict(collections.Counter)
+    counts = collections.defaultdict(collections.Counter)
     for at, model, status, refusal, prompt, completion, latency, ttfb in query.tuples():
-        sums = found[(int(at // step * step), model or 0)]
+        group = (int(at // step * step), model or 0)
+        sums = found[group]
         sums["requests"] += 1
         sums["refusals"] += refusal != 0
         sums["errors"] += refusal == 0 and status >= 400
@@ -165,11 +218,13 @@ def _from_requests(start, key_id, step=300):
         sums["completion_tokens"] += completion or 0
         sums["latency_ms_sum"] += latency
         sums[_bucket("latency", latency)] += 1
+        counts[group][(LATENCY, histogram.bucket(latency))] += 1
         if ttfb is not None:
             sums["ttfb_ms_sum"] += ttfb
             sums["ttfb_count"] += 1
             sums[_bucket("ttfb", ttfb)] += 1
-    return {group: [sums[c] for c in SUM_COLUMNS] for group, sums in found.items()}
+            counts[group][(TTFB, histogram.bucket(ttfb))] += 1
+    return {group: [sums[c] for c in SUM_COLUMNS] for group, sums in found.items()}, counts
 
 
 def label_names(ids):
