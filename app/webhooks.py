@@ -20,6 +20,7 @@ import peewee
 
 from app import audit
 from app.db import db
+from app.ids import parse_id
 from app.models import Webhook, WebhookDelivery
 
 log = logging.getLogger(__name__)
@@ -121,10 +122,11 @@ def add_webhook(url, events=None, include_prompt=False):
 def find_webhook(ident):
     """The webhook with this id, or a WebhookOpError."""
     text = str(ident).strip()
-    if not text.isdigit():
+    webhook_id = parse_id(text)
+    if webhook_id is None:
         raise WebhookOpError(f"a webhook is named by its id (a number), not {text!r}: "
                              "see `ollama-gw webhooks list`")
-    row = Webhook.get_or_none(Webhook.id == int(text))
+    row = Webhook.get_or_none(Webhook.id == webhook_id)
     if row is None:
         raise WebhookOpError(f"no webhook with id {text}")
     return row

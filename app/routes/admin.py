@@ -9,6 +9,7 @@ from flask import Blueprint, current_app, jsonify, request
 from app import audit, auth, gateway
 from app import keys as keystore
 from app.errors import BadRequest, GatewayError, NotFound
+from app.ids import whole_number
 from app.routes.stats import since_arg
 
 bp = Blueprint("admin", __name__)
@@ -128,8 +129,8 @@ def rotate(ident):
 @bp.get("/api/admin/audit")
 def audit_log():
     since = since_arg()
-    limit = request.args.get("limit", "1000")
-    if not limit.isdigit() or not 1 <= int(limit) <= 10000:
+    limit = whole_number(request.args.get("limit", "1000"), maximum=10000)
+    if not limit:
         raise BadRequest("limit must be a whole number from 1 to 10000")
-    rows = audit.entries(since, request.args.get("action") or None, int(limit))
+    rows = audit.entries(since, request.args.get("action") or None, limit)
     return jsonify({"entries": rows, "total": len(rows)})

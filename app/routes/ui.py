@@ -223,7 +223,7 @@ def _row(key_id):
     return row
 
 
-@bp.get("/keys/<int:key_id>")
+@bp.get("/keys/<id:key_id>")
 def key(key_id):
     if not g.key.is_admin and key_id != g.key.id:
         raise Forbidden("a user key sees only its own page")
@@ -241,7 +241,7 @@ def _key_page(row, error=None, code=200):
         refusals=status.recent_requests(row.id, refused_only=True, limit=20)), code
 
 
-@bp.post("/keys/<int:key_id>")
+@bp.post("/keys/<id:key_id>")
 def update_key(key_id):
     _admin()
     row = _row(key_id)
@@ -255,7 +255,7 @@ def update_key(key_id):
     return redirect(url_for("ui.key", key_id=row.id))
 
 
-@bp.route("/keys/<int:key_id>/<any(revoke, rotate):action>", methods=["GET", "POST"])
+@bp.route("/keys/<id:key_id>/<any(revoke, rotate):action>", methods=["GET", "POST"])
 def confirm_key(key_id, action):
     """Revoke or rotate: a page that asks first, then the change itself on its form post."""
     _admin()
@@ -285,7 +285,7 @@ def webhooks():
         deliveries=status.deliveries(request.args.get("state") or None))
 
 
-@bp.post("/webhooks/<int:webhook_id>/test")
+@bp.post("/webhooks/<id:webhook_id>/test")
 def test_webhook(webhook_id):
     _admin()
     try:
@@ -296,7 +296,7 @@ def test_webhook(webhook_id):
                             f"{outcome.describe()}"))
 
 
-@bp.post("/webhooks/deliveries/<int:delivery_id>/retry")
+@bp.post("/webhooks/deliveries/<id:delivery_id>/retry")
 def retry_delivery(delivery_id):
     _admin()
     try:
