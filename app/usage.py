@@ -31,6 +31,7 @@ from app.models import (
     UsageRecord,
     bucket_columns,
 )
+from app.private_files import private_dir, private_opener
 
 log = logging.getLogger(__name__)
 
@@ -344,8 +345,8 @@ def _quoted(columns):
 def spill(records, directory):
     """Write records the database would not take to a file, so that exiting loses none."""
     path = directory / f"usage-spill-{os.getpid()}-{time.time_ns()}.jsonl"
-    directory.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as fh:
+    private_dir(directory)
+    with open(path, "w", opener=private_opener) as fh:
         for record in records:
             fh.write(json.dumps(dataclasses.asdict(record)) + "\n")
     return path
