@@ -57,8 +57,7 @@ def relay_json(path, pending):
     pool = gateway.services()[2]
     query = gateway.query_without_key()
     key, body = gateway.authenticated_body()
-    doors.check(key, path, path in ENDPOINT_METHODS,
-                gateway.settings().open_unknown_paths)
+    doors.check(key, path, path in ENDPOINT_METHODS)
     payload = body.validated()
     pending.model = next(iter(body.models), None)
     request_record.keep_prompt(pending, payload)

@@ -33,7 +33,7 @@ def relay(subpath):
     if path in RELAYED and request.mimetype == "multipart/form-data":
         return _form(path)
     key, body = gateway.authenticated_body()
-    doors.check(key, path, path in POST_ENDPOINTS, gateway.settings().open_unknown_paths)
+    doors.check(key, path, path in POST_ENDPOINTS)
     payload = body.validated()
     pending.model = next(iter(body.models), None)
     for model in body.models:
