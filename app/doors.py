@@ -22,6 +22,7 @@ ACCOUNT_PREFIXES = ("/api/user/", "/api/signin/", "/api/signout/", "/api/me/")
 
 
 def is_account_path(path):
+    path = path.lower()  # Ollama's router is case-sensitive today; the check need not rely on it
     return path in ACCOUNT_PATHS or path.startswith(ACCOUNT_PREFIXES)
 
 
@@ -33,7 +34,7 @@ def check(key, path, known):
         raise Forbidden(f"{path} is one of Ollama's account endpoints (it acts on the "
                         "ollama.com account the server is signed in with): it needs an admin "
                         f"key; key {key.prefix} has role {key.role}")
-    if not known and not current_app.config["SETTINGS"].open_unknown_paths:
+    if not current_app.config["SETTINGS"].open_unknown_paths:
         raise Forbidden(f"{path} is not an endpoint the gateway knows, and unknown paths are "
                         "relayed for admin keys only (the setting open_unknown_paths = true "
                         f"relays them for every key); key {key.prefix} has role {key.role}")

@@ -5,7 +5,7 @@ from tests.conftest import auth_header
 
 ACCOUNT = [("POST", "/api/signout"), ("POST", "/api/signin"), ("POST", "/api/me"),
            ("DELETE", "/api/user/keys/c3NoLWVkMjU1MTkgQUFBQQ"), ("GET", "/api/user"),
-           ("POST", "/api/experimental/web_search")]
+           ("POST", "/api/experimental/web_search"), ("POST", "/api/SignOut")]
 
 
 def reached(fake, path):
