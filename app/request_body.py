@@ -4,6 +4,8 @@ Every read from the client is bounded by `client_body_timeout` (a client that st
 sending gets 408), and a body the gateway refused without reading is not read later
 either: the connection closes after the refusal (app/worker.py says why that is needed).
 """
+import sys
+
 from flask import current_app, g, request
 from werkzeug.wsgi import get_input_stream
 
@@ -126,6 +128,9 @@ def upload_body():
     """The raw request stream, unbuffered and exempt from max_body_bytes (blob uploads)."""
     stream = get_input_stream(request.environ, max_content_length=None)
     timeout = _timeout()
+    if (request.content_length or 0) > sys.maxsize:  # no file is; len() could not say it
+        raise BodyTooLarge(f"Content-Length {request.content_length} is larger than any "
+                           "upload can be")
     if request.content_length is not None:
         return Upload(stream, request.content_length, timeout)
     return iter(lambda: _read_from_client(stream, CHUNK_SIZE, timeout), b"")
