@@ -28,6 +28,7 @@ from app import webhooks as hooks
 from app.errors import Forbidden, GatewayError, NotFound, RateLimited, error_response
 from app.keys import KeyInfo
 from app.models import ApiKey
+from app.request_body import read_form
 from app.ui import charts, status
 from app.ui.session import COOKIE, Sessions, cookie_secret, cross_site, csrf_ok
 
@@ -57,6 +58,8 @@ def _signed_in():
         return None
     if request.method == "POST" and cross_site():
         raise Forbidden("a form posted from another site is refused")
+    if request.method == "POST":
+        read_form()
     found = _sessions().read(request.cookies.get(COOKIE))
     if found is None:
         if request.endpoint in OPEN:
