@@ -85,6 +85,10 @@ class Settings:
         "came in a header; a larger body must carry its key in a header or the query.")
     legacy_apikey: bool = setting(
         True, "Also accept the key as an `apikey` JSON field or query parameter (go-ollama-api).")
+    open_unknown_paths: bool = setting(
+        False, "Relay /api and /v1 paths the gateway does not know for every key. Off: for "
+        "admin keys only, since a new Ollama endpoint may act on the server itself. Ollama's "
+        "account endpoints (/api/me, /api/signout, …) are for admin keys either way.")
     model_policy: str = setting(
         "refuse", "What happens to a request over its key's caps (--max-ctx, --max-predict, "
         "--keep-alive deny): refuse (403 saying why) or clamp (sent at the cap).")

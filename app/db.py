@@ -18,6 +18,7 @@ from playhouse.migrations import Runner
 from playhouse.pool import PooledPostgresqlDatabase, PooledSqliteDatabase
 
 import migrations
+from app.private_files import create_private, private_dir, private_opener
 
 db = peewee.DatabaseProxy()
 
@@ -113,7 +114,8 @@ def open_database(url, max_connections=16):
     if scheme == "sqlite":
         path = db_url.parse(url)["database"]
         if path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            private_dir(Path(path).parent)
+            create_private(path)  # before SQLite makes it with the umask's mode
         # IMMEDIATE: every transaction here writes, so take the write lock up front
         # (cooperatively, see above) instead of failing on a lock upgrade.
         return CooperativeSqliteDatabase(
@@ -186,7 +188,7 @@ def migration_lock(database):
     # SQLite can only be shared by processes on this machine: a lock file next to it does.
     path = database.database
     lock_path = os.devnull if path == ":memory:" else path + ".migrate-lock"
-    with open(lock_path, "a") as fh:
+    with open(lock_path, "a", opener=private_opener) as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield

@@ -25,6 +25,7 @@ import peewee
 
 from app import audit
 from app.db import db
+from app.ids import parse_id
 from app.limits import (
     format_rate_limit,
     format_token_quota,
@@ -336,8 +337,9 @@ def find_key(ident):
     ident = str(ident).strip()
     if not ident:
         raise KeyOpError("give a key's id, prefix or name")
-    if ident.isdigit():
-        row = ApiKey.get_or_none(ApiKey.id == int(ident))
+    key_id = parse_id(ident)
+    if key_id is not None:
+        row = ApiKey.get_or_none(ApiKey.id == key_id)
         if row:
             return row
     if ident.startswith(KEY_PREFIX) and len(ident) > PREFIX_LENGTH:
@@ -363,7 +365,7 @@ def find_key(ident):
                          "or a longer prefix")
     if matches:
         return next(iter(matches.values()))
-    if ident.isdigit():
+    if key_id is not None:
         raise KeyNotFound(f"no key with id {ident}")
     if len(ident) < 6:
         raise KeyNotFound(f"no key named {ident!r}, and {ident!r} is too short for a prefix: "

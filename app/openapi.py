@@ -197,6 +197,7 @@ def _native_paths():
            if method != "get" else _relayed("Any other Ollama endpoint (GET), relayed as it is")
            for method in ("get", "post", "put", "patch", "delete")},
     }
+    _unknown_paths(paths["/api/{path}"])
     paths["/api/models"] = {"get": _relayed(
         "The models the calling key may use (ollama-api-service's route; /api/tags' answer)",
         ok=MODEL_LIST, errors=(401, 405, 429, 502, 503, 504), tag="Compatibility")}
@@ -241,7 +242,18 @@ def _openai_paths():
         "get": _relayed("Any other /v1 endpoint, relayed as it is", openai=True,
                         tag="OpenAI API"),
     }
+    _unknown_paths(paths["/v1/{path}"])
     return paths
+
+
+def _unknown_paths(item):
+    """Who may call a path the gateway does not know (app/doors.py)."""
+    for method in ("get", "post", "put", "patch", "delete"):
+        if method in item:
+            item[method]["description"] = (
+                "Admin keys only, unless the setting open_unknown_paths is on; Ollama's "
+                "account endpoints (/api/me, /api/signout, /api/user/…) are for admin keys "
+                "either way.")
 
 
 # --- the gateway's own routes --------------------------------------------------------------

@@ -4,7 +4,10 @@ Every read from the client is bounded by `client_body_timeout` (a client that st
 sending gets 408), and a body the gateway refused without reading is not read later
 either: the connection closes after the refusal (app/worker.py says why that is needed).
 """
+import sys
+
 from flask import current_app, g, request
+from werkzeug.exceptions import HTTPException
 from werkzeug.wsgi import get_input_stream
 
 from app.cooperative import close_after_response, deadline, pause
@@ -71,10 +74,31 @@ def read_body(limit, too_large=None):
     except ClientStalled:
         raise stall_error() from None
     except Exception as exc:  # the server's own errors: bad chunk sizes, early EOF
-        raise BadRequest(f"request body could not be read ({type(exc).__name__}); "
-                         "send it whole, with a correct length or chunked encoding") from None
+        raise _unreadable(exc) from None
     g.body_consumed = True
     return b"".join(chunks)
+
+
+def read_form():
+    """Parse a posted form now, so that a body the server cannot read is a 400, not a 500.
+
+    Werkzeug's form parser lets the server's own errors (a bad chunk size) through.
+    """
+    try:
+        with deadline(_timeout(), ClientStalled):
+            request.form  # noqa: B018 (parsed and kept by werkzeug)
+    except ClientStalled:
+        raise stall_error() from None
+    except HTTPException:  # werkzeug's 413 past MAX_CONTENT_LENGTH
+        raise
+    except Exception as exc:  # the server's own errors: bad chunk sizes, early EOF
+        raise _unreadable(exc) from None
+    g.body_consumed = True
+
+
+def _unreadable(exc):
+    return BadRequest(f"request body could not be read ({type(exc).__name__}); "
+                      "send it whole, with a correct length or chunked encoding")
 
 
 def _read_from_client(stream, size, timeout):
@@ -126,6 +150,9 @@ def upload_body():
     """The raw request stream, unbuffered and exempt from max_body_bytes (blob uploads)."""
     stream = get_input_stream(request.environ, max_content_length=None)
     timeout = _timeout()
+    if (request.content_length or 0) > sys.maxsize:  # no file is; len() could not say it
+        raise BodyTooLarge(f"Content-Length {request.content_length} is larger than any "
+                           "upload can be")
     if request.content_length is not None:
         return Upload(stream, request.content_length, timeout)
     return iter(lambda: _read_from_client(stream, CHUNK_SIZE, timeout), b"")

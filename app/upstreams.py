@@ -16,6 +16,7 @@ import random
 import socket
 import threading
 import time
+from urllib.parse import urlsplit
 
 import requests
 
@@ -184,10 +185,24 @@ class UpstreamPool:
             log.debug("could not record upstream status: %s", exc)
 
     def health(self):
-        """[(name, 'healthy'|'unreachable'), …] for /health: the monitor's view, or a probe."""
+        """[(shown name, 'healthy'|'unreachable'), …] for /health: the monitor's view, or a probe.
+
+        /health needs no key, so an upstream known only by its default name, its
+        `host:port`, is shown as `upstream N` (its place in the list). Only shown: the
+        name itself keys the fair queue, and renaming it would split a rolling upgrade's
+        old and new instances into two queues.
+        """
         if self._monitor is None or self.single:  # no probing monitor: ask, cached 5 s
-            return [(m.name, m.client.health()) for m in self.members]
-        return [(m.name, "healthy" if m.up else "unreachable") for m in self.members]
+            states = [m.client.health() for m in self.members]
+        else:
+            states = ["healthy" if m.up else "unreachable" for m in self.members]
+        return [(_shown_name(m.spec, i), state)
+                for i, (m, state) in enumerate(zip(self.members, states, strict=True), 1)]
+
+
+def _shown_name(spec, position):
+    """The name an admin gave the upstream, or `upstream N` in place of its host:port."""
+    return f"upstream {position}" if spec.name == urlsplit(spec.url).netloc else spec.name
 
 
 def probe(url, connect_timeout):

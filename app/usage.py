@@ -41,6 +41,7 @@ from app.models import (
     UsageRecord,
     bucket_columns,
 )
+from app.private_files import private_dir, private_opener
 
 log = logging.getLogger(__name__)
 
@@ -459,8 +460,8 @@ def spill(records, directory):
     """
     path = directory / f"usage-spill-{os.getpid()}-{time.time_ns()}.jsonl"
     partial = path.with_suffix(".partial")
-    directory.mkdir(parents=True, exist_ok=True)
-    with open(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as fh:
+    private_dir(directory)
+    with open(partial, "w", opener=private_opener) as fh:
         for record in records:
             fh.write(json.dumps(dataclasses.asdict(record)) + "\n")
     os.replace(partial, path)

@@ -19,6 +19,7 @@ import peewee
 
 from app import audit, webhook_target
 from app.db import db
+from app.ids import whole_number
 from app.models import Webhook, WebhookDelivery
 
 log = logging.getLogger(__name__)
@@ -113,15 +114,16 @@ def add_webhook(url, events=None, include_prompt=False,
 
 
 def parse_id(ident, what="webhook"):
-    """An id as people type it: ASCII digits in a database integer's range, or a WebhookOpError."""
+    """An id as people type it (app/ids.py), or a WebhookOpError that says what went wrong."""
     text = str(ident).strip()
-    if not (text.isascii() and text.isdigit()):
+    value = whole_number(text)
+    if value is None and not (text.isascii() and text.isdigit()):
         listing = "list" if what == "webhook" else "deliveries"
         raise WebhookOpError(f"a {what} is named by its id (a number), not {text!r}: "
                              f"see `ollama-gw webhooks {listing}`")
-    if int(text) > 2**63 - 1:
+    if not value:
         raise WebhookOpError(f"no {what} with id {text}")
-    return int(text)
+    return value
 
 
 def find_webhook(ident):

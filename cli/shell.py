@@ -19,6 +19,7 @@ import peewee
 from app import audit
 from app import keys as keystore
 from app import webhooks as hooks
+from app.ids import whole_number
 from app.redact import redact
 from cli.context import open_db, settings, table
 from cli.context import redact as redact_url
@@ -101,9 +102,10 @@ class Console(cmd.Cmd):
 
     def do_generatekeys(self, arg):
         (count,) = self._words(arg, 1, "generatekeys COUNT")
-        if not count.isdigit() or not 1 <= int(count) <= MAX_KEYS_AT_ONCE:
+        count = whole_number(count, maximum=MAX_KEYS_AT_ONCE)
+        if not count:
             raise ValueError(f"COUNT must be a number from 1 to {MAX_KEYS_AT_ONCE}")
-        for _ in range(int(count)):
+        for _ in range(count):
             self._generate()
 
     def do_listkeys(self, arg):

@@ -4,6 +4,7 @@ Every test that touches the database runs twice, once per backend. PostgreSQL is
 real server on 127.0.0.1 (`OLLAMA_GW_TEST_POSTGRES_URL` to point elsewhere); without
 one the PostgreSQL half is skipped locally and fails under CI (CI=true).
 """
+import dataclasses
 import logging
 import os
 
@@ -204,6 +205,18 @@ def app(settings, migrated):
 @pytest.fixture
 def client(app):
     return app.test_client()
+
+
+@pytest.fixture
+def make_client(settings, migrated):
+    """make_client(**setting_overrides) -> a test client of a gateway built with those settings."""
+
+    def make(**overrides):
+        app = create_app(dataclasses.replace(settings, **overrides))
+        app.config["TESTING"] = True
+        return app.test_client()
+
+    return make
 
 
 @pytest.fixture

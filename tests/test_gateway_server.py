@@ -16,6 +16,7 @@ import ollama
 import pytest
 import requests
 
+from tests.conftest import auth_header
 from tests.gateway_process import GatewayProcess, wait_for
 
 pytestmark = pytest.mark.gateway
@@ -297,3 +298,15 @@ def test_the_log_says_once_that_the_dashboard_is_on(database, fake_ollama, tmp_p
         said = [line for line in gw.log().splitlines() if "dashboard" in line]
     assert [line.split("] ", 3)[-1] for line in said] == (
         [f"web dashboard on at {gw.url}/ui/ (ui = true)"] if ui else [])
+
+
+def test_a_user_key_cannot_sign_the_server_out_of_ollama_com(gateway, fake, user_key):
+    refused = requests.post(gateway.url + "/api/signout", headers=auth_header(user_key),
+                            timeout=60)
+    assert refused.status_code == 403
+    assert "account endpoints" in refused.json()["error"]
+    assert [r.path for r in fake.requests] == []
+    admin = gateway.add_key("--name", "signout-admin", "--role", "admin")["key"]
+    relayed = requests.post(gateway.url + "/api/signout", headers=auth_header(admin), timeout=60)
+    assert relayed.status_code == 404  # the fake Ollama's answer: it got the request
+    assert [(r.method, r.path) for r in fake.requests] == [("POST", "/api/signout")]

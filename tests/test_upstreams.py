@@ -217,3 +217,16 @@ def test_health_reports_each_upstream_by_name_not_by_address(gateway, fakes):
                                  {"name": "gpu3", "status": "unreachable"}]
     assert body["ollama_backend"] == "degraded"
     assert "127.0.0.1" not in json.dumps(body)
+
+
+def test_health_without_a_key_shows_no_address_for_upstreams_without_a_name(settings, migrated,
+                                                                            fakes):
+    upstreams = (fakes[0].url, f"gpu2={fakes[1].url}", fakes[2].url + "/")
+    app = create_app(dataclasses.replace(settings, upstreams=upstreams))
+    body = app.test_client().get("/health").get_json()
+    assert body["upstreams"] == [{"name": "upstream 1", "status": "healthy"},
+                                 {"name": "gpu2", "status": "healthy"},
+                                 {"name": "upstream 3", "status": "healthy"}]
+    assert "127.0.0.1" not in json.dumps(body)
+    # Shown so, not renamed: the fair queue and `upstreams ?upstream=` still use host:port.
+    assert [m.name for m in app.extensions["upstreams"].members][0] == f"127.0.0.1:{fakes[0].port}"

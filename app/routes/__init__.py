@@ -1,8 +1,10 @@
 """Blueprints by API family, registered in one place."""
+from app.ids import IdConverter
 from app.routes import admin, docs, legacy, meta, native, openai, stats, ui
 
 
 def init_app(app):
+    app.url_map.converters["id"] = IdConverter  # `<id:…>`: ASCII digits in range, else 404
     app.register_blueprint(meta.bp)
     app.register_blueprint(docs.bp)
     app.register_blueprint(stats.bp)

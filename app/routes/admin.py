@@ -4,11 +4,15 @@ The views translate JSON to the calls `ollama-gw keys …` makes (app/keys.py do
 work and writes the audit log for both), and answer ollama-api-service's field names
 (`api_key`, `key_preview`, `is_active`, `api_keys`/`total`) beside ollama-gw's own.
 """
+import json
+
 from flask import Blueprint, current_app, jsonify, request
 
 from app import audit, auth, gateway
 from app import keys as keystore
 from app.errors import BadRequest, GatewayError, NotFound
+from app.ids import whole_number
+from app.request_body import read_body
 from app.routes.stats import since_arg
 
 bp = Blueprint("admin", __name__)
@@ -34,7 +38,10 @@ def _public(row, **extra):
 
 
 def _settings_from_body(allowed):
-    body = request.get_json(silent=True)
+    try:  # the relay's reader: a body that cannot be read is a 400, not a server error
+        body = json.loads(read_body(current_app.config["SETTINGS"].max_body_bytes) or b"null")
+    except (ValueError, RecursionError):
+        body = None
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object, e.g. "
                          '{"name": "ci", "role": "user", "rate_limit": "60/minute"}')
@@ -128,8 +135,8 @@ def rotate(ident):
 @bp.get("/api/admin/audit")
 def audit_log():
     since = since_arg()
-    limit = request.args.get("limit", "1000")
-    if not limit.isdigit() or not 1 <= int(limit) <= 10000:
+    limit = whole_number(request.args.get("limit", "1000"), maximum=10000)
+    if not limit:
         raise BadRequest("limit must be a whole number from 1 to 10000")
-    rows = audit.entries(since, request.args.get("action") or None, int(limit))
+    rows = audit.entries(since, request.args.get("action") or None, limit)
     return jsonify({"entries": rows, "total": len(rows)})

@@ -1,16 +1,17 @@
 """Ollama's own API under /api, relayed for any key with the right role and models."""
 from flask import Blueprint, request
 
-from app import auth, fanout, gateway, request_record
+from app import auth, doors, fanout, gateway, request_record
 from app.errors import MethodNotAllowed
 from app.request_body import upload_body
 
 bp = Blueprint("native", __name__)
 
 # Ollama's endpoints and the methods it serves them with (server/routes.go); a wrong
-# method gets a 405 here instead of Ollama's plain-text 404. Unknown paths are relayed
-# as they are, so endpoints newer than this table keep working.
+# method gets a 405 here instead of Ollama's plain-text 404. Other paths are relayed as
+# they are, for admin keys only unless open_unknown_paths (app/doors.py).
 ENDPOINT_METHODS = {
+    "/api/status": ("GET",),
     **dict.fromkeys(["/api/generate", "/api/chat", "/api/embed", "/api/embeddings",
                      "/api/show", "/api/pull", "/api/push", "/api/create", "/api/copy"],
                     ("POST",)),
@@ -56,6 +57,7 @@ def relay_json(path, pending):
     pool = gateway.services()[2]
     query = gateway.query_without_key()
     key, body = gateway.authenticated_body()
+    doors.check(key, path, path in ENDPOINT_METHODS)
     payload = body.validated()
     pending.model = next(iter(body.models), None)
     request_record.keep_prompt(pending, payload)

@@ -6,13 +6,18 @@ are relayed as they arrive, with exact usage (app/sse.py).
 """
 from flask import Blueprint, request
 
-from app import auth, fanout, gateway, request_record, sse
+from app import auth, doors, fanout, gateway, request_record, sse
 from app.errors import MethodNotAllowed
+from app.request_body import read_body
 
 bp = Blueprint("openai", __name__)
 
 GENERATING = {"/v1/chat/completions", "/v1/completions", "/v1/responses"}
-POST_ENDPOINTS = GENERATING | {"/v1/embeddings"}
+# Ollama's other /v1 endpoints (Anthropic's Messages API, audio, images): relayed with the
+# key's allow-list checked. Transcriptions (and OpenAI's image edits) take a form.
+RELAYED = {"/v1/messages", "/v1/audio/transcriptions", "/v1/images/generations",
+           "/v1/images/edits"}
+POST_ENDPOINTS = GENERATING | RELAYED | {"/v1/embeddings"}
 USAGE_ON_REQUEST = {"/v1/chat/completions", "/v1/completions"}  # /v1/responses always says
 
 
@@ -25,7 +30,10 @@ def relay(subpath):
     if path in POST_ENDPOINTS and request.method != "POST":
         raise MethodNotAllowed(f"{request.method} is not allowed on {path}; use POST",
                                headers={"Allow": "POST"})
+    if path in RELAYED and request.mimetype == "multipart/form-data":
+        return _form(path)
     key, body = gateway.authenticated_body()
+    doors.check(key, path, path in POST_ENDPOINTS)
     payload = body.validated()
     pending.model = next(iter(body.models), None)
     for model in body.models:
@@ -39,6 +47,14 @@ def relay(subpath):
     raw = gateway.outgoing_body(body, key, path, changes)
     return gateway.forward(key, path, raw or None, gateway.query_without_key(),
                            rewrite=rewrite, model=pending.model)
+
+
+def _form(path):
+    """A multipart body, relayed as it is once the key may send one (app/doors.py)."""
+    key = gateway.current_key()
+    doors.require_checkable_form(key, path)
+    raw = read_body(gateway.settings().max_body_bytes)
+    return gateway.forward(key, path, raw or None, gateway.query_without_key())
 
 
 def _models(path):

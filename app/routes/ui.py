@@ -38,6 +38,7 @@ from app.errors import (
 )
 from app.keys import KeyInfo
 from app.models import ApiKey
+from app.request_body import read_form
 from app.ui import charts, status, throttle
 from app.ui.session import COOKIE, Sessions, cookie_secret, cross_site, csrf_ok
 
@@ -93,6 +94,8 @@ def _signed_in():
         return None
     if request.method == "POST" and cross_site():
         raise Forbidden("a form posted from another site is refused")
+    if request.method == "POST":
+        read_form()
     found = _sessions().read(request.cookies.get(COOKIE))
     if found is None:
         if request.endpoint in OPEN:
@@ -266,7 +269,7 @@ def _row(key_id):
     return row
 
 
-@bp.get("/keys/<int:key_id>")
+@bp.get("/keys/<id:key_id>")
 def key(key_id):
     if not g.key.is_admin and key_id != g.key.id:
         raise Forbidden("a user key sees only its own page")
@@ -284,7 +287,7 @@ def _key_page(row, error=None, code=200):
         refusals=status.recent_requests(row.id, refused_only=True, limit=20)), code
 
 
-@bp.post("/keys/<int:key_id>")
+@bp.post("/keys/<id:key_id>")
 def update_key(key_id):
     _admin()
     row = _row(key_id)
@@ -298,7 +301,7 @@ def update_key(key_id):
     return redirect(url_for("ui.key", key_id=row.id))
 
 
-@bp.route("/keys/<int:key_id>/<any(revoke, rotate):action>", methods=["GET", "POST"])
+@bp.route("/keys/<id:key_id>/<any(revoke, rotate):action>", methods=["GET", "POST"])
 def confirm_key(key_id, action):
     """Revoke or rotate: a page that asks first, then the change itself on its form post."""
     _admin()
@@ -328,7 +331,7 @@ def webhooks():
         deliveries=status.deliveries(request.args.get("state") or None))
 
 
-@bp.post("/webhooks/<int:webhook_id>/test")
+@bp.post("/webhooks/<id:webhook_id>/test")
 def test_webhook(webhook_id):
     _admin()
     try:
@@ -339,7 +342,7 @@ def test_webhook(webhook_id):
     return redirect(url_for("ui.webhooks"))
 
 
-@bp.post("/webhooks/deliveries/<int:delivery_id>/retry")
+@bp.post("/webhooks/deliveries/<id:delivery_id>/retry")
 def retry_delivery(delivery_id):
     _admin()
     try:

@@ -20,6 +20,7 @@ from flask import request
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 
 from app.models import ApiKey, UiSession, utcnow
+from app.private_files import private_dir
 
 COOKIE = "ogw_ui"
 SECRET_FILE = "ui-secret"
@@ -32,7 +33,7 @@ def cookie_secret(settings):
     directory = settings.resolved_data_dir
     path = directory / SECRET_FILE
     if not path.exists():
-        directory.mkdir(parents=True, exist_ok=True)
+        private_dir(directory)
         draft = directory / f".{SECRET_FILE}-{os.getpid()}-{secrets.token_hex(4)}"
         draft.write_text(secrets.token_urlsafe(48))
         draft.chmod(0o600)

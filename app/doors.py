@@ -1,0 +1,53 @@
+"""Which of Ollama's paths a key may reach through the catch-all relays of /api and /v1.
+
+A user key gets the endpoints the gateway knows (and checks: methods, models, roles).
+Everything else is Ollama's business, and some of it is the server owner's: Ollama's
+account endpoints act on the ollama.com account the server is signed in with
+(`/api/signout` signs it out, `/api/me` tells who it is, the web search endpoints spend
+its quota). So account endpoints are for admin keys only, always; a path the gateway
+does not know is for admin keys only unless `open_unknown_paths` is on, since what
+Ollama adds next may be another door of that kind.
+"""
+from flask import current_app
+
+from app.errors import Forbidden
+
+# Ollama's account endpoints (server/routes.go), by path or by the prefix of a family.
+ACCOUNT_PATHS = frozenset({
+    "/api/me", "/api/signin", "/api/signout", "/api/user",
+    # Proxied to ollama.com, signed with the server's own account key.
+    "/api/experimental/web_search", "/api/experimental/web_fetch",
+})
+ACCOUNT_PREFIXES = ("/api/user/", "/api/signin/", "/api/signout/", "/api/me/")
+
+
+def is_account_path(path):
+    path = path.lower()  # Ollama's router is case-sensitive today; the check need not rely on it
+    return path in ACCOUNT_PATHS or path.startswith(ACCOUNT_PREFIXES)
+
+
+def check(key, path, known):
+    """403 unless `key` may reach `path`; `known` says whether the gateway knows the path."""
+    if key.is_admin or known:  # no known endpoint is an account endpoint
+        return  # the hot path: no settings read
+    if is_account_path(path):
+        raise Forbidden(f"{path} is one of Ollama's account endpoints (it acts on the "
+                        "ollama.com account the server is signed in with): it needs an admin "
+                        f"key; key {key.prefix} has role {key.role}")
+    if not current_app.config["SETTINGS"].open_unknown_paths:
+        raise Forbidden(f"{path} is not an endpoint the gateway knows, and unknown paths are "
+                        "relayed for admin keys only (the setting open_unknown_paths = true "
+                        f"relays them for every key); key {key.prefix} has role {key.role}")
+
+
+def require_checkable_form(key, path):
+    """A multipart body's `model` is not read by the gateway: refuse keys limited to models.
+
+    Such a key could otherwise name any model in a form field; a key without an
+    allow-list loses nothing by it.
+    """
+    if key.models:
+        raise Forbidden(f"{path} with a multipart/form-data body: the gateway does not read "
+                        f"its model field, so key {key.prefix}, which is limited to some "
+                        "models, may not use it; send a JSON body, or use a key without a "
+                        "model allow-list")

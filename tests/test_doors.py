@@ -1,0 +1,106 @@
+"""Which paths a key may reach through the relays: account endpoints, unknown paths, the rest."""
+import pytest
+
+from tests.conftest import auth_header
+
+ACCOUNT = [("POST", "/api/signout"), ("POST", "/api/signin"), ("POST", "/api/me"),
+           ("DELETE", "/api/user/keys/c3NoLWVkMjU1MTkgQUFBQQ"), ("GET", "/api/user"),
+           ("POST", "/api/experimental/web_search"), ("POST", "/api/SignOut")]
+
+
+def reached(fake, path):
+    return [r for r in fake.requests if r.path.split("?")[0] == path]
+
+
+@pytest.mark.parametrize("method, path", ACCOUNT)
+@pytest.mark.parametrize("open_unknown", [False, True], ids=["default", "open_unknown_paths"])
+def test_account_endpoints_are_refused_to_user_keys_and_never_reach_ollama(
+        make_client, make_key, fake, method, path, open_unknown):
+    client = make_client(open_unknown_paths=open_unknown)
+    secret, _ = make_key()
+    response = client.open(path, method=method, headers=auth_header(secret), json={})
+    assert response.status_code == 403
+    assert "account endpoints" in response.get_json()["error"]
+    assert "needs an admin key" in response.get_json()["error"]
+    assert reached(fake, path) == []
+
+
+@pytest.mark.parametrize("method, path", ACCOUNT)
+def test_account_endpoints_are_relayed_for_admin_keys(client, make_key, fake, method, path):
+    secret, _ = make_key("admin", role="admin")
+    response = client.open(path, method=method, headers=auth_header(secret), json={})
+    assert response.status_code == 404  # the fake Ollama's own answer: it got the request
+    assert [r.method for r in reached(fake, path)] == [method]
+
+
+@pytest.mark.parametrize("path, shape", [
+    ("/api/some-future-endpoint", "native"), ("/v1/some-future-endpoint", "openai")])
+def test_unknown_paths_are_for_admin_keys_unless_opened(make_client, make_key, fake, path,
+                                                        shape):
+    secret, _ = make_key()
+    response = make_client().post(path, headers=auth_header(secret), json={})
+    assert response.status_code == 403
+    error = response.get_json()["error"]
+    message = error if shape == "native" else error["message"]
+    assert "not an endpoint the gateway knows" in message
+    assert "open_unknown_paths = true" in message
+    assert reached(fake, path) == []
+
+    opened = make_client(open_unknown_paths=True).post(path, headers=auth_header(secret),
+                                                         json={})
+    assert opened.status_code == 404  # Ollama's answer
+    assert len(reached(fake, path)) == 1
+    admin, _ = make_key("admin", role="admin")
+    assert make_client().post(path, headers=auth_header(admin), json={}).status_code == 404
+    assert len(reached(fake, path)) == 2
+
+
+def test_the_setting_is_read_from_the_environment():
+    from app.config import load_settings
+
+    environ = {"OLLAMA_GW_OPEN_UNKNOWN_PATHS": "true"}
+    assert load_settings(environ=environ).open_unknown_paths is True
+    assert load_settings(environ={}).open_unknown_paths is False
+
+
+@pytest.mark.parametrize("path", ["/v1/messages", "/v1/images/generations", "/v1/images/edits",
+                                  "/v1/audio/transcriptions"])
+def test_new_known_endpoints_are_relayed_for_user_keys_within_their_models(client, make_key,
+                                                                           fake, path):
+    secret, _ = make_key(models="llama3.2")
+    body = {"model": "llama3.2", "prompt": "a cat"}
+    response = client.post(path, headers=auth_header(secret), json=body)
+    assert response.status_code == 404  # the fake has no such endpoint: Ollama's own answer
+    assert reached(fake, path)[-1].json() == body
+
+    refused = client.post(path, headers=auth_header(secret), json={**body, "model": "qwen2.5"})
+    assert refused.status_code == 403
+    assert "may not use model 'qwen2.5'" in refused.get_json()["error"]["message"]
+    assert len(reached(fake, path)) == 1
+
+
+def test_api_status_is_relayed_for_user_keys(client, make_key, fake):
+    secret, _ = make_key(models="llama3.2")
+    assert client.get("/api/status", headers=auth_header(secret)).status_code == 404
+    assert [r.method for r in reached(fake, "/api/status")] == ["GET"]
+
+
+FORM = (b'--XyZ\r\nContent-Disposition: form-data; name="model"\r\n\r\nwhisper\r\n'
+        b'--XyZ\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n'
+        b"Content-Type: audio/wav\r\n\r\nRIFF....\r\n--XyZ--\r\n")
+
+
+@pytest.mark.parametrize("path", ["/v1/audio/transcriptions", "/v1/images/edits"])
+def test_a_form_is_relayed_as_sent_for_keys_without_an_allow_list(client, make_key, fake, path):
+    headers = {"Content-Type": "multipart/form-data; boundary=XyZ"}
+    open_key, _ = make_key("any model")
+    response = client.post(path, data=FORM, headers={**headers, **auth_header(open_key)})
+    assert response.status_code == 404  # Ollama's answer
+    assert reached(fake, path)[-1].body == FORM
+    assert reached(fake, path)[-1].headers["Content-Type"] == headers["Content-Type"]
+
+    limited, _ = make_key("some models", models="llama3.2")
+    refused = client.post(path, data=FORM, headers={**headers, **auth_header(limited)})
+    assert refused.status_code == 403
+    assert "does not read its model field" in refused.get_json()["error"]["message"]
+    assert len(reached(fake, path)) == 1
