@@ -290,8 +290,6 @@ def test_no_request_gets_a_500(fuzzed):
     assert "Traceback" not in fuzzed["log"], fuzzed["log"][-3000:]
 
 
-@pytest.mark.xfail(strict=True, reason="issue 23 item 4: an answer to a request whose body "
-                   "was not read (a refusal) drops the connection without Connection: close")
 def test_keep_alive_clients_lose_no_connection(fuzzed):
     assert fuzzed["drops"] == [], (len(fuzzed["drops"]), fuzzed["drops"][:5])
 
