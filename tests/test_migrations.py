@@ -13,7 +13,8 @@ from app.models import MODELS
 HISTORY_TABLE = "schema_migration"
 MIGRATIONS = ["0001_initial", "0002_heartbeat", "0003_usage_quotas_webhooks",
               "0004_key_model_policy", "0005_upstream_status",
-              "0006_audit_log", "0007_usage_hourly", "0008_fair_queue"]
+              "0006_audit_log", "0007_usage_hourly", "0008_fair_queue",
+              "0009_quota_reservations"]
 
 
 @pytest.fixture
