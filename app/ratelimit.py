@@ -23,7 +23,7 @@ from app.db import db, forget_idle_connections, is_postgres
 from app.errors import RateLimited
 from app.gather import Gather
 from app.limits import format_rate_limit
-from app.models import ApiKey, ConcurrencySlot, QuotaReservation, RateCounter, TokenUsage
+from app.models import ApiKey, ConcurrencySlot, QuotaReservation, RateCounter
 
 log = logging.getLogger(__name__)
 
@@ -57,13 +57,6 @@ class Admission:
             "X-RateLimit-Remaining": str(max(self.remaining, 0)),
             "X-RateLimit-Reset": str(self.reset_at),
         }
-
-
-def tokens_used(key_id, period_start):
-    """Tokens charged to a key in its quota period that starts at `period_start`."""
-    return (TokenUsage.select(TokenUsage.tokens)
-            .where((TokenUsage.key_id == key_id) & (TokenUsage.period_start == period_start))
-            .scalar()) or 0
 
 
 class Limiter:
