@@ -11,7 +11,8 @@ import pytest
 from flask.testing import FlaskClient
 
 from app import create_app, estimate, stats
-from app.models import TokenUsage, UsageHourly, UsageLabel, UsageRecord
+from app import webhooks as hooks
+from app.models import TokenUsage, UsageHourly, UsageLabel, UsageRecord, WebhookDelivery
 from app.request_record import ACCESS_LOG, flush_at_exit
 from app.usage import REFUSALS, Record, UsageWriter, load_spills, token_counts
 from tests.conftest import auth_header
@@ -220,6 +221,31 @@ def test_a_quota_key_without_an_answer_cap_is_capped_at_what_is_left(client, mak
     assert client.post("/api/generate", json=body, headers=auth_header(secret)).status_code \
         == 200
     assert fake.requests[-1].json()["options"] == {"num_predict": 12 - 5}
+
+
+def test_quota_warning_is_sent_once_when_used_tokens_reach_the_share(client, make_key, fake):
+    secret, key = make_key(token_quota="100/day")
+    hooks.add_webhook("http://127.0.0.1:9/hook", "quota.warning")
+
+    def warnings():
+        flush(client)
+        return [json.loads(d.payload)["data"] for d in WebhookDelivery.select()
+                .where(WebhookDelivery.event == "quota.warning").order_by(WebhookDelivery.id)]
+
+    def embed():  # one token
+        assert client.post("/api/embed", headers=auth_header(secret), json={
+            "model": "nomic-embed-text", "input": "one"}).status_code == 200
+
+    assert client.post("/api/generate", headers=auth_header(secret), json={
+        "model": "llama3.2", "prompt": "hi", "stream": False,
+        "options": {"num_predict": 78}}).status_code == 200
+    assert warnings() == []  # 79 used: below 80 % of 100
+    embed()
+    assert warnings() == [{"key_id": key.id, "key_prefix": key.prefix, "key_name": key.name,
+                           "token_quota": 100, "period": "day", "tokens_used": 80,
+                           "warning_at": 80}]
+    embed()
+    assert len(warnings()) == 1  # 81: past it already, no second warning this period
 
 
 def test_keys_without_a_quota_are_not_charged(client, make_key, fake):
