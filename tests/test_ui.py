@@ -205,7 +205,10 @@ def test_an_admin_manages_keys_as_the_cli_does(browser, client, admin):
     assert (summary["rate_limit"], summary["token_quota"], summary["models"],
             summary["max_concurrent"]) == ("60/minute", "1000/day", ["llama3.2:latest"], 2)
     assert summary["expires_at"] is not None
-    assert client.post("/api/generate", json=GENERATE, headers=auth_header(secret),
+    # With no answer cap a quota key's answer may use all that is left of its quota (and
+    # the fake Ollama does): a cap leaves some for the requests after it.
+    capped = {**GENERATE, "options": {"num_predict": 5}}
+    assert client.post("/api/generate", json=capped, headers=auth_header(secret),
                        buffered=True).status_code == 200
 
     edited = browser.post(f"/ui/keys/{row.id}", data={"csrf": token, "rate_limit": "500/hour",
@@ -224,9 +227,9 @@ def test_an_admin_manages_keys_as_the_cli_does(browser, client, admin):
     new_secret = re.search(r'id="secret">(ogw_[A-Za-z0-9_-]{43})<',
                            rotated.get_data(as_text=True))[1]
     client.application.extensions["key_cache"].clear()  # rather than wait its second out
-    assert client.post("/api/generate", json=GENERATE,
+    assert client.post("/api/generate", json=capped,
                        headers=auth_header(secret)).status_code == 401
-    assert client.post("/api/generate", json=GENERATE, headers=auth_header(new_secret),
+    assert client.post("/api/generate", json=capped, headers=auth_header(new_secret),
                        buffered=True).status_code == 200
 
     assert browser.post(f"/ui/keys/{row.id}/revoke", data={"csrf": token}).status_code == 302
