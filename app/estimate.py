@@ -1,10 +1,13 @@
 """How many tokens a request's prompt will be, guessed from its body alone.
 
 The gateway often runs offline and serves many models, so it downloads no tokenizer:
-about four characters of text make a token for the models Ollama serves (English prose;
-code and other scripts come out somewhat higher). Quotas reserve this much before a
-request runs (app/quota.py) and charge it when the answer ends without Ollama's counts;
-an endpoint answering "how many tokens would this be" can give the same figure.
+about four characters of text make a token for the models Ollama serves (English prose),
+but never fewer tokens than words (tokenizers split at spaces: "a a a a" is 4, not 2)
+nor than characters outside ASCII (scripts without spaces, emoji: one or more each).
+Quotas reserve this much before a request runs (app/quota.py), and a request is
+admitted past its key's quota by at most what Ollama counts beyond it; the answer is
+charged this when it ends without Ollama's counts. An endpoint answering "how many
+tokens would this be" can give the same figure.
 """
 import json
 import math
@@ -24,42 +27,49 @@ def prompt_tokens(payload):
     """The estimated prompt tokens of a request body (a parsed JSON object); 0 for none."""
     if not isinstance(payload, dict):
         return 0
-    chars, images, messages = 0, 0, 0
+    tokens, images = 0, 0
     for field in TEXT_FIELDS:
-        c, i, m = _walk(payload.get(field))
-        chars, images, messages = chars + c, images + i, messages + m
-    listed = payload.get("messages")
-    if isinstance(listed, list):
-        c, i, _ = _walk(listed)
-        chars, images = chars + c, images + i
-        messages += len(listed)
+        t, i = _walk(payload.get(field))
+        tokens, images = tokens + t, images + i
+    messages = payload.get("messages")
+    if isinstance(messages, list):
+        t, i = _walk(messages)
+        tokens, images = tokens + t + len(messages) * MESSAGE_TOKENS, images + i
     images += _count_images(payload.get("images"))
     for field in STRUCTURED_FIELDS:
         if payload.get(field) not in (None, "", [], {}):
-            chars += len(json.dumps(payload[field], ensure_ascii=False, default=str))
-    return math.ceil(chars / CHARS_PER_TOKEN) + images * IMAGE_TOKENS + messages * MESSAGE_TOKENS
+            tokens += text_tokens(json.dumps(payload[field], ensure_ascii=False, default=str))
+    return tokens + images * IMAGE_TOKENS
+
+
+def text_tokens(text):
+    """Tokens of one text: a token a 4 characters, a word, or a character outside ASCII."""
+    guesses = [math.ceil(len(text) / CHARS_PER_TOKEN), len(text.split())]
+    if not text.isascii():
+        guesses.append(sum(1 for c in text if ord(c) > 0x7F))
+    return max(guesses)
 
 
 def _walk(value):
-    """(characters of text, images, 0) in a field: a string, a message, a list of parts."""
+    """(tokens of text, images) in a field: a string, a message, a list of parts."""
     if isinstance(value, str):
-        return len(value), 0, 0
-    chars = images = 0
+        return text_tokens(value), 0
+    tokens = images = 0
     if isinstance(value, list):
         for item in value:
-            c, i, _ = _walk(item)
-            chars, images = chars + c, images + i
+            t, i = _walk(item)
+            tokens, images = tokens + t, images + i
     elif isinstance(value, dict):
-        kind = value.get("type")
-        if kind in ("image_url", "input_image", "image"):
-            return 0, 1, 0
+        if value.get("type") in ("image_url", "input_image", "image"):
+            return 0, 1
         for field in ("content", "text", "thinking", "input_text", "output", "arguments"):
-            c, i, _ = _walk(value.get(field))
-            chars, images = chars + c, images + i
+            t, i = _walk(value.get(field))
+            tokens, images = tokens + t, images + i
         images += _count_images(value.get("images"))
         if value.get("tool_calls"):
-            chars += len(json.dumps(value["tool_calls"], ensure_ascii=False, default=str))
-    return chars, images, 0
+            tokens += text_tokens(json.dumps(value["tool_calls"], ensure_ascii=False,
+                                             default=str))
+    return tokens, images
 
 
 def _count_images(value):

@@ -21,7 +21,9 @@ from app.quota import Standing
      2 + estimate.IMAGE_TOKENS + estimate.MESSAGE_TOKENS),
     ({"prompt": "", "images": ["aGVsbG8=", "aGVsbG8="]}, 2 * estimate.IMAGE_TOKENS),
     ({"input": ["abcd", "abcd"]}, 2),
-    ({"prompt": "a", "tools": [{"name": "f"}]}, 4),  # 1 + 15 characters (its JSON)
+    ({"prompt": "a", "tools": [{"name": "f"}]}, 1 + 4),  # its JSON: 15 characters
+    ({"prompt": "a " * 40}, 40),  # 80 characters, but 40 words: a token each at least
+    ({"prompt": "天空为什么是蓝色的"}, 9),  # no spaces: a token a character at least
 ])
 def test_prompt_tokens_are_about_four_characters_each(payload, tokens):
     assert estimate.prompt_tokens(payload) == tokens
