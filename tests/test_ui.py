@@ -12,7 +12,8 @@ import pytest
 from app import create_app
 from app import keys as keystore
 from app import webhooks as hooks
-from app.models import ApiKey, AuditEntry, WebhookDelivery
+from app.limits import quota_period
+from app.models import ApiKey, AuditEntry, QuotaReservation, TokenUsage, WebhookDelivery
 from app.ui import session as ui_session
 from tests.conftest import auth_header
 
@@ -105,6 +106,20 @@ def test_pages_allow_no_inline_script(browser, admin, path):
     for tag in re.findall(r"<script[^>]*>", html):
         assert "src=" in tag or 'type="application/json"' in tag, tag
     assert " on" not in " ".join(re.findall(r"<[^>]+>", html)).replace(" one", "")
+
+
+def test_a_quota_keys_page_shows_its_tokens_used_reserved_and_left(browser, admin, make_key):
+    _, row = make_key("metered", token_quota="100/day")
+    now = time.time()
+    start, _ = quota_period("day", now)
+    TokenUsage.create(key_id=row.id, period_start=start, tokens=30)
+    for key_id, tokens in ((row.id, 25), (admin[1].id, 40)):  # its own, and another key's
+        QuotaReservation.create(key_id=key_id, period_start=start, tokens=tokens,
+                                holder="host:1", expires_at=now + 60)
+    sign_in(browser, admin[0])
+    page = browser.get(f"/ui/keys/{row.id}").get_data(as_text=True)
+    assert ('<td>30 <span class="quota-reserved">+ 25 reserved, 45 left</span></td>'
+            '<td>100</td>') in page
 
 
 def test_assets_are_served_from_the_package(browser):
