@@ -205,6 +205,9 @@ def forward(key, path, body, query=b"", transform=None, rewrite=None, model=None
         finish()
         raise stall_error() from None
     except ClientDisconnected:
+        # Gone once Ollama had the request (it may have read the prompt): a hang-up, charged
+        # its estimated prompt (app/request_record.py).
+        outcome.client_aborted = bool(chosen)
         finish()
         return Response(status=499)  # nobody is listening; nginx's code for it
     except GatewayError as exc:

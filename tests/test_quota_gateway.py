@@ -167,3 +167,24 @@ def test_another_keys_reservation_is_absent_from_this_keys_figures(database, fak
             assert quota_of(gw, mine["prefix"]) is None  # no usage rows: nothing to show
         finally:
             running.close()
+
+
+def test_a_hang_up_while_ollama_reads_the_prompt_charges_it(database, fake, tmp_path):
+    with GatewayProcess(database, fake.url, workers=1, slot_lease_seconds=600) as gw:
+        gw.start(tmp_path / "early.log")
+        created = gw.add_key("--name", "early", "--rate-limit", "none",
+                             "--token-quota", "100000/day")
+        fake.first_byte_delay = 60  # Ollama still evaluating the prompt: not a byte yet
+        body = {"model": "llama3.2", "prompt": "word " * 400, "options": {"num_predict": 10}}
+        with pytest.raises(requests.ReadTimeout):
+            requests.post(gw.url + "/api/generate", json=body, headers=bearer(created["key"]),
+                          timeout=2)
+        assert fake.wait_for_cancellation(60)
+        assert wait_for(lambda: (usage_row(gw, created["prefix"]) or {}).get("requests") == 1
+                        and quota_of(gw, created["prefix"])["reserved"] == 0, 60)
+        row = usage_row(gw, created["prefix"])
+    prompt = estimate.prompt_tokens(body)
+    assert (row["prompt_tokens"], row["prompt_tokens_estimated"]) == (prompt, prompt) == (
+        500, 500)
+    assert row["aborted"] == 1 and row["completion_tokens"] == 0
+    assert row["token_quota"]["used"] == prompt
