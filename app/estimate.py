@@ -44,9 +44,13 @@ def prompt_tokens(payload):
 
 def text_tokens(text):
     """Tokens of one text: a token a 4 characters, a word, or a character outside ASCII."""
-    guesses = [math.ceil(len(text) / CHARS_PER_TOKEN), len(text.split())]
+    # Words as the spaces and line breaks between them: counted in C without a list (split()
+    # took 20 ms a megabyte on the request's worker); runs of spaces only count high.
+    inner = text.strip()
+    words = inner.count(" ") + inner.count("\n") + 1 if inner else 0
+    guesses = [math.ceil(len(text) / CHARS_PER_TOKEN), words]
     if not text.isascii():
-        guesses.append(sum(1 for c in text if ord(c) > 0x7F))
+        guesses.append(len(text) - len(text.encode("ascii", "ignore")))
     return max(guesses)
 
 
