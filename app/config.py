@@ -107,6 +107,9 @@ class Settings:
     slot_lease_seconds: int = setting(
         60, "A concurrency slot not renewed for this long (its gateway instance died) is free "
         "again; a crashed worker's are freed as soon as gunicorn replaces it.")
+    quota_warning_share: float = setting(
+        0.8, "Share of a key's token quota (0 < share <= 1) whose use sends the quota.warning "
+        "webhook event, once per key and quota period.")
     webhook_timeout: float = setting(
         10.0, "Seconds one webhook delivery attempt may take, from connecting to the "
         "receiver's answer; a slower attempt counts as failed and is retried.")
@@ -398,6 +401,9 @@ def validate(settings):
             parse_rate_limit(getattr(settings, name))
         except ValueError as exc:
             raise ConfigError(f"{name}: {exc}", name) from None
+    if not 0 < settings.quota_warning_share <= 1:
+        raise ConfigError(f"quota_warning_share must be a share above 0 and at most 1, "
+                          f"not {settings.quota_warning_share}", "quota_warning_share")
     if settings.model_policy not in ("refuse", "clamp"):
         raise ConfigError(f"model_policy must be refuse or clamp, not {settings.model_policy!r}",
                           "model_policy")

@@ -12,7 +12,8 @@ from flask import request
 from app.errors import Forbidden
 
 # Browser JavaScript may read these on an answer (limits and when to retry).
-EXPOSED = "X-RateLimit-Limit, X-RateLimit-Remaining, X-RateLimit-Reset, Retry-After"
+EXPOSED = ("X-RateLimit-Limit, X-RateLimit-Remaining, X-RateLimit-Reset, X-Quota-Limit, "
+           "X-Quota-Remaining, X-Quota-Reset, Retry-After")
 METHODS = "GET, POST, PUT, PATCH, DELETE, HEAD, OPTIONS"
 
 

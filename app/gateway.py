@@ -14,9 +14,14 @@ from urllib.parse import urlencode
 import requests
 from flask import Response, current_app, g, request
 
-from app import auth, compat_options, model_policy, request_record
+from app import auth, compat_options, estimate, model_policy, quota, request_record
 from app.db import db
-from app.errors import BadRequest, GatewayError, Unauthorized, UpstreamUnavailable
+from app.errors import (
+    BadRequest,
+    GatewayError,
+    Unauthorized,
+    UpstreamUnavailable,
+)
 from app.fair_queue import QUEUED_PATHS
 from app.jsonbody import JsonBody
 from app.relay import (
@@ -98,7 +103,8 @@ def authenticated_body():
 
 def outgoing_body(body, key, path, changes=None):
     """The body Ollama gets: no gateway key, ollama-api-service's top-level options moved
-    into `options`, the key's model policy applied, and `changes`.
+    into `options`, the key's model policy applied, a quota key's tokens reserved (its
+    answer capped at what is left when it sets no cap), and `changes`.
 
     One rewrite for all of them, and none at all when nothing changes (a large body is
     spliced, never re-encoded: app/jsonbody.py). The policy sees the options as moved,
@@ -111,9 +117,31 @@ def outgoing_body(body, key, path, changes=None):
     # settings() costs more than the rest of a plain body's rewrite: only when needed.
     policy = (model_policy.changes(key, path, payload, settings().model_policy)
               if model_policy.applies(key) else {})
-    found = {**moved, **policy, **(changes or {})}
+    reserved = (_reserve_quota(key, path, {**payload, **moved, **policy})
+                if path in quota.CHARGED and isinstance(payload, dict) else {})
+    found = {**moved, **policy, **reserved, **(changes or {})}
     drop = ["apikey", *(name for name, value in found.items() if value is None)]
     return body.rewritten({k: v for k, v in found.items() if v is not None}, drop=drop)
+
+
+def _reserve_quota(key, path, payload):
+    """Estimate the prompt (kept for the usage record) and, for a quota key, reserve the
+    request's tokens or refuse it (app/quota.py); the body changes that cap its answer."""
+    pending = request_record.current()
+    prompt = estimate.prompt_tokens(payload)
+    if pending is not None:
+        pending.prompt_estimate = prompt
+    if not key.token_quota:
+        return {}
+    limiter = services()[1]
+    reservation, send = quota.reserve(key, prompt, quota.answer_cap(key, path, payload),
+                                      limiter.holder, limiter.lease_seconds)
+    g.quota_checked = True  # admit() need not check again
+    g.quota_standing = reservation.standing
+    if pending is not None:  # its usage record settles it; till then the lease is renewed
+        pending.reservation_id = reservation.id
+        limiter.hold_reservation(reservation.id)
+    return {} if send is None else quota.length_change(path, payload, send)
 
 
 # Query parameters for the gateway only: a legacy key, and the upstream a client names.
@@ -140,7 +168,7 @@ def forward(key, path, body, query=b"", transform=None, rewrite=None, model=None
     asked Ollama for.
     """
     _, limiter, pool = services()
-    admission = limiter.admit(key)
+    admission = limiter.admit(key, quota_reserved=g.get("quota_checked", False))
     outcome = RelayOutcome(status=0, started=time.monotonic())
     pending = request_record.current()
     if pending is not None:
@@ -177,6 +205,9 @@ def forward(key, path, body, query=b"", transform=None, rewrite=None, model=None
         finish()
         raise stall_error() from None
     except ClientDisconnected:
+        # Gone once Ollama had the request (it may have read the prompt): a hang-up, charged
+        # its estimated prompt (app/request_record.py).
+        outcome.client_aborted = bool(chosen)
         finish()
         return Response(status=499)  # nobody is listening; nginx's code for it
     except GatewayError as exc:

@@ -23,7 +23,7 @@ import socket
 import threading
 
 from app.db import db, forget_idle_connections
-from app.models import ConcurrencySlot, QueueEntry
+from app.models import ConcurrencySlot, QueueEntry, QuotaReservation
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 HELD = (
     (QueueEntry, QueueEntry.holder),
     (ConcurrencySlot, ConcurrencySlot.holder),
+    (QuotaReservation, QuotaReservation.holder),
 )
 # Seconds between a worker's sweeps for rows of dead processes on this host.
 SWEEP_SECONDS = 2.0

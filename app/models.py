@@ -113,6 +113,9 @@ class UsageRecord(BaseModel):
     eval_ms = peewee.IntegerField(null=True)  # Ollama's eval_duration: tokens per second
     bytes = peewee.BigIntegerField(default=0)
     aborted = peewee.BooleanField(default=False)
+    # True: prompt_tokens is the gateway's estimate (app/estimate.py), as the answer ended
+    # without Ollama's counts. NULL on rows older instances write: exact or unknown.
+    prompt_estimated = peewee.BooleanField(null=True)
 
     class Meta:
         indexes = ((("key_id", "at"), False),)
@@ -212,6 +215,23 @@ class TokenUsage(BaseModel):
 
     class Meta:
         primary_key = peewee.CompositeKey("key_id", "period_start")
+
+
+class QuotaReservation(BaseModel):
+    """Tokens a request running now may use, held against its key's quota (app/quota.py).
+
+    Deleted in the transaction that charges the request's real tokens; a crashed
+    worker's rows lapse at expires_at, which the holder renews while the request runs.
+    """
+
+    key_id = peewee.IntegerField()
+    period_start = peewee.BigIntegerField()
+    tokens = peewee.BigIntegerField()
+    holder = peewee.CharField(max_length=128)  # host:pid of the worker with the request
+    expires_at = peewee.DoubleField()
+
+    class Meta:
+        indexes = ((("key_id", "period_start"), False),)
 
 
 class Webhook(BaseModel):
@@ -320,4 +340,4 @@ class SigninFailure(BaseModel):
 MODELS = [ApiKey, RateCounter, ConcurrencySlot, Heartbeat, UsageLabel, UsageRecord,
           UsageHourlyModel, UsageDailyKey,
           UsageHourly, UsageHistogram, TokenUsage, Webhook, WebhookDelivery, WebhookAttempt,
-          UpstreamStatus, AuditEntry, QueueEntry, UiSession, SigninFailure]
+          UpstreamStatus, AuditEntry, QueueEntry, UiSession, SigninFailure, QuotaReservation]

@@ -70,7 +70,8 @@ def _errors(*codes, openai=False):
 
 
 RATE_HEADERS = {name: {"$ref": f"#/components/headers/{name}"}
-                for name in ("X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset")}
+                for name in ("X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset",
+                             "X-Quota-Limit", "X-Quota-Remaining", "X-Quota-Reset")}
 KEYED = (400, 401, 403, 404, 405, 408, 413, 429, 502, 503, 504)
 
 
@@ -428,6 +429,12 @@ def document():
                                           "schema": INT},
                 "X-RateLimit-Reset": {"description": "Unix time the window ends",
                                       "schema": INT},
+                "X-Quota-Limit": {"description": "The key's token quota for the period",
+                                  "schema": INT},
+                "X-Quota-Remaining": {"description": "Tokens neither charged nor reserved by "
+                                      "requests running now", "schema": INT},
+                "X-Quota-Reset": {"description": "Unix time the quota period ends",
+                                  "schema": INT},
                 "Retry-After": {"description": "Seconds to wait before retrying",
                                 "schema": INT},
             },

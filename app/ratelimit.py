@@ -16,12 +16,13 @@ import time
 import peewee
 from flask import g
 
+from app import quota
 from app.db import db, forget_idle_connections, is_postgres
 from app.errors import RateLimited
 from app.gather import Gather
 from app.holders import this_process
-from app.limits import format_rate_limit, format_token_quota, quota_period
-from app.models import ApiKey, ConcurrencySlot, RateCounter, TokenUsage
+from app.limits import format_rate_limit
+from app.models import ApiKey, ConcurrencySlot, QuotaReservation, RateCounter
 
 log = logging.getLogger(__name__)
 
@@ -57,18 +58,12 @@ class Admission:
         }
 
 
-def tokens_used(key_id, period_start):
-    """Tokens charged to a key in its quota period that starts at `period_start`."""
-    return (TokenUsage.select(TokenUsage.tokens)
-            .where((TokenUsage.key_id == key_id) & (TokenUsage.period_start == period_start))
-            .scalar()) or 0
-
-
 class Limiter:
     def __init__(self, lease_seconds=60):
         self.lease_seconds = lease_seconds
         self.holder = this_process()
         self._held = set()
+        self._reservations = set()  # quota reservations (app/quota.py) the keeper renews
         self._unreleased = set()  # slots whose delete failed; the keeper retries them
         self._keeper = None
         self._lock = threading.Lock()
@@ -76,12 +71,16 @@ class Limiter:
         self._count_sql_cached = None
         self._counting = Gather(self._count_batch)  # groups: (key id, window)
 
-    def admit(self, key, now=None):
-        """Count one request for `key` and take a concurrency slot, or raise 429."""
+    def admit(self, key, now=None, quota_reserved=False):
+        """Count one request for `key` and take a concurrency slot, or raise 429.
+
+        A quota key's request is refused once charged and reserved tokens reach the
+        quota, unless it already reserved its tokens (app/quota.py reserve()).
+        """
         now = time.time() if now is None else now
         admission = Admission()
-        if key.token_quota:
-            self._check_quota(key, now)
+        if key.token_quota and not quota_reserved:
+            quota.check(key, now)
         if not key.rate_limit and not key.max_concurrent:
             return admission  # nothing to count: no write transaction, no lock
         if not key.max_concurrent:
@@ -102,24 +101,6 @@ class Limiter:
         if admission.slot_id is not None:
             self._hold(admission.slot_id)
         return admission
-
-    @staticmethod
-    def _check_quota(key, now):
-        """429 once the key's tokens this UTC day or month reach its quota.
-
-        Tokens are charged as usage is written, so requests already admitted when the
-        quota runs out still finish and are charged: the README states the bound.
-        """
-        start, end = quota_period(key.token_period, now)
-        used = tokens_used(key.id, start)
-        if used >= key.token_quota:
-            retry = max(1, math.ceil(end - now))
-            raise RateLimited(
-                f"token quota used up: key allows "
-                f"{format_token_quota(key.token_quota, key.token_period)} tokens (prompt + "
-                f"completion, UTC {key.token_period}) and has used {used}; retry in {retry} s",
-                headers={"Retry-After": str(retry)}, refusal="quota",
-            )
 
     def peek(self, key, now=None):
         """The key's current window, as the headers show it, without counting a request."""
@@ -269,6 +250,17 @@ class Limiter:
             self._held.add(slot_id)
         self._start_keeper()
 
+    def hold_reservation(self, reservation_id):
+        """Renew a quota reservation's lease until let_go(): the request is running."""
+        with self._lock:
+            self._reservations.add(reservation_id)
+        self._start_keeper()
+
+    def let_go(self, reservation_id):
+        """Stop renewing a reservation: its usage record, which settles it, is written next."""
+        with self._lock:
+            self._reservations.discard(reservation_id)
+
     def _start_keeper(self):
         with self._lock:
             if self._keeper is None or not self._keeper.is_alive():
@@ -282,13 +274,15 @@ class Limiter:
         return min(RETRY_SECONDS, self.lease_seconds / 3)
 
     def _keep_forever(self):
-        """Renew the leases of slots this process holds; retry releases that failed."""
+        """Renew the leases of slots and reservations this process holds; retry releases
+        that failed."""
         renewed_at = time.monotonic()
         while True:
             time.sleep(self._keeper_interval)
             with self._lock:
                 held, unreleased = list(self._held), list(self._unreleased)
-                if not held and not unreleased:
+                reservations = list(self._reservations)
+                if not held and not unreleased and not reservations:
                     self._keeper = None  # nothing to keep: the next slot starts a new one
                     return
             try:
@@ -297,25 +291,30 @@ class Limiter:
                         self._unreleased.difference_update(unreleased)
                     log.info("released %d concurrency slot(s) once the database was back",
                              len(unreleased))
-                if held and time.monotonic() - renewed_at >= self.lease_seconds / 3:
+                if ((held or reservations)
+                        and time.monotonic() - renewed_at >= self.lease_seconds / 3):
                     renewed_at = time.monotonic()
-                    self.renew(held)
+                    self.renew(held, reservations)
             except Exception as exc:  # the keeper stays, whatever failed: leases lapse without it
                 log.warning("slot keeper: %s", exc)
 
-    def renew(self, slot_ids):
+    def renew(self, slot_ids, reservation_ids=()):
         try:
             with db.connection_context():
-                ConcurrencySlot.update(expires_at=time.time() + self.lease_seconds).where(
-                    ConcurrencySlot.id.in_(slot_ids)
-                ).execute()
+                for model, ids in ((ConcurrencySlot, slot_ids),
+                                   (QuotaReservation, reservation_ids)):
+                    if ids:
+                        model.update(expires_at=time.time() + self.lease_seconds).where(
+                            model.id.in_(ids)).execute()
         except Exception as exc:
-            log.warning("could not renew %d concurrency slot leases: %s", len(slot_ids), exc)
+            log.warning("could not renew %d concurrency slot and %d quota reservation "
+                        "leases: %s", len(slot_ids), len(reservation_ids), exc)
             forget_idle_connections()
 
 
 def init_app(app):
     limiter = app.extensions["limiter"] = Limiter(app.config["SETTINGS"].slot_lease_seconds)
+    quota.init_app(app)
 
     @app.after_request
     def _rate_limit_headers(response):

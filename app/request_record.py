@@ -10,6 +10,7 @@ import collections
 import dataclasses
 import json
 import logging
+import math
 import sys
 import time
 from urllib.parse import urlencode
@@ -43,6 +44,8 @@ class Pending:
     refusal: str | None = None
     remote: str | None = None
     query: str = ""
+    prompt_estimate: int | None = None  # app/estimate.py's, for a model-running request
+    reservation_id: int | None = None  # its quota reservation (app/quota.py)
 
 
 def begin(endpoint):
@@ -76,14 +79,22 @@ def relaying(pending):
     metrics.TALLY.inflight += 1
 
 
-def finish(writer, pending, response, log_access):
+def finish(writer, pending, response, log_access, limiter=None, warning_share=0.8):
     end = time.monotonic()
     outcome = pending.outcome
     relayed = outcome is not None and outcome.first_byte_at is not None
     prompt = completion = eval_ms = None
+    estimated = False
     if outcome is not None:
+        complete = outcome.complete and not outcome.upstream_error
+        # Ollama had the prompt once it answered, or while the client waited for it.
+        charged = None if complete or not (relayed or outcome.client_aborted) else (
+            pending.prompt_estimate)
         prompt, completion, eval_ms = token_counts(
-            outcome.tail, outcome.lines, outcome.complete and not outcome.upstream_error)
+            outcome.tail, outcome.lines, complete, charged)
+        estimated = charged is not None
+    if pending.reservation_id is not None and limiter is not None:
+        limiter.let_go(pending.reservation_id)
     status = pending.status
     if relayed and outcome.upstream_error:
         status = 502  # Ollama broke off mid-answer: a failure, whatever status line went out
@@ -94,6 +105,11 @@ def finish(writer, pending, response, log_access):
         key_id=key.id if key else None, key_prefix=key.prefix if key else None,
         key_name=key.name if key else None,
         quota_period=key.token_period if key and key.token_quota else None,
+        token_quota=key.token_quota if key else None,
+        # round(): 0.7 * 10 is 7.000000000000001, and the warning is due at 7.
+        quota_warning_at=math.ceil(round(key.token_quota * warning_share, 6))
+        if key and key.token_quota else None,
+        reservation_id=pending.reservation_id, prompt_estimated=estimated,
         model=normalize_model(pending.model).lower() if pending.model else None,
         upstream=pending.upstream, refusal=pending.refusal,
         prompt_tokens=prompt, completion_tokens=completion, eval_ms=eval_ms,
@@ -196,6 +212,8 @@ def flush_at_exit(app, seconds=10.0):
 
 def init_app(app):
     settings = app.config["SETTINGS"]
+    limiter = app.extensions["limiter"]
+    share = settings.quota_warning_share
     writer = app.extensions["usage"] = UsageWriter(
         settings.usage_buffer_records, settings.usage_flush_seconds,
         on_batch=webhooks.enqueue_usage,  # events stored with the records: the outbox
@@ -217,7 +235,8 @@ def init_app(app):
             pending.refusal = getattr(context, "refusal", None)
             pending.remote = client_address()
             pending.query = _query_without_keys(req)
-            _when_closed(response, lambda: finish(writer, pending, response, log_access))
+            _when_closed(response,
+                         lambda: finish(writer, pending, response, log_access, limiter, share))
         return response
 
 

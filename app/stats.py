@@ -193,6 +193,28 @@ def totals(rows):
     return {f: sum(row[f] for row in rows) for f in fields}
 
 
+def estimated_prompt_tokens(since=None, key_id=None):
+    """{key id: prompt tokens that are estimates} since `since`: answers that ended
+    without Ollama's counts (app/estimate.py). Read from the per-request rows, so
+    `usage prune` forgets them; the roll-ups' prompt_tokens include them."""
+    query = (UsageRecord.select(UsageRecord.key_id, fn.SUM(UsageRecord.prompt_tokens))
+             .where(UsageRecord.prompt_estimated == True)  # noqa: E712 (peewee's SQL)
+             .group_by(UsageRecord.key_id))
+    if since is not None:
+        query = query.where(UsageRecord.at >= int(since // 3600 * 3600))
+    if key_id is not None:
+        query = query.where(UsageRecord.key_id == key_id)
+    return {key: int(tokens or 0) for key, tokens in query.tuples()}
+
+
+def with_estimates(rows, since=None):
+    """`usage --by key` rows with prompt_tokens_estimated, the estimated part of prompt_tokens."""
+    estimated = estimated_prompt_tokens(since)
+    for row in rows:
+        row["prompt_tokens_estimated"] = estimated.get(row["key_id"] or None, 0)
+    return rows
+
+
 def response_times(key_id, since=None):
     """A key's answered requests since `since`: (count, min, max, average) in milliseconds.
 

@@ -85,6 +85,11 @@ class Record:
     bytes: int = 0
     aborted: bool = False
     prompt: dict | None = None  # the Go predecessor's fields, for webhooks that want them
+    token_quota: int | None = None
+    quota_warning_at: int | None = None  # tokens used that pass quota_warning_share
+    quota_warning: int | None = None  # tokens used once this record's charge passed them
+    reservation_id: int | None = None  # settled (deleted) when this record is written
+    prompt_estimated: bool | None = None  # prompt_tokens is app/estimate.py's guess
 
     @property
     def is_error(self):
@@ -95,16 +100,17 @@ class Record:
         return (self.prompt_tokens or 0) + (self.completion_tokens or 0)
 
 
-def token_counts(tail, lines, complete):
+def token_counts(tail, lines, complete, prompt_estimate=None):
     """(prompt, completion, eval ms) from an answer's last bytes, read in passing.
 
     A complete answer ends with Ollama's counts. One cut short (the client left, Ollama
     failed) has none that count: its completion tokens are the stream's lines (NDJSON)
-    or events (SSE) relayed so far, about one per token, and its prompt tokens are
-    unknown (None), never a made-up zero.
+    or events (SSE) relayed so far, about one per token, and its prompt tokens are the
+    gateway's estimate from the body (app/estimate.py), or unknown (None) without one,
+    never a made-up zero.
     """
     if not complete:
-        return None, lines or None, None
+        return prompt_estimate, lines or None, None
     found = {name.decode(): int(value) for name, value in _COUNTS.findall(tail)}
     prompt = next((found[n] for n in _PROMPT if n in found), None)
     completion = next((found[n] for n in _COMPLETION if n in found), None)
@@ -284,8 +290,7 @@ class UsageWriter:
             _add_to(UsageDailyKey, ("day", "key_id"), SUM_COLUMNS, _sum_rows(_regroup(
                 hourly, lambda hour, key, model, _: (hour // 86400 * 86400, key))))
             _add_to(UsageHistogram, HISTOGRAM_KEY, ("count",), _histogram_rows(hourly))
-            _add_to(TokenUsage, ("key_id", "period_start"), ("tokens",),
-                    [(*key, tokens) for key, tokens in _charges(records).items()])
+            _charge(records)
             self.on_batch(records)
         self._labels.remember(ids)
 
@@ -330,13 +335,14 @@ def _named(exc):
 
 ROW_COLUMNS = ("at", "key_id", "endpoint_id", "model_id", "upstream_id", "status", "refusal",
                "prompt_tokens", "completion_tokens", "latency_ms", "ttfb_ms", "eval_ms",
-               "bytes", "aborted")
+               "bytes", "aborted", "prompt_estimated")
 
 
 def _row(r, ids):
     return (r.at, r.key_id, ids[_label(r.endpoint)], ids.get(_label(r.model)),
             ids.get(_label(r.upstream)), r.status, REFUSALS.get(r.refusal, 0), r.prompt_tokens,
-            r.completion_tokens, r.latency_ms, r.ttfb_ms, r.eval_ms, r.bytes, r.aborted)
+            r.completion_tokens, r.latency_ms, r.ttfb_ms, r.eval_ms, r.bytes, r.aborted,
+            r.prompt_estimated)
 
 
 def _bucket(prefix, ms):
@@ -416,6 +422,33 @@ def _charges(records):
     return charges
 
 
+def _charge(records):
+    """Charge the batch's tokens to quotas and settle their reservations (app/quota.py).
+
+    In the batch's transaction: a request counts by its reservation until its charge
+    commits, then by the charge alone. The record whose charge takes its key's used
+    tokens from below its quota_warning_at to at least it gets `quota_warning` (the
+    tokens used then): the row's upsert is serialised, so across workers one batch alone
+    sees the crossing, and the key is warned once a period.
+    """
+    for r in records:
+        r.quota_warning = None
+    charges = _charges(records)
+    totals = _add_to(TokenUsage, ("key_id", "period_start"), ("tokens",),
+                     [(*key, tokens) for key, tokens in charges.items()],
+                     returning=("key_id", "period_start", "tokens"))
+    last = {(r.key_id, quota_period(r.quota_period, r.at)[0]): r
+            for r in records if r.quota_period and r.quota_warning_at}
+    for key_id, period_start, after in totals:
+        r = last.get((key_id, period_start))
+        if r is not None and after - charges[(key_id, period_start)] < r.quota_warning_at <= after:
+            r.quota_warning = after
+    settled = [r.reservation_id for r in records if r.reservation_id is not None]
+    if settled:
+        db.execute_sql(f'DELETE FROM "quota_reservation" WHERE "id" IN '
+                       f'({", ".join([db.obj.param] * len(settled))})', settled)
+
+
 # The batch's statements are written out here rather than built by peewee: building a
 # 200-row INSERT cost 70 µs a row in Python, and SQLite holds its worker while it runs.
 # Both databases take this SQL as it is (SQLite 3.24+ for ON CONFLICT … DO UPDATE).
@@ -432,19 +465,23 @@ def _insert(model, columns, rows):
                        f"VALUES {_values(columns, len(rows))}", [v for row in rows for v in row])
 
 
-def _add_to(model, key, amounts, rows):
+def _add_to(model, key, amounts, rows, returning=()):
     """Insert each row, or add its amounts to the row already there: one atomic statement.
 
-    The rows' keys are distinct (one row per group), as PostgreSQL requires.
+    The rows' keys are distinct (one row per group), as PostgreSQL requires. Returns the
+    `returning` columns of each row after the addition.
     """
     if not rows:
-        return
+        return []
     table = model._meta.table_name
     columns = (*key, *amounts)
     additions = ", ".join(f'"{c}" = "{table}"."{c}" + EXCLUDED."{c}"' for c in amounts)
-    db.execute_sql(f'INSERT INTO "{table}" ({_quoted(columns)}) VALUES '
-                   f"{_values(columns, len(rows))} ON CONFLICT ({_quoted(key)}) "
-                   f"DO UPDATE SET {additions}", [v for row in rows for v in row])
+    cursor = db.execute_sql(
+        f'INSERT INTO "{table}" ({_quoted(columns)}) VALUES '
+        f"{_values(columns, len(rows))} ON CONFLICT ({_quoted(key)}) "
+        f"DO UPDATE SET {additions}" + (f" RETURNING {_quoted(returning)}" if returning else ""),
+        [v for row in rows for v in row])
+    return cursor.fetchall() if returning else []
 
 
 def _quoted(columns):

@@ -24,8 +24,8 @@ from app.models import Webhook, WebhookDelivery
 
 log = logging.getLogger(__name__)
 
-EVENTS = ("request.completed", "ratelimit.exceeded", "quota.exceeded", "key.created",
-          "key.revoked", "key.rotated")
+EVENTS = ("request.completed", "ratelimit.exceeded", "quota.exceeded", "quota.warning",
+          "key.created", "key.revoked", "key.rotated")
 # Sent only by `ollama-gw webhooks test`, to the one webhook tested, whatever it subscribes to.
 TEST_EVENT = "webhook.test"
 ALL = "*"
@@ -292,6 +292,8 @@ def enqueue_usage(records):
         event = USAGE_EVENTS.get(r.refusal, False)
         if event and subscriptions.subscribers(event):
             enqueue(event, usage_event_data(r), prompt=r.prompt, now=r.at)
+        if r.quota_warning is not None and subscriptions.subscribers("quota.warning"):
+            enqueue("quota.warning", quota_warning_data(r), now=r.at)
 
 
 def usage_event_data(r):
@@ -305,6 +307,13 @@ def usage_event_data(r):
     if r.refusal:
         data["reason"] = r.refusal
     return data
+
+
+def quota_warning_data(r):
+    """What quota.warning says: the key, its quota and period, the tokens used now."""
+    return {"key_id": r.key_id, "key_prefix": r.key_prefix, "key_name": r.key_name,
+            "token_quota": r.token_quota, "period": r.quota_period,
+            "tokens_used": r.quota_warning, "warning_at": r.quota_warning_at}
 
 
 def key_event_data(row, **extra):

@@ -6,7 +6,7 @@ import time
 
 import click
 
-from app import audit, histogram, stats
+from app import audit, histogram, quota, stats
 from app import keys as keystore
 from app.keys import normalize_model
 from app.limits import parse_duration
@@ -19,7 +19,8 @@ NUMBERS = ["requests", "errors", "refused", "prompt_tokens", "completion_tokens"
            "latency_ms_p50", "latency_ms_p95", "ttfb_ms_p50", "tokens_per_second"]
 PERCENTILES = {field for field, *_ in stats.PERCENTILES}
 HEADINGS = {"key_prefix": "key", "key_name": "name", "prompt_tokens": "tokens_in",
-            "completion_tokens": "tokens_out", "latency_ms_p50": "p50_ms",
+            "completion_tokens": "tokens_out", "prompt_tokens_estimated": "in_estimated",
+            "latency_ms_p50": "p50_ms",
             "latency_ms_p95": "p95_ms", "ttfb_ms_p50": "ttfb_p50_ms",
             "tokens_per_second": "tok/s"}
 
@@ -44,15 +45,23 @@ def usage(ctx, ident, model, since, by, as_json, as_csv):
     if as_json and as_csv:
         raise click.UsageError("choose one of --json and --csv")
     open_db()
-    key_id = None
+    key_id = row = None
     if ident:
         try:
-            key_id = keystore.find_key(ident).id
+            row = keystore.find_key(ident)
         except keystore.KeyOpError as exc:
             raise click.ClickException(str(exc)) from None
-    rows = stats.usage(since_option(since), by, key_id, normalize_model(model).lower()
-                       if model else None)
+        key_id = row.id
+    start = since_option(since)
+    rows = stats.usage(start, by, key_id, normalize_model(model).lower() if model else None)
     columns = LABELS[by] + NUMBERS
+    if by == "key":
+        rows = stats.with_estimates(rows, start)
+        columns.insert(columns.index("prompt_tokens") + 1, "prompt_tokens_estimated")
+    standing = quota.standing(row) if row is not None and row.token_quota else None
+    if standing is not None:
+        for found in rows:
+            found["token_quota"] = standing.fields()
     if as_json:
         echo_json(rows)
     elif as_csv:
@@ -68,6 +77,10 @@ def usage(ctx, ident, model, since, by, as_json, as_csv):
                   else ("-" if row.get(c) is None else row[c]) for c in columns}
                  for row in rows]
         table(shown, [HEADINGS.get(c, c) for c in columns])
+    if standing is not None and not as_json and not as_csv:
+        click.echo(f"token quota: {standing.used} used, {standing.reserved} reserved by "
+                   f"requests running now, {standing.remaining} left of {standing.limit} "
+                   f"(resets {time.strftime('%Y-%m-%dT%H:%MZ', time.gmtime(standing.reset_at))})")
 
 
 @usage.command()

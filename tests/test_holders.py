@@ -12,7 +12,7 @@ from types import SimpleNamespace
 from app import fair_queue, holders
 from app.fair_queue import FairQueue
 from app.keys import KeyInfo
-from app.models import ConcurrencySlot, QueueEntry
+from app.models import ConcurrencySlot, QueueEntry, QuotaReservation
 from tests.gateway_process import wait_for
 
 HERE = socket.gethostname()
@@ -58,11 +58,13 @@ def test_only_rows_of_dead_processes_of_this_host_are_freed(migrated, make_key):
         QueueEntry.create(upstream="gpu", key_id=row.id, holder=holder, start_tag=0,
                           finish_tag=1, enqueued_at=now, granted_at=now, expires_at=now + 60)
         ConcurrencySlot.create(key=row.id, holder=holder, expires_at=now + 60)
+        QuotaReservation.create(key_id=row.id, period_start=0, tokens=100, holder=holder,
+                                expires_at=now + 60)
 
     freed = holders.free_dead()
 
-    assert freed == {QueueEntry: 1, ConcurrencySlot: 1}
-    for model in (QueueEntry, ConcurrencySlot):
+    assert freed == {QueueEntry: 1, ConcurrencySlot: 1, QuotaReservation: 1}
+    for model in (QueueEntry, ConcurrencySlot, QuotaReservation):
         assert sorted(h for (h,) in model.select(model.holder).tuples()) == sorted(kept)
 
 

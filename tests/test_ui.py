@@ -13,7 +13,16 @@ import pytest
 from app import create_app
 from app import keys as keystore
 from app import webhooks as hooks
-from app.models import ApiKey, AuditEntry, SigninFailure, UiSession, WebhookDelivery
+from app.limits import quota_period
+from app.models import (
+    ApiKey,
+    AuditEntry,
+    QuotaReservation,
+    SigninFailure,
+    TokenUsage,
+    UiSession,
+    WebhookDelivery,
+)
 from app.ui import session as ui_session
 from app.ui import throttle
 from tests.conftest import auth_header
@@ -118,6 +127,20 @@ def test_pages_allow_no_inline_script(browser, admin, path):
     for tag in re.findall(r"<script[^>]*>", html):
         assert "src=" in tag or 'type="application/json"' in tag, tag
     assert " on" not in " ".join(re.findall(r"<[^>]+>", html)).replace(" one", "")
+
+
+def test_a_quota_keys_page_shows_its_tokens_used_reserved_and_left(browser, admin, make_key):
+    _, row = make_key("metered", token_quota="100/day")
+    now = time.time()
+    start, _ = quota_period("day", now)
+    TokenUsage.create(key_id=row.id, period_start=start, tokens=30)
+    for key_id, tokens in ((row.id, 25), (admin[1].id, 40)):  # its own, and another key's
+        QuotaReservation.create(key_id=key_id, period_start=start, tokens=tokens,
+                                holder="host:1", expires_at=now + 60)
+    sign_in(browser, admin[0])
+    page = browser.get(f"/ui/keys/{row.id}").get_data(as_text=True)
+    assert ('<td>30 <span class="quota-reserved">+ 25 reserved, 45 left</span></td>'
+            '<td>100</td>') in page
 
 
 def test_assets_are_served_from_the_package(browser):
@@ -242,7 +265,10 @@ def test_an_admin_manages_keys_as_the_cli_does(browser, client, admin):
     assert (summary["rate_limit"], summary["token_quota"], summary["models"],
             summary["max_concurrent"]) == ("60/minute", "1000/day", ["llama3.2:latest"], 2)
     assert summary["expires_at"] is not None
-    assert client.post("/api/generate", json=GENERATE, headers=auth_header(secret),
+    # With no answer cap a quota key's answer may use all that is left of its quota (and
+    # the fake Ollama does): a cap leaves some for the requests after it.
+    capped = {**GENERATE, "options": {"num_predict": 5}}
+    assert client.post("/api/generate", json=capped, headers=auth_header(secret),
                        buffered=True).status_code == 200
 
     edited = browser.post(f"/ui/keys/{row.id}", data={"csrf": token, "rate_limit": "500/hour",
@@ -261,9 +287,9 @@ def test_an_admin_manages_keys_as_the_cli_does(browser, client, admin):
     new_secret = re.search(r'id="secret">(ogw_[A-Za-z0-9_-]{43})<',
                            rotated.get_data(as_text=True))[1]
     client.application.extensions["key_cache"].clear()  # rather than wait its second out
-    assert client.post("/api/generate", json=GENERATE,
+    assert client.post("/api/generate", json=capped,
                        headers=auth_header(secret)).status_code == 401
-    assert client.post("/api/generate", json=GENERATE, headers=auth_header(new_secret),
+    assert client.post("/api/generate", json=capped, headers=auth_header(new_secret),
                        buffered=True).status_code == 200
 
     assert browser.post(f"/ui/keys/{row.id}/revoke", data={"csrf": token}).status_code == 302

@@ -13,10 +13,10 @@ import pytest
 from flask.testing import FlaskClient
 from prometheus_client import REGISTRY
 
-from app import create_app, stats, webhooks
+from app import create_app, estimate, stats, webhooks
 from app import db as database
 from app.dead_letters import DeadLetters
-from app.models import TokenUsage, UsageHourly, UsageLabel, UsageRecord
+from app.models import TokenUsage, UsageHourly, UsageLabel, UsageRecord, WebhookDelivery
 from app.request_record import ACCESS_LOG, flush_at_exit
 from app.usage import REFUSALS, Record, UsageWriter, load_spills, spill, token_counts
 from tests.conftest import auth_header
@@ -102,7 +102,9 @@ def test_an_aborted_stream_records_the_tokens_relayed_so_far(client, make_key, f
     [row] = flush(client)
     assert row.aborted is True
     assert row.completion_tokens == len(relayed) == 3  # counted, never a silent zero
-    assert row.prompt_tokens is None  # Ollama never said: unknown, not zero
+    # Ollama never said: the gateway's estimate, marked as one, never a silent zero.
+    assert (row.prompt_tokens, row.prompt_estimated) == (
+        estimate.prompt_tokens(GENERATE), True)
 
 
 @pytest.mark.parametrize("make_request, status, refusal", [
@@ -189,6 +191,7 @@ def test_token_counts_are_read_from_the_last_bytes_of_an_answer():
     final = b'{"done":true,"prompt_eval_count":12,"eval_count":34,"eval_duration":2500000000}\n'
     assert token_counts(b'{"response":"x"}\n' + final, 2, True) == (12, 34, 2500)
     assert token_counts(b'{"response":"x"}\n' * 3, 3, False) == (None, 3, None)
+    assert token_counts(b'{"response":"x"}\n' * 3, 3, False, 7) == (7, 3, None)
     assert token_counts(b"", 0, True) == (None, None, None)
 
 
@@ -196,8 +199,9 @@ def test_token_counts_are_read_from_the_last_bytes_of_an_answer():
 
 def test_a_token_quota_refuses_once_used_up_and_says_when_it_resets(client, make_key, fake):
     secret, key = make_key(token_quota="12/day")
-    fake.tokens = 4
-    body = {**GENERATE, "stream": False}  # 5 prompt + 4 completion = 9 tokens
+    # 5 prompt + 4 completion = 9 tokens (the cap, as a quota key without one would be
+    # capped at what is left)
+    body = {**GENERATE, "stream": False, "options": {"num_predict": 4}}
     for _ in range(2):  # 0 and 9 tokens used before each: both admitted
         assert client.post("/api/generate", json=body, headers=auth_header(secret)).status_code \
             == 200
@@ -213,6 +217,39 @@ def test_a_token_quota_refuses_once_used_up_and_says_when_it_resets(client, make
     assert charged.tokens == 18
     rows = flush(client)
     assert rows[-1].refusal == REFUSALS["quota"]
+
+
+def test_a_quota_key_without_an_answer_cap_is_capped_at_what_is_left(client, make_key, fake):
+    secret, _ = make_key(token_quota="12/day")
+    body = {**GENERATE, "stream": False}  # 5 prompt tokens estimated, no num_predict
+    assert client.post("/api/generate", json=body, headers=auth_header(secret)).status_code \
+        == 200
+    assert fake.requests[-1].json()["options"] == {"num_predict": 12 - 5}
+
+
+def test_quota_warning_is_sent_once_when_used_tokens_reach_the_share(client, make_key, fake):
+    secret, key = make_key(token_quota="100/day")
+    webhooks.add_webhook("http://127.0.0.1:9/hook", "quota.warning")
+
+    def warnings():
+        flush(client)
+        return [json.loads(d.payload)["data"] for d in WebhookDelivery.select()
+                .where(WebhookDelivery.event == "quota.warning").order_by(WebhookDelivery.id)]
+
+    def embed():  # one token
+        assert client.post("/api/embed", headers=auth_header(secret), json={
+            "model": "nomic-embed-text", "input": "one"}).status_code == 200
+
+    assert client.post("/api/generate", headers=auth_header(secret), json={
+        "model": "llama3.2", "prompt": "hi", "stream": False,
+        "options": {"num_predict": 78}}).status_code == 200
+    assert warnings() == []  # 79 used: below 80 % of 100
+    embed()
+    assert warnings() == [{"key_id": key.id, "key_prefix": key.prefix, "key_name": key.name,
+                           "token_quota": 100, "period": "day", "tokens_used": 80,
+                           "warning_at": 80}]
+    embed()
+    assert len(warnings()) == 1  # 81: past it already, no second warning this period
 
 
 def test_keys_without_a_quota_are_not_charged(client, make_key, fake):

@@ -52,7 +52,7 @@ def test_add_for_people_shows_the_secret_once_and_list_never_does(runner):
     [summary] = as_json(runner, "webhooks", "list")
     assert summary["include_prompt"] is True
     assert summary["events"] == ["request.completed", "ratelimit.exceeded", "quota.exceeded",
-                                 "key.created", "key.revoked", "key.rotated"]
+                                 "quota.warning", "key.created", "key.revoked", "key.rotated"]
 
 
 @pytest.mark.parametrize("args, message", [

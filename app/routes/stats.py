@@ -8,9 +8,9 @@ percentiles and per-day rows. These routes take precedence over the /api relay.
 import datetime
 import time
 
-from flask import Blueprint, current_app, jsonify, request
+from flask import Blueprint, current_app, g, jsonify, request
 
-from app import auth, gateway, stats
+from app import auth, gateway, quota, stats
 from app.errors import BadRequest
 from app.limits import format_rate_limit, parse_since
 
@@ -54,8 +54,14 @@ def _summary(since, key_id=None):
 def own_stats():
     """The calling key's own usage; any valid key."""
     key = gateway.current_key()
+    since = since_arg()
+    summary = _summary(since, key.id)
+    summary["prompt_tokens_estimated"] = stats.estimated_prompt_tokens(since, key.id).get(
+        key.id, 0)
+    standing = g.quota_standing = quota.standing(key) if key.token_quota else None
     return jsonify({"key": {"id": key.id, "prefix": key.prefix, "name": key.name,
-                            "role": key.role}, **_summary(since_arg(), key.id)})
+                            "role": key.role}, **summary,
+                    "token_quota": standing and standing.fields()})
 
 
 @bp.get("/api/stats/detailed")

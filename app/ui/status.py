@@ -7,8 +7,8 @@ import time
 from peewee import fn
 from prometheus_client import CollectorRegistry, multiprocess
 
-from app import metrics, webhook_delivery
-from app.limits import format_rate_limit, format_token_quota, quota_period
+from app import metrics, quota, webhook_delivery
+from app.limits import format_rate_limit, format_token_quota
 from app.models import (
     ConcurrencySlot,
     UpstreamStatus,
@@ -16,7 +16,6 @@ from app.models import (
     Webhook,
     WebhookDelivery,
 )
-from app.ratelimit import tokens_used
 from app.ui.charts import label_names
 from app.upstreams import probe
 from app.usage import REFUSAL_NAMES
@@ -61,10 +60,12 @@ def limits(key, limiter, now=None):
                             format_rate_limit(key.rate_limit, key.rate_period),
                             window.reset_at))
     if key.token_quota:
-        start, end = quota_period(key.token_period, now)
-        used = tokens_used(key.id, start)
-        found.append(_limit(f"tokens this UTC {key.token_period}", used, key.token_quota,
-                            format_token_quota(key.token_quota, key.token_period), end))
+        standing = quota.standing(key, now)
+        found.append(_limit(f"tokens this UTC {key.token_period}", standing.used,
+                            key.token_quota,
+                            format_token_quota(key.token_quota, key.token_period),
+                            standing.reset_at))
+        found[-1].update(reserved=standing.reserved, left=standing.remaining)
     if key.max_concurrent:
         used = (ConcurrencySlot.select().where((ConcurrencySlot.key == key.id)
                                                & (ConcurrencySlot.expires_at > now)).count())
