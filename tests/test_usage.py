@@ -325,7 +325,7 @@ POISONED = ["\\ud800", "a\\u0000b"]  # as a JSON body spells them: unpaired surr
     ("/api/embeddings", '{"model": "%s", "prompt": "hi"}'),
     ("/api/show", '{"name": "%s"}'),
     ("/api/pull", '{"model": "%s"}'),
-    ("/api/not-yet-known", '{"model": "%s"}'),  # relayed as it is
+    ("/api/not-yet-known", '{"model": "%s"}'),  # relayed as it is (for admin keys)
     ("/generate", '{"model": "%s", "prompt": "hi"}'),  # go-ollama-api's route
     ("/v1/chat/completions", '{"model": "%s", "messages": []}'),
     ("/v1/completions", '{"model": "%s", "prompt": "hi"}'),
@@ -335,7 +335,7 @@ POISONED = ["\\ud800", "a\\u0000b"]  # as a JSON body spells them: unpaired surr
 @pytest.mark.parametrize("poisoned", POISONED, ids=["surrogate", "nul"])
 def test_a_model_name_no_database_stores_is_refused_on_every_relaying_endpoint(
         client, make_key, fake, path, body, poisoned):
-    secret, key = make_key()
+    secret, key = make_key(role="admin" if "not-yet-known" in path else "user")
     answer = client.post(path, data=(body % poisoned).encode(), headers={
         **auth_header(secret), "Content-Type": "application/json"})
     assert answer.status_code == 400
