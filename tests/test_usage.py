@@ -11,9 +11,9 @@ import pytest
 from flask.testing import FlaskClient
 
 from app import create_app, stats
-from app.models import TokenUsage, UsageHourly, UsageLabel, UsageRecord
+from app.models import TokenUsage, UsageDailyKey, UsageHourly, UsageLabel, UsageRecord
 from app.request_record import ACCESS_LOG, flush_at_exit
-from app.usage import REFUSALS, Record, UsageWriter, load_spills, token_counts
+from app.usage import REFUSALS, Record, UsageWriter, load_spills, spill, token_counts
 from tests.conftest import auth_header
 from tests.fake_ollama import fake_text
 
@@ -210,6 +210,42 @@ def test_a_token_quota_refuses_once_used_up_and_says_when_it_resets(client, make
     assert rows[-1].refusal == REFUSALS["quota"]
 
 
+def test_a_record_made_before_midnight_but_written_after_charges_the_day_it_was_made(
+        migrated, make_key, tmp_path):
+    """Records wait in the buffer (a database outage's backlog) or in a spill file (an exit
+    while the database was away): whenever they are written, they count on the day, hour and
+    quota period they were made, never on the day they reached the database."""
+    _, key = make_key(token_quota="1000/day")
+    midnight = int(time.time()) // 86400 * 86400
+    yesterday = midnight - 86400
+
+    def made_before_midnight():
+        return Record(at=midnight - 0.5, endpoint="/api/generate", status=200, latency_ms=5,
+                      key_id=key.id, quota_period="day", prompt_tokens=3, completion_tokens=4)
+
+    spill([made_before_midnight()], tmp_path)
+    writer = UsageWriter()
+    writer._thread = object()  # no writer thread: the test runs the turn
+    assert load_spills(tmp_path, writer) == 1
+    writer.add(made_before_midnight())  # the backlog kept in memory
+    assert writer.write_pending()
+    assert [(t.period_start, t.tokens) for t in TokenUsage.select()] == [(yesterday, 14)]
+    assert [(d.day, d.requests) for d in UsageDailyKey.select()] == [(yesterday, 2)]
+    assert [(h.hour, h.requests) for h in UsageHourly.select()] == [(midnight - 3600, 2)]
+    [day] = stats.usage(None, "day", key_id=key.id)
+    assert day["day"] == time.strftime("%Y-%m-%d", time.gmtime(yesterday))
+
+
+def test_a_key_whose_usage_exactly_equals_its_quota_is_refused(client, make_key, fake):
+    secret, _ = make_key(token_quota="9/day")
+    fake.tokens = 4
+    body = {**GENERATE, "stream": False}  # 5 prompt + 4 completion = exactly 9 tokens
+    assert client.post("/api/generate", json=body, headers=auth_header(secret)).status_code == 200
+    flush(client)
+    refused = client.post("/api/generate", json=body, headers=auth_header(secret))
+    assert refused.status_code == 429 and "used 9" in refused.get_json()["error"]
+
+
 def test_keys_without_a_quota_are_not_charged(client, make_key, fake):
     secret, _ = make_key()
     client.post("/api/generate", json={**GENERATE, "stream": False}, headers=auth_header(secret))
@@ -288,6 +324,38 @@ def test_a_key_sees_its_own_statistics(client, make_key, fake):
     assert own["completion_tokens"] == 2 and own["average_response_time"] > 0
 
 
+def test_an_ollama_4xx_answer_counts_as_an_error_in_the_statistics(client, make_key, fake,
+                                                                   runner):
+    secret, key = make_key(name="alice")
+    unknown = client.post("/api/generate", headers=auth_header(secret),
+                          json={"model": "no-such-model", "prompt": "hi", "stream": False})
+    assert unknown.status_code == 404  # Ollama's own answer: model not found
+    client.post("/api/generate", json={**GENERATE, "stream": False}, headers=auth_header(secret))
+    flush(client)
+    assert sum(h.errors for h in UsageHourly.select()) == 1
+    [by_key] = stats.usage(None, "key", key_id=key.id)
+    assert (by_key["requests"], by_key["errors"], by_key["refused"]) == (2, 1, 0)
+    own = client.get("/api/stats", headers=auth_header(secret)).get_json()
+    assert (own["total_requests"], own["errors"], own["refused"]) == (2, 1, 0)
+    assert [day["errors"] for day in own["by_day"]] == [1]
+    [listed] = json.loads(runner("usage", "--by", "key", "--json").output)
+    assert (listed["requests"], listed["errors"]) == (2, 1)
+
+
+def test_stats_by_day_totals_only_the_calling_keys_requests(client, make_key, fake):
+    alice, _ = make_key(name="alice")
+    bob, _ = make_key(name="bob")
+    fake.tokens = 2
+    client.post("/api/generate", json={**GENERATE, "stream": False}, headers=auth_header(alice))
+    for _ in range(3):
+        client.post("/api/generate", json={**GENERATE, "stream": False},
+                    headers=auth_header(bob))
+    flush(client)
+    own = client.get("/api/stats", headers=auth_header(alice)).get_json()
+    assert [(day["day"], day["requests"], day["completion_tokens"]) for day in own["by_day"]] \
+        == [(time.strftime("%Y-%m-%d", time.gmtime()), 1, 2)]
+
+
 def test_everyones_statistics_need_an_admin_key(client, make_key, fake):
     user, _ = make_key(name="user")
     admin, _ = make_key(name="admin", role="admin")
@@ -337,7 +405,8 @@ def test_the_gateway_reports_its_own_time_in_server_timing(client, make_key, fak
     response = client.post("/api/generate", json=GENERATE, headers=auth_header(secret))
     timing = response.headers["Server-Timing"]
     assert timing.startswith("gateway;dur=") and ", ollama;dur=" in timing
-    assert fake_text(fake.tokens)  # the answer itself is untouched
+    answer = [json.loads(line) for line in response.data.splitlines()]
+    assert "".join(line["response"] for line in answer) == fake_text(fake.tokens)  # untouched
 
 
 # --- usage as webhook events -----------------------------------------------------------------
