@@ -472,3 +472,22 @@ def test_refusals_for_limits_become_their_events(client, make_key, fake, key_opt
     events = _events(event)
     assert events and all(e["data"]["reason"] == reason for e in events)
     assert events[-1]["data"]["key_id"] == key.id and events[-1]["data"]["status"] == 429
+
+
+def test_a_max_concurrent_refusal_becomes_a_ratelimit_event_with_reason_concurrency(
+        client, make_key, fake):
+    from app import webhooks
+
+    webhooks.add_webhook("http://127.0.0.1:9/hook", "ratelimit.exceeded")
+    secret, key = make_key(max_concurrent=1, rate_limit=None)
+    running = client.post("/api/generate", json=GENERATE, headers=auth_header(secret),
+                          buffered=False)  # holds the key's one slot until closed
+    try:
+        refused = client.post("/api/generate", json=GENERATE, headers=auth_header(secret))
+        assert refused.status_code == 429
+    finally:
+        running.close()
+    flush(client)
+    [event] = _events("ratelimit.exceeded")
+    assert (event["data"]["reason"], event["data"]["key_id"], event["data"]["status"]) == (
+        "concurrency", key.id, 429)
