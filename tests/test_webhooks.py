@@ -200,7 +200,7 @@ def test_a_receiver_answering_any_2xx_has_the_delivery_delivered_after_one_attem
     [delivery] = deliveries()
     assert (delivery.state, delivery.attempts, delivery.last_status, delivery.last_error) == (
         "delivered", 1, status, None)
-    assert outcome.error is None and str(outcome).startswith(f"delivered: HTTP {status}")
+    assert outcome.error is None and outcome.describe().startswith(f"delivered: HTTP {status} ")
     assert attempt_statuses(delivery) == [status] and len(receiver.received) == 1
 
 
