@@ -5,6 +5,7 @@ writes the usage buffer (`flush`) and reads what reached the database.
 """
 import dataclasses
 import json
+import re
 import time
 
 import pytest
@@ -63,7 +64,7 @@ def label(row_id):
 ], ids=["generate", "generate streamed", "chat", "chat streamed"])
 def test_a_completed_answer_records_ollamas_token_counts(client, make_key, fake, path, body):
     secret, key = make_key()
-    fake.tokens = 7
+    fake.tokens, fake.token_delay = 7, 0.05  # a line every 50 ms: 350 ms in all
     response = client.post(path, json=body, headers=auth_header(secret))
     assert response.status_code == 200
     [row] = flush(client)
@@ -73,7 +74,12 @@ def test_a_completed_answer_records_ollamas_token_counts(client, make_key, fake,
         key.id, path, "llama3.2:latest")
     assert (row.status, row.refusal, row.aborted) == (200, 0, False)
     assert row.bytes == len(response.data)
-    assert row.ttfb_ms is not None and 0 <= row.ttfb_ms <= row.latency_ms
+    # From the arrival to Ollama's first byte: its first line (after 50 ms) when streamed,
+    # the whole answer (after 350 ms) when not; the rest of a stream comes after.
+    if body.get("stream") is False:
+        assert 350 <= row.ttfb_ms <= row.latency_ms
+    else:
+        assert 50 <= row.ttfb_ms <= row.latency_ms - 250
     assert label(row.upstream_id) == fake.url.split("//")[1]  # its name: host:port
 
 
@@ -381,6 +387,35 @@ def test_metrics_need_an_admin_key_unless_public(make_client, make_key, fake):
     assert 'ollama_gw_requests_total{endpoint="/api/generate",status="200"}' in scraped.text
     assert 'ollama_gw_tokens_total{kind="completion",model="llama3.2:latest"}' in scraped.text
     assert make_client(metrics_public=True).get("/metrics").status_code == 200
+
+
+def test_the_first_byte_histogram_in_metrics_measures_first_bytes_not_whole_answers(
+        make_client, make_key, fake):
+    secret, _ = make_key()
+    client = make_client(metrics_public=True)
+
+    def counts():
+        """(first-byte and whole-answer observations of /api/chat within 2.5 s, all first
+        bytes): the registry is the process's, so the test reads differences."""
+        text = client.get("/metrics").text
+
+        def sample(name, le=None):
+            labels = '{endpoint="/api/chat"' + (f',le="{le}"' if le else "") + "}"
+            found = re.search(rf"^{name}{re.escape(labels)} (\S+)$", text, re.M)
+            return float(found.group(1)) if found else 0.0
+
+        return (sample("ollama_gw_time_to_first_byte_seconds_bucket", "2.5"),
+                sample("ollama_gw_request_duration_seconds_bucket", "2.5"),
+                sample("ollama_gw_time_to_first_byte_seconds_count"))
+
+    before = counts()
+    fake.token_delay = 0.1  # the first line at 0.1 s, the 25th (and the end) after 2.5 s
+    answer = client.post("/api/chat", json={**CHAT, "options": {"num_predict": 25}},
+                         headers=auth_header(secret))
+    assert answer.status_code == 200
+    flush(client)
+    first_byte, whole, observed = (a - b for a, b in zip(counts(), before, strict=True))
+    assert (first_byte, whole, observed) == (1, 0, 1)
 
 
 def test_each_relayed_request_gets_one_json_access_log_line_without_secrets(
