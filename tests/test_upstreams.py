@@ -115,9 +115,9 @@ def test_an_upstream_back_after_its_back_off_is_ranked_by_load_again():
     now = time.monotonic()
     a.failed(now)
     assert [m.name for m in pool.candidates(now=now)][-1] == "m0"  # backing off: last
-    b.in_flight, c.in_flight = 2, 0
+    a.in_flight, b.in_flight, c.in_flight = 1, 3, 0  # no ties: no random draw
     assert [m.name for m in pool.candidates(now=now + 1)] == ["m2", "m0", "m1"]
-    c.in_flight = 1
+    c.in_flight = 2
     assert [m.name for m in pool.candidates(now=now + 1)] == ["m0", "m2", "m1"]
 
 
