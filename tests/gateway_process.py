@@ -8,10 +8,12 @@ import collections
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import requests
@@ -63,6 +65,13 @@ class GatewayProcess:
             **{f"OLLAMA_GW_{k.upper()}": str(v) for k, v in settings.items()},
         }
         self.env.pop("OLLAMA_GW_CONFIG", None)
+        # A data directory of its own unless the test names one: the default is shared by
+        # every suite on the machine, and a gateway loads the usage spilled there by
+        # another suite's gateway (one of another version crashed a worker here).
+        self._own_data_dir = None
+        if "data_dir" not in settings:
+            self._own_data_dir = tempfile.mkdtemp(prefix="ollama-gw-test-data-")
+            self.env["OLLAMA_GW_DATA_DIR"] = self._own_data_dir
         self.proc = None
         self.log_path = None
 
@@ -139,4 +148,8 @@ class GatewayProcess:
         return self
 
     def __exit__(self, *exc):
-        self.stop()
+        try:
+            self.stop()
+        finally:
+            if self._own_data_dir is not None:
+                shutil.rmtree(self._own_data_dir, ignore_errors=True)

@@ -115,6 +115,35 @@ def test_a_key_with_one_request_goes_ahead_of_another_keys_backlog(queue, make_k
     assert QueueEntry.select().count() == 0
 
 
+def test_a_newcomer_interleaves_by_start_tag_with_a_key_served_for_a_while(queue, make_key):
+    """Tags (S = max(V, the key's last finish), step 1/priority), steps chosen so that no
+    two tags tie: "old" (priority 2) runs at 0 with 0.5 … 2.5 waiting; two of those are
+    served, so V = 1.0. "new" (priority 3) then arrives with three: 1.0, 1.33, 1.67.
+    Ahead of old's 1.5 … 2.5 only as far as its tags say, neither first nor last."""
+    _, old_row = make_key("old", priority=2)
+    _, new_row = make_key("new", priority=3)
+    old, new = KeyInfo.from_row(old_row), KeyInfo.from_row(new_row)
+    running = queue.acquire(UPSTREAM, 1, old)
+    order, waiters = [], []
+    for n in range(5):
+        waiters.append(Waiter(queue, old, order=order))
+        wait_until_waiting(n + 1)
+    for _ in range(2):  # old is served for a while
+        queue.release(running)
+        assert wait_for(lambda: any(w.ticket for w in waiters), 30)
+        served = next(w for w in waiters if w.ticket)
+        served.join(30)
+        waiters.remove(served)
+        running = served.ticket
+    for n in range(3):
+        waiters.append(Waiter(queue, new, order=order))
+        wait_until_waiting(4 + n)
+    queue.release(running)
+    serve_one_at_a_time(queue, waiters)
+    assert order == ["old", "old", "new", "new", "old", "new", "old", "old"], order
+    assert QueueEntry.select().count() == 0
+
+
 def test_first_come_first_served_without_fairness(make_queue, make_key):
     queue = make_queue(fair=False)
     greedy, light = key_info(make_key, "greedy"), key_info(make_key, "light")

@@ -124,19 +124,78 @@ def open_request(gateway, key, tokens=5):
 def test_a_client_that_hangs_up_while_waiting_leaves_the_queue_at_once(gateway, fake):
     fake.token_delay = 0.2
     key = new_key(gateway, "hang-up")
-    busy = [open_request(gateway, key, tokens=40) for _ in range(2)]  # 8 s each
+    # Busy for 200 s (closed below): no slot frees while the test looks, so an entry the
+    # hang-up left behind stays waiting, never granted out of sight.
+    busy = [open_request(gateway, key, tokens=1000) for _ in range(2)]
     try:
         assert wait_for(lambda: fake.running == 2, 30)
         leaving = open_request(gateway, key)
         assert wait_for(lambda: waiting(gateway) == 1, 30)
         leaving.close()
-        assert wait_for(lambda: waiting(gateway) == 0, 10)
+        assert wait_for(lambda: waiting(gateway) == 0, 30)
+        assert fake.running == 2 and sum(row["running"] for row in queue_rows(gateway)) == 2
         generates = sum(r.path.startswith("/api/generate") for r in fake.requests)
         assert generates == 2  # Ollama never saw the request that left
     finally:
         for sock in busy:
             sock.close()
     assert wait_for(lambda: queue_is_empty(gateway), 30)
+
+
+def test_time_to_first_byte_counts_from_arrival_including_the_wait_for_a_slot(gateway, fake):
+    fake.token_delay = 0.2
+    busy_key = new_key(gateway, "slot-holder")
+    created = gateway.add_key("--name", "first-byte", "--rate-limit", "none")
+    busy = [open_request(gateway, busy_key, tokens=1000) for _ in range(2)]
+    try:
+        assert wait_for(lambda: fake.running == 2, 30)
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            answer = pool.submit(generate, gateway.url, created["key"], 1)
+            assert wait_for(lambda: waiting(gateway) == 1, 30)  # it waits for a slot
+            busy.pop().close()
+            answer = answer.result(timeout=120)
+    finally:
+        for sock in busy:
+            sock.close()
+    assert answer.status_code == 200
+    queued_ms = float(answer.headers["X-Queue-Wait"]) * 1000
+    assert queued_ms >= 200  # at least the `ollama-gw queue` that saw it waiting
+
+    [entry] = access_log_entries(gateway, created["prefix"])
+    assert queued_ms <= entry["ttfb_ms"] <= entry["ms"], entry
+    assert wait_for(lambda: queue_is_empty(gateway), 30)
+
+
+def test_time_to_first_byte_counts_from_arrival_including_reading_the_body(gateway, fake):
+    """The gateway's own time before it can send (here: a body that comes late) counts."""
+    created = gateway.add_key("--name", "slow-body", "--rate-limit", "none")
+    body = json.dumps({"model": "llama3.2", "prompt": "x", "stream": False,
+                       "options": {"num_predict": 1}}).encode()
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=60) as sock:
+        sock.sendall(b"POST /api/generate HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n"
+                     b"Content-Type: application/json\r\nAuthorization: Bearer "
+                     + created["key"].encode() + b"\r\nContent-Length: %d\r\n\r\n" % len(body))
+        sent_headers = time.monotonic()
+        time.sleep(0.5)  # the stimulus, not a wait for something: the body comes late
+        sock.sendall(body)
+        late_ms = (time.monotonic() - sent_headers) * 1000
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200")
+    [entry] = access_log_entries(gateway, created["prefix"])
+    # Half the delay: margin for a busy machine; counted from the body it would be ~5 ms.
+    assert late_ms / 2 <= entry["ttfb_ms"] <= entry["ms"], entry
+
+
+def access_log_entries(gateway, key_prefix):
+    """The access log's entries for the key, once its requests' lines are written."""
+    def logged():
+        return [json.loads(line[line.index("{"):]) for line in gateway.log().splitlines()
+                if f'"key":"{key_prefix}"' in line]
+
+    assert wait_for(logged, 30)
+    return logged()
 
 
 def test_requests_aborted_at_random_points_leave_no_slot_or_entry_behind(gateway, fake):

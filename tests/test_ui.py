@@ -380,6 +380,35 @@ def test_a_key_page_lists_each_request_once_answered_or_refused(browser, client,
     assert (rows("recent"), rows("refusals")) == (["200"], ["403"])
 
 
+def test_a_users_page_lists_only_its_own_recent_requests_and_refusals(browser, client,
+                                                                       make_key):
+    alice, alice_row = make_key("alice", rate_limit="1/hour")
+    bob, _ = make_key("bob", rate_limit="1/hour")
+    for secret, model in ((alice, "llama3.2"), (bob, "qwen2.5:0.5b")):
+        for status in (200, 429):  # the second is refused by the rate limit
+            answer = client.post("/api/generate", headers=auth_header(secret),
+                                 json={**GENERATE, "model": model})
+            answer.get_data()
+            answer.close()  # the usage record is taken when the server closes the answer
+            assert answer.status_code == status
+    assert client.application.extensions["usage"].write_pending()
+    sign_in(browser, alice)
+    page = browser.get(f"/ui/keys/{alice_row.id}").get_data(as_text=True)
+
+    def rows(table):
+        html = re.search(rf'<table id="{table}">(.*?)</table>', page, re.S)[1]
+        return [re.findall(r"<td>([^<]*)</td>", row)
+                for row in re.findall(r"<tr><td><time.*?</tr>", html, re.S)]
+
+    # endpoint, model, status, refused, …: alice's answered one and her refusal apart
+    # (each listed once); bob's never
+    assert [row[:4] for row in rows("recent")] == [
+        ["/api/generate", "llama3.2:latest", "200", ""]]
+    assert [row[:4] for row in rows("refusals")] == [
+        ["/api/generate", "llama3.2:latest", "429", "rate"]]
+    assert "qwen" not in page
+
+
 def test_webhooks_can_be_tested_and_failed_deliveries_retried(browser, admin):
     row, _ = hooks.add_webhook("http://127.0.0.1:9/hook")  # nothing listens on port 9
     sign_in(browser, admin[0])

@@ -99,11 +99,26 @@ def test_a_failing_upstream_is_left_alone_for_a_while_that_doubles():
         a.failed(now)
         assert a.retry_at == now + expected
     assert [m.name for m in pool.candidates(now=now)] == ["m1", "m0"]  # down: a last resort
-    assert {m.name for m in pool.candidates(now=now + 9)} == {"m0", "m1"}  # due again
+    b.in_flight = 1
+    assert [m.name for m in pool.candidates(now=now + 9)] == ["m0", "m1"]  # due, less busy
+    b.in_flight = 0
     b.failed(now)
     assert [m.name for m in pool.candidates(now=now)] == ["m1", "m0"]  # all down: soonest first
     a.answered()
     assert (a.up, a.failures) == (True, 0)
+
+
+def test_an_upstream_back_after_its_back_off_is_ranked_by_load_again():
+    """Due again (not yet answered: still marked down) it is no last resort: it goes
+    ahead of a busier upstream and behind a less busy one."""
+    pool, (a, b, c) = pool_of((1, None), (1, None), (1, None))
+    now = time.monotonic()
+    a.failed(now)
+    assert [m.name for m in pool.candidates(now=now)][-1] == "m0"  # backing off: last
+    a.in_flight, b.in_flight, c.in_flight = 1, 3, 0  # no ties: no random draw
+    assert [m.name for m in pool.candidates(now=now + 1)] == ["m2", "m0", "m1"]
+    c.in_flight = 2
+    assert [m.name for m in pool.candidates(now=now + 1)] == ["m0", "m2", "m1"]
 
 
 def test_member_names_models_the_way_ollama_does():

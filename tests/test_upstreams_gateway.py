@@ -77,6 +77,23 @@ def test_a_stopped_server_is_failed_over_and_used_again_once_it_returns(gateway,
     assert wait_for(qwen_answers_again, 90, interval=0.5)
 
 
+def test_an_upstream_slower_than_read_timeout_is_a_504_never_sent_to_the_second(fakes,
+                                                                                tmp_path):
+    """Ollama had the request and may be generating: sending it again would run it twice."""
+    upstreams = ",".join(f"gpu{i}={f.url}" for i, f in enumerate(fakes, 1))
+    with GatewayProcess(f"sqlite:///{tmp_path}/slow.db", fakes[0].url, workers=1,
+                        upstreams=upstreams, read_timeout=1) as gw:
+        gw.start(tmp_path / "slow.log")
+        key = gw.add_key("--name", "patient", "--rate-limit", "none")["key"]
+        for fake in fakes:
+            fake.first_byte_delay = 30  # until the gateway hangs up
+        answer = requests.post(gw.url + "/api/generate", timeout=120,
+                               headers={"Authorization": f"Bearer {key}"},
+                               json={"model": "llama3.2", "prompt": "x", "stream": False})
+        assert answer.status_code == 504 and "read_timeout" in answer.json()["error"]
+        assert sorted(len(generations(fake)) for fake in fakes) == [0, 1]
+
+
 def test_one_model_list_and_one_status_command_for_all(gateway, fakes):
     client = chat(gateway, gateway.add_key("--name", "lister")["key"])
     assert sorted(m.model for m in client.list().models) == [

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import time
 
 import pytest
@@ -16,7 +17,14 @@ from prometheus_client import REGISTRY
 from app import create_app, estimate, stats, webhooks
 from app import db as database
 from app.dead_letters import DeadLetters
-from app.models import TokenUsage, UsageHourly, UsageLabel, UsageRecord, WebhookDelivery
+from app.models import (
+    TokenUsage,
+    UsageDailyKey,
+    UsageHourly,
+    UsageLabel,
+    UsageRecord,
+    WebhookDelivery,
+)
 from app.request_record import ACCESS_LOG, flush_at_exit
 from app.usage import REFUSALS, Record, UsageWriter, load_spills, spill, token_counts
 from tests.conftest import auth_header
@@ -68,7 +76,7 @@ def label(row_id):
 ], ids=["generate", "generate streamed", "chat", "chat streamed"])
 def test_a_completed_answer_records_ollamas_token_counts(client, make_key, fake, path, body):
     secret, key = make_key()
-    fake.tokens = 7
+    fake.tokens, fake.token_delay = 7, 0.05  # a line every 50 ms: 350 ms in all
     response = client.post(path, json=body, headers=auth_header(secret))
     assert response.status_code == 200
     [row] = flush(client)
@@ -78,7 +86,12 @@ def test_a_completed_answer_records_ollamas_token_counts(client, make_key, fake,
         key.id, path, "llama3.2:latest")
     assert (row.status, row.refusal, row.aborted) == (200, 0, False)
     assert row.bytes == len(response.data)
-    assert row.ttfb_ms is not None and 0 <= row.ttfb_ms <= row.latency_ms
+    # From the arrival to Ollama's first byte: its first line (after 50 ms) when streamed,
+    # the whole answer (after 350 ms) when not; the rest of a stream comes after.
+    if body.get("stream") is False:
+        assert 350 <= row.ttfb_ms <= row.latency_ms
+    else:
+        assert 50 <= row.ttfb_ms <= row.latency_ms - 250
     assert label(row.upstream_id) == fake.url.split("//")[1]  # its name: host:port
 
 
@@ -250,6 +263,42 @@ def test_quota_warning_is_sent_once_when_used_tokens_reach_the_share(client, mak
                            "warning_at": 80}]
     embed()
     assert len(warnings()) == 1  # 81: past it already, no second warning this period
+
+
+def test_a_record_made_before_midnight_but_written_after_charges_the_day_it_was_made(
+        migrated, make_key, tmp_path):
+    """Records wait in the buffer (a database outage's backlog) or in a spill file (an exit
+    while the database was away): whenever they are written, they count on the day, hour and
+    quota period they were made, never on the day they reached the database."""
+    _, key = make_key(token_quota="1000/day")
+    midnight = int(time.time()) // 86400 * 86400
+    yesterday = midnight - 86400
+
+    def made_before_midnight():
+        return Record(at=midnight - 0.5, endpoint="/api/generate", status=200, latency_ms=5,
+                      key_id=key.id, quota_period="day", prompt_tokens=3, completion_tokens=4)
+
+    spill([made_before_midnight()], tmp_path)
+    writer = UsageWriter()
+    writer._thread = object()  # no writer thread: the test runs the turn
+    assert load_spills(tmp_path, writer) == 1
+    writer.add(made_before_midnight())  # the backlog kept in memory
+    assert writer.write_pending()
+    assert [(t.period_start, t.tokens) for t in TokenUsage.select()] == [(yesterday, 14)]
+    assert [(d.day, d.requests) for d in UsageDailyKey.select()] == [(yesterday, 2)]
+    assert [(h.hour, h.requests) for h in UsageHourly.select()] == [(midnight - 3600, 2)]
+    [day] = stats.usage(None, "day", key_id=key.id)
+    assert day["day"] == time.strftime("%Y-%m-%d", time.gmtime(yesterday))
+
+
+def test_a_key_whose_usage_exactly_equals_its_quota_is_refused(client, make_key, fake):
+    secret, _ = make_key(token_quota="9/day")
+    fake.tokens = 4
+    body = {**GENERATE, "stream": False}  # 5 prompt + 4 completion = exactly 9 tokens
+    assert client.post("/api/generate", json=body, headers=auth_header(secret)).status_code == 200
+    flush(client)
+    refused = client.post("/api/generate", json=body, headers=auth_header(secret))
+    assert refused.status_code == 429 and "used 9" in refused.get_json()["error"]
 
 
 def test_keys_without_a_quota_are_not_charged(client, make_key, fake):
@@ -530,6 +579,38 @@ def test_a_key_sees_its_own_statistics(client, make_key, fake):
     assert own["completion_tokens"] == 2 and own["average_response_time"] > 0
 
 
+def test_an_ollama_4xx_answer_counts_as_an_error_in_the_statistics(client, make_key, fake,
+                                                                   runner):
+    secret, key = make_key(name="alice")
+    unknown = client.post("/api/generate", headers=auth_header(secret),
+                          json={"model": "no-such-model", "prompt": "hi", "stream": False})
+    assert unknown.status_code == 404  # Ollama's own answer: model not found
+    client.post("/api/generate", json={**GENERATE, "stream": False}, headers=auth_header(secret))
+    flush(client)
+    assert sum(h.errors for h in UsageHourly.select()) == 1
+    [by_key] = stats.usage(None, "key", key_id=key.id)
+    assert (by_key["requests"], by_key["errors"], by_key["refused"]) == (2, 1, 0)
+    own = client.get("/api/stats", headers=auth_header(secret)).get_json()
+    assert (own["total_requests"], own["errors"], own["refused"]) == (2, 1, 0)
+    assert [day["errors"] for day in own["by_day"]] == [1]
+    [listed] = json.loads(runner("usage", "--by", "key", "--json").output)
+    assert (listed["requests"], listed["errors"]) == (2, 1)
+
+
+def test_stats_by_day_totals_only_the_calling_keys_requests(client, make_key, fake):
+    alice, _ = make_key(name="alice")
+    bob, _ = make_key(name="bob")
+    fake.tokens = 2
+    client.post("/api/generate", json={**GENERATE, "stream": False}, headers=auth_header(alice))
+    for _ in range(3):
+        client.post("/api/generate", json={**GENERATE, "stream": False},
+                    headers=auth_header(bob))
+    flush(client)
+    own = client.get("/api/stats", headers=auth_header(alice)).get_json()
+    assert [(day["day"], day["requests"], day["completion_tokens"]) for day in own["by_day"]] \
+        == [(time.strftime("%Y-%m-%d", time.gmtime()), 1, 2)]
+
+
 def test_everyones_statistics_need_an_admin_key(client, make_key, fake):
     user, _ = make_key(name="user")
     admin, _ = make_key(name="admin", role="admin")
@@ -557,6 +638,35 @@ def test_metrics_need_an_admin_key_unless_public(make_client, make_key, fake):
     assert make_client(metrics_public=True).get("/metrics").status_code == 200
 
 
+def test_the_first_byte_histogram_in_metrics_measures_first_bytes_not_whole_answers(
+        make_client, make_key, fake):
+    secret, _ = make_key()
+    client = make_client(metrics_public=True)
+
+    def counts():
+        """(first-byte and whole-answer observations of /api/chat within 2.5 s, all first
+        bytes): the registry is the process's, so the test reads differences."""
+        text = client.get("/metrics").text
+
+        def sample(name, le=None):
+            labels = '{endpoint="/api/chat"' + (f',le="{le}"' if le else "") + "}"
+            found = re.search(rf"^{name}{re.escape(labels)} (\S+)$", text, re.M)
+            return float(found.group(1)) if found else 0.0
+
+        return (sample("ollama_gw_time_to_first_byte_seconds_bucket", "2.5"),
+                sample("ollama_gw_request_duration_seconds_bucket", "2.5"),
+                sample("ollama_gw_time_to_first_byte_seconds_count"))
+
+    before = counts()
+    fake.token_delay = 0.1  # the first line at 0.1 s, the 25th (and the end) after 2.5 s
+    answer = client.post("/api/chat", json={**CHAT, "options": {"num_predict": 25}},
+                         headers=auth_header(secret))
+    assert answer.status_code == 200
+    flush(client)
+    first_byte, whole, observed = (a - b for a, b in zip(counts(), before, strict=True))
+    assert (first_byte, whole, observed) == (1, 0, 1)
+
+
 def test_each_relayed_request_gets_one_json_access_log_line_without_secrets(
         client, make_key, fake, capsys):
     secret, key = make_key()
@@ -579,7 +689,8 @@ def test_the_gateway_reports_its_own_time_in_server_timing(client, make_key, fak
     response = client.post("/api/generate", json=GENERATE, headers=auth_header(secret))
     timing = response.headers["Server-Timing"]
     assert timing.startswith("gateway;dur=") and ", ollama;dur=" in timing
-    assert fake_text(fake.tokens)  # the answer itself is untouched
+    answer = [json.loads(line) for line in response.data.splitlines()]
+    assert "".join(line["response"] for line in answer) == fake_text(fake.tokens)  # untouched
 
 
 # --- usage as webhook events -----------------------------------------------------------------
@@ -645,3 +756,22 @@ def test_refusals_for_limits_become_their_events(client, make_key, fake, key_opt
     events = _events(event)
     assert events and all(e["data"]["reason"] == reason for e in events)
     assert events[-1]["data"]["key_id"] == key.id and events[-1]["data"]["status"] == 429
+
+
+def test_a_max_concurrent_refusal_becomes_a_ratelimit_event_with_reason_concurrency(
+        client, make_key, fake):
+    from app import webhooks
+
+    webhooks.add_webhook("http://127.0.0.1:9/hook", "ratelimit.exceeded")
+    secret, key = make_key(max_concurrent=1, rate_limit=None)
+    running = client.post("/api/generate", json=GENERATE, headers=auth_header(secret),
+                          buffered=False)  # holds the key's one slot until closed
+    try:
+        refused = client.post("/api/generate", json=GENERATE, headers=auth_header(secret))
+        assert refused.status_code == 429
+    finally:
+        running.close()
+    flush(client)
+    [event] = _events("ratelimit.exceeded")
+    assert (event["data"]["reason"], event["data"]["key_id"], event["data"]["status"]) == (
+        "concurrency", key.id, 429)

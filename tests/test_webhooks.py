@@ -187,6 +187,23 @@ def test_a_delivery_is_marked_failed_after_its_last_retry(migrated, receiver, di
     assert len(receiver.received) == 2
 
 
+@pytest.mark.parametrize("status", [204, 202])
+def test_a_receiver_answering_any_2xx_has_the_delivery_delivered_after_one_attempt(
+        migrated, receiver, dispatcher, make_key, status):
+    hooks.add_webhook(receiver.url, "key.created")
+    receiver.status = status
+    send = dispatcher(webhook_retry_seconds=(1.0, 1.0))
+    make_key()
+    [outcome] = send.run_once()
+    assert (outcome.status, outcome.state, outcome.ok) == (status, "delivered", True)
+    assert send.run_once(now=time.time() + 10**6) == []  # nothing left to retry
+    [delivery] = deliveries()
+    assert (delivery.state, delivery.attempts, delivery.last_status, delivery.last_error) == (
+        "delivered", 1, status, None)
+    assert outcome.error is None and outcome.describe().startswith(f"delivered: HTTP {status} ")
+    assert attempt_statuses(delivery) == [status] and len(receiver.received) == 1
+
+
 def test_a_hanging_receiver_costs_one_timed_out_attempt(migrated, receiver, dispatcher,
                                                         make_key):
     hooks.add_webhook(receiver.url, "key.created")
@@ -296,3 +313,13 @@ def test_removing_a_webhook_drops_its_deliveries_even_one_in_flight(migrated, re
     assert WebhookAttempt.select().count() == 0
     with pytest.raises(hooks.WebhookOpError, match="no webhook with id"):
         hooks.remove_webhook(row.id)
+
+
+def test_removing_a_webhook_writes_a_webhook_removed_audit_entry(migrated):
+    from app import audit
+
+    row, _ = hooks.add_webhook("https://example.com/hook?token=hidden", "key.created")
+    hooks.remove_webhook(row.id)
+    [entry] = audit.entries(action="webhook.removed")
+    assert entry["target"] == f"webhook {row.id}"
+    assert "example.com/hook" in json.dumps(entry) and "hidden" not in json.dumps(entry)
