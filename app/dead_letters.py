@@ -15,6 +15,7 @@ import os
 import time
 
 from app import metrics
+from app.private_files import private_dir, private_opener
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +56,8 @@ class DeadLetters:
         # ensure_ascii: an unpaired surrogate is written as its \ud800 escape, never as
         # bytes no decoder takes. One write per line, O_APPEND: workers share the file.
         line = (json.dumps(entry, default=str) + "\n").encode("ascii")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        private_dir(self.path.parent)
+        fd = private_opener(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
         try:
             while line:
                 line = line[os.write(fd, line):]
