@@ -170,7 +170,7 @@ def test_the_package_ships_the_pages_its_unit_and_manual_point_at():
     unit = (REPO / "systemd" / "ollama-gw.service").read_text()
     documentation = [line for line in unit.splitlines() if line.startswith("Documentation=")]
     pointed = re.findall(r"/usr/share/doc/ollama-gw/(\S+)",
-                         " ".join(documentation) + (REPO / "debian" / "ollama-gw.1").read_text())
+                         "\n".join(documentation + [(REPO / "debian" / "ollama-gw.1").read_text()]))
     assert any(p.startswith("docs/") for p in pointed), pointed
     for installed in pointed:
         source = REPO / installed.removesuffix(".gz")
