@@ -12,7 +12,7 @@ bound, not a made-up value.
 A percentile is the nearest rank, as people count it: the ⌈q·n⌉-th smallest request.
 Counting through the buckets in order finds the bucket that request is in, exactly; the
 value reported is the bucket's middle clamped to the whole milliseconds the bucket holds,
-so it is within 1.1 % of that request's (2 % is what the README promises).
+so it is within 1.1 % of that request's (2 % is what docs/http-api.md promises).
 
 The bucket numbers are stored (usage_histogram, app/models.py): they are a data format.
 Changing GAMMA or EXACT_BELOW_MS would need a new metric and a rebuild, never an edit.

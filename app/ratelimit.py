@@ -32,7 +32,7 @@ _peewee_errors = peewee.__exception_wrapper__
 RETRY_SECONDS = 1.0
 # PostgreSQL: a count (and a slot taken in its transaction) commits without waiting for
 # the disk. Every worker and instance sees it at once all the same; only a crash of the
-# database server can forget its last moments' counts (README, Keys and limits). A commit
+# database server can forget its last moments' counts (docs/http-api.md, Keys and limits). A commit
 # that waits keeps the key's counter row locked through the flush (bench/: 1.04-1.07x).
 ASYNC_COMMIT = "SET LOCAL synchronous_commit = off; "
 # Stand-ins for one request's values in the cached counting statement (see _count_sql).

@@ -16,7 +16,7 @@ def queue(as_json):
     By key, on every running gateway.
 
     Each upstream serves at most max_concurrent requests at once; the rest wait in the
-    gateway's fair queue (README: Sharing a busy GPU fairly).
+    gateway's fair queue (docs/operations.md: Sharing a busy GPU fairly).
     """
     conf = settings()
     open_db()

@@ -4,7 +4,7 @@ No registry serves images here, so the base is Debian 12 made by debootstrap and
 imported into podman storage of the test's own (removed afterwards). Root only;
 marked `packaging` and `container`; skipped without root or the tools, except under
 CI, where that is a failure. About 3 minutes, the Debian base and the .deb
-build included (README, "Install and test").
+build included (docs/development.md, "Install and test").
 """
 import json
 import os

@@ -265,7 +265,7 @@ def test_an_abandoned_blob_upload_frees_its_slot_and_stops_ollama_waiting(gatewa
 
 
 def test_gunicorn_run_directly_migrates_a_fresh_database(fake, tmp_path):
-    """The README's `gunicorn -c python:app.gunicorn_conf wsgi:app` needs no `db upgrade`."""
+    """docs/operations.md's `gunicorn -c python:app.gunicorn_conf wsgi:app` needs no db upgrade."""
     gw = GatewayProcess(f"sqlite:///{tmp_path}/direct.db", fake.url, workers=1)
     log = open(tmp_path / "direct.log", "wb")
     gw.proc = subprocess.Popen(

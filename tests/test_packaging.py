@@ -48,7 +48,7 @@ def require_root_and(tools):
     if os.geteuid() != 0:
         problem = "needs root: it installs and purges a package"
     elif missing:
-        problem = f"needs {', '.join(missing)}: see README, Install on Debian/Ubuntu"
+        problem = f"needs {', '.join(missing)}: see docs/operations.md, Install on Debian/Ubuntu"
     elif run(["dpkg-query", "-W", "-f", "${Status}", "ollama-gw"], check=False).stdout \
             .endswith(" installed"):
         problem = "ollama-gw is installed on this machine: purge it first (this test does)"

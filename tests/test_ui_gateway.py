@@ -17,7 +17,7 @@ from tests.gateway_process import GatewayProcess, wait_for
 pytestmark = pytest.mark.gateway
 COOKIE = "ogw_ui"
 WRONG = "ogw_" + "x" * 43
-ALLOWED = 10  # README: ten failed sign-ins a minute from one address, then 429
+ALLOWED = 10  # docs/dashboard.md: ten failed sign-ins a minute from one address, then 429
 
 
 @pytest.fixture(scope="module")
