@@ -29,6 +29,11 @@ from app.models import QuotaReservation
 # PostgreSQL advisory locks (key space, key id): one per key serialises its reservations.
 # The two-integer key space is apart from the fair queue's single bigint locks.
 LOCK_SPACE = 0x6F67
+# A request refused only because requests running now hold the rest of the quota waits
+# this long for them to settle before its 429: a client sending one request after the
+# other would otherwise find its previous request's reservation still there, for the
+# moment until the usage writer replaces it with the real count (app/usage.py).
+SETTLE_SECONDS, SETTLE_POLL = 2.0, 0.02
 # Endpoints that run a model and so are charged tokens: they reserve before they run.
 EMBEDDING = {"/api/embed", "/api/embeddings", "/v1/embeddings"}
 CHARGED = GENERATING | EMBEDDING
@@ -87,13 +92,15 @@ def check(key, now=None):
         retry = max(1, math.ceil(current.reset_at - now))
         reserved = (f" and {current.reserved} are reserved by requests running now"
                     if current.reserved else "")
-        raise RateLimited(
+        refusal = RateLimited(
             f"token quota used up: key allows "
             f"{format_token_quota(key.token_quota, key.token_period)} tokens (prompt + "
             f"completion, UTC {key.token_period}) and has used {current.used}{reserved}; "
             f"retry in {retry} s",
             headers={"Retry-After": str(retry), **current.headers()}, refusal="quota",
         )
+        refusal.reserved_only = current.used < current.limit  # may pass once they settle
+        raise refusal
     return current
 
 
@@ -104,7 +111,18 @@ def reserve(key, prompt, cap, holder, lease_seconds, now=None):
     Returns (Reservation, answer cap to send Ollama or None): with no cap of its own the
     answer is capped at what is left after the prompt, so it cannot run far past it.
     """
-    now = time.time() if now is None else now
+    deadline = time.monotonic() + SETTLE_SECONDS
+    while True:
+        try:
+            return _reserve(key, prompt, cap, holder, lease_seconds,
+                            time.time() if now is None else now)
+        except RateLimited as refusal:
+            if not refusal.reserved_only or time.monotonic() >= deadline:
+                raise
+        time.sleep(SETTLE_POLL)  # a yield under gevent; no transaction is open
+
+
+def _reserve(key, prompt, cap, holder, lease_seconds, now):
     start, _ = quota_period(key.token_period, now)
     with db.atomic():
         if is_postgres():

@@ -173,7 +173,9 @@ class UsageWriter:
                 log.error("usage buffer full (%d records; the database has been failing): "
                           "%d oldest record(s) dropped so far", self.capacity, self.dropped)
         self._buffer.append(record)
-        if len(self._buffer) >= BATCH:
+        # A record that settles a quota reservation is written at once, not at the next
+        # turn: until then the reservation holds the key's quota (app/quota.py).
+        if len(self._buffer) >= BATCH or record.reservation_id is not None:
             self._wake.set()
         if self._thread is None and not self._stopped:
             self._thread = threading.Thread(target=self._run, name="usage-writer", daemon=True)
@@ -488,6 +490,12 @@ def _quoted(columns):
     return ", ".join(f'"{c}"' for c in columns)
 
 
+# Spills are named so that gateways before this one never take them: their loader
+# failed on a field it did not know and left the file stuck as loading-*, records lost
+# (a rolling upgrade, or a rollback, runs both on one data_dir). This one reads both.
+SPILL_PREFIX, OLD_SPILL_PREFIX = "usage-records-", "usage-spill-"
+
+
 def spill(records, directory):
     """Write records the database would not take to a file, so that exiting loses none.
 
@@ -495,7 +503,7 @@ def spill(records, directory):
     gets its final name once complete: a worker starting meanwhile (a reload) loads
     whole files only.
     """
-    path = directory / f"usage-spill-{os.getpid()}-{time.time_ns()}.jsonl"
+    path = directory / f"{SPILL_PREFIX}{os.getpid()}-{time.time_ns()}.jsonl"
     partial = path.with_suffix(".partial")
     private_dir(directory)
     with open(partial, "w", opener=private_opener) as fh:
@@ -517,7 +525,8 @@ def load_spills(directory, writer):
     record the database refuses is the writer's to settle, like any other.
     """
     loaded = 0
-    for path in sorted(directory.glob("usage-spill-*.jsonl")):
+    for path in sorted([*directory.glob(f"{SPILL_PREFIX}*.jsonl"),
+                        *directory.glob(f"{OLD_SPILL_PREFIX}*.jsonl")]):
         taken = path.with_name(f"loading-{os.getpid()}-{path.name}")
         try:
             path.rename(taken)  # atomic: two workers starting together cannot both take it

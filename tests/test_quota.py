@@ -8,7 +8,7 @@ from app import db as database
 from app import estimate, quota
 from app.db import db
 from app.limits import quota_period
-from app.models import QuotaReservation
+from app.models import QuotaReservation, TokenUsage
 from app.quota import Standing
 from tests.conftest import auth_header
 
@@ -82,3 +82,42 @@ def test_a_quota_key_without_a_cap_on_v1_gets_max_tokens_of_what_is_left(client,
     assert prompt == 1 + estimate.MESSAGE_TOKENS
     assert fake.requests[-1].json()["max_tokens"] == 50 - prompt
     assert (answer.headers["X-Quota-Limit"], answer.headers["X-Quota-Remaining"]) == ("50", "0")
+
+
+def test_a_request_held_only_by_a_running_requests_reservation_waits_for_it_to_settle(
+        migrated, make_key, monkeypatch):
+    """One request after the other: the previous one's reservation is settled by the usage
+    writer a moment after its answer ended. The next waits for that, not a 429."""
+    _, key = make_key(token_quota="100/day")
+    previous, _ = quota.reserve(key, 1, None, "test:1", 60)  # uncapped: holds all 100
+    settled = threading.Timer(0.3, lambda: QuotaReservation.delete_by_id(previous.id))
+    settled.start()
+    try:
+        started = time.monotonic()
+        reservation, send = quota.reserve(key, 1, None, "test:2", 60)
+    finally:
+        settled.join(30)
+    assert 0.25 < time.monotonic() - started < quota.SETTLE_SECONDS
+    assert (reservation.tokens, send) == (100, 99)
+
+
+def test_a_request_still_held_by_reservations_after_the_wait_is_refused(
+        migrated, make_key, monkeypatch):
+    _, key = make_key(token_quota="100/day")
+    monkeypatch.setattr(quota, "SETTLE_SECONDS", 0.3)
+    quota.reserve(key, 1, None, "test:1", 60)
+    started = time.monotonic()
+    with pytest.raises(quota.RateLimited) as refused:
+        quota.reserve(key, 1, 5, "test:2", 60)
+    assert time.monotonic() - started >= 0.3
+    assert "100 are reserved by requests running now" in refused.value.message
+
+
+def test_a_quota_used_up_by_charged_tokens_is_refused_without_waiting(migrated, make_key):
+    _, key = make_key(token_quota="100/day")
+    TokenUsage.create(key_id=key.id, period_start=quota_period("day", time.time())[0],
+                      tokens=100)
+    started = time.monotonic()
+    with pytest.raises(quota.RateLimited):
+        quota.reserve(key, 1, 5, "test:1", 60)
+    assert time.monotonic() - started < quota.SETTLE_SECONDS / 2
