@@ -1,6 +1,7 @@
 """Rows a gateway process holds, and freeing them when that process dies on this host.
 
-Queue entries and concurrency slots name the worker that holds them, `host:pid`. A
+Queue entries, concurrency slots and quota reservations name the worker that holds them
+(`host/pidns.boot:pid`, holder_for()). A
 worker killed mid-request (kill -9, the out-of-memory killer) cannot give them back,
 and each would still count, an upstream's slot or a key's max_concurrent, until its
 lease lapsed (slot_lease_seconds). gunicorn notices the death at once and starts a
@@ -10,13 +11,14 @@ processes that are gone, and has the fair queue grant the slots that freed
 catches a death among several workers, and a row that a dead worker's database
 session wrote after the worker died (a statement waiting on the queue's lock).
 
-Only holders named for this host, only pids that are not alive: another gateway on
-this host has live pids and keeps its rows; a dead pid that an unrelated process took
-since looks alive and its rows wait for the lease, as do other hosts' (an instance
-that dies entirely is freed by the lease alone). Instances on one host that share a
-database must see each other's processes (one pid namespace), or carry host names of
-their own (containers do).
+Only holders named for this host's pid namespace and boot, only pids that are not
+alive: another gateway here has live pids and keeps its rows; a dead pid that an
+unrelated process took since looks alive and its rows wait for the lease, as do other
+hosts', other pid namespaces' (containers on the host's network share its name) and
+rows named the way gateways before this release named them (`host:pid`). An instance
+that dies entirely is freed by the lease alone.
 """
+import functools
 import logging
 import os
 import socket
@@ -41,9 +43,31 @@ SWEEP_SECONDS = 2.0
 FIRST_SWEEP_SECONDS = 5.0
 
 
+@functools.lru_cache(maxsize=1)
+def _process_space():
+    """The host name, and what tells this host's processes from those of another with
+    the same name: its pid namespace and its boot (containers sharing the host's network,
+    and so its name; a cloned machine that kept its name)."""
+    try:
+        namespace = f"{os.stat('/proc/self/ns/pid').st_ino:x}"
+    except OSError:
+        namespace = "-"
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as boot_id:
+            boot = boot_id.read().strip()[:8]
+    except OSError:
+        boot = "-"
+    return f"{socket.gethostname()}/{namespace}.{boot}"
+
+
+def holder_for(pid):
+    """The holder name of process `pid` of this host: `host/pidns.boot:pid`."""
+    return f"{_process_space()}:{pid}"[:128]
+
+
 def this_process():
-    """The holder name of this process: `host:pid`."""
-    return f"{socket.gethostname()}:{os.getpid()}"[:128]
+    """The holder name of this process."""
+    return holder_for(os.getpid())
 
 
 def alive(pid):
@@ -65,7 +89,7 @@ def alive(pid):
 
 def dead_here(holders):
     """The holders among `holders` that were processes of this host and are gone."""
-    prefix, mine = f"{socket.gethostname()}:", this_process()
+    prefix, mine = f"{_process_space()}:", this_process()
     dead = []
     for holder in holders:
         pid = holder[len(prefix):]

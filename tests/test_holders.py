@@ -47,12 +47,17 @@ def test_a_process_that_ended_but_was_not_waited_for_is_not_alive():
 
 def test_only_rows_of_dead_processes_of_this_host_are_freed(migrated, make_key):
     _, row = make_key("a", max_concurrent=9)
-    dead = f"{HERE}:{dead_pid()}"
-    kept = [f"{HERE}:{os.getppid()}",  # another live process here (another instance)
+    pid = dead_pid()
+    dead = holders.holder_for(pid)
+    space = dead.rpartition(":")[0]
+    kept = [holders.holder_for(os.getppid()),  # another live process here (another instance)
             holders.this_process(),  # this one
-            f"other-{HERE}:{dead.split(':')[1]}",  # the same pid on another host
-            f"{HERE[:1]}:{dead.split(':')[1]}",  # a host name that starts like this one
-            f"{HERE}:{dead.split(':')[1]}0000000"]  # no such pid: not a holder of ours
+            f"other-{space}:{pid}",  # the same pid on another host
+            f"{space[:1]}:{pid}",  # a host name that starts like this one
+            f"{HERE}/other.{space[-8:]}:{pid}",  # this name, another pid namespace
+            f"{space[:-8]}otherboo:{pid}",  # this name and namespace, another boot (a clone)
+            f"{HERE}:{pid}",  # the name an older gateway gave: left to the lease
+            f"{space}:{pid}0000000"]  # no such pid: not a holder of ours
     now = time.time()
     for holder in [dead, *kept]:
         QueueEntry.create(upstream="gpu", key_id=row.id, holder=holder, start_tag=0,
@@ -74,7 +79,7 @@ def test_a_slot_a_dead_process_held_goes_to_the_request_waiting_for_it(migrated,
     _, row = make_key("waits")
     key = KeyInfo.from_row(row)
     now = time.time()
-    QueueEntry.create(upstream="gpu", key_id=row.id, holder=f"{HERE}:{dead_pid()}",
+    QueueEntry.create(upstream="gpu", key_id=row.id, holder=holders.holder_for(dead_pid()),
                       start_tag=0, finish_tag=1, enqueued_at=now, granted_at=now,
                       expires_at=now + 60)
     queue = FairQueue(lease_seconds=60, max_wait=60)
@@ -99,7 +104,7 @@ def test_every_worker_sweeps_again_for_processes_that_died_since(migrated, make_
     reaper = holders.Reaper(FairQueue(), pool(1), sweep_seconds=0.1).start()
     try:
         assert reaper.first_sweep.is_set()
-        ConcurrencySlot.create(key=row.id, holder=f"{HERE}:{dead_pid()}",
+        ConcurrencySlot.create(key=row.id, holder=holders.holder_for(dead_pid()),
                                expires_at=time.time() + 60)
         assert wait_for(lambda: ConcurrencySlot.select().count() == 0, 10)
     finally:
