@@ -51,8 +51,16 @@ def _tables(db):
     return [UsageHistogram]
 
 
+# Not one transaction: on SQLite that would hold the write lock for the whole rebuild
+# (about 30 s for a million requests), and gateways of the previous release, still
+# serving during a rolling upgrade, would fail their writes after their 10 s lock wait.
+# The table is created, then each day is rebuilt in a transaction of its own.
+atomic = False
+
+
 def up(migrator, db):
-    db.create_tables(_tables(db))
+    with db.atomic():
+        db.create_tables(_tables(db))
     rebuild(db)
 
 
@@ -76,34 +84,42 @@ def rebuild(db):
         'SELECT DISTINCT "hour" / 86400 * 86400 FROM "usage_hourly" ORDER BY 1').fetchall()]
     coarse = _coarse_buckets("latency") + _coarse_buckets("ttfb")
     for day in days:
-        exact = collections.defaultdict(collections.Counter)
-        for at, key, model, endpoint, latency, ttfb in db.execute_sql(
-                'SELECT "at", "key_id", "model_id", "endpoint_id", "latency_ms", "ttfb_ms" '
-                'FROM "usage_record" WHERE "at" >= %s AND "at" < %s'.replace("%s", db.param),
-                (day, day + 86400)):
-            counts = exact[(int(at // 3600 * 3600), key or 0, model or 0, endpoint)]
-            counts["requests"] += 1
-            counts[(LATENCY, histogram.bucket(latency))] += 1
-            if ttfb is not None:
-                counts["ttfb"] += 1
-                counts[(TTFB, histogram.bucket(ttfb))] += 1
-        columns = [c for c, _ in coarse]
-        hourly = {}
-        for hour, key, model, endpoint, requests, ttfb_count, *sums in db.execute_sql(
-                'SELECT "hour", "key_id", "model_id", "endpoint_id", "requests", "ttfb_count", '
-                + ", ".join(f'"{c}"' for c in columns) + ' FROM "usage_hourly" '
-                'WHERE "hour" >= %s AND "hour" < %s'.replace("%s", db.param), (day, day + 86400)):
-            group = (int(hour), key, model, endpoint)
-            found = exact.get(group, collections.Counter())
-            if found["requests"] == requests and found["ttfb"] == ttfb_count:
-                hourly[group] = found
-                continue
-            counts = collections.Counter({(LATENCY, histogram.APPROXIMATE): requests,
-                                          (TTFB, histogram.APPROXIMATE): ttfb_count})
-            for (column, index), amount in zip(coarse, sums, strict=True):
-                counts[(LATENCY if column.startswith("latency") else TTFB, index)] += amount
-            hourly[group] = counts
-        _insert(db, _rows(hourly))
+        with db.atomic():
+            _rebuild_day(db, day, coarse)
+
+
+def _rebuild_day(db, day, coarse):
+    """One day's rows, anew: a rebuild cut short and run again counts nothing twice."""
+    db.execute_sql('DELETE FROM "usage_histogram" WHERE "time" >= %s AND "time" < %s'
+                   .replace("%s", db.param), (day, day + 86400))
+    exact = collections.defaultdict(collections.Counter)
+    for at, key, model, endpoint, latency, ttfb in db.execute_sql(
+            'SELECT "at", "key_id", "model_id", "endpoint_id", "latency_ms", "ttfb_ms" '
+            'FROM "usage_record" WHERE "at" >= %s AND "at" < %s'.replace("%s", db.param),
+            (day, day + 86400)):
+        counts = exact[(int(at // 3600 * 3600), key or 0, model or 0, endpoint)]
+        counts["requests"] += 1
+        counts[(LATENCY, histogram.bucket(latency))] += 1
+        if ttfb is not None:
+            counts["ttfb"] += 1
+            counts[(TTFB, histogram.bucket(ttfb))] += 1
+    columns = [c for c, _ in coarse]
+    hourly = {}
+    for hour, key, model, endpoint, requests, ttfb_count, *sums in db.execute_sql(
+            'SELECT "hour", "key_id", "model_id", "endpoint_id", "requests", "ttfb_count", '
+            + ", ".join(f'"{c}"' for c in columns) + ' FROM "usage_hourly" '
+            'WHERE "hour" >= %s AND "hour" < %s'.replace("%s", db.param), (day, day + 86400)):
+        group = (int(hour), key, model, endpoint)
+        found = exact.get(group, collections.Counter())
+        if found["requests"] == requests and found["ttfb"] == ttfb_count:
+            hourly[group] = found
+            continue
+        counts = collections.Counter({(LATENCY, histogram.APPROXIMATE): requests,
+                                      (TTFB, histogram.APPROXIMATE): ttfb_count})
+        for (column, index), amount in zip(coarse, sums, strict=True):
+            counts[(LATENCY if column.startswith("latency") else TTFB, index)] += amount
+        hourly[group] = counts
+    _insert(db, _rows(hourly))
 
 
 def _rows(hourly):
@@ -124,7 +140,7 @@ def _rows(hourly):
 
 
 def _insert(db, rows):
-    """Added to what is there: a new instance may already be writing these hours."""
+    """Added to what is there (nothing, once the day's rows were deleted)."""
     one = "(" + ", ".join([db.param] * (len(KEY) + 1)) + ")"
     columns = ", ".join(f'"{c}"' for c in (*KEY, "count"))
     key = ", ".join(f'"{c}"' for c in KEY)
