@@ -71,6 +71,9 @@ def group_field(table, by):
 def histograms(group, parts, key_id=None, model_id=None, total=False):
     """{group: Counter{(metric, bucket): count}} over parts [(grain, since, until)…], compact.
 
+    A part may have a fourth item, -1: its counts are taken away (a day less its first
+    hours; app/ui/charts.py).
+
     `group` is a tuple of expressions over UsageHistogram (the group is then a tuple of
     ints; () for one group, named ()). key_id may be a list. The parts' rows are added
     up per group before ranking: a range of whole days and the hours before them is
@@ -87,9 +90,10 @@ def histograms(group, parts, key_id=None, model_id=None, total=False):
     names = [f"g{i}" for i in range(len(group))]
     keys = ", ".join([*names, "metric", "bucket"])
     selects, params = [], []
-    for grain, since, until in parts:  # each part grouped on its own: no OR of index ranges
+    for grain, since, until, *sign in parts:  # each grouped on its own: no OR of ranges
+        amount = fn.SUM(table.count) * sign[0] if sign else fn.SUM(table.count)
         query = (table.select(*[g.alias(n) for g, n in zip(group, names, strict=True)],
-                              table.metric, table.bucket, fn.SUM(table.count).alias("n"))
+                              table.metric, table.bucket, amount.alias("n"))
                  .where(table.grain == HISTOGRAM_GRAINS[grain])
                  .group_by(*group, table.metric, table.bucket))
         if since is not None:
