@@ -53,9 +53,10 @@ def usage(since=None, by="key", key_id=None, model=None, until=None):
         query = query.where(UsageHourly.model_id == (label.id if label else -1))
     # Everyone's by model, hour or day: the grain per hour and model has far fewer rows.
     grain = "hourly_model" if key_id is None and by in ("model", "hour", "day") else "hourly"
-    found = histograms(group_field(UsageHistogram, by), grain, since, until, key_id,
+    found = histograms((group_field(UsageHistogram, by),), [(grain, since, until)], key_id,
                        model_id=None if model is None else (label.id if label else -1))
-    rows = [summarize(row, found.get(row["grp"])) for row in query.order_by(SQL("grp")).dicts()]
+    rows = [summarize(row, found.get((int(row["grp"] or 0),)))
+            for row in query.order_by(SQL("grp")).dicts()]
     _name_groups(rows, by)
     return rows
 
@@ -67,33 +68,100 @@ def group_field(table, by):
             "hour": hour, "day": hour / 86400 * 86400}[by]
 
 
-def histograms(group, grain, since=None, until=None, key_id=None, model_id=None):
-    """{group: Counter{(metric, bucket): count}} of one grain's histograms over a range.
+def histograms(group, parts, key_id=None, model_id=None, total=False):
+    """{group: Counter{(metric, bucket): count}} over parts [(grain, since, until)…], compact.
 
-    `group` is an expression over UsageHistogram (or a tuple of them: the group is then
-    a tuple); key_id may be a list. The rows are read without peewee's per-value
-    conversions: a month's page reads some 100,000 of them.
+    A part may have a fourth item, -1: its counts are taken away (a day less its first
+    hours; app/ui/charts.py).
+
+    `group` is a tuple of expressions over UsageHistogram (the group is then a tuple of
+    ints; () for one group, named ()). key_id may be a list. The parts' rows are added
+    up per group before ranking: a range of whole days and the hours before them is
+    one histogram. total: the groups' sum too, under (), from the same reading.
+
+    The database finds the buckets PERCENTILES' ranks fall in (a running sum per group
+    and metric) and returns only those, with each metric's total and its APPROXIMATE
+    count: a page reading 100,000 bucket rows gets a few per group instead of converting
+    every one in Python. What is returned is a histogram with the same total whose
+    nearest-rank quantiles at PERCENTILES' q are the same buckets as the full one's
+    (see _compact); for other q it means nothing.
     """
-    groups = group if isinstance(group, tuple) else (group,)
     table = UsageHistogram
-    query = (table.select(*groups, table.metric, table.bucket, fn.SUM(table.count))
-             .where(table.grain == HISTOGRAM_GRAINS[grain])
-             .group_by(*groups, table.metric, table.bucket))
-    if since is not None:
-        query = query.where(table.time >= int(since // 3600 * 3600))
-    if until is not None:
-        query = query.where(table.time < until)
-    if isinstance(key_id, list):
-        query = query.where(table.key_id.in_(key_id))
-    elif key_id is not None:
-        query = query.where(table.key_id == key_id)
-    if model_id is not None:
-        query = query.where(table.model_id == model_id)
-    found = collections.defaultdict(collections.Counter)
-    for *names, metric, index, count in table._meta.database.execute(query):
-        name = tuple(int(n or 0) for n in names) if isinstance(group, tuple) else names[0]
-        found[name][(metric, index)] += int(count)
-    return found
+    names = [f"g{i}" for i in range(len(group))]
+    keys = ", ".join([*names, "metric", "bucket"])
+    selects, params = [], []
+    for grain, since, until, *sign in parts:  # each grouped on its own: no OR of ranges
+        amount = fn.SUM(table.count) * sign[0] if sign else fn.SUM(table.count)
+        query = (table.select(*[g.alias(n) for g, n in zip(group, names, strict=True)],
+                              table.metric, table.bucket, amount.alias("n"))
+                 .where(table.grain == HISTOGRAM_GRAINS[grain])
+                 .group_by(*group, table.metric, table.bucket))
+        if since is not None:
+            query = query.where(table.time >= int(since // 3600 * 3600))
+        if until is not None:
+            query = query.where(table.time < until)
+        if isinstance(key_id, list):
+            query = query.where(table.key_id.in_(key_id))
+        elif key_id is not None:
+            query = query.where(table.key_id == key_id)
+        if model_id is not None:
+            query = query.where(table.model_id == model_id)
+        sql, values = query.sql()
+        selects.append(sql)
+        params += values
+    whole = ", ".join(["1", *["0"] * len(names), "metric", "bucket", "SUM(n)"])
+    partition = ", ".join(["whole", *names, "metric"])
+    counted = "CASE WHEN bucket >= 0 THEN n ELSE 0 END"  # APPROXIMATE (-1) is not a rank
+    crossing = " OR ".join(  # ⌈q·total⌉ in integers: (Q·total + 9999) / 10000, Q = 10000·q
+        f"(upto >= ({q} * total + 9999) / 10000 AND upto - n < ({q} * total + 9999) / 10000)"
+        for q in sorted({round(q * 10000) for _, _, q, _ in PERCENTILES}))
+    sql = (f"WITH p AS ({' UNION ALL '.join(selects)}), "
+           f"h0 AS (SELECT {keys}, CAST(SUM(n) AS BIGINT) AS n FROM p GROUP BY {keys}), "
+           f"h AS (SELECT 0 AS whole, {keys}, n FROM h0"
+           + (f" UNION ALL SELECT {whole} FROM h0 GROUP BY metric, bucket" if total else "")
+           + "), "
+           f"c AS (SELECT {partition}, bucket, n, "
+           f"CAST(SUM({counted}) OVER (PARTITION BY {partition} ORDER BY bucket "
+           f"ROWS UNBOUNDED PRECEDING) AS BIGINT) AS upto, "
+           f"CAST(SUM({counted}) OVER (PARTITION BY {partition}) AS BIGINT) AS total FROM h) "
+           f"SELECT {partition}, bucket, n, upto, total FROM c "
+           f"WHERE bucket = {histogram.APPROXIMATE} OR {crossing}")
+    found = collections.defaultdict(list)
+    for is_total, *name, metric, index, n, upto, sum_ in table._meta.database.execute_sql(
+            sql, params):
+        name = () if is_total else tuple(int(v or 0) for v in name)
+        found[(name, metric)].append((int(index), int(n), int(upto), int(sum_)))
+    compact = collections.defaultdict(collections.Counter)
+    for (name, metric), rows in found.items():
+        compact[name].update(_compact(metric, rows))
+    return compact
+
+
+def _compact(metric, rows):
+    """{(metric, bucket): count} with the buckets and total of histograms()' rows.
+
+    rows: (bucket, count, running sum, total) of the APPROXIMATE bucket and the buckets
+    where each rank r1 ≤ r2… falls. Giving the bucket of r_i the count r_i - r_(i-1)
+    (and the last one the rest) puts r_i in that bucket again: the running sum reaches
+    r_i there and is r_(j) < r_i before it, r_j the rank of the bucket before.
+    """
+    counts = collections.Counter()
+    total, previous, last = rows[0][3], 0, None  # each row carries its group's total
+    ranks = sorted({max(1, -(-round(q * 10000) * total // 10000))
+                    for _, _, q, _ in PERCENTILES})
+    buckets = []
+    for index, n, upto, _ in rows:
+        if index == histogram.APPROXIMATE:
+            counts[(metric, index)] += n
+        else:
+            buckets.append((index, upto - n, upto))
+    for rank in ranks if total else ():
+        index = next(i for i, before, upto in buckets if before < rank <= upto)
+        counts[(metric, index)] += rank - previous
+        previous, last = rank, index
+    if last is not None:
+        counts[(metric, last)] += total - previous
+    return counts
 
 
 def percentiles(sums, counts):

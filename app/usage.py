@@ -24,7 +24,7 @@ import weakref
 
 from app import histogram
 from app.cooperative import pause
-from app.db import db, forget_idle_connections
+from app.db import db, forget_idle_connections, is_postgres
 from app.dead_letters import DeadLetters
 from app.errors import DATABASE_ERRORS
 from app.limits import quota_period
@@ -291,7 +291,8 @@ class UsageWriter:
                     _sum_rows(_regroup(hourly, lambda hour, key, model, _: (hour, model))))
             _add_to(UsageDailyKey, ("day", "key_id"), SUM_COLUMNS, _sum_rows(_regroup(
                 hourly, lambda hour, key, model, _: (hour // 86400 * 86400, key))))
-            _add_to(UsageHistogram, HISTOGRAM_KEY, ("count",), _histogram_rows(hourly))
+            _add_to(UsageHistogram, HISTOGRAM_KEY, ("count",), _histogram_rows(hourly),
+                    literal=True)
             _charge(records)
             self.on_batch(records)
         self._labels.remember(ids)
@@ -467,22 +468,33 @@ def _insert(model, columns, rows):
                        f"VALUES {_values(columns, len(rows))}", [v for row in rows for v in row])
 
 
-def _add_to(model, key, amounts, rows, returning=()):
+def _add_to(model, key, amounts, rows, returning=(), literal=False):
     """Insert each row, or add its amounts to the row already there: one atomic statement.
 
     The rows' keys are distinct (one row per group), as PostgreSQL requires. Returns the
-    `returning` columns of each row after the addition.
+    `returning` columns of each row after the addition. literal:
+    the rows are integers only; on PostgreSQL they are written into the statement as
+    numbers rather than passed as parameters. The histogram rows are some 1,500 a batch,
+    8 integers each: psycopg2 adapting 12,000 parameters one by one was most of what
+    they added to the writer's CPU (bench/RESULTS.md: 27.8 -> 16.7 ms a batch). SQLite
+    binds parameters faster than it parses numbers (9.8 -> 11.2 ms): parameters there.
+    int() makes anything but an integer fail, not reach the SQL.
     """
     if not rows:
         return []
     table = model._meta.table_name
     columns = (*key, *amounts)
     additions = ", ".join(f'"{c}" = "{table}"."{c}" + EXCLUDED."{c}"' for c in amounts)
+    if literal and is_postgres():
+        values = ", ".join("(" + ", ".join(map(str, map(int, row))) + ")" for row in rows)
+        params = ()
+    else:
+        values, params = _values(columns, len(rows)), [v for row in rows for v in row]
     cursor = db.execute_sql(
         f'INSERT INTO "{table}" ({_quoted(columns)}) VALUES '
-        f"{_values(columns, len(rows))} ON CONFLICT ({_quoted(key)}) "
+        f"{values} ON CONFLICT ({_quoted(key)}) "
         f"DO UPDATE SET {additions}" + (f" RETURNING {_quoted(returning)}" if returning else ""),
-        [v for row in rows for v in row])
+        params)
     return cursor.fetchall() if returning else []
 
 

@@ -312,3 +312,32 @@ def test_hours_an_older_instance_wrote_fall_back_to_the_coarse_buckets(migrated)
         assert [(r["approximate"], r["latency_ms_p50"]) for r in (drawn["totals"],
                                                                   *drawn["by_model"])] \
             == [(True, 500)] * 2, span  # 2 of 4 in 250–500 ms
+
+
+@pytest.mark.parametrize("hour_of_day", [4, 16])
+def test_a_day_s_figures_are_the_nearest_rank_however_the_range_meets_midnight(
+        migrated, hour_of_day):
+    """A 24-hour range starting at 04:00 reads the day before less its first 4 hours; one
+    starting at 16:00 its last 8 hours and today (charts._day_parts): both are exact."""
+    day = (THIS_HOUR // 86400 - 3) * 86400
+    now = day + 86400 + hour_of_day * HOUR + 1800
+    start = now // HOUR * HOUR - 24 * HOUR
+    values = SAMPLES["lognormal"]
+    ats = [now - 48 * HOUR + i * 7919 % (48 * HOUR) for i in range(len(values))]
+    assert any(day <= at < start for at in ats) and any(at < day for at in ats)
+    writer = UsageWriter()
+    for at, ms in zip(ats, values, strict=True):
+        writer.add(Record(at=at, endpoint="/api/chat", status=200, latency_ms=ms, key_id=1,
+                          model=MODEL, prompt_tokens=1, completion_tokens=1,
+                          ttfb_ms=ttfb_of(ms)))
+    assert writer.write_pending()
+    writer.stop()
+    want = expected([ms for at, ms in zip(ats, values, strict=True) if at >= start])
+    drawn = charts.series("24h", now=now)
+    [by_model] = drawn["by_model"]
+    [by_key] = charts.by_key("24h", now=now)
+    mine = charts.series("24h", key_id=1, now=now)["totals"]
+    for row in (drawn["totals"], by_model, by_key, mine):
+        assert row["approximate"] is False
+        for field, exact in want.items():
+            assert close(row[field], exact), (field, row[field], exact)

@@ -43,17 +43,19 @@ def series(name, key_id=None, now=None):
     if name == "1h":
         step, start = 300, int((now - 3600) // 300 * 300)
         sums, counts = _from_requests(start, key_id)
+        hourly = {}
     else:
         step, start = 3600, int((now - RANGES[name]) // 3600 * 3600)
         sums = _from_rollup(start, key_id)
-        counts = _hourly_counts(start, key_id) if name in FINE_LINES else {}
+        hourly = _hourly_counts(start, key_id) if name in FINE_LINES else {}
+        counts = None
+    model_counts, total_counts = _range_counts(start, key_id, counts)
     times = list(range(start, int(now) + 1, step))
     labels = label_names({model for _, model in sums})
     models = sorted({labels.get(model, "(none)") for _, model in sums})
     per_model = {kind: {m: [0] * len(times) for m in models} for kind in ("requests", "tokens")}
     by_time, by_model = {}, {}
     time_counts = collections.defaultdict(collections.Counter)
-    model_counts = collections.defaultdict(collections.Counter)
     for (at, model), row in sums.items():
         i = (at - start) // step
         if not 0 <= i < len(times):
@@ -63,8 +65,10 @@ def series(name, key_id=None, now=None):
         per_model["tokens"][name_][i] += row[PROMPT] + row[COMPLETION]
         by_time[i] = _add(by_time.get(i), row)
         by_model[name_] = _add(by_model.get(name_), row)
-        time_counts[i].update(counts.get((at, model), {}))
-        model_counts[name_].update(counts.get((at, model), {}))
+        if counts is not None:  # the last hour's, per step and model
+            time_counts[i].update(counts.get((at, model), {}))
+    for at, found in hourly.items():
+        time_counts[(at - start) // step] = found
     result = {"step": step, "times": times, "models": models, **per_model,
               "error_rate": [], "refusal_rate": [], "latency_p50": [], "latency_p95": [],
               "ttfb_p50": [], "ttfb_p95": []}
@@ -77,15 +81,10 @@ def series(name, key_id=None, now=None):
         for kind in ("latency", "ttfb"):
             result[f"{kind}_p50"].append(drawn[f"{kind}_ms_p50"])
             result[f"{kind}_p95"].append(drawn[f"{kind}_ms_p95"])
-    total, total_counts = None, collections.Counter()
+    total = None
     for row in by_time.values():
         total = _add(total, row)
-    if name in FINE_LINES:
-        for found in model_counts.values():
-            total_counts.update(found)
-    else:  # the figures printed are still within 2 %: read per day
-        found, total_counts = _range_counts(start, key_id)
-        model_counts = {labels.get(model, "(none)"): counts for model, counts in found.items()}
+    model_counts = {labels.get(model, "(none)"): found for model, found in model_counts.items()}
     result["totals"] = _totals(total or empty, total_counts)
     result["by_model"] = sorted(({"model": model, **_totals(row, model_counts.get(model))}
                                  for model, row in by_model.items()),
@@ -130,32 +129,50 @@ def _from_rollup(start, key_id):
 
 
 def _hourly_counts(start, key_id):
-    """{(hour, model id): fine histogram} since `start`: the lines of a day's chart."""
-    return histograms((UsageHistogram.time, UsageHistogram.model_id),
-                      "hourly_model" if key_id is None else "hourly", start, key_id=key_id)
+    """{hour: fine histogram} since `start`: the lines of a day's chart, all models'.
+
+    The lines are per hour: the hours' buckets are added up over the models in SQL.
+    """
+    return {hour: found for (hour,), found in histograms(
+        (UsageHistogram.time,), [("hourly_model" if key_id is None else "hourly", start, None)],
+        key_id=key_id).items()}
 
 
-def _range_counts(start, key_id):
-    """({model id: fine histogram}, the total's) since `start`, for ranges of days.
+def _range_counts(start, key_id, counts=None):
+    """({model id: fine histogram}, the total's) since `start`: the figures printed.
 
     Whole days from the grain per day (and model, or key), the hours before the first
-    of them from the hourly ones. A key's page prints no figure per model: its models'
-    histograms are left out (their rows would be per hour).
+    of them from the hourly ones, added up in the database (app/stats.histograms). A
+    key's page prints no figure per model: its models' histograms are left out.
+    counts: the last hour's {(step, model id): histogram} (from its rows), summed here.
+    """
+    if counts is not None:
+        models, total = collections.defaultdict(collections.Counter), collections.Counter()
+        for (_, model), found in counts.items():
+            models[model].update(found)
+            total.update(found)
+        return ({} if key_id is not None else models), total
+    if key_id is not None:
+        parts = _day_parts(start, "hourly", "daily_key")
+        return {}, histograms((), parts, key_id=key_id).get((), collections.Counter())
+    parts = _day_parts(start, "hourly_model", "daily_model")
+    found = histograms((UsageHistogram.model_id,), parts, total=True)
+    total = found.pop((), collections.Counter())
+    return {model: counts for (model,), counts in found.items()}, total
+
+
+def _day_parts(start, hourly, daily):
+    """histograms()' parts for [start, now): whole days from grain `daily`, the hours
+    before the first of them from `hourly`; when those hours are most of a day, that
+    day less the hours before `start` instead: fewer hourly rows to read (a 24-hour
+    range starting at 04:00 reads 4 hours, not 20). The daily grain is the sum of the
+    hourly one, written in the same transaction (app/usage.py) and rebuilt from it.
     """
     first_day = -(-start // 86400) * 86400
-    if key_id is not None:
-        total = histograms(UsageHistogram.key_id, "hourly", start, first_day, key_id)[key_id]
-        total.update(histograms(UsageHistogram.key_id, "daily_key", first_day,
-                                key_id=key_id)[key_id])
-        return {}, total
-    model = UsageHistogram.model_id
-    counts = histograms(model, "hourly_model", start, first_day)
-    for model_id, found in histograms(model, "daily_model", first_day).items():
-        counts[model_id].update(found)
-    total = collections.Counter()
-    for found in counts.values():
-        total.update(found)
-    return counts, total
+    if first_day - start > 43200:
+        day = first_day - 86400
+        return [(daily, day, None), (hourly, day, start, -1)]
+    return [(hourly, start, first_day), (daily, first_day, None)]
 
 
 def _sums(table):
@@ -183,11 +200,9 @@ def by_key(name, now=None, limit=None):
             keys[key_id] = _add(keys.get(key_id), [int(v or 0) for v in sums])
     shown = sorted(keys, key=lambda k: (-keys[k][PROMPT] - keys[k][COMPLETION],
                                         -keys[k][REQUESTS]))[:limit]
-    counts = histograms(UsageHistogram.key_id, "hourly", start, first_day, shown)
-    for key_id, found in histograms(UsageHistogram.key_id, "daily_key", first_day,
-                                    key_id=shown).items():
-        counts[key_id].update(found)
-    rows = [{"key_id": key_id or None, **_totals(keys[key_id], counts.get(key_id))}
+    counts = histograms((UsageHistogram.key_id,), _day_parts(start, "hourly", "daily_key"),
+                        [k or 0 for k in shown])
+    rows = [{"key_id": key_id or None, **_totals(keys[key_id], counts.get((key_id or 0,)))}
             for key_id in shown]
     names = {k.id: k for k in ApiKey.select(ApiKey.id, ApiKey.prefix, ApiKey.name)
              .where(ApiKey.id.in_([r["key_id"] for r in rows if r["key_id"]]))}
