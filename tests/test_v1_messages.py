@@ -6,6 +6,8 @@ import pytest
 
 from app import estimate
 from app.models import TokenUsage
+from app.relay import answer_finished
+from app.usage import token_counts
 from tests.conftest import auth_header
 from tests.fake_ollama_v1 import ESTIMATE_OFF_BY
 
@@ -73,6 +75,18 @@ def test_a_quota_key_reserves_and_is_charged_ollamas_final_counts(client, make_k
         # message_start's estimate (ESTIMATE_OFF_BY more) is not what is charged.
         assert charged(client, key) - before == 9 + 7
     assert ESTIMATE_OFF_BY > 0
+
+
+def test_the_counts_are_the_final_message_deltas_not_message_starts_estimate():
+    tail = (b'event: message_start\ndata: {"type":"message_start","message":{"usage":'
+            b'{"input_tokens":1009,"output_tokens":0}}}\n\n'
+            b'event: message_delta\ndata: {"type":"message_delta","delta":{"stop_reason":'
+            b'"end_turn"},"usage":{"input_tokens":9,"output_tokens":1}}\n\n'
+            b'event: message_stop\ndata: {"type":"message_stop"}\n\n')
+    assert token_counts(tail, 6, True) == (9, 1, None)
+    # A client that stops reading at message_stop (before the stream's end) had it all.
+    assert answer_finished(tail)
+    assert not answer_finished(tail[:tail.index(b"event: message_stop")])
 
 
 def test_a_quota_key_without_max_tokens_gets_what_is_left(client, make_key, fake):
