@@ -19,6 +19,10 @@ ACCOUNT_PATHS = frozenset({
     "/api/experimental/web_search", "/api/experimental/web_fetch",
 })
 ACCOUNT_PREFIXES = ("/api/user/", "/api/signin/", "/api/signout/", "/api/me/")
+# Endpoints that run a model but whose use is not counted in tokens (yet): a key with a
+# token quota may not use them, or its quota could be dodged through them.
+UNCOUNTED_PATHS = frozenset({"/v1/images/generations", "/v1/images/edits",
+                             "/v1/audio/transcriptions"})
 
 
 def is_account_path(path):
@@ -38,6 +42,14 @@ def check(key, path, known):
         raise Forbidden(f"{path} is not an endpoint the gateway knows, and unknown paths are "
                         "relayed for admin keys only (the setting open_unknown_paths = true "
                         f"relays them for every key); key {key.prefix} has role {key.role}")
+
+
+def require_counted(key, path):
+    """403 for a key with a token quota on an endpoint whose use is not counted in tokens."""
+    if key.token_quota and path in UNCOUNTED_PATHS:
+        raise Forbidden(f"{path} is not counted in tokens, so key {key.prefix}, which has a "
+                        "token quota, may not use it (its quota could be dodged through it); "
+                        "use a key without a token quota")
 
 
 def require_checkable_form(key, path):

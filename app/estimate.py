@@ -18,7 +18,8 @@ CHARS_PER_TOKEN = 4
 IMAGE_TOKENS = 576
 # Each message adds its role and the template's markers around it.
 MESSAGE_TOKENS = 4
-# Fields whose text goes to the model as it is: Ollama's (/api) and OpenAI's (/v1).
+# Fields whose text goes to the model as it is: Ollama's (/api), OpenAI's and Anthropic's
+# (/v1; Anthropic's `system` may be a list of text blocks).
 TEXT_FIELDS = ("prompt", "system", "suffix", "template", "instructions", "input")
 STRUCTURED_FIELDS = ("tools", "functions", "format", "response_format", "tool_choice")
 
@@ -70,9 +71,10 @@ def _walk(value):
             t, i = _walk(value.get(field))
             tokens, images = tokens + t, images + i
         images += _count_images(value.get("images"))
-        if value.get("tool_calls"):
-            tokens += text_tokens(json.dumps(value["tool_calls"], ensure_ascii=False,
-                                             default=str))
+        # OpenAI's tool calls, and Anthropic's (a `tool_use` content block's `input`).
+        for field in ("tool_calls", "input"):
+            if isinstance(value.get(field), (list, dict)) and value[field]:
+                tokens += text_tokens(json.dumps(value[field], ensure_ascii=False, default=str))
     return tokens, images
 
 

@@ -46,7 +46,8 @@ DISPATCH_SECONDS = 1.0
 # Endpoints that make Ollama run a model: only these wait for a slot.
 QUEUED_PATHS = frozenset({
     "/api/generate", "/api/chat", "/api/embed", "/api/embeddings", "/v1/chat/completions",
-    "/v1/completions", "/v1/embeddings", "/v1/responses"})
+    "/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/messages",
+    "/v1/images/generations", "/v1/images/edits", "/v1/audio/transcriptions"})
 
 
 # Statements every model request runs, written once: peewee would build each anew, at

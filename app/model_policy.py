@@ -6,14 +6,22 @@ A key can cap `num_ctx` (context tokens, which cost GPU memory) and the answer's
 to a request over a cap: refused with 403 saying why, or clamped to the cap. An answer
 with no length set, or an unlimited one (-1, -2), is clamped in both modes: otherwise a
 cap could be sidestepped by asking for nothing.
+
+Anthropic's Messages API (/v1/messages) is always clamped, whatever the mode: its
+`max_tokens` is required, and clients send one far above any cap on every request
+(Claude Code: 32000), so refusing would shut them out. Its thinking budget is kept
+within the cap too.
 """
 from app.errors import Forbidden
 
 GENERATING = {"/api/generate", "/api/chat", "/v1/chat/completions", "/v1/completions",
-              "/v1/responses"}
+              "/v1/responses", "/v1/messages"}
 # Where each API takes the answer's length: native options, or a top-level field on /v1.
 LENGTH_FIELDS = {"/v1/chat/completions": ("max_tokens", "max_completion_tokens"),
-                 "/v1/completions": ("max_tokens",), "/v1/responses": ("max_output_tokens",)}
+                 "/v1/completions": ("max_tokens",), "/v1/responses": ("max_output_tokens",),
+                 "/v1/messages": ("max_tokens",)}
+# Where a client's answer length is always clamped, never refused (see the docstring).
+ALWAYS_CLAMPED = {"/v1/messages"}
 
 
 def applies(key):
@@ -41,11 +49,17 @@ def changes(key, path, payload, mode):
             if _too_long(asked, key.max_predict, mode, key, "num_predict"):
                 options["num_predict"], touched = key.max_predict, True
         else:
+            length_mode = "clamp" if path in ALWAYS_CLAMPED else mode
             fields = LENGTH_FIELDS[path]
             present = [f for f in fields if f in payload] or [fields[0]]
             for field in present:
-                if _too_long(payload.get(field), key.max_predict, mode, key, field):
+                if _too_long(payload.get(field), key.max_predict, length_mode, key, field):
                     out[field] = key.max_predict
+            thinking = payload.get("thinking")
+            if path in ALWAYS_CLAMPED and isinstance(thinking, dict):
+                budget = thinking.get("budget_tokens")
+                if isinstance(budget, int) and budget > key.max_predict:
+                    out["thinking"] = {**thinking, "budget_tokens": key.max_predict}
     if not key.allow_keep_alive and "keep_alive" in payload:
         if mode == "refuse":
             raise Forbidden(f"key {key.prefix} may not set keep_alive (how long a model stays "

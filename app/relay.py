@@ -305,7 +305,8 @@ def last_lines(data, lines=TAIL_LINES, limit=TAIL):
 
 
 # How each kind of answer ends: the final NDJSON object, the end of an SSE stream.
-_FINAL_MARKS = (b'"done":true', b"data: [DONE]", b'"type":"response.completed"')
+_FINAL_MARKS = (b'"done":true', b"data: [DONE]", b'"type":"response.completed"',
+                b'"type":"message_stop"')
 
 
 def answer_finished(tail):

@@ -56,7 +56,8 @@ SUM_COLUMNS = ("requests", "errors", "refusals", "aborted", "prompt_tokens",
 
 # Ollama's final object ends with its counts; the last 8 KiB of an answer hold them. On
 # /v1 they are the OpenAI usage fields (chat, completions, embeddings; responses' input/
-# output tokens).
+# output tokens) or Anthropic's (/v1/messages: input/output tokens, in message_start as
+# an estimate with 0 output, and in the final message_delta as counted: the last wins).
 _COUNTS = re.compile(rb'"(prompt_eval_count|eval_count|eval_duration|prompt_tokens|'
                      rb'completion_tokens|input_tokens|output_tokens)"\s*:\s*(\d+)')
 _PROMPT = ("prompt_eval_count", "prompt_tokens", "input_tokens")

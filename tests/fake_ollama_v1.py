@@ -6,6 +6,9 @@ chunk (`"choices": []`) only with `stream_options.include_usage`, `data: [DONE]`
 the end of chat and completion streams, and errors as
 `{"error": {"message", "type", "param", "code"}}`. `stream` defaults to false here, as
 in the OpenAI API. The fake's knobs (tokens, delays, crashes) apply as on /api.
+Anthropic's Messages API (/v1/messages) follows anthropic/anthropic.go and
+middleware/anthropic.go: `event:` + `data:` SSE events, and the usage counted only in
+the final `message_delta` (message_start's is Ollama's estimate: here deliberately off).
 """
 import json
 import random
@@ -32,7 +35,8 @@ class OpenAIRoutes:
         if self.command == "GET" and path.startswith("/v1/models/"):
             return self._v1_model(path[len("/v1/models/"):])
         handler = {"/v1/chat/completions": self._v1_chat, "/v1/completions": self._v1_complete,
-                   "/v1/embeddings": self._v1_embed, "/v1/responses": self._v1_responses}
+                   "/v1/embeddings": self._v1_embed, "/v1/responses": self._v1_responses,
+                   "/v1/messages": self._v1_messages}
         if self.command != "POST" or path not in handler:
             return self._send(404, b"404 page not found", "text/plain")
         try:
@@ -66,6 +70,7 @@ class OpenAIRoutes:
         self._event(b"data: " + base._dumps(obj) + b"\n\n")
 
     def _end_stream(self):
+        self._done_running()  # before the last bytes: see _done_running
         self.wfile.write(b"0\r\n\r\n")
 
     def _v1_model_or_error(self, req, unknown):
@@ -240,3 +245,63 @@ class OpenAIRoutes:
         event("response.completed", response=response("completed", [message(text, "completed")],
                                                        usage(n)))
         self._end_stream()
+
+
+def _anthropic_texts(value):
+    """The texts of a `system` or a message's `content`: a string or a list of blocks."""
+    if isinstance(value, str):
+        return [value]
+    return [b.get("text") for b in value or [] if isinstance(b, dict)]
+
+
+class AnthropicRoutes:
+    """Mixed into the fake's request handler: POST /v1/messages."""
+
+    def _v1_messages(self, req):
+        max_tokens = req.get("max_tokens")
+        if not isinstance(max_tokens, int) or max_tokens <= 0:
+            return self._v1_json({"type": "error", "error": {
+                "type": "invalid_request_error",
+                "message": "max_tokens is required and must be positive"},
+                "request_id": "req_fake"}, 400)
+        if not (model := self._v1_model_or_error(req, base.NOT_PULLED)):
+            return
+        texts = _anthropic_texts(req.get("system"))
+        for message in req.get("messages") or []:
+            texts += _anthropic_texts(message.get("content") if isinstance(message, dict)
+                                      else None)
+        prompt = base._words(*texts)
+        head = {"id": f"msg_{random.randrange(10**6):024x}", "type": "message",
+                "role": "assistant", "model": model}
+
+        def usage(output):
+            return {"input_tokens": prompt, "output_tokens": output}
+
+        def stop_reason():
+            return {"length": "max_tokens", "stop": "end_turn"}[self._reason]
+
+        if not req.get("stream"):
+            text = "".join(token for _, token in self._generate(False, req))
+            return self._v1_json({**head, "content": [{"type": "text", "text": text}],
+                                  "stop_reason": stop_reason(),
+                                  "usage": usage(len(text.split()))})
+
+        def event(kind, **data):
+            self._event(b"event: %s\ndata: %s\n\n" % (kind.encode(), base._dumps(
+                {"type": kind, **data})))
+
+        n = 0
+        for n, token in self._generate(True, req, count_from=1):  # noqa: B007 (n: the count)
+            if n == 1:
+                event("message_start", message={**head, "content": [], "usage": {
+                    "input_tokens": prompt + ESTIMATE_OFF_BY, "output_tokens": 0}})
+                event("content_block_start", index=0,
+                      content_block={"type": "text", "text": ""})
+            event("content_block_delta", index=0, delta={"type": "text_delta", "text": token})
+        event("content_block_stop", index=0)
+        event("message_delta", delta={"stop_reason": stop_reason()}, usage=usage(n))
+        event("message_stop")
+        self._end_stream()
+
+
+ESTIMATE_OFF_BY = 1000  # message_start's input_tokens are Ollama's guess, not its count

@@ -34,6 +34,7 @@ def relay(subpath):
         return _form(path)
     key, body = gateway.authenticated_body()
     doors.check(key, path, path in POST_ENDPOINTS)
+    doors.require_counted(key, path)
     payload = body.validated()
     pending.model = next(iter(body.models), None)
     for model in body.models:
@@ -52,6 +53,7 @@ def relay(subpath):
 def _form(path):
     """A multipart body, relayed as it is once the key may send one (app/doors.py)."""
     key = gateway.current_key()
+    doors.require_counted(key, path)
     doors.require_checkable_form(key, path)
     raw = read_body(gateway.settings().max_body_bytes)
     return gateway.forward(key, path, raw or None, gateway.query_without_key())
