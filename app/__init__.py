@@ -3,26 +3,19 @@
 
 def create_app(settings=None):
     """Build the WSGI app: settings -> logging -> database -> errors -> services -> routes."""
-    # Imported here, not at module level: gunicorn's master imports app.gunicorn_conf, and
+    # Imported here, not at module level: gunicorn's master imports app.serving.gunicorn_conf, and
     # requests/ssl must not be loaded before gevent patches the worker after fork.
     from flask import Flask
 
-    from app import (
-        auth,
-        cors,
-        db,
-        errors,
-        fair_queue,
-        health,
-        ratelimit,
-        request_body,
-        request_record,
-        routes,
-        upstreams,
-        webhook_delivery,
-    )
+    from app import errors, routes
+    from app.accounting import request_record
+    from app.admission import fair_queue, ratelimit
     from app.config import load_settings
+    from app.proxy import auth, cors, request_body
     from app.redact import configure_logging
+    from app.store import db, health
+    from app.upstreams import pool as upstreams
+    from app.webhooks import delivery as webhook_delivery
 
     settings = settings or load_settings()
     app = Flask(__name__, static_folder=None)

@@ -428,7 +428,7 @@ def validate(settings):
         raise ConfigError("webhook_concurrency must be 1 to 1000, got "
                           f"{settings.webhook_concurrency}", "webhook_concurrency")
     try:
-        from app.webhook_target import parse_networks
+        from app.webhooks.target import parse_networks
 
         parse_networks(settings.webhook_deny_networks)
     except ValueError as exc:

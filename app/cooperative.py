@@ -8,7 +8,7 @@ import contextlib
 import functools
 import weakref
 
-# Connections to close once their current answer is sent; app/worker.py does it.
+# Connections to close once their current answer is sent; app/serving/worker.py does it.
 closing_connections = weakref.WeakSet()
 
 
@@ -48,7 +48,7 @@ def close_after_response(environ):
     413, 408): gunicorn would otherwise read and discard the rest of the body to reach
     the next request, which is the work refusing early was meant to save. A
     `Connection: close` header from the app is not enough, gunicorn drops it: the
-    worker (app/worker.py) has gunicorn send it, so keep-alive clients reconnect.
+    worker (app/serving/worker.py) has gunicorn send it, so keep-alive clients reconnect.
     """
     sock = environ.get("gunicorn.socket")
     if sock is not None:

@@ -12,7 +12,7 @@ from flask import g, jsonify, request
 from playhouse.pool import MaxConnectionsExceeded
 from werkzeug.exceptions import HTTPException
 
-from app.db import forget_idle_connections
+from app.store.db import forget_idle_connections
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ def error_response(status, message, kind="server_error", headers=None, refusal=N
 def init_app(app):
     @app.errorhandler(GatewayError)
     def _gateway_error(exc):
-        g.refusal = exc.refusal  # for the usage record (app/request_record.py)
+        g.refusal = exc.refusal  # for the usage record (app/accounting/request_record.py)
         return error_response(exc.status, exc.message, exc.kind, exc.headers, exc.refusal)
 
     @app.errorhandler(HTTPException)

@@ -90,12 +90,12 @@ class Tally:
         self._observed = collections.defaultdict(list)  # (histogram, labels) -> seconds
 
     def observe(self, record, outcome):
-        """Count one finished request (app/request_record.py calls this)."""
+        """Count one finished request (app/accounting/request_record.py calls this)."""
         with self._lock:
             self._add(record, outcome, self._counts, self._observed)
 
     def observe_queue_wait(self, upstream, key_prefix, seconds):
-        """Count one request's wait for an upstream's slot (app/fair_queue.py)."""
+        """Count one request's wait for an upstream's slot (app/admission/fair_queue.py)."""
         with self._lock:
             self._observed[QUEUE_WAIT, (upstream, key_prefix)].append(seconds)
 
@@ -132,7 +132,7 @@ def _observe_all(histogram, values):
     """histogram.observe() for each value, as one update per bucket and one of the sum.
 
     Reaches into prometheus-client's Histogram (_upper_bounds, _buckets, _sum: stable
-    since 0.4, pinned in constraints.txt); tests/test_usage_gateway.py checks the output.
+    since 0.4, pinned in constraints.txt); tests/accounting/test_usage_gateway.py checks the output.
     """
     bounds = histogram._upper_bounds
     per_bucket = collections.Counter(bisect.bisect_left(bounds, v) for v in values)

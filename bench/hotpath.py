@@ -40,8 +40,8 @@ def measure(src, key, calls):
     sys.path.insert(0, src)
     os.chdir(src)
     from app import create_app
-    from app.keys import KeyInfo, hash_key
-    from app.models import ApiKey
+    from app.keys.registry import KeyInfo, hash_key
+    from app.store.models import ApiKey
 
     app = create_app()
     with app.app_context():
@@ -76,7 +76,7 @@ def measure(src, key, calls):
         assert response.status_code == 200, response.status_code
         response.close()
 
-    from app.usage import Record, UsageWriter
+    from app.accounting.usage import Record, UsageWriter
 
     writer, rng = UsageWriter(), random.Random(1)
     batch = [Record(at=time.time() - rng.random() * 3600, endpoint=rng.choice(

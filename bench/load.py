@@ -238,7 +238,7 @@ PROFILE_AREAS = [
     ("app: fair queue: enter and leave an upstream's queue", ("FairQueue.",)),
     ("app: rate limit (database write)", ("Limiter.admit (app/",)),
     ("app: authenticate (key cache)", ("_authenticate (app/",)),
-    ("app: usage record, metrics, access log", ("(app/request_record.py", "UsageWriter.",
+    ("app: usage record, metrics, access log", ("(app/accounting/request_record.py", "UsageWriter.",
                                                 "Tally.")),
     ("app: client-hang-up watcher", ("ClientWatch",)),
     ("Flask teardown: return DB connection to pool", ("do_teardown_appcontext",)),

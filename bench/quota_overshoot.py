@@ -12,7 +12,7 @@ Ollama counts).
 
 Cases: an answer cap (num_predict 20); no cap (the gateway caps the answer at what is
 left); and a prompt of one-letter words, twice what four characters a token would make
-of it (app/estimate.py counts a token a word at least). An estimate below what Ollama
+of it (app/admission/estimate.py counts a token a word at least). An estimate below what Ollama
 counts lets each admitted request run past by its error: before words were counted,
 the last case charged 1,560 tokens of 1,010. All traffic stays on 127.0.0.1; every
 process started is stopped at the end.

@@ -5,7 +5,7 @@ bench/run.py serves these with the same gunicorn settings as `ollama-gw serve`
 
   reference_app:hello   Flask answers a fixed Ollama-like JSON; no upstream, no key
   reference_app:relay   Flask + one requests.Session relaying to the upstream, streamed
-                        (stream=True, raw chunks), as app/upstream.py does; no key, no
+                        (stream=True, raw chunks), as app/upstreams/client.py does; no key, no
                         rate limit, no database
 
 BENCH_UPSTREAM is the upstream's base URL (relay only).

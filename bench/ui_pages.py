@@ -23,11 +23,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from app import create_app  # noqa: E402
-from app import db as database  # noqa: E402
-from app import keys as keystore  # noqa: E402
+from app.accounting.usage import ROW_COLUMNS, SUM_COLUMNS  # noqa: E402
 from app.config import Settings  # noqa: E402
-from app.models import LATENCY_BUCKETS_MS, UsageLabel, UsageRecord  # noqa: E402
-from app.usage import ROW_COLUMNS, SUM_COLUMNS  # noqa: E402
+from app.keys import registry as keystore  # noqa: E402
+from app.store import db as database  # noqa: E402
+from app.store.models import LATENCY_BUCKETS_MS, UsageLabel, UsageRecord  # noqa: E402
 
 DAYS = 30
 KEYS, MODELS = 50, ("llama3.2:latest", "qwen2.5:7b", "mistral:latest", "phi3:mini",

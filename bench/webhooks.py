@@ -21,9 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 import run as bench  # noqa: E402  (the bench's process and gateway helpers)
 
-from app import db as database  # noqa: E402
-from app import webhooks as hooks  # noqa: E402
-from app.models import WebhookDelivery  # noqa: E402
+from app.store import db as database  # noqa: E402
+from app.store.models import WebhookDelivery  # noqa: E402
+from app.webhooks import outbox as hooks  # noqa: E402
 from tests.webhook_receiver import WebhookReceiver  # noqa: E402
 
 WEBHOOK_ENV = {"OLLAMA_GW_WEBHOOK_TIMEOUT": "120", "OLLAMA_GW_WEBHOOK_CONCURRENCY": "8"}

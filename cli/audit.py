@@ -1,7 +1,7 @@
 """`ollama-gw audit`: who changed which key, webhook or schema, when and from where."""
 import click
 
-from app import audit as auditlog
+from app.store import audit as auditlog
 from cli.context import echo_json, open_db, since_option, table
 
 

@@ -5,11 +5,11 @@ import os
 import click
 import peewee
 
-from app import db as database
-from app import demo_keys
 from app.config import ConfigError, load_settings
+from app.keys import demo_keys
 from app.limits import parse_since
 from app.redact import configure_logging
+from app.store import db as database
 
 
 def settings(**overrides):
@@ -43,7 +43,7 @@ def open_db(migrate=True):
 
 
 def prepare_demo_keys(instance, conf):
-    """Set up the DEMO_* keys (app/demo_keys.py), logging in the gateway's format."""
+    """Set up the DEMO_* keys (app/keys/demo_keys.py), logging in the gateway's format."""
     if not demo_keys.wanted(os.environ):
         return
     configure_logging(conf.log_level)

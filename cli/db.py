@@ -1,7 +1,7 @@
 """`ollama-gw db`: schema migrations."""
 import click
 
-from app import db as database
+from app.store import db as database
 from cli.context import echo_json, open_db, prepare_demo_keys, settings
 
 

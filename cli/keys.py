@@ -1,7 +1,7 @@
 """`ollama-gw keys`: create, inspect, change, revoke and rotate gateway keys."""
 import click
 
-from app import keys as keystore
+from app.keys import registry as keystore
 from cli.context import echo_json, open_db, redact, settings, table, when
 
 LIST_COLUMNS = ["id", "prefix", "name", "role", "rate_limit", "max_concurrent", "token_quota",

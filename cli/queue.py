@@ -1,8 +1,8 @@
 """`ollama-gw queue`: requests running and waiting at each upstream, by key."""
 import click
 
-from app import fair_queue
-from app.models import ApiKey
+from app.admission import fair_queue
+from app.store.models import ApiKey
 from cli.context import echo_json, open_db, settings, table
 
 COLUMNS = ["upstream", "max_concurrent", "key", "running", "waiting", "longest_wait_s"]

@@ -7,8 +7,8 @@ import sys
 import click
 import requests
 
-from app import db as database
-from app.upstream import Upstream
+from app.store import db as database
+from app.upstreams.client import Upstream
 from cli.context import open_db, plural, prepare_demo_keys, redact, settings
 
 
@@ -60,10 +60,10 @@ def serve(bind, port, ollama_url, workers, no_migrate):
     targets = ", ".join(spec.url for spec in conf.upstream_specs)
     click.echo(f"ollama-gw listening on http://{conf.bind} -> {targets} "
                f"({conf.workers} workers, database {redact(conf.resolved_database_url)})", err=True)
-    # Done here, so the gunicorn master need not (see app/server.py for why it must not).
+    # Done here, so the gunicorn master need not (see app/serving/server.py for why it must not).
     os.environ["OLLAMA_GW_AUTO_MIGRATE"] = "false"
     # -P: the working directory is not put on sys.path, so no local `app` can stand in.
-    os.execv(sys.executable, [sys.executable, "-P", "-m", "app.server"])
+    os.execv(sys.executable, [sys.executable, "-P", "-m", "app.serving.server"])
 
 
 def _require_free_port(bind):

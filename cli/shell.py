@@ -3,8 +3,8 @@
 Its users typed `generatekey`, `listkeys`, `removekey …` into the server's own stdin;
 that console spun at 100 % CPU under systemd, where stdin is /dev/null. Here it is a
 separate command on the same database, so it works while the gateway runs, and every
-command does what the matching `ollama-gw keys|webhooks` command does (app/keys.py,
-app/webhooks.py), audited as `via=shell`. Keys it makes get go-ollama-api's 10
+command does what the matching `ollama-gw keys|webhooks` command does (app/keys/registry.py,
+app/webhooks/outbox.py), audited as `via=shell`. Keys it makes get go-ollama-api's 10
 requests a minute. Lines are edited with readline and kept in a history file, with any
 gateway key typed into a line masked there.
 """
@@ -16,11 +16,11 @@ import sys
 import click
 import peewee
 
-from app import audit
-from app import keys as keystore
-from app import webhooks as hooks
-from app.ids import whole_number
+from app.keys import registry as keystore
 from app.redact import redact
+from app.store import audit
+from app.store.ids import whole_number
+from app.webhooks import outbox as hooks
 from cli.context import open_db, settings, table
 from cli.context import redact as redact_url
 from cli.keys import row_for_people

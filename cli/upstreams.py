@@ -4,8 +4,8 @@ import time
 
 import click
 
-from app.models import UpstreamStatus, UsageLabel, UsageRecord
-from app.upstreams import probe
+from app.store.models import UpstreamStatus, UsageLabel, UsageRecord
+from app.upstreams.pool import probe
 from cli.context import echo_json, open_db, settings, table
 
 COLUMNS = ["name", "status", "models", "loaded", "in_flight", "requests_10m",

@@ -6,11 +6,13 @@ import time
 
 import click
 
-from app import audit, histogram, quota, stats
-from app import keys as keystore
-from app.keys import normalize_model
+from app.accounting import histogram, stats
+from app.admission import quota
+from app.keys import registry as keystore
+from app.keys.registry import normalize_model
 from app.limits import parse_duration
-from app.models import UsageRecord
+from app.store import audit
+from app.store.models import UsageRecord
 from cli.context import echo_json, open_db, since_option, table
 
 LABELS = {"key": ["key_prefix", "key_name"], "model": ["model"], "endpoint": ["endpoint"],

@@ -3,9 +3,9 @@ import datetime
 
 import click
 
-from app import webhook_delivery
-from app import webhooks as hooks
-from app.models import WebhookAttempt, WebhookDelivery
+from app.store.models import WebhookAttempt, WebhookDelivery
+from app.webhooks import delivery as webhook_delivery
+from app.webhooks import outbox as hooks
 from cli.context import echo_json, open_db, settings, table
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")

@@ -1,4 +1,4 @@
-"""The audit log: every admin action, from HTTP or the shell (app/audit.py)."""
+"""The audit log: every admin action, from HTTP or the shell (app/store/audit.py)."""
 from peewee import CharField, DateTimeField, Model, TextField
 
 

@@ -1,4 +1,4 @@
-"""The fair queue: requests waiting for, or holding, an upstream's slots (app/fair_queue.py),
+"""The fair queue: requests waiting for, or holding, an upstream's slots (app/admission/fair_queue.py),
 and each key's priority there."""
 from peewee import BigIntegerField, CharField, DoubleField, IntegerField, Model, PostgresqlDatabase
 

@@ -1,4 +1,4 @@
-"""Token quota reservations (app/quota.py), and usage rows whose prompt count is an estimate.
+"""Token quota reservations (app/admission/quota.py), and usage rows whose prompt count is an estimate.
 
 Old instances read neither: they keep checking quotas against charged tokens alone, and
 write usage rows without prompt_estimated (NULL).

@@ -2,7 +2,7 @@
 
 Databases may already hold live keys sharing a name: the later ones (by id) are renamed
 `alice (2)`, `alice (3)`, … (skipping names any key has), each with an audit entry, and
-then a partial unique index holds the rule against creators racing past app/keys.py's
+then a partial unique index holds the rule against creators racing past app/keys/registry.py's
 check. An older instance that still runs and creates a duplicate gets that index's
 IntegrityError (docs/operations.md, upgrade notes). Frozen inline models: app/ may change.
 """

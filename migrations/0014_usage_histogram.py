@@ -1,7 +1,7 @@
 """Fine latency histograms for the roll-ups, sparse, rebuilt from the per-request rows kept.
 
 usage_histogram holds `(grain, time, key, model, endpoint, metric, bucket) → count` for
-the three roll-ups and per day and model (app/histogram.py says what the buckets are).
+the three roll-ups and per day and model (app/accounting/histogram.py says what the buckets are).
 One table with a grain column, not one per roll-up: the writer adds a batch's buckets of
 every grain in one upsert (the writer's transaction holds a SQLite worker; a statement
 more per batch is what it costs), and statistics read them with one query shape. The
@@ -16,13 +16,13 @@ rows were pruned (`ollama-gw usage prune`) gets its coarse buckets (the usage_ho
 columns, each counted at its middle) and an APPROXIMATE count, which statistics show as
 approximate. The coarser grains are sums of the hourly groups. Old instances keep
 writing only the coarse columns during a rolling upgrade; statistics notice hours whose
-histogram counts fall short of their requests and fall back for them (app/stats.py).
+histogram counts fall short of their requests and fall back for them (app/accounting/stats.py).
 """
 import collections
 
 from peewee import BigIntegerField, CompositeKey, IntegerField, Model, SmallIntegerField
 
-from app import histogram
+from app.accounting import histogram
 
 COARSE = (25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 120000, 300000)
 GRAINS = {"hourly": 1, "hourly_model": 2, "daily_key": 3, "daily_model": 4}
@@ -69,7 +69,7 @@ def down(migrator, db):
 
 
 def _coarse_buckets(prefix):
-    """(column, bucket its counts are put in): each coarse bucket's middle, as app/stats.py
+    """(column, bucket its counts are put in): each coarse bucket's middle, as app/accounting/stats.py
     interpolated it; the open-ended last one at its lower bound."""
     bounds = (0, *COARSE)
     middles = [(low + high) / 2 for low, high in zip(bounds, bounds[1:], strict=False)]

@@ -13,10 +13,10 @@ import pytest
 from click.testing import CliRunner
 
 from app import create_app
-from app import db as database
-from app import keys as keystore
+from app.accounting.usage import UsageWriter
 from app.config import Settings
-from app.usage import UsageWriter
+from app.keys import registry as keystore
+from app.store import db as database
 from tests import leak_check
 from tests.fake_ollama import FakeOllama
 

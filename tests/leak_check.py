@@ -1,6 +1,6 @@
 """Every key the suite creates, and every log it produces: at the end, no log may hold a key.
 
-Keys made in this process are caught where they are made (app.keys.new_secret);
+Keys made in this process are caught where they are made (app.keys.registry.new_secret);
 keys made by a gateway's CLI in a subprocess are taken from its output. Logs are the
 files of every gateway the suite started, plus every record logged in this process,
 formatted as the gateway formats them (through its redacting formatter).

@@ -156,7 +156,7 @@ def test_service_answers_through_the_gateway(service, installed, upstream):
                            json={"model": "llama3.2", "prompt": "hi", "stream": False})
     assert answer.status_code == 200, answer.text
     assert answer.json()["done"] is True
-    assert "-P -m app.server" in open(f"/proc/{service.proc.pid}/cmdline").read().replace(
+    assert "-P -m app.serving.server" in open(f"/proc/{service.proc.pid}/cmdline").read().replace(
         "\0", " "), "ExecStart did not exec gunicorn in its own process"
 
 

@@ -1,7 +1,7 @@
 """Usage records no database will take: kept in a file for a person, counted and logged once.
 
 The usage writer moves a record here only when it failed its batch, failed alone and
-failed again with its text made safe (app/usage.py), and load_spills() a spilled line
+failed again with its text made safe (app/accounting/usage.py), and load_spills() a spilled line
 it cannot read. Either way the writer goes on with the rest instead of retrying one
 record forever. The file, data_dir/usage-dead-letters.jsonl, is only for the gateway's
 user (0600): a record names its key (prefix and name, never the secret), and a webhook
@@ -15,7 +15,7 @@ import os
 import time
 
 from app import metrics
-from app.private_files import private_dir, private_opener
+from app.store.private_files import private_dir, private_opener
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ Counting through the buckets in order finds the bucket that request is in, exact
 value reported is the bucket's middle clamped to the whole milliseconds the bucket holds,
 so it is within 1.1 % of that request's (2 % is what docs/http-api.md promises).
 
-The bucket numbers are stored (usage_histogram, app/models.py): they are a data format.
+The bucket numbers are stored (usage_histogram, app/store/models.py): they are a data format.
 Changing GAMMA or EXACT_BELOW_MS would need a new metric and a rebuild, never an edit.
 """
 import functools

@@ -4,7 +4,7 @@ A request that reaches the relay says so with begin(); the gateway fills in its 
 model and the relay's outcome. When the WSGI server closes the response (after its
 last byte, or when the client left) finish() builds the Record and hands it on. That
 costs a few microseconds on the request's own greenlet; the database write happens
-later, in app/usage.py's writer.
+later, in app/accounting/usage.py's writer.
 """
 import collections
 import dataclasses
@@ -18,12 +18,13 @@ from urllib.parse import urlencode
 from flask import g, request
 from werkzeug.wsgi import ClosingIterator
 
-from app import metrics, webhooks
-from app.client_address import client_address
-from app.dead_letters import DeadLetters
-from app.keys import normalize_model
+from app import metrics
+from app.accounting.dead_letters import DeadLetters
+from app.accounting.usage import Record, UsageWriter, load_spills, spill, token_counts
+from app.keys.registry import normalize_model
 from app.redact import redact
-from app.usage import Record, UsageWriter, load_spills, spill, token_counts
+from app.store.client_address import client_address
+from app.webhooks import outbox as webhooks
 
 
 @dataclasses.dataclass
@@ -44,8 +45,8 @@ class Pending:
     refusal: str | None = None
     remote: str | None = None
     query: str = ""
-    prompt_estimate: int | None = None  # app/estimate.py's, for a model-running request
-    reservation_id: int | None = None  # its quota reservation (app/quota.py)
+    prompt_estimate: int | None = None  # app/admission/estimate.py's, for a model-running request
+    reservation_id: int | None = None  # its quota reservation (app/admission/quota.py)
 
 
 def begin(endpoint):
@@ -251,7 +252,7 @@ def _when_closed(response, callback):
 
     werkzeug hands a direct_passthrough body (the relay's) to the server as it is, so
     call_on_close would never run for it: the relay's body runs it itself after its own
-    cleanup (app/relay.py), any other is wrapped, and its close() runs first.
+    cleanup (app/proxy/relay.py), any other is wrapped, and its close() runs first.
     """
     if response.direct_passthrough:
         body = response.response

@@ -1,7 +1,7 @@
 """Usage statistics, read from the hourly roll-up: fast with millions of requests behind it.
 
 Counts and tokens are exact. Latency and time-to-first-byte percentiles are the nearest
-rank within 1.1 % (app/histogram.py), read from the roll-ups' fine histograms
+rank within 1.1 % (app/accounting/histogram.py), read from the roll-ups' fine histograms
 (usage_histogram). Where those fall short of the requests counted (hours whose rows were
 pruned before the histograms existed, hours an older instance wrote during a rolling
 upgrade) a percentile comes from the coarse columns instead, interpolated as before, and
@@ -12,8 +12,9 @@ import time
 
 from peewee import SQL, fn
 
-from app import histogram
-from app.models import (
+from app.accounting import histogram
+from app.accounting.usage import SUM_COLUMNS
+from app.store.models import (
     HISTOGRAM_GRAINS,
     HISTOGRAM_METRICS,
     LATENCY_BUCKETS_MS,
@@ -24,7 +25,6 @@ from app.models import (
     UsageRecord,
     bucket_columns,
 )
-from app.usage import SUM_COLUMNS
 
 # Each percentile statistics report: (field, metric, q, the sum that counts its requests).
 PERCENTILES = (("latency_ms_p50", "latency", 0.50, "requests"),
@@ -263,7 +263,7 @@ def totals(rows):
 
 def estimated_prompt_tokens(since=None, key_id=None):
     """{key id: prompt tokens that are estimates} since `since`: answers that ended
-    without Ollama's counts (app/estimate.py). Read from the per-request rows, so
+    without Ollama's counts (app/admission/estimate.py). Read from the per-request rows, so
     `usage prune` forgets them; the roll-ups' prompt_tokens include them."""
     query = (UsageRecord.select(UsageRecord.key_id, fn.SUM(UsageRecord.prompt_tokens))
              .where(UsageRecord.prompt_estimated == True)  # noqa: E712 (peewee's SQL)

@@ -8,7 +8,7 @@ and is retried; at worker exit the buffer is flushed, and what still cannot be w
 is spilled to a file in data_dir that the next writer loads (spill() / load_spills()).
 A batch that fails for any other reason is split to find the record that fails it:
 the rest are written, that one is written with its text made safe, and only if even
-that fails is it moved to the dead-letter file (app/dead_letters.py). One record can
+that fails is it moved to the dead-letter file (app/accounting/dead_letters.py). One record can
 never stop the writer, and with it every charge and webhook event of its worker.
 """
 import bisect
@@ -22,13 +22,13 @@ import threading
 import time
 import weakref
 
-from app import histogram
+from app.accounting import histogram
+from app.accounting.dead_letters import DeadLetters
 from app.cooperative import pause
-from app.db import db, forget_idle_connections, is_postgres
-from app.dead_letters import DeadLetters
 from app.errors import DATABASE_ERRORS
 from app.limits import quota_period
-from app.models import (
+from app.store.db import db, forget_idle_connections, is_postgres
+from app.store.models import (
     HISTOGRAM_GRAINS,
     HISTOGRAM_METRICS,
     LATENCY_BUCKETS_MS,
@@ -41,7 +41,7 @@ from app.models import (
     UsageRecord,
     bucket_columns,
 )
-from app.private_files import private_dir, private_opener
+from app.store.private_files import private_dir, private_opener
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ class Record:
     quota_warning_at: int | None = None  # tokens used that pass quota_warning_share
     quota_warning: int | None = None  # tokens used once this record's charge passed them
     reservation_id: int | None = None  # settled (deleted) when this record is written
-    prompt_estimated: bool | None = None  # prompt_tokens is app/estimate.py's guess
+    prompt_estimated: bool | None = None  # prompt_tokens is app/admission/estimate.py's guess
 
     @property
     def is_error(self):
@@ -107,7 +107,7 @@ def token_counts(tail, lines, complete, prompt_estimate=None):
     A complete answer ends with Ollama's counts. One cut short (the client left, Ollama
     failed) has none that count: its completion tokens are the stream's lines (NDJSON)
     or events (SSE) relayed so far, about one per token, and its prompt tokens are the
-    gateway's estimate from the body (app/estimate.py), or unknown (None) without one,
+    gateway's estimate from the body (app/admission/estimate.py), or unknown (None) without one,
     never a made-up zero.
     """
     if not complete:
@@ -175,7 +175,7 @@ class UsageWriter:
                           "%d oldest record(s) dropped so far", self.capacity, self.dropped)
         self._buffer.append(record)
         # A record that settles a quota reservation is written at once, not at the next
-        # turn: until then the reservation holds the key's quota (app/quota.py).
+        # turn: until then the reservation holds the key's quota (app/admission/quota.py).
         if len(self._buffer) >= BATCH or record.reservation_id is not None:
             self._wake.set()
         if self._thread is None and not self._stopped:
@@ -427,7 +427,7 @@ def _charges(records):
 
 
 def _charge(records):
-    """Charge the batch's tokens to quotas and settle their reservations (app/quota.py).
+    """Charge the batch's tokens to quotas and settle their reservations (app/admission/quota.py).
 
     In the batch's transaction: a request counts by its reservation until its charge
     commits, then by the charge alone. The record whose charge takes its key's used

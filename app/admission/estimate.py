@@ -4,7 +4,7 @@ The gateway often runs offline and serves many models, so it downloads no tokeni
 about four characters of text make a token for the models Ollama serves (English prose),
 but never fewer tokens than words (tokenizers split at spaces: "a a a a" is 4, not 2)
 nor than characters outside ASCII (scripts without spaces, emoji: one or more each).
-Quotas reserve this much before a request runs (app/quota.py), and a request is
+Quotas reserve this much before a request runs (app/admission/quota.py), and a request is
 admitted past its key's quota by at most what Ollama counts beyond it; the answer is
 charged this when it ends without Ollama's counts. An endpoint answering "how many
 tokens would this be" can give the same figure.

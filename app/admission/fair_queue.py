@@ -28,11 +28,11 @@ import zlib
 import peewee
 
 from app import metrics
-from app.db import db, forget_idle_connections, is_postgres
+from app.admission.holders import this_process
 from app.errors import DATABASE_ERRORS, GatewayError, RateLimited
-from app.gather import Gather
-from app.holders import this_process
-from app.models import QueueEntry
+from app.store.batching import Gather
+from app.store.db import db, forget_idle_connections, is_postgres
+from app.store.models import QueueEntry
 
 log = logging.getLogger(__name__)
 
@@ -246,7 +246,7 @@ class FairQueue:
         """Insert the request's entry: RUNS_NOW, RUNS_AFTER_A_WAIT or WAITS.
 
         Requests that arrive while another enters the same upstream's queue enter
-        together, after it, in one round trip (app/gather.py), each with the time it
+        together, after it, in one round trip (app/store/batching.py), each with the time it
         arrived (first come, first served orders by it).
         """
         step = 1.0 / max(1, key.priority or 1)
@@ -458,7 +458,7 @@ class FairQueue:
                 wait.event.set()
 
     def dispatch_all(self, upstreams):
-        """Grant the free slots of [(upstream, cap)] (app/holders.py, after freeing some)."""
+        """Grant the free slots of [(upstream, cap)] (app/admission/holders.py, after freeing some)."""
         with db.connection_context():
             for upstream, cap in upstreams:
                 self._dispatch(upstream, cap, time.time())

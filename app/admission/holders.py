@@ -24,8 +24,8 @@ import os
 import socket
 import threading
 
-from app.db import db, forget_idle_connections
-from app.models import ConcurrencySlot, QueueEntry, QuotaReservation
+from app.store.db import db, forget_idle_connections
+from app.store.models import ConcurrencySlot, QueueEntry, QuotaReservation
 
 log = logging.getLogger(__name__)
 

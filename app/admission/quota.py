@@ -2,13 +2,13 @@
 
 A request to a quota key is admitted only while the tokens charged this period plus
 those reserved by requests running now are under the quota; it then reserves its own
-estimate (app/estimate.py: the prompt, plus the answer's cap), all in one transaction
+estimate (app/admission/estimate.py: the prompt, plus the answer's cap), all in one transaction
 that the database serialises per key (PostgreSQL: an advisory lock; SQLite: its write
 lock), so concurrent workers and instances cannot admit past the quota between them.
 The usage writer deletes the reservation in the transaction that charges the real
-tokens (app/usage.py), so a request is always counted once, by one or the other.
+tokens (app/accounting/usage.py), so a request is always counted once, by one or the other.
 Reservations are leased like concurrency slots: the holder renews them while the
-request runs (app/ratelimit.py's keeper), and a crashed worker's rows lapse.
+request runs (app/admission/ratelimit.py's keeper), and a crashed worker's rows lapse.
 
 Old instances (before migration 0009) never read the reservations: they check charged
 tokens alone, the looser bound they always had, and ignore the rows new ones write.
@@ -20,11 +20,11 @@ import time
 import peewee
 from flask import g
 
-from app.db import db, is_postgres
+from app.admission.model_policy import GENERATING, LENGTH_FIELDS
 from app.errors import RateLimited
 from app.limits import format_token_quota, quota_period
-from app.model_policy import GENERATING, LENGTH_FIELDS
-from app.models import QuotaReservation
+from app.store.db import db, is_postgres
+from app.store.models import QuotaReservation
 
 # PostgreSQL advisory locks (key space, key id): one per key serialises its reservations.
 # The two-integer key space is apart from the fair queue's single bigint locks.
@@ -32,7 +32,7 @@ LOCK_SPACE = 0x6F67
 # A request refused only because requests running now hold the rest of the quota waits
 # this long for them to settle before its 429: a client sending one request after the
 # other would otherwise find its previous request's reservation still there, for the
-# moment until the usage writer replaces it with the real count (app/usage.py).
+# moment until the usage writer replaces it with the real count (app/accounting/usage.py).
 SETTLE_SECONDS, SETTLE_POLL = 2.0, 0.02
 # Endpoints that run a model and so are charged tokens: they reserve before they run.
 EMBEDDING = {"/api/embed", "/api/embeddings", "/v1/embeddings"}

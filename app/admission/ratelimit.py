@@ -16,13 +16,13 @@ import time
 import peewee
 from flask import g
 
-from app import quota
-from app.db import db, forget_idle_connections, is_postgres
+from app.admission import quota
+from app.admission.holders import this_process
 from app.errors import RateLimited
-from app.gather import Gather
-from app.holders import this_process
 from app.limits import format_rate_limit
-from app.models import ApiKey, ConcurrencySlot, QuotaReservation, RateCounter
+from app.store.batching import Gather
+from app.store.db import db, forget_idle_connections, is_postgres
+from app.store.models import ApiKey, ConcurrencySlot, QuotaReservation, RateCounter
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class Limiter:
         self.lease_seconds = lease_seconds
         self.holder = this_process()
         self._held = set()
-        self._reservations = set()  # quota reservations (app/quota.py) the keeper renews
+        self._reservations = set()  # quota reservations (app/admission/quota.py) the keeper renews
         self._unreleased = set()  # slots whose delete failed; the keeper retries them
         self._keeper = None
         self._lock = threading.Lock()
@@ -75,7 +75,7 @@ class Limiter:
         """Count one request for `key` and take a concurrency slot, or raise 429.
 
         A quota key's request is refused once charged and reserved tokens reach the
-        quota, unless it already reserved its tokens (app/quota.py reserve()).
+        quota, unless it already reserved its tokens (app/admission/quota.py reserve()).
         """
         now = time.time() if now is None else now
         admission = Admission()
@@ -154,7 +154,7 @@ class Limiter:
 
         While one statement for a key runs (a PostgreSQL round trip, a SQLite lock wait),
         that key's next requests gather behind it and are then counted by a single
-        `count + n`, instead of queueing one by one on the counter row (app/gather.py).
+        `count + n`, instead of queueing one by one on the counter row (app/store/batching.py).
         The database still adds every request it admits, so the limit holds across
         workers and instances; the statement's result says which of the n fit (the first).
         """

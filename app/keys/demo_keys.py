@@ -20,9 +20,9 @@ instances starting together create each key once. On a later start:
 import logging
 import socket
 
-from app import audit, db
-from app import keys as keystore
-from app.models import ApiKey
+from app.keys import registry as keystore
+from app.store import audit, db
+from app.store.models import ApiKey
 
 log = logging.getLogger(__name__)
 

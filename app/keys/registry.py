@@ -5,7 +5,7 @@ SHA-256: keys are random, so a fast hash is as safe as a slow one and authentica
 costs microseconds. The first 12 characters (``ogw_`` + 8) are its public prefix.
 
 The one exception is a secret an operator chose (ollama-api-service's DEMO_ADMIN_KEY,
-app/demo_keys.py): its prefix is ``demo_`` + 8 random characters, taken neither from
+app/keys/demo_keys.py): its prefix is ``demo_`` + 8 random characters, taken neither from
 the secret (a 12-character preview of ``demo-admin-key-12345`` would show most of it)
 nor from its hash (which would let anyone reading a log test guesses at a weak secret).
 
@@ -23,9 +23,6 @@ import secrets
 
 import peewee
 
-from app import audit
-from app.db import db
-from app.ids import parse_id
 from app.limits import (
     format_rate_limit,
     format_token_quota,
@@ -33,8 +30,11 @@ from app.limits import (
     parse_rate_limit,
     parse_token_quota,
 )
-from app.models import ApiKey, utcnow
-from app.webhooks import enqueue, key_event_data
+from app.store import audit
+from app.store.db import db
+from app.store.ids import parse_id
+from app.store.models import ApiKey, utcnow
+from app.webhooks.outbox import enqueue, key_event_data
 
 KEY_PREFIX = "ogw_"
 PREFIX_LENGTH = len(KEY_PREFIX) + 8
@@ -298,7 +298,7 @@ def create_key(name, role="user", rate_limit=None, max_concurrent=None, models=N
                **policy):
     """Create a key; return (row, secret). The secret is not recoverable afterwards.
 
-    `secret` is for keys whose secret an operator chose (app/demo_keys.py); normally
+    `secret` is for keys whose secret an operator chose (app/keys/demo_keys.py); normally
     the key makes its own.
     """
     name = (name or "").strip()

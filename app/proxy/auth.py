@@ -10,8 +10,8 @@ import time
 import peewee
 
 from app.errors import Forbidden, Unauthorized
-from app.keys import KeyInfo, hash_key
-from app.models import ApiKey, utcnow
+from app.keys.registry import KeyInfo, hash_key
+from app.store.models import ApiKey, utcnow
 
 log = logging.getLogger(__name__)
 

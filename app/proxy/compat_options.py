@@ -3,7 +3,7 @@
 ollama-api-service took `temperature`, `max_tokens`, … beside `model` and `prompt` on
 /api/generate and /api/chat and put them into Ollama's `options`; Ollama itself ignores
 such top-level fields, so scripts written for it would silently lose them here. The
-gateway moves them, once, in its single body rewrite (app/gateway.py outgoing_body),
+gateway moves them, once, in its single body rewrite (app/proxy/gateway.py outgoing_body),
 before the key's model policy looks at `options`: a key's --max-predict cap clamps or
 refuses a top-level `max_tokens` as it does `options.num_predict`.
 

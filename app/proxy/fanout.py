@@ -13,10 +13,10 @@ import threading
 
 from flask import Response, current_app, request
 
-from app.db import db
 from app.errors import GatewayError, UpstreamUnavailable
-from app.relay import CHUNK_SIZE, ClientDisconnected
-from app.upstream import forwardable_request_headers
+from app.proxy.relay import CHUNK_SIZE, ClientDisconnected
+from app.store.db import db
+from app.upstreams.client import forwardable_request_headers
 
 HEADER, PARAM = "X-Ollama-Upstream", "upstream"
 

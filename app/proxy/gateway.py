@@ -14,17 +14,18 @@ from urllib.parse import urlencode
 import requests
 from flask import Response, current_app, g, request
 
-from app import auth, compat_options, estimate, model_policy, quota, request_record
-from app.db import db
+from app.accounting import request_record
+from app.admission import estimate, model_policy, quota
+from app.admission.fair_queue import QUEUED_PATHS
 from app.errors import (
     BadRequest,
     GatewayError,
     Unauthorized,
     UpstreamUnavailable,
 )
-from app.fair_queue import QUEUED_PATHS
-from app.jsonbody import JsonBody
-from app.relay import (
+from app.proxy import auth, compat_options
+from app.proxy.jsonbody import JsonBody
+from app.proxy.relay import (
     ClientDisconnected,
     ClientWatch,
     RelayBody,
@@ -32,8 +33,9 @@ from app.relay import (
     open_upstream,
     response_headers,
 )
-from app.request_body import ClientStalled, read_body, stall_error
-from app.upstream import forwardable_request_headers
+from app.proxy.request_body import ClientStalled, read_body, stall_error
+from app.store.db import db
+from app.upstreams.client import forwardable_request_headers
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +109,7 @@ def outgoing_body(body, key, path, changes=None):
     answer capped at what is left when it sets no cap), and `changes`.
 
     One rewrite for all of them, and none at all when nothing changes (a large body is
-    spliced, never re-encoded: app/jsonbody.py). The policy sees the options as moved,
+    spliced, never re-encoded: app/proxy/jsonbody.py). The policy sees the options as moved,
     so a cap holds for a top-level `max_tokens` too.
     """
     payload = body.payload
@@ -126,7 +128,7 @@ def outgoing_body(body, key, path, changes=None):
 
 def _reserve_quota(key, path, payload):
     """Estimate the prompt (kept for the usage record) and, for a quota key, reserve the
-    request's tokens or refuse it (app/quota.py); the body changes that cap its answer."""
+    request's tokens or refuse it (app/admission/quota.py); the body changes that cap its answer."""
     pending = request_record.current()
     prompt = estimate.prompt_tokens(payload)
     if pending is not None:
@@ -164,7 +166,7 @@ def forward(key, path, body, query=b"", transform=None, rewrite=None, model=None
     before Ollama had the request, the next is tried (not with a streamed upload: it
     cannot be sent twice). `transform(json) -> json`, when given, rewrites a small JSON
     answer (e.g. /api/tags filtered to the key's models) instead of streaming it
-    through. `rewrite` (see app/sse.py) takes out of a stream what only the gateway
+    through. `rewrite` (see app/proxy/sse.py) takes out of a stream what only the gateway
     asked Ollama for.
     """
     _, limiter, pool = services()
@@ -185,7 +187,7 @@ def forward(key, path, body, query=b"", transform=None, rewrite=None, model=None
         if queue is None or not member.spec.max_concurrent:
             return None
         ticket = queue.acquire(member.name, member.spec.max_concurrent, key, watch)
-        if ticket is not None:  # None: no database, no shared queue (app/fair_queue.py)
+        if ticket is not None:  # None: no database, no shared queue (app/admission/fair_queue.py)
             slots.append(ticket)
         return ticket
 
@@ -206,7 +208,7 @@ def forward(key, path, body, query=b"", transform=None, rewrite=None, model=None
         raise stall_error() from None
     except ClientDisconnected:
         # Gone once Ollama had the request (it may have read the prompt): a hang-up, charged
-        # its estimated prompt (app/request_record.py).
+        # its estimated prompt (app/accounting/request_record.py).
         outcome.client_aborted = bool(chosen)
         finish()
         return Response(status=499)  # nobody is listening; nginx's code for it
@@ -248,7 +250,7 @@ def forward(key, path, body, query=b"", transform=None, rewrite=None, model=None
 def _send_to_first(members, chosen, pending, watch, take_slot, *request_args):
     """The first upstream's answer that takes the request; the one used goes in `chosen`.
 
-    `take_slot(member)` waits for a slot there first (app/fair_queue.py), on the
+    `take_slot(member)` waits for a slot there first (app/admission/fair_queue.py), on the
     connection the rate limit used (a wait gives it back); a slot at an upstream that
     failed is given back before the next is tried.
     """

@@ -17,9 +17,9 @@ import time
 import requests
 import urllib3
 
-from app import sse
 from app.cooperative import gevent_active
-from app.upstream import forwardable_response_headers
+from app.proxy import sse
+from app.upstreams.client import forwardable_response_headers
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +215,7 @@ class RelayBody:
         self._outcome = outcome
         self._on_finish = on_finish
         self._path = path
-        self._rewrite = rewrite  # e.g. app.sse.UsageStripper: takes back what only we asked
+        self._rewrite = rewrite  # e.g. app.proxy.sse.UsageStripper: takes back what only we asked
         self._complete = False
         self._closed = False
         self._then = ()  # call_on_close()'s callbacks
@@ -223,7 +223,7 @@ class RelayBody:
     def call_on_close(self, callback):
         """Run `callback` once this body is closed, after its own cleanup.
 
-        What werkzeug's ClosingIterator would do (app/request_record.py), without a
+        What werkzeug's ClosingIterator would do (app/accounting/request_record.py), without a
         wrapper that every chunk passes through and every open stream keeps.
         """
         self._then += (callback,)

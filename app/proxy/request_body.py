@@ -2,7 +2,7 @@
 
 Every read from the client is bounded by `client_body_timeout` (a client that stops
 sending gets 408), and a body the gateway refused without reading is not read later
-either: the connection closes after the refusal (app/worker.py says why that is needed).
+either: the connection closes after the refusal (app/serving/worker.py says why that is needed).
 """
 import sys
 
@@ -12,7 +12,7 @@ from werkzeug.wsgi import get_input_stream
 
 from app.cooperative import close_after_response, deadline, pause
 from app.errors import BadRequest, GatewayError, RequestTimeout
-from app.relay import CHUNK_SIZE, ClientDisconnected
+from app.proxy.relay import CHUNK_SIZE, ClientDisconnected
 
 LARGE_STEP = 1024 * 1024  # read size for bodies larger than this
 

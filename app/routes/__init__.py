@@ -1,6 +1,6 @@
 """Blueprints by API family, registered in one place."""
-from app.ids import IdConverter
 from app.routes import admin, docs, legacy, meta, native, openai, stats, ui
+from app.store.ids import IdConverter
 
 
 def init_app(app):

@@ -1,6 +1,6 @@
 """The admin HTTP API: keys and the audit log, for admin keys only.
 
-The views translate JSON to the calls `ollama-gw keys …` makes (app/keys.py does the
+The views translate JSON to the calls `ollama-gw keys …` makes (app/keys/registry.py does the
 work and writes the audit log for both), and answer ollama-api-service's field names
 (`api_key`, `key_preview`, `is_active`, `api_keys`/`total`) beside ollama-gw's own.
 """
@@ -8,12 +8,13 @@ import json
 
 from flask import Blueprint, current_app, jsonify, request
 
-from app import audit, auth, gateway
-from app import keys as keystore
 from app.errors import BadRequest, GatewayError, NotFound
-from app.ids import whole_number
-from app.request_body import read_body
+from app.keys import registry as keystore
+from app.proxy import auth, gateway
+from app.proxy.request_body import read_body
 from app.routes.stats import since_arg
+from app.store import audit
+from app.store.ids import whole_number
 
 bp = Blueprint("admin", __name__)
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from flask import Blueprint, jsonify, redirect, request, send_from_directory
 
-from app import openapi
 from app.errors import NotFound
+from app.routes import openapi
 
 bp = Blueprint("docs", __name__)
 ASSETS = Path(__file__).resolve().parent.parent / "static" / "docs"

@@ -6,7 +6,7 @@ predecessor, every Ollama field (options, system, format, keep_alive, …) reach
 """
 from flask import Blueprint
 
-from app import request_record
+from app.accounting import request_record
 from app.routes.native import relay_json
 
 bp = Blueprint("legacy", __name__)

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from flask import Blueprint, Response, current_app, jsonify, request, send_from_directory
 
-from app import auth, gateway, metrics
+from app import metrics
+from app.proxy import auth, gateway
 
 bp = Blueprint("meta", __name__)
 

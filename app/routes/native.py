@@ -1,15 +1,16 @@
 """Ollama's own API under /api, relayed for any key with the right role and models."""
 from flask import Blueprint, request
 
-from app import auth, doors, fanout, gateway, request_record
+from app.accounting import request_record
 from app.errors import MethodNotAllowed
-from app.request_body import upload_body
+from app.proxy import auth, doors, fanout, gateway
+from app.proxy.request_body import upload_body
 
 bp = Blueprint("native", __name__)
 
 # Ollama's endpoints and the methods it serves them with (server/routes.go); a wrong
 # method gets a 405 here instead of Ollama's plain-text 404. Other paths are relayed as
-# they are, for admin keys only unless open_unknown_paths (app/doors.py).
+# they are, for admin keys only unless open_unknown_paths (app/proxy/doors.py).
 ENDPOINT_METHODS = {
     "/api/status": ("GET",),
     **dict.fromkeys(["/api/generate", "/api/chat", "/api/embed", "/api/embeddings",

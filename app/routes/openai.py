@@ -2,13 +2,14 @@
 
 The same keys, limits, allow-lists and model policy as /api; errors in OpenAI's shape
 (app/errors.py), so the official `openai` client raises the right exception. Streams
-are relayed as they arrive, with exact usage (app/sse.py).
+are relayed as they arrive, with exact usage (app/proxy/sse.py).
 """
 from flask import Blueprint, request
 
-from app import auth, doors, fanout, gateway, request_record, sse
+from app.accounting import request_record
 from app.errors import MethodNotAllowed
-from app.request_body import read_body
+from app.proxy import auth, doors, fanout, gateway, sse
+from app.proxy.request_body import read_body
 
 bp = Blueprint("openai", __name__)
 
@@ -51,7 +52,7 @@ def relay(subpath):
 
 
 def _form(path):
-    """A multipart body, relayed as it is once the key may send one (app/doors.py)."""
+    """A multipart body, relayed as it is once the key may send one (app/proxy/doors.py)."""
     key = gateway.current_key()
     doors.require_counted(key, path)
     doors.require_checkable_form(key, path)

@@ -2,7 +2,7 @@
 
 Written by hand beside the views rather than generated from them: the relay's routes
 are one catch-all in Flask but a dozen endpoints to a reader, and their bodies are
-Ollama's. tests/test_openapi.py checks that every Flask rule is described here and runs
+Ollama's. tests/routes/test_openapi.py checks that every Flask rule is described here and runs
 schemathesis against the document, so the two cannot drift apart unnoticed.
 Schemas list the fields people use and allow more: Ollama adds fields over time and
 the gateway relays them untouched.
@@ -248,7 +248,7 @@ def _openai_paths():
 
 
 def _unknown_paths(item):
-    """Who may call a path the gateway does not know (app/doors.py)."""
+    """Who may call a path the gateway does not know (app/proxy/doors.py)."""
     for method in ("get", "post", "put", "patch", "delete"):
         if method in item:
             item[method]["description"] = (

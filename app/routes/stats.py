@@ -10,9 +10,11 @@ import time
 
 from flask import Blueprint, current_app, g, jsonify, request
 
-from app import auth, gateway, quota, stats
+from app.accounting import stats
+from app.admission import quota
 from app.errors import BadRequest
 from app.limits import format_rate_limit, parse_since
+from app.proxy import auth, gateway
 
 bp = Blueprint("stats", __name__)
 

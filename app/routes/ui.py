@@ -2,7 +2,7 @@
 
 Pages are rendered here from templates and change things only through plain form
 posts, each checked for this session's CSRF token and refused when it comes from
-another site. Keys are changed by app/keys.py, as the CLI and the admin API change
+another site. Keys are changed by app/keys/registry.py, as the CLI and the admin API change
 them, so the audit log and webhooks see one kind of change whatever made it. The only
 scripts are the package's own files (charts, the copy button, local times): the
 Content-Security-Policy allows nothing inline.
@@ -24,10 +24,7 @@ from flask import (
 )
 from flask.sessions import SecureCookieSessionInterface
 
-from app import audit, auth, histogram, webhook_delivery
-from app import keys as keystore
-from app import webhooks as hooks
-from app.client_address import client_address
+from app.accounting import histogram
 from app.errors import (
     Forbidden,
     GatewayError,
@@ -36,11 +33,17 @@ from app.errors import (
     Unauthorized,
     error_response,
 )
-from app.keys import KeyInfo
-from app.models import ApiKey
-from app.request_body import read_form
+from app.keys import registry as keystore
+from app.keys.registry import KeyInfo
+from app.proxy import auth
+from app.proxy.request_body import read_form
+from app.store import audit
+from app.store.client_address import client_address
+from app.store.models import ApiKey
 from app.ui import charts, status, throttle
 from app.ui.session import COOKIE, Sessions, cookie_secret, cross_site, csrf_ok
+from app.webhooks import delivery as webhook_delivery
+from app.webhooks import outbox as hooks
 
 bp = Blueprint("ui", __name__, url_prefix="/ui", template_folder="../templates")
 ASSETS = Path(__file__).resolve().parent.parent / "static" / "ui"

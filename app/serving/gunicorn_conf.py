@@ -1,6 +1,6 @@
 """gunicorn settings for ollama-gw.
 
-Read by `ollama-gw serve` (through app/server.py), or by
+Read by `ollama-gw serve` (through app/serving/server.py), or by
 `gunicorn -c python:app.gunicorn_conf wsgi:app`.
 
 Values come from the gateway's own configuration so there is one place to set them.
@@ -26,10 +26,10 @@ bind = _settings.bind
 workers = _settings.workers
 # Cooperative I/O: a request waiting on Ollama costs a greenlet (~10 KiB), not a thread.
 # gunicorn's gevent worker, plus closing connections whose body the gateway refused
-# unread and masking keys in gunicorn's 400 pages (app/worker.py).
-worker_class = "app.worker.GatewayWorker"
+# unread and masking keys in gunicorn's 400 pages (app/serving/worker.py).
+worker_class = "app.serving.worker.GatewayWorker"
 # gunicorn's own log lines go through the same key redaction as the gateway's.
-logger_class = "app.worker.GatewayLogger"
+logger_class = "app.serving.worker.GatewayLogger"
 # Simultaneous client connections per worker (mostly long streams waiting on the GPU);
 # each stream also holds a connection to Ollama, so a worker may use twice as many file
 # descriptors (the systemd unit allows 65,536).
@@ -60,9 +60,9 @@ def on_starting(server):
     """Apply pending migrations before any worker serves a request.
 
     In a child process: the master must not import the database layer before gevent
-    patches the workers (app/server.py says why). `ollama-gw serve` has migrated already
+    patches the workers (app/serving/server.py says why). `ollama-gw serve` has migrated already
     and turns this off; it matters when gunicorn is run directly. Concurrent starts
-    queue on the migration lock. The DEMO_* keys (app/demo_keys.py) are set up with them.
+    queue on the migration lock. The DEMO_* keys (app/keys/demo_keys.py) are set up with them.
     """
     if _settings.auto_migrate:
         subprocess.run([sys.executable, "-P", "-m", "cli", "db", "upgrade", "--demo-keys"],
@@ -87,11 +87,11 @@ def post_worker_init(worker):
     """Before a worker serves: free what dead workers of this host held, then sweep on.
 
     A worker killed mid-request leaves its queue entries and concurrency slots behind;
-    the worker gunicorn starts in its place deletes them (app/holders.py), so the
+    the worker gunicorn starts in its place deletes them (app/admission/holders.py), so the
     upstream's slots and the key's max_concurrent come back now, not after the lease.
     Runs in the worker, after gevent patched it: the master imports nothing of this.
     """
-    from app.holders import start_reaper
+    from app.admission.holders import start_reaper
 
     start_reaper(worker.flask_app)
 
@@ -102,14 +102,14 @@ def worker_exit(server, worker):
     Usage first: its batch stores webhook events, which the dispatcher then tries to
     send before it stops (or leaves in the database for the next sender). Usage the
     database does not take within a few seconds is saved to a file in the data
-    directory and written by the next gateway to start (app/usage.py). Also called in
+    directory and written by the next gateway to start (app/accounting/usage.py). Also called in
     the master for a worker that vanished; that has no app, and the master must not
     import one.
     """
     app = getattr(worker, "flask_app", None)
     extensions = getattr(app, "extensions", {})
     if "usage" in extensions:
-        from app.request_record import flush_at_exit
+        from app.accounting.request_record import flush_at_exit
 
         flush_at_exit(app)
     dispatcher = extensions.get("webhook_dispatcher")

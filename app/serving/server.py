@@ -12,14 +12,14 @@ from gunicorn.app.base import BaseApplication
 
 
 class GatewayServer(BaseApplication):
-    """gunicorn with the settings of app.gunicorn_conf and create_app() as the WSGI app.
+    """gunicorn with the settings of app.serving.gunicorn_conf and create_app() as the WSGI app.
 
     Not `gunicorn app:create_app()`: gunicorn puts the working directory first on
     sys.path, so a directory with its own `app` package would be served instead.
     """
 
     def load_config(self):
-        from app import gunicorn_conf
+        from app.serving import gunicorn_conf
 
         for name, value in vars(gunicorn_conf).items():
             if name in self.cfg.settings:

@@ -1,6 +1,6 @@
 """gunicorn's gevent worker and logger, adjusted so no key leaks and refused bodies are not read.
 
-Named by app/gunicorn_conf.py. The master imports this module too, so it imports no
+Named by app/serving/gunicorn_conf.py. The master imports this module too, so it imports no
 part of the application that touches the database: only gunicorn and two small modules.
 """
 from gunicorn.glogging import Logger
@@ -34,7 +34,7 @@ def closing_when_asked(app):
 
 
 class GatewayWorker(GeventWorker):
-    flask_app = None  # the application itself, for the hooks in app/gunicorn_conf.py
+    flask_app = None  # the application itself, for the hooks in app/serving/gunicorn_conf.py
 
     def load_wsgi(self):
         super().load_wsgi()

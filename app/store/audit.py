@@ -1,6 +1,6 @@
 """Who changed what: an append-only record of every admin action, from HTTP or the shell.
 
-The one module that does an action (app/keys.py, app/webhooks.py, app/db.py) records
+The one module that does an action (app/keys/registry.py, app/webhooks/outbox.py, app/store/db.py) records
 it, in the same transaction where there is one, so the HTTP API, `ollama-gw keys …` and
 `ollama-gw shell` cannot differ in what they leave behind. Entries hold key prefixes and
 settings, never a secret or a hash.
@@ -14,7 +14,7 @@ import json
 import os
 import socket
 
-from app.models import AuditEntry, utcnow
+from app.store.models import AuditEntry, utcnow
 
 ACTIONS = ("key.created", "key.updated", "key.revoked", "key.rotated", "webhook.added",
            "webhook.removed", "db.upgraded", "usage.pruned")
@@ -61,7 +61,7 @@ def current_actor():
     try:
         from flask import g, has_request_context
 
-        from app.client_address import client_address
+        from app.store.client_address import client_address
     except ImportError:  # pragma: no cover - Flask is a dependency
         return cli_actor()
     if has_request_context():

@@ -18,7 +18,7 @@ from playhouse.migrations import Runner
 from playhouse.pool import PooledPostgresqlDatabase, PooledSqliteDatabase
 
 import migrations
-from app.private_files import create_private, private_dir, private_opener
+from app.store.private_files import create_private, private_dir, private_opener
 
 db = peewee.DatabaseProxy()
 
@@ -205,7 +205,7 @@ def upgrade(database):
     with migration_lock(database):
         applied = migration_runner(database).up()
     if applied:
-        from app import audit  # app.models binds to the proxy this module defines
+        from app.store import audit  # app.store.models binds to the proxy this module defines
         with database.bind_ctx([audit.AuditEntry]):
             audit.record("db.upgraded", None, applied=applied)
     return applied

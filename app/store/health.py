@@ -11,9 +11,9 @@ from pathlib import Path
 
 import peewee
 
-from app.db import db, forget_idle_connections, is_postgres
 from app.errors import DATABASE_ERRORS, database_problem
-from app.models import Heartbeat
+from app.store.db import db, forget_idle_connections, is_postgres
+from app.store.models import Heartbeat
 
 log = logging.getLogger(__name__)
 

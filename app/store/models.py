@@ -4,7 +4,7 @@ import secrets
 
 import peewee
 
-from app.db import db
+from app.store.db import db
 
 
 def utcnow():
@@ -31,12 +31,12 @@ class ApiKey(BaseModel):
     # Prompt + completion tokens allowed per `token_period` ('day' or 'month', UTC); NULL: none.
     token_quota = peewee.BigIntegerField(null=True)
     token_period = peewee.CharField(max_length=8, null=True)
-    # Model policy (app/model_policy.py): caps on num_ctx and on the answer's length
+    # Model policy (app/admission/model_policy.py): caps on num_ctx and on the answer's length
     # (num_predict, max_tokens), NULL for none; whether the key may set keep_alive.
     max_ctx = peewee.IntegerField(null=True)
     max_predict = peewee.IntegerField(null=True)
     allow_keep_alive = peewee.BooleanField(default=True)
-    # Share of an upstream's slots when keys wait for them (app/fair_queue.py): 2 gets
+    # Share of an upstream's slots when keys wait for them (app/admission/fair_queue.py): 2 gets
     # twice the requests of 1.
     priority = peewee.IntegerField(default=1)
     # Comma-separated model names or fnmatch patterns; NULL allows every model.
@@ -47,7 +47,7 @@ class ApiKey(BaseModel):
     revoked_at = peewee.DateTimeField(null=True)
 
 
-# A name finds one key: names are unique among keys that are not revoked (app/keys.py,
+# A name finds one key: names are unique among keys that are not revoked (app/keys/registry.py,
 # migration 0013); revoked keys keep theirs for the record.
 ApiKey.add_index(ApiKey.index(ApiKey.name, unique=True, where=ApiKey.revoked_at.is_null(),
                               name="api_key_name_live"))
@@ -105,7 +105,7 @@ class UsageRecord(BaseModel):
     model_id = peewee.IntegerField(null=True)
     upstream_id = peewee.IntegerField(null=True)
     status = peewee.SmallIntegerField()
-    refusal = peewee.SmallIntegerField(default=0)  # app.usage.REFUSALS; 0: not refused
+    refusal = peewee.SmallIntegerField(default=0)  # app.accounting.usage.REFUSALS; 0: not refused
     prompt_tokens = peewee.IntegerField(null=True)  # NULL: not known (an aborted stream)
     completion_tokens = peewee.IntegerField(null=True)
     latency_ms = peewee.IntegerField()
@@ -113,7 +113,7 @@ class UsageRecord(BaseModel):
     eval_ms = peewee.IntegerField(null=True)  # Ollama's eval_duration: tokens per second
     bytes = peewee.BigIntegerField(default=0)
     aborted = peewee.BooleanField(default=False)
-    # True: prompt_tokens is the gateway's estimate (app/estimate.py), as the answer ended
+    # True: prompt_tokens is the gateway's estimate (app/admission/estimate.py), as the answer ended
     # without Ollama's counts. NULL on rows older instances write: exact or unknown.
     prompt_estimated = peewee.BooleanField(null=True)
 
@@ -181,7 +181,7 @@ class UsageHistogram(BaseModel):
     """Latency and first-byte histograms of the roll-ups, sparse: one row per bucket used.
 
     `grain` says which roll-up a row belongs to (HISTOGRAM_GRAINS); the columns a grain
-    does not group by are 0. `bucket` is app/histogram.py's; APPROXIMATE (-1) counts
+    does not group by are 0. `bucket` is app/accounting/histogram.py's; APPROXIMATE (-1) counts
     requests whose bucket was rebuilt from the coarse columns (their rows were pruned).
     """
 
@@ -218,7 +218,7 @@ class TokenUsage(BaseModel):
 
 
 class QuotaReservation(BaseModel):
-    """Tokens a request running now may use, held against its key's quota (app/quota.py).
+    """Tokens a request running now may use, held against its key's quota (app/admission/quota.py).
 
     Deleted in the transaction that charges the request's real tokens; a crashed
     worker's rows lapse at expires_at, which the holder renews while the request runs.
@@ -292,9 +292,9 @@ class UpstreamStatus(BaseModel):
 
 
 class QueueEntry(BaseModel):
-    """A request waiting for, or holding, one of an upstream's slots (app/fair_queue.py)."""
+    """A request waiting for, or holding, one of an upstream's slots (app/admission/fair_queue.py)."""
 
-    # Random, so that a worker knows its entry's id before the insert (app/fair_queue.py).
+    # Random, so that a worker knows its entry's id before the insert (app/admission/fair_queue.py).
     id = peewee.BigIntegerField(primary_key=True, default=lambda: secrets.randbits(62))
     upstream = peewee.CharField(max_length=255, index=True)  # the upstream's name
     key_id = peewee.IntegerField()
@@ -307,7 +307,7 @@ class QueueEntry(BaseModel):
 
 
 class AuditEntry(BaseModel):
-    """One admin action (app/audit.py): who, through what, from where, what changed."""
+    """One admin action (app/store/audit.py): who, through what, from where, what changed."""
 
     at = peewee.DateTimeField(index=True)
     actor = peewee.CharField(max_length=200)  # a key prefix and name, or an OS user

@@ -12,8 +12,10 @@ import time
 
 from peewee import fn
 
-from app import histogram
-from app.models import (
+from app.accounting import histogram
+from app.accounting.stats import histograms, percentiles, summarize
+from app.accounting.usage import LATENCY, SUM_COLUMNS, TTFB, _bucket
+from app.store.models import (
     ApiKey,
     UsageDailyKey,
     UsageHistogram,
@@ -22,8 +24,6 @@ from app.models import (
     UsageLabel,
     UsageRecord,
 )
-from app.stats import histograms, percentiles, summarize
-from app.usage import LATENCY, SUM_COLUMNS, TTFB, _bucket
 
 RANGES = {"1h": 3600, "24h": 86400, "7d": 7 * 86400, "30d": 30 * 86400}
 # Ranges whose percentile lines are drawn from the fine histograms hour by hour. Longer
@@ -166,7 +166,7 @@ def _day_parts(start, hourly, daily):
     before the first of them from `hourly`; when those hours are most of a day, that
     day less the hours before `start` instead: fewer hourly rows to read (a 24-hour
     range starting at 04:00 reads 4 hours, not 20). The daily grain is the sum of the
-    hourly one, written in the same transaction (app/usage.py) and rebuilt from it.
+    hourly one, written in the same transaction (app/accounting/usage.py) and rebuilt from it.
     """
     first_day = -(-start // 86400) * 86400
     if first_day - start > 43200:

@@ -19,8 +19,8 @@ from pathlib import Path
 from flask import request
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 
-from app.models import ApiKey, UiSession, utcnow
-from app.private_files import private_dir
+from app.store.models import ApiKey, UiSession, utcnow
+from app.store.private_files import private_dir
 
 COOKIE = "ogw_ui"
 SECRET_FILE = "ui-secret"

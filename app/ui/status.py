@@ -7,9 +7,11 @@ import time
 from peewee import fn
 from prometheus_client import CollectorRegistry, multiprocess
 
-from app import metrics, quota, webhook_delivery
+from app import metrics
+from app.accounting.usage import REFUSAL_NAMES
+from app.admission import quota
 from app.limits import format_rate_limit, format_token_quota
-from app.models import (
+from app.store.models import (
     ConcurrencySlot,
     UpstreamStatus,
     UsageRecord,
@@ -17,9 +19,9 @@ from app.models import (
     WebhookDelivery,
 )
 from app.ui.charts import label_names
-from app.upstreams import probe
-from app.usage import REFUSAL_NAMES
-from app.webhooks import WebhookOpError
+from app.upstreams.pool import probe
+from app.webhooks import delivery as webhook_delivery
+from app.webhooks.outbox import WebhookOpError
 
 RECENT_REQUESTS = 50
 

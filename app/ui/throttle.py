@@ -11,7 +11,7 @@ attempt takes its row back out, so the table holds at most that many per address
 import math
 import time
 
-from app.models import SigninFailure
+from app.store.models import SigninFailure
 
 FAILURES_ALLOWED = 10  # failed sign-ins an address may make within WINDOW_SECONDS
 WINDOW_SECONDS = 60.0

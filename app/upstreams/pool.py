@@ -7,7 +7,7 @@ for `ollama-gw upstreams` every `upstream_refresh_seconds`; an upstream
 that fails is down, and is probed again after 1 s, then twice as long each time, up to a
 minute. A request goes to an upstream that is up and has its model, one with the model
 loaded first, then the least busy for its weight; the gateway tries the next when a
-connection fails before Ollama had the request (app/gateway.py).
+connection fails before Ollama had the request (app/proxy/gateway.py).
 """
 import dataclasses
 import logging
@@ -22,8 +22,8 @@ import requests
 
 from app.config import UpstreamSpec
 from app.errors import BadRequest
-from app.keys import normalize_model
-from app.upstream import Upstream
+from app.keys.registry import normalize_model
+from app.upstreams.client import Upstream
 
 log = logging.getLogger(__name__)
 LONGEST_BACKOFF = 60.0
@@ -170,8 +170,8 @@ class UpstreamPool:
 
     def _publish(self):
         """Write this worker's view for `ollama-gw upstreams` (best effort)."""
-        from app.db import db
-        from app.models import UpstreamStatus
+        from app.store.db import db
+        from app.store.models import UpstreamStatus
 
         rows = [{"holder": self.holder, "upstream": m.name, "up": m.up,
                  "in_flight": m.in_flight, "updated_at": time.time()} for m in self.members]

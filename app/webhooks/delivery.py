@@ -10,7 +10,7 @@ Deliveries are therefore sent at least once; a receiver that must act only once
 dedupes on the webhook-id header, as the Standard Webhooks spec advises.
 
 Sends run in their own greenlets from a pool of webhook_concurrency, each bounded as a
-whole by webhook_timeout (app/webhook_http.py): a receiver that is slow, failing or
+whole by webhook_timeout (app/webhooks/transport.py): a receiver that is slow, failing or
 hanging holds only those greenlets, never a client request.
 """
 import dataclasses
@@ -20,11 +20,12 @@ import time
 
 import peewee
 
-from app import metrics, webhook_http
+from app import metrics
 from app.cooperative import gevent_active
-from app.db import db, forget_idle_connections, is_postgres
-from app.models import Webhook, WebhookAttempt, WebhookDelivery
-from app.webhooks import TEST_EVENT, WebhookOpError, connection, new_message_id, payload
+from app.store.db import db, forget_idle_connections, is_postgres
+from app.store.models import Webhook, WebhookAttempt, WebhookDelivery
+from app.webhooks import transport as webhook_http
+from app.webhooks.outbox import TEST_EVENT, WebhookOpError, connection, new_message_id, payload
 
 log = logging.getLogger(__name__)
 
@@ -308,7 +309,7 @@ def retry_delivery(delivery_id):
 def init_app(app):
     """Give the app its dispatcher; under gunicorn's gevent worker, start it.
 
-    app/gunicorn_conf.py's worker_exit stops it, so attempts in flight are recorded.
+    app/serving/gunicorn_conf.py's worker_exit stops it, so attempts in flight are recorded.
     """
     dispatcher = app.extensions["webhook_dispatcher"] = Dispatcher(app.config["SETTINGS"])
     if gevent_active():

@@ -3,7 +3,7 @@
 An event is stored as one WebhookDelivery row per subscribed webhook by `enqueue()`,
 inside the caller's transaction: the change and the news of it commit together or not
 at all, so no event is lost to a crash and none is sent for a change that rolled back.
-app/webhook_delivery.py sends the rows. Receivers verify them the Standard Webhooks way
+app/webhooks/delivery.py sends the rows. Receivers verify them the Standard Webhooks way
 (https://www.standardwebhooks.com/) with the secret `add_webhook()` returns once.
 """
 import base64
@@ -17,10 +17,11 @@ import time
 
 import peewee
 
-from app import audit, webhook_target
-from app.db import db
-from app.ids import whole_number
-from app.models import Webhook, WebhookDelivery
+from app.store import audit
+from app.store.db import db
+from app.store.ids import whole_number
+from app.store.models import Webhook, WebhookDelivery
+from app.webhooks import target as webhook_target
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +115,7 @@ def add_webhook(url, events=None, include_prompt=False,
 
 
 def parse_id(ident, what="webhook"):
-    """An id as people type it (app/ids.py), or a WebhookOpError that says what went wrong."""
+    """An id as people type it (app/store/ids.py), or a WebhookOpError that says what went wrong."""
     text = str(ident).strip()
     value = whole_number(text)
     if value is None and not (text.isascii() and text.isdigit()):
@@ -275,13 +276,13 @@ def enqueue(event, data, *, prompt=None, now=None):
          "next_attempt_at": now, "created_at": now}
         for webhook_id, wants in targets
     ]).execute()
-    from app import webhook_delivery  # here: delivery imports this module
+    from app.webhooks import delivery as webhook_delivery  # here: delivery imports this module
 
     webhook_delivery.wake_local_dispatcher()
     return len(targets)
 
 
-# Usage records become these events (app/usage.py stores them with the batch).
+# Usage records become these events (app/accounting/usage.py stores them with the batch).
 USAGE_EVENTS = {None: "request.completed", "rate": "ratelimit.exceeded",
                 "concurrency": "ratelimit.exceeded", "quota": "quota.exceeded"}
 

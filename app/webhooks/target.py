@@ -7,7 +7,7 @@ URL spells them: `[::ffff:169.254.169.254]`, `2852039166`, a name that resolves 
 or a name that resolved elsewhere when the webhook was added (DNS rebinding). So a URL is
 parsed strictly when it is added, and at each attempt the host is resolved, every
 address it has is checked against `webhook_deny_networks`, and the connection is made to
-the address that was checked (app/webhook_http.py), never to the name again. Loopback
+the address that was checked (app/webhooks/transport.py), never to the name again. Loopback
 and private ranges are allowed by default: teams run receivers on their LAN.
 """
 import functools

@@ -1,7 +1,7 @@
 """One webhook attempt over HTTP: to a checked address, within webhook_timeout as a whole.
 
 Each attempt resolves the receiver's host, checks every address it has against
-webhook_deny_networks (app/webhook_target.py) and connects to an address it checked,
+webhook_deny_networks (app/webhooks/target.py) and connects to an address it checked,
 never to the name again: a name that resolves elsewhere a moment later (DNS rebinding)
 changes nothing. So each attempt opens its own connection, and closes it.
 
@@ -27,8 +27,8 @@ import threading
 import time
 from urllib.parse import quote, urlsplit
 
-from app import webhook_target
 from app.cooperative import deadline, gevent_active
+from app.webhooks import target as webhook_target
 
 
 class AttemptTimeout(Exception):

@@ -16,13 +16,13 @@ import time
 
 import pytest
 
-from app import db as database
-from app import histogram, stats
-from app.models import HISTOGRAM_GRAINS, UsageHistogram, UsageHourly, UsageRecord
+from app.accounting import histogram, stats
+from app.accounting.usage import Record, UsageWriter
+from app.store import db as database
+from app.store.models import HISTOGRAM_GRAINS, UsageHistogram, UsageHourly, UsageRecord
 from app.ui import charts
-from app.usage import Record, UsageWriter
 from tests.conftest import auth_header
-from tests.test_ui import browser, sign_in, ui_app  # noqa: F401 (fixtures)
+from tests.ui.test_ui import browser, sign_in, ui_app  # noqa: F401 (fixtures)
 
 HOUR = 3600
 NOW = time.time()
@@ -129,7 +129,7 @@ def test_the_bounds_are_shown_as_bounds(ms, shown):
 
 
 def test_every_duration_from_1_ms_to_10_minutes_is_read_back_within_1_1_percent():
-    """What app/histogram.py promises; 2 % is what people are promised."""
+    """What app/accounting/histogram.py promises; 2 % is what people are promised."""
     for ms in (*range(1, 2000), *range(2000, 600_001, 997), 600_000):
         assert abs(histogram.value(histogram.bucket(ms)) - ms) <= 0.011 * ms, ms
 

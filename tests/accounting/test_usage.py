@@ -14,10 +14,14 @@ import pytest
 from flask.testing import FlaskClient
 from prometheus_client import REGISTRY
 
-from app import create_app, estimate, stats, webhooks
-from app import db as database
-from app.dead_letters import DeadLetters
-from app.models import (
+from app import create_app
+from app.accounting import stats
+from app.accounting.dead_letters import DeadLetters
+from app.accounting.request_record import ACCESS_LOG, flush_at_exit
+from app.accounting.usage import REFUSALS, Record, UsageWriter, load_spills, spill, token_counts
+from app.admission import estimate
+from app.store import db as database
+from app.store.models import (
     TokenUsage,
     UsageDailyKey,
     UsageHourly,
@@ -25,8 +29,7 @@ from app.models import (
     UsageRecord,
     WebhookDelivery,
 )
-from app.request_record import ACCESS_LOG, flush_at_exit
-from app.usage import REFUSALS, Record, UsageWriter, load_spills, spill, token_counts
+from app.webhooks import outbox as webhooks
 from tests.conftest import auth_header
 from tests.fake_ollama import fake_text
 
@@ -320,7 +323,7 @@ def test_records_the_database_refuses_at_exit_are_spilled_and_loaded_by_the_next
         writer._buffer.append(record)  # buffered, as if requests had just ended
     migrated.close_all()
     broken = dataclasses.replace(settings, database_url="postgresql://x@127.0.0.1:1/gone")
-    from app import db as database
+    from app.store import db as database
 
     database.db.initialize(database.open_database(broken.database_url))
     flush_at_exit(app, seconds=0.5)
@@ -699,7 +702,7 @@ def test_the_gateway_reports_its_own_time_in_server_timing(client, make_key, fak
 # --- usage as webhook events -----------------------------------------------------------------
 
 def _events(event):
-    from app.models import WebhookDelivery
+    from app.store.models import WebhookDelivery
 
     return [json.loads(d.payload) for d in WebhookDelivery.select().where(
         WebhookDelivery.event == event).order_by(WebhookDelivery.id)]
@@ -707,7 +710,7 @@ def _events(event):
 
 def test_a_relayed_request_becomes_a_request_completed_event_with_its_usage(client, make_key,
                                                                            fake):
-    from app import webhooks
+    from app.webhooks import outbox as webhooks
 
     webhooks.add_webhook("http://127.0.0.1:9/hook", "request.completed")
     secret, key = make_key(name="alice")
@@ -725,7 +728,7 @@ def test_a_relayed_request_becomes_a_request_completed_event_with_its_usage(clie
 
 
 def test_the_go_predecessors_fields_come_only_to_a_webhook_that_asks(client, make_key, fake):
-    from app import webhooks
+    from app.webhooks import outbox as webhooks
 
     webhooks.add_webhook("http://127.0.0.1:9/plain", "request.completed")
     webhooks.add_webhook("http://127.0.0.1:9/go", "request.completed", include_prompt=True)
@@ -745,7 +748,7 @@ def test_the_go_predecessors_fields_come_only_to_a_webhook_that_asks(client, mak
 ])
 def test_refusals_for_limits_become_their_events(client, make_key, fake, key_options, event,
                                                  reason):
-    from app import webhooks
+    from app.webhooks import outbox as webhooks
 
     webhooks.add_webhook("http://127.0.0.1:9/hook", event)
     secret, key = make_key(**key_options)
@@ -763,7 +766,7 @@ def test_refusals_for_limits_become_their_events(client, make_key, fake, key_opt
 
 def test_a_max_concurrent_refusal_becomes_a_ratelimit_event_with_reason_concurrency(
         client, make_key, fake):
-    from app import webhooks
+    from app.webhooks import outbox as webhooks
 
     webhooks.add_webhook("http://127.0.0.1:9/hook", "ratelimit.exceeded")
     secret, key = make_key(max_concurrent=1, rate_limit=None)
@@ -782,8 +785,8 @@ def test_a_max_concurrent_refusal_becomes_a_ratelimit_event_with_reason_concurre
 
 def test_a_record_that_settles_a_quota_reservation_is_written_at_once(migrated, make_key):
     """Its reservation holds the key's quota until it is written: not a whole turn later."""
-    from app import quota
-    from app.models import QuotaReservation
+    from app.admission import quota
+    from app.store.models import QuotaReservation
 
     _, key = make_key(token_quota="100/day")
     reservation, _ = quota.reserve(key, 1, 5, "test:1", 60)

@@ -15,7 +15,7 @@ import time
 import pytest
 import requests
 
-from app.usage import Record
+from app.accounting.usage import Record
 from tests.conftest import empty_database
 from tests.gateway_process import GatewayProcess, wait_for
 from tests.tcp_proxy import TcpProxy

@@ -1,6 +1,6 @@
-"""The fair queue (app/fair_queue.py): an upstream's cap, fair order across keys, bounds.
+"""The fair queue (app/admission/fair_queue.py): an upstream's cap, fair order across keys, bounds.
 
-These run the queue itself against each database, in threads; tests/test_fair_queue_gateway.py
+These run the queue itself against each database, in threads; tests/admission/test_fair_queue_gateway.py
 runs it in gunicorn's workers, across gateway instances.
 """
 import json
@@ -12,10 +12,10 @@ from unittest.mock import ANY
 import pytest
 
 from app import metrics
+from app.admission.fair_queue import FairQueue, QueueTimeout
 from app.errors import RateLimited
-from app.fair_queue import FairQueue, QueueTimeout
-from app.keys import KeyInfo
-from app.models import QueueEntry
+from app.keys.registry import KeyInfo
+from app.store.models import QueueEntry
 from tests.gateway_process import wait_for
 
 UPSTREAM = "gpu"

@@ -1,6 +1,6 @@
-"""Freeing what dead processes held (app/holders.py): only this host's, only the dead.
+"""Freeing what dead processes held (app/admission/holders.py): only this host's, only the dead.
 
-tests/test_holders_gateway.py kills real gunicorn workers; these check which rows go.
+tests/admission/test_holders_gateway.py kills real gunicorn workers; these check which rows go.
 """
 import os
 import socket
@@ -9,10 +9,10 @@ import threading
 import time
 from types import SimpleNamespace
 
-from app import fair_queue, holders
-from app.fair_queue import FairQueue
-from app.keys import KeyInfo
-from app.models import ConcurrencySlot, QueueEntry, QuotaReservation
+from app.admission import fair_queue, holders
+from app.admission.fair_queue import FairQueue
+from app.keys.registry import KeyInfo
+from app.store.models import ConcurrencySlot, QueueEntry, QuotaReservation
 from tests.gateway_process import wait_for
 
 HERE = socket.gethostname()

@@ -3,7 +3,7 @@
 One worker, an upstream serving two requests at once, leases of 60 s: each test kills
 the worker at a fixed point of a request's life, then another key must be served, and
 a key at its max_concurrent admitted, within seconds of gunicorn's next worker
-answering, not after the lease (app/holders.py).
+answering, not after the lease (app/admission/holders.py).
 """
 import concurrent.futures
 import os
@@ -15,15 +15,15 @@ import psycopg2
 import pytest
 import requests
 
-from app.fair_queue import _lock_id
-from tests.gateway_process import GatewayProcess, wait_for
-from tests.test_fair_queue_gateway import (
+from app.admission.fair_queue import _lock_id
+from tests.admission.test_fair_queue_gateway import (
     generate,
     new_key,
     open_request,
     queue_is_empty,
     waiting,
 )
+from tests.gateway_process import GatewayProcess, wait_for
 
 pytestmark = pytest.mark.gateway
 

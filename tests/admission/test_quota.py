@@ -4,12 +4,12 @@ import time
 
 import pytest
 
-from app import db as database
-from app import estimate, quota
-from app.db import db
+from app.admission import estimate, quota
+from app.admission.quota import Standing
 from app.limits import quota_period
-from app.models import QuotaReservation, TokenUsage
-from app.quota import Standing
+from app.store import db as database
+from app.store.db import db
+from app.store.models import QuotaReservation, TokenUsage
 from tests.conftest import auth_header
 
 

@@ -7,7 +7,7 @@ import time
 import pytest
 import requests
 
-from app import estimate
+from app.admission import estimate
 from tests.gateway_process import GatewayProcess, wait_for
 
 pytestmark = pytest.mark.gateway

@@ -4,11 +4,11 @@ import time
 
 import pytest
 
-from app.db import db
+from app.admission.ratelimit import Limiter
 from app.errors import RateLimited
-from app.keys import KeyInfo
-from app.models import ConcurrencySlot, RateCounter
-from app.ratelimit import Limiter
+from app.keys.registry import KeyInfo
+from app.store.db import db
+from app.store.models import ConcurrencySlot, RateCounter
 from tests.gateway_process import wait_for
 
 T0 = 1_800_000_000.0  # a minute boundary: 1_800_000_000 % 60 == 0

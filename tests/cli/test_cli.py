@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from tests.test_migrations import MIGRATIONS
+from tests.store.test_migrations import MIGRATIONS
 
 SECRET = re.compile(r"ogw_[A-Za-z0-9_-]{43}")
 

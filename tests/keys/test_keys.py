@@ -4,7 +4,7 @@ import hashlib
 
 import pytest
 
-from app.keys import (
+from app.keys.registry import (
     KeyInfo,
     KeyNameTaken,
     KeyOpError,
@@ -18,7 +18,7 @@ from app.keys import (
     rotate_key,
     update_key,
 )
-from app.models import ApiKey, utcnow
+from app.store.models import ApiKey, utcnow
 
 
 def _set_prefix(row, prefix):
@@ -207,7 +207,7 @@ def test_a_creator_that_raced_past_the_name_check_gets_the_same_error(make_key, 
     """Two workers check at once and both find the name free: the index refuses one."""
     _, alice = make_key(name="alice")
     _, bob = make_key(name="bob")
-    monkeypatch.setattr("app.keys._require_free_name", lambda *args, **kwargs: None)
+    monkeypatch.setattr("app.keys.registry._require_free_name", lambda *args, **kwargs: None)
     with pytest.raises(KeyNameTaken, match=f"already exists \\(key {alice.id}, "):
         create_key("alice")
     with pytest.raises(KeyNameTaken, match=f"already exists \\(key {alice.id}, "):

@@ -3,8 +3,8 @@ import json
 
 import pytest
 
-from app import jsonbody
-from app.jsonbody import JsonBody
+from app.proxy import jsonbody
+from app.proxy.jsonbody import JsonBody
 
 PAD = "P" * (jsonbody.INLINE_LIMIT + 10)  # makes any body large enough to be scanned
 

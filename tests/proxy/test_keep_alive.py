@@ -1,7 +1,7 @@
 """Refusals on keep-alive connections, as gunicorn runs the gateway (issue 23, item 4).
 
 A refusal sent before the request body was read ends its connection (the body is not
-read later either: app/request_body.py). A client must be told, with `Connection:
+read later either: app/proxy/request_body.py). A client must be told, with `Connection:
 close` on the refusal itself, or it sends its next request on a connection the gateway
 has already closed: 8 of 30 such requests failed after a 401.
 """

@@ -8,8 +8,8 @@ import pytest
 import requests
 
 from app import create_app
-from app.keys import revoke_key
-from app.models import ApiKey, utcnow
+from app.keys.registry import revoke_key
+from app.store.models import ApiKey, utcnow
 from tests.conftest import auth_header
 from tests.fake_ollama import fake_text
 
@@ -352,7 +352,7 @@ def test_embed_answers_one_vector_per_input(client, user_key):
     ("POST", "/api/no-such-endpoint", b"{}"),
 ])
 def test_answer_is_relayed_byte_for_byte(client, fake, admin_key, method, path, body):
-    # An admin key: unknown paths are relayed for admin keys only (app/doors.py).
+    # An admin key: unknown paths are relayed for admin keys only (app/proxy/doors.py).
     direct = requests.request(method, fake.url + path, data=body, timeout=60)
     response = client.open(path, method=method, data=body, headers=auth_header(admin_key))
     assert response.status_code == direct.status_code

@@ -2,7 +2,7 @@
 
 In-process: the client talks to the gateway through httpx's WSGI transport, and the
 gateway to the fake Ollama on a real socket (tests/fake_ollama_v1.py). Streaming and
-hang-ups over real sockets are in tests/test_openai_gateway.py.
+hang-ups over real sockets are in tests/proxy/test_openai_gateway.py.
 """
 import dataclasses
 import json
@@ -13,7 +13,7 @@ import pytest
 import requests
 
 from app import create_app
-from app.models import UsageRecord
+from app.store.models import UsageRecord
 
 CHAT = [{"role": "user", "content": "hello there"}]
 

@@ -9,8 +9,8 @@ import responses
 from requests.structures import CaseInsensitiveDict
 
 from app import create_app
-from app.relay import response_headers
-from app.upstream import forwardable_request_headers
+from app.proxy.relay import response_headers
+from app.upstreams.client import forwardable_request_headers
 from tests.conftest import auth_header
 
 UPSTREAM = "http://ollama.test:11434"
@@ -275,7 +275,7 @@ def test_a_full_upstream_pool_closes_connections_without_a_warning_each(caplog):
 
     import urllib3
 
-    import app.upstream  # noqa: F401  (installs the filter)
+    import app.upstreams.client  # noqa: F401  (installs the filter)
 
     pool = urllib3.HTTPConnectionPool("127.0.0.1", 9, maxsize=1)
     with caplog.at_level(logging.WARNING, logger="urllib3.connectionpool"):

@@ -13,11 +13,12 @@ import time
 import pytest
 import requests
 
-from app import create_app, demo_keys
-from app import keys as keystore
+from app import create_app
 from app.config import load_settings
-from app.db import open_database
-from app.models import ApiKey, AuditEntry
+from app.keys import demo_keys
+from app.keys import registry as keystore
+from app.store.db import open_database
+from app.store.models import ApiKey, AuditEntry
 from tests import leak_check
 from tests.conftest import auth_header
 from tests.fake_ollama import FakeOllama
@@ -332,7 +333,7 @@ def test_a_gateway_starts_without_a_demo_key_too_short(database_url, fake, tmp_p
     with GatewayProcess(database_url, fake.url, workers=1) as gw:
         gw.env.update(DEMO_ADMIN_KEY=short, DEMO_USER_KEY=user)
         gw.start(tmp_path / "short.log")
-        assert "ERROR app.demo_keys: DEMO_ADMIN_KEY is only 31 characters long" in gw.log()
+        assert "ERROR app.keys.demo_keys: DEMO_ADMIN_KEY is only 31 characters long" in gw.log()
         assert requests.get(gw.url + "/api/tags", headers=auth_header(short),
                             timeout=60).status_code == 401
         assert requests.get(gw.url + "/api/tags", headers=auth_header(user),
@@ -368,7 +369,7 @@ def test_the_readme_examples_of_ollama_api_service_work(database_url, fake, tmp_
         gw.env.update(DEMO_ADMIN_KEY=admin_key, DEMO_USER_KEY=user_key)
         gw.start(tmp_path / "gateway.log")
         log = gw.log()
-        assert "WARNING app.demo_keys: demo keys are on" in log
+        assert "WARNING app.keys.demo_keys: demo keys are on" in log
         assert admin_key not in log and user_key not in log
         base = gw.url
         admin = {"Authorization": f"Bearer {admin_key}"}

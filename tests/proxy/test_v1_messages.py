@@ -4,10 +4,10 @@ and charged with Ollama's final counts; and the endpoints not counted in tokens 
 audio) refused to quota keys."""
 import pytest
 
-from app import estimate
-from app.models import TokenUsage
-from app.relay import answer_finished
-from app.usage import token_counts
+from app.accounting.usage import token_counts
+from app.admission import estimate
+from app.proxy.relay import answer_finished
+from app.store.models import TokenUsage
 from tests.conftest import auth_header
 from tests.fake_ollama_v1 import ESTIMATE_OFF_BY
 

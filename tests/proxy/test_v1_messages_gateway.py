@@ -6,11 +6,11 @@ import json
 import pytest
 import requests
 
+from tests.admission.test_fair_queue_gateway import waiting
+from tests.admission.test_quota_gateway import bearer, quota_of, settled
 from tests.fake_ollama_v1 import ESTIMATE_OFF_BY
 from tests.gateway_process import GatewayProcess, wait_for
-from tests.test_fair_queue_gateway import waiting
-from tests.test_quota_gateway import bearer, quota_of, settled
-from tests.test_v1_messages import FORM
+from tests.proxy.test_v1_messages import FORM
 
 pytestmark = pytest.mark.gateway
 

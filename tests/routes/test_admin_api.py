@@ -3,9 +3,9 @@ import json
 
 import pytest
 
-from app import audit
-from app.keys import hash_key
-from app.models import ApiKey
+from app.keys.registry import hash_key
+from app.store import audit
+from app.store.models import ApiKey
 from tests.conftest import auth_header
 
 ADMIN_ROUTES = [
@@ -212,7 +212,7 @@ def test_cli_actions_are_audited_with_the_os_user(runner, migrated):
 
 
 def test_applying_migrations_is_audited(database_url, settings):
-    from app import db as database
+    from app.store import db as database
     instance = database.open_database(database_url)
     database.db.initialize(instance)
     applied = database.upgrade(instance)
@@ -224,7 +224,7 @@ def test_applying_migrations_is_audited(database_url, settings):
 
 
 def test_actions_inside_acting_as_are_the_consoles(migrated):
-    from app import keys as keystore
+    from app.keys import registry as keystore
     with audit.acting_as(audit.cli_actor("shell")):
         keystore.create_key("x")
     assert audit.entries(action="key.created")[0]["via"] == "shell"

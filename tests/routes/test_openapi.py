@@ -1,6 +1,6 @@
 """/openapi.json describes every route, /docs and /redoc work offline, and answers match.
 
-The document is written by hand (app/openapi.py); these tests keep it honest: every
+The document is written by hand (app/routes/openapi.py); these tests keep it honest: every
 Flask route is in it, it is valid OpenAPI 3.1, and schemathesis sends generated
 requests to every operation, with a user key and with an admin key, against the fake
 Ollama, checking that nothing answers 500 and every answer is one the document allows.
@@ -14,11 +14,11 @@ import schemathesis
 from openapi_spec_validator import validate
 from schemathesis import checks
 
-from app import openapi
+from app.routes import openapi
 from tests.conftest import auth_header
 
 # Changing or revoking the key the run itself uses would turn the rest of the run into
-# 401s and 403s: those two are exercised in tests/test_admin_api.py instead.
+# 401s and 403s: those two are exercised in tests/routes/test_admin_api.py instead.
 SELF_HARM = {("DELETE", "/api/keys/{ident}"), ("POST", "/api/keys/{ident}/rotate")}
 
 

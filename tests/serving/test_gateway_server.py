@@ -20,7 +20,7 @@ from tests.conftest import auth_header
 from tests.gateway_process import GatewayProcess, wait_for
 
 pytestmark = pytest.mark.gateway
-REPO = pathlib.Path(__file__).resolve().parent.parent
+REPO = pathlib.Path(__file__).resolve().parent.parent.parent
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,8 @@
 import flask
 import pytest
 
-from app.client_address import client_address
 from app.config import ConfigError, Settings, load_settings
+from app.store.client_address import client_address
 
 
 def address(remote, forwarded=None, trusted=()):

@@ -1,9 +1,9 @@
 """Ids in URLs and commands: ASCII digits within the database's range, else 404 or one line."""
 import pytest
 
-from app.ids import MAX_ID, parse_id
+from app.store.ids import MAX_ID, parse_id
 from tests.conftest import auth_header
-from tests.test_ui import csrf
+from tests.ui.test_ui import csrf
 
 # Each was a 500, a traceback or another key's row: too large for the database, digits
 # int() reads but no one types (superscript, full-width), signs, zero.

@@ -9,8 +9,8 @@ import sys
 import peewee
 import pytest
 
-from app import db as database
-from app.models import MODELS
+from app.store import db as database
+from app.store.models import MODELS
 
 HISTORY_TABLE = "schema_migration"
 MIGRATIONS = ["0001_initial", "0002_heartbeat", "0003_usage_quotas_webhooks",
@@ -182,8 +182,8 @@ def test_two_cli_upgrades_at_once_both_succeed(database_url, empty, tmp_path):
 def test_webhook_ids_are_never_reused_across_0011(empty):
     """Ids removed before the migration (the audit log names them) and after it stay unused;
     ids, columns and deliveries survive it, so instances of the previous release carry on."""
-    from app import webhooks as hooks
-    from app.models import Webhook, WebhookDelivery
+    from app.store.models import Webhook, WebhookDelivery
+    from app.webhooks import outbox as hooks
 
     database.migration_runner(empty).up(MIGRATIONS[MIGRATIONS.index("0011_webhook_ids") - 1])
     kept = [hooks.add_webhook(f"http://127.0.0.1:9/{n}")[0].id for n in range(3)]
@@ -206,7 +206,7 @@ def _key(name, revoked=False):
 
 
 def test_unique_names_migration_renames_later_live_duplicates_with_an_audit_entry(empty):
-    from app.models import AuditEntry
+    from app.store.models import AuditEntry
 
     # Just before 0013: duplicates are possible again.
     database.migration_runner(empty).up(MIGRATIONS[MIGRATIONS.index("0013_unique_key_names") - 1])

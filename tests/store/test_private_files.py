@@ -5,10 +5,10 @@ import stat
 
 import pytest
 
-from app import db as database
+from app.accounting.usage import Record, spill
 from app.config import Settings
+from app.store import db as database
 from app.ui.session import cookie_secret
-from app.usage import Record, spill
 
 
 @pytest.fixture

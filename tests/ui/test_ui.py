@@ -11,10 +11,9 @@ import itsdangerous
 import pytest
 
 from app import create_app
-from app import keys as keystore
-from app import webhooks as hooks
+from app.keys import registry as keystore
 from app.limits import quota_period
-from app.models import (
+from app.store.models import (
     ApiKey,
     AuditEntry,
     QuotaReservation,
@@ -25,6 +24,7 @@ from app.models import (
 )
 from app.ui import session as ui_session
 from app.ui import throttle
+from app.webhooks import outbox as hooks
 from tests.conftest import auth_header
 
 GENERATE = {"model": "llama3.2", "prompt": "hi", "stream": False}

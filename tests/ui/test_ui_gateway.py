@@ -11,7 +11,7 @@ import re
 import pytest
 import requests
 
-from app import db
+from app.store import db
 from tests.gateway_process import GatewayProcess, wait_for
 
 pytestmark = pytest.mark.gateway

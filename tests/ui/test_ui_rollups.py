@@ -6,11 +6,11 @@ import time
 
 import pytest
 
-from app import db as database
-from app import stats
-from app.models import UsageDailyKey, UsageHourly, UsageHourlyModel
+from app.accounting import stats
+from app.accounting.usage import SUM_COLUMNS, Record, UsageWriter
+from app.store import db as database
+from app.store.models import UsageDailyKey, UsageHourly, UsageHourlyModel
 from app.ui import charts
-from app.usage import SUM_COLUMNS, Record, UsageWriter
 
 NOW = time.time()
 

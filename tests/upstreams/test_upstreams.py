@@ -2,7 +2,7 @@
 
 Three fake Ollamas with different models on real sockets; the gateway in-process with
 Flask's client. The pool's view is refreshed explicitly here (a gunicorn worker runs a
-monitor for it: tests/test_upstreams_gateway.py).
+monitor for it: tests/upstreams/test_upstreams_gateway.py).
 """
 import collections
 import dataclasses
@@ -14,7 +14,7 @@ import pytest
 
 from app import create_app
 from app.config import UpstreamSpec
-from app.upstreams import Member, UpstreamPool
+from app.upstreams.pool import Member, UpstreamPool
 from tests.conftest import auth_header
 from tests.fake_ollama import FakeOllama
 

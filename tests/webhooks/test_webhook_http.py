@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from app import webhook_http
-from app import webhooks as hooks
-from app.models import Webhook
-from app.webhook_delivery import Dispatcher
+from app.store.models import Webhook
+from app.webhooks import outbox as hooks
+from app.webhooks import transport as webhook_http
+from app.webhooks.delivery import Dispatcher
 from tests.webhook_receiver import MAX_TRICKLE_SECONDS, WebhookReceiver
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent.parent
 TIMEOUT = 1.5
 # How late past webhook_timeout a cut attempt may end on a busy machine (well under the
 # receiver's MAX_TRICKLE_SECONDS, which is what an attempt without a deadline takes).

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from app import webhook_target
 from app.config import ConfigError, load_settings
+from app.webhooks import target as webhook_target
 
 # (URL, what the one-line refusal says)
 REFUSED = [

@@ -12,11 +12,11 @@ import time
 import pytest
 import standardwebhooks
 
-from app import keys as keystore
-from app import webhooks as hooks
-from app.db import db
-from app.models import ApiKey, Webhook, WebhookAttempt, WebhookDelivery
-from app.webhook_delivery import Dispatcher
+from app.keys import registry as keystore
+from app.store.db import db
+from app.store.models import ApiKey, Webhook, WebhookAttempt, WebhookDelivery
+from app.webhooks import outbox as hooks
+from app.webhooks.delivery import Dispatcher
 from tests.webhook_receiver import WebhookReceiver
 
 
@@ -316,7 +316,7 @@ def test_removing_a_webhook_drops_its_deliveries_even_one_in_flight(migrated, re
 
 
 def test_removing_a_webhook_writes_a_webhook_removed_audit_entry(migrated):
-    from app import audit
+    from app.store import audit
 
     row, _ = hooks.add_webhook("https://example.com/hook?token=hidden", "key.created")
     hooks.remove_webhook(row.id)

@@ -6,7 +6,7 @@ import re
 import pytest
 import standardwebhooks
 
-from app.webhook_delivery import Dispatcher
+from app.webhooks.delivery import Dispatcher
 from tests.webhook_receiver import WebhookReceiver
 
 SECRET = re.compile(r"whsec_[A-Za-z0-9+/=]{40,}")

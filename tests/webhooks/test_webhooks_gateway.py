@@ -10,9 +10,9 @@ import pytest
 import requests
 import standardwebhooks
 
-from app import db as database
-from app import webhooks as hooks
-from app.models import Webhook, WebhookAttempt, WebhookDelivery
+from app.store import db as database
+from app.store.models import Webhook, WebhookAttempt, WebhookDelivery
+from app.webhooks import outbox as hooks
 from tests.conftest import empty_database
 from tests.gateway_process import GatewayProcess, wait_for
 from tests.webhook_receiver import WebhookReceiver
