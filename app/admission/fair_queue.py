@@ -458,7 +458,10 @@ class FairQueue:
                 wait.event.set()
 
     def dispatch_all(self, upstreams):
-        """Grant the free slots of [(upstream, cap)] (app/admission/holders.py, after freeing some)."""
+        """Grant the free slots of [(upstream, cap)].
+
+        app/admission/holders.py calls this after freeing some.
+        """
         with db.connection_context():
             for upstream, cap in upstreams:
                 self._dispatch(upstream, cap, time.time())

@@ -1,9 +1,9 @@
 """Who changed what: an append-only record of every admin action, from HTTP or the shell.
 
-The one module that does an action (app/keys/registry.py, app/webhooks/outbox.py, app/store/db.py) records
-it, in the same transaction where there is one, so the HTTP API, `ollama-gw keys …` and
-`ollama-gw shell` cannot differ in what they leave behind. Entries hold key prefixes and
-settings, never a secret or a hash.
+The one module that does an action (app/keys/registry.py, app/webhooks/outbox.py,
+app/store/db.py) records it, in the same transaction where there is one, so the HTTP
+API, `ollama-gw keys …` and `ollama-gw shell` cannot differ in what they leave behind.
+Entries hold key prefixes and settings, never a secret or a hash.
 """
 import contextlib
 import contextvars

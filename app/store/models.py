@@ -292,7 +292,10 @@ class UpstreamStatus(BaseModel):
 
 
 class QueueEntry(BaseModel):
-    """A request waiting for, or holding, one of an upstream's slots (app/admission/fair_queue.py)."""
+    """A request waiting for, or holding, one of an upstream's slots.
+
+    app/admission/fair_queue.py owns the rows.
+    """
 
     # Random, so that a worker knows its entry's id before the insert (app/admission/fair_queue.py).
     id = peewee.BigIntegerField(primary_key=True, default=lambda: secrets.randbits(62))

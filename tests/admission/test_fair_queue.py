@@ -1,7 +1,7 @@
 """The fair queue (app/admission/fair_queue.py): an upstream's cap, fair order across keys, bounds.
 
-These run the queue itself against each database, in threads; tests/admission/test_fair_queue_gateway.py
-runs it in gunicorn's workers, across gateway instances.
+These run the queue itself against each database, in threads;
+tests/admission/test_fair_queue_gateway.py runs it in gunicorn's workers, across gateway instances.
 """
 import json
 import re
