@@ -6,6 +6,7 @@ the defaults below. The file is the one named
 by ``--config`` / ``OLLAMA_GW_CONFIG``, else ``/etc/ollama-gw/config.toml`` when it exists.
 """
 import dataclasses
+import functools
 import ipaddress
 import os
 import tomllib
@@ -428,14 +429,29 @@ def validate(settings):
         raise ConfigError("webhook_concurrency must be 1 to 1000, got "
                           f"{settings.webhook_concurrency}", "webhook_concurrency")
     try:
-        from app.webhooks.target import parse_networks
-
         parse_networks(settings.webhook_deny_networks)
     except ValueError as exc:
         raise ConfigError(f"webhook_deny_networks: {exc}", "webhook_deny_networks") from None
     if any(not 0 < seconds < 10**7 for seconds in settings.webhook_retry_seconds):
         raise ConfigError("webhook_retry_seconds must be positive numbers of seconds (each "
                           "under 10 million), e.g. [5, 300, 1800]", "webhook_retry_seconds")
+
+
+@functools.lru_cache(maxsize=8)
+def parse_networks(items):
+    """`webhook_deny_networks` as ip_networks, or a ValueError naming the bad entry.
+
+    Here, with the setting it reads, so that validating settings needs nothing above
+    config; app/webhooks/target.py checks addresses against what it returns.
+    """
+    networks = []
+    for item in items:
+        try:
+            networks.append(ipaddress.ip_network(str(item).strip(), strict=False))
+        except ValueError:
+            raise ValueError(f"{item!r} is not a network: write CIDR, e.g. 169.254.0.0/16 "
+                             "or fe80::/10") from None
+    return tuple(networks)
 
 
 def _validate_database_url(url):

@@ -10,12 +10,11 @@ address it has is checked against `webhook_deny_networks`, and the connection is
 the address that was checked (app/webhooks/transport.py), never to the name again. Loopback
 and private ranges are allowed by default: teams run receivers on their LAN.
 """
-import functools
 import ipaddress
 import re
 from urllib.parse import urlsplit
 
-from app.config import FIELDS
+from app.config import FIELDS, parse_networks
 
 MAX_URL_LENGTH = 2000
 # Link-local and the clouds' metadata services (app/config.py says which).
@@ -33,19 +32,6 @@ _NUMERIC_LABEL = re.compile(r"(0x[0-9a-f]*|[0-9]+)")
 
 class TargetError(ValueError):
     """A webhook URL or address the gateway will not send to; the message says why."""
-
-
-@functools.lru_cache(maxsize=8)
-def parse_networks(items):
-    """`webhook_deny_networks` as ip_networks, or a ValueError naming the bad entry."""
-    networks = []
-    for item in items:
-        try:
-            networks.append(ipaddress.ip_network(str(item).strip(), strict=False))
-        except ValueError:
-            raise ValueError(f"{item!r} is not a network: write CIDR, e.g. 169.254.0.0/16 "
-                             "or fe80::/10") from None
-    return tuple(networks)
 
 
 def check_url(url, deny_networks=DEFAULT_DENY_NETWORKS):
