@@ -26,7 +26,7 @@ def create_app(settings=None):
     configure_logging(settings.log_level)
 
     db.init_app(app)
-    errors.init_app(app)
+    errors.init_app(app, on_database_error=db.forget_idle_connections)
     cors.init_app(app)
     auth.init_app(app)
     ratelimit.init_app(app)

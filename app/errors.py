@@ -12,8 +12,6 @@ from flask import g, jsonify, request
 from playhouse.pool import MaxConnectionsExceeded
 from werkzeug.exceptions import HTTPException
 
-from app.store.db import forget_idle_connections
-
 log = logging.getLogger(__name__)
 
 
@@ -129,7 +127,13 @@ def error_response(status, message, kind="server_error", headers=None, refusal=N
     return response
 
 
-def init_app(app):
+def init_app(app, on_database_error=lambda: None):
+    """Answer every error in the gateway's shape.
+
+    `on_database_error` runs after a database error is logged: create_app passes
+    app/store/db.py's forget_idle_connections, which this module, below the store, cannot
+    import.
+    """
     @app.errorhandler(GatewayError)
     def _gateway_error(exc):
         g.refusal = exc.refusal  # for the usage record (app/accounting/request_record.py)
@@ -150,7 +154,7 @@ def init_app(app):
     @app.errorhandler(DatabaseUnavailable)
     def _database_error(exc):
         log.error("database error on %s %s: %s", request.method, request.path, exc.cause)
-        forget_idle_connections()
+        on_database_error()
         return error_response(503, exc.message, DatabaseUnavailable.kind, {"Retry-After": "5"})
 
     @app.errorhandler(Exception)
