@@ -9,6 +9,7 @@ from app.config import ConfigError, load_settings
 from app.keys import demo_keys
 from app.limits import parse_since
 from app.redact import configure_logging
+from app.store import audit  # noqa: F401 (listens to db.upgrade: records db.upgraded)
 from app.store import db as database
 
 

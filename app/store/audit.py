@@ -1,9 +1,9 @@
 """Who changed what: an append-only record of every admin action, from HTTP or the shell.
 
 The one module that does an action (app/keys/registry.py, app/webhooks/outbox.py,
-app/store/db.py) records it, in the same transaction where there is one, so the HTTP
-API, `ollama-gw keys …` and `ollama-gw shell` cannot differ in what they leave behind.
-Entries hold key prefixes and settings, never a secret or a hash.
+app/store/db.py through UPGRADE_LISTENERS) records it, in the same transaction where
+there is one, so the HTTP API, `ollama-gw keys …` and `ollama-gw shell` cannot differ in
+what they leave behind. Entries hold key prefixes and settings, never a secret or a hash.
 """
 import contextlib
 import contextvars
@@ -14,6 +14,7 @@ import json
 import os
 import socket
 
+from app.store import db
 from app.store.models import AuditEntry, utcnow
 
 ACTIONS = ("key.created", "key.updated", "key.revoked", "key.rotated", "webhook.added",
@@ -139,3 +140,12 @@ def entry_summary(row):
         "target": row.target,
         "details": json.loads(row.details) if row.details else {},
     }
+
+
+def _record_upgrade(database, applied):
+    # The database upgrade() was given: app/store/models.py binds to the proxy.
+    with database.bind_ctx([AuditEntry]):
+        record("db.upgraded", None, applied=applied)
+
+
+db.UPGRADE_LISTENERS.append(_record_upgrade)

@@ -200,14 +200,19 @@ def migration_runner(database):
     return Runner(database, MIGRATIONS_DIR)
 
 
+# Each is called with (database, names applied) when upgrade() applied something.
+# app/store/audit.py adds the one that records `db.upgraded`: it imports the tables,
+# which import this module, so this module cannot import it.
+UPGRADE_LISTENERS = []
+
+
 def upgrade(database):
     """Apply pending migrations; return the names applied (none if up to date)."""
     with migration_lock(database):
         applied = migration_runner(database).up()
     if applied:
-        from app.store import audit  # app.store.models binds to the proxy this module defines
-        with database.bind_ctx([audit.AuditEntry]):
-            audit.record("db.upgraded", None, applied=applied)
+        for listener in UPGRADE_LISTENERS:
+            listener(database, applied)
     return applied
 
 
