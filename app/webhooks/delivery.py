@@ -25,7 +25,14 @@ from app.cooperative import gevent_active
 from app.store.db import db, forget_idle_connections, is_postgres
 from app.store.models import Webhook, WebhookAttempt, WebhookDelivery
 from app.webhooks import transport as webhook_http
-from app.webhooks.outbox import TEST_EVENT, WebhookOpError, connection, new_message_id, payload
+from app.webhooks.outbox import (
+    ENQUEUE_LISTENERS,
+    TEST_EVENT,
+    WebhookOpError,
+    connection,
+    new_message_id,
+    payload,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +57,9 @@ def wake_local_dispatcher():
     """Have this process's dispatcher look for new deliveries now rather than at its next poll."""
     if _running is not None:
         _running.wake()
+
+
+ENQUEUE_LISTENERS.append(wake_local_dispatcher)
 
 
 @dataclasses.dataclass(frozen=True)

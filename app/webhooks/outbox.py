@@ -37,6 +37,9 @@ MAX_PROMPT_CHARS = 100_000
 # Seconds a process trusts its cached list of webhooks; one added elsewhere (the CLI, another
 # instance) receives events from at most this long after it was added.
 CACHE_SECONDS = 2.0
+# Called after deliveries are queued: app/webhooks/delivery.py adds the one that wakes this
+# process's dispatcher. It imports this module, so this module cannot import it.
+ENQUEUE_LISTENERS = []
 
 
 class WebhookOpError(ValueError):
@@ -276,9 +279,8 @@ def enqueue(event, data, *, prompt=None, now=None):
          "next_attempt_at": now, "created_at": now}
         for webhook_id, wants in targets
     ]).execute()
-    from app.webhooks import delivery as webhook_delivery  # here: delivery imports this module
-
-    webhook_delivery.wake_local_dispatcher()
+    for listener in ENQUEUE_LISTENERS:
+        listener()
     return len(targets)
 
 
