@@ -1,7 +1,7 @@
 """gunicorn settings for ollama-gw.
 
 Read by `ollama-gw serve` (through app/serving/server.py), or by
-`gunicorn -c python:app.gunicorn_conf wsgi:app`.
+`gunicorn -c python:app.gunicorn_conf wsgi:app` (app/gunicorn_conf.py re-exports this).
 
 Values come from the gateway's own configuration so there is one place to set them.
 """
