@@ -25,10 +25,11 @@ def _iso(epoch):
 
 @click.group()
 def webhooks():
-    """Send gateway events to HTTP receivers, signed the Standard Webhooks way.
+    """Send signed gateway events to HTTP receivers.
 
-    Events: request.completed, ratelimit.exceeded, quota.exceeded, key.created,
-    key.revoked, key.rotated. A webhook is named by its id (`webhooks list`).
+    Signed the Standard Webhooks way. Events: request.completed, ratelimit.exceeded,
+    quota.exceeded, quota.warning, key.created, key.revoked, key.rotated. A webhook is
+    named by its id (`webhooks list`).
     """
 
 
