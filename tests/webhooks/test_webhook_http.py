@@ -152,7 +152,8 @@ GEVENT_ATTEMPT = textwrap.dedent("""
     from gevent import monkey
     monkey.patch_all()
     import json, sys, time
-    from app import cooperative, webhook_http
+    from app import cooperative
+    from app.webhooks import transport as webhook_http
     assert cooperative.gevent_active()
     started = time.monotonic()
     status, error = webhook_http.post(sys.argv[1], "msg_1", "whsec_" + "A" * 43, "{}",
