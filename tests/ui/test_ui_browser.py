@@ -21,7 +21,7 @@ pytestmark = pytest.mark.gateway
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 GENERATE = {"model": "llama3.2", "prompt": "hi", "stream": False}
 ARTIFACTS = Path(os.environ.get("OLLAMA_GW_TEST_ARTIFACTS")
-                 or Path(__file__).resolve().parent / "artifacts") / "ui"
+                 or Path(__file__).resolve().parent.parent / "artifacts") / "ui"
 WAIT = 30  # seconds a page or a condition gets on a busy shared machine
 
 
