@@ -72,3 +72,13 @@ class TcpProxy:
         finally:
             with contextlib.suppress(OSError):
                 sink.shutdown(socket.SHUT_WR)
+
+
+@contextlib.contextmanager
+def proxied_database(url):
+    """(proxy, url): a TcpProxy in front of the PostgreSQL server `url` names, and the URL
+    that reaches the same database through it."""
+    host_port = url.rpartition("@")[2].partition("/")[0]
+    host, _, port = host_port.partition(":")
+    with TcpProxy(host, int(port or 5432)) as proxy:
+        yield proxy, url.replace(host_port, f"127.0.0.1:{proxy.port}")

@@ -18,7 +18,7 @@ import requests
 from app.accounting.usage import Record
 from tests.conftest import empty_database
 from tests.gateway_process import GatewayProcess, wait_for
-from tests.tcp_proxy import TcpProxy
+from tests.tcp_proxy import proxied_database
 from tests.webhook_receiver import WebhookReceiver
 
 pytestmark = pytest.mark.gateway
@@ -138,10 +138,7 @@ def test_access_log_lines_are_json_with_the_key_prefix(database, fake, tmp_path)
 
 def test_records_made_while_postgres_is_away_are_written_once_it_is_back(
         own_postgres, fake, tmp_path):
-    host_port = own_postgres.rpartition("@")[2].partition("/")[0]
-    host, _, port = host_port.partition(":")
-    with TcpProxy(host, int(port or 5432)) as proxy:
-        through_proxy = own_postgres.replace(host_port, f"127.0.0.1:{proxy.port}")
+    with proxied_database(own_postgres) as (proxy, through_proxy):
         with GatewayProcess(through_proxy, fake.url, workers=1, key_cache_seconds=300) as gw:
             gw.start(tmp_path / "away.log")
             created = gw.add_key("--name", "steady", "--rate-limit", "none")

@@ -11,7 +11,7 @@ import pytest
 import requests
 
 from tests.gateway_process import GatewayProcess, wait_for
-from tests.tcp_proxy import TcpProxy
+from tests.tcp_proxy import proxied_database
 
 pytestmark = pytest.mark.gateway
 
@@ -234,10 +234,8 @@ def test_a_request_waiting_through_a_database_outage_is_served_once_it_is_back(
     and the waiting request must start at once, not when its wait times out.
     """
     fake.token_delay = 0.1
-    host, port = own_postgres.split("@", 1)[1].split("/", 1)[0].split(":")
-    with TcpProxy(host, int(port)) as proxy, \
-            GatewayProcess(own_postgres.replace(f"{host}:{port}", f"127.0.0.1:{proxy.port}"),
-                           fake.url, workers=1, upstream_max_concurrent=1,
+    with proxied_database(own_postgres) as (proxy, through_proxy), \
+            GatewayProcess(through_proxy, fake.url, workers=1, upstream_max_concurrent=1,
                            queue_max_wait_seconds=120) as waiter, \
             GatewayProcess(own_postgres, fake.url, workers=1,
                            upstream_max_concurrent=1) as runner:

@@ -17,7 +17,7 @@ import pytest
 import requests
 
 from tests.gateway_process import GatewayProcess, free_port, wait_for
-from tests.tcp_proxy import TcpProxy
+from tests.tcp_proxy import proxied_database
 
 pytestmark = pytest.mark.gateway
 GENERATE = {"model": "llama3.2", "prompt": "hi", "stream": False}
@@ -216,10 +216,7 @@ def test_serve_warns_when_ollama_does_not_answer_and_starts_anyway(tmp_path):
 
 def test_postgres_going_away_is_503_and_slots_come_back_once_it_returns(
         own_postgres, fake, tmp_path):
-    host_port = own_postgres.rpartition("@")[2].partition("/")[0]
-    host, _, port = host_port.partition(":")
-    with TcpProxy(host, int(port or 5432)) as proxy:
-        url = own_postgres.replace(host_port, f"127.0.0.1:{proxy.port}")
+    with proxied_database(own_postgres) as (proxy, url):
         with GatewayProcess(url, fake.url, workers=1, key_cache_seconds=0.2) as gw:
             gw.start(tmp_path / "outage.log")
             key = gw.add_key("--name", "steady", "--max-concurrent", "1")["key"]

@@ -13,7 +13,7 @@ import pytest
 import requests
 
 from tests.gateway_process import GatewayProcess, wait_for
-from tests.tcp_proxy import TcpProxy
+from tests.tcp_proxy import proxied_database
 
 pytestmark = pytest.mark.gateway
 ROUNDS = 10
@@ -31,10 +31,8 @@ def database_switch(database):
     if database.startswith("sqlite"):
         yield database, None, None
         return
-    host_port = database.rpartition("@")[2].partition("/")[0]
-    host, _, port = host_port.partition(":")
-    with TcpProxy(host, int(port or 5432)) as proxy:
-        yield database.replace(host_port, f"127.0.0.1:{proxy.port}"), proxy.cut, proxy.restore
+    with proxied_database(database) as (proxy, url):
+        yield url, proxy.cut, proxy.restore
 
 
 @pytest.fixture(scope="module")
