@@ -212,6 +212,100 @@ class FairQueue:
                 f"retry in {retry} s", headers={"Retry-After": str(retry)})
         return Ticket(entry_id, upstream, cap, time.monotonic() - started)
 
+    def acquire_any(self, choices, key, watch=None, elsewhere=False):
+        """A slot at whichever of `choices` [(upstream, cap)], best first, has one first.
+
+        (index in choices, Ticket): the first choice with a slot free runs at once; if
+        none has, the request waits in every choice's queue and runs where a slot is
+        granted first, leaving the other queues (a slot granted to it there too is handed
+        on at once). `elsewhere`: the request may also go to an upstream without a cap,
+        so rather than wait it gets (None, None). (0, None) while the database is
+        unreachable, as acquire() does.
+
+        A key waiting in two queues at once takes no more than its share in either:
+        its place in each is tagged as usual, and the tag of the entry it leaves goes
+        with the entry.
+        """
+        if len(choices) == 1 and not elsewhere:
+            return 0, self.acquire(*choices[0], key, watch)
+        started, entered, refused = time.monotonic(), [], None
+        try:
+            for i, (upstream, cap) in enumerate(choices):
+                entry_id = secrets.randbits(62)
+                try:
+                    granted = self._enqueue(entry_id, upstream, cap, key)
+                except RateLimited as exc:  # its share of this queue is full: the others
+                    refused = exc
+                    continue
+                self._hold(entry_id, upstream, cap)
+                if granted != WAITS:
+                    self._leave_all(entered)
+                    waited = 0.0 if granted == RUNS_NOW else time.monotonic() - started
+                    metrics.TALLY.observe_queue_wait(upstream, key.prefix, waited)
+                    return i, Ticket(entry_id, upstream, cap, waited)
+                entered.append((i, entry_id))
+        except DATABASE_ERRORS:
+            self._leave_all(entered)
+            return 0, self.acquire(*choices[0], key, watch)  # which goes on without a queue
+        except BaseException:
+            self._leave_all(entered)
+            raise
+        if not entered:
+            raise refused
+        if elsewhere:
+            self._leave_all(entered)
+            return None, None
+        return self._wait_for_any(choices, entered, key, watch, started)
+
+    def _wait_for_any(self, choices, entered, key, watch, started):
+        wait, all_ids = _Wait(), [entry_id for _, entry_id in entered]
+        with self._lock:
+            for entry_id in all_ids:
+                self._waits[entry_id] = wait
+        self._wake.set()
+        first = choices[entered[0][0]][0]
+        waiting = metrics._child(metrics.QUEUE_WAITING, first, key.prefix)
+        waiting.inc()
+        deadline, winner = started + self.max_wait, None
+        try:
+            with watch.waiting() if watch is not None else contextlib.nullcontext():
+                while entered and winner is None:
+                    if not wait.event.wait(max(0.0, deadline - time.monotonic())):
+                        break
+                    wait.event.clear()  # before the look: a grant after it wakes it again
+                    with db.connection_context():
+                        rows = dict(QueueEntry.select(QueueEntry.id, QueueEntry.granted_at)
+                                    .where(QueueEntry.id.in_([e for _, e in entered])).tuples())
+                    self._leave_all([(i, e) for i, e in entered if e not in rows])  # lapsed
+                    entered = [(i, e) for i, e in entered if e in rows]
+                    winner = next(((i, e) for i, e in entered if rows[e] is not None), None)
+        except BaseException:
+            self._leave_all(entered)
+            raise
+        finally:
+            waiting.dec()
+            with self._lock:
+                for entry_id in all_ids:
+                    self._waits.pop(entry_id, None)
+        waited = time.monotonic() - started
+        metrics.TALLY.observe_queue_wait(first, key.prefix, waited)
+        self._leave_all([(i, e) for i, e in entered if (i, e) != winner])
+        if winner is None:
+            names = ", ".join(choices[i][0] for i, _ in entered) or first
+            retry = max(1, math.ceil(self.max_wait / 10))
+            raise QueueTimeout(
+                f"upstreams {names} stayed busy: waited {waited:.0f} s for a slot "
+                f"(queue_max_wait_seconds {self.max_wait:g}); retry in {retry} s",
+                headers={"Retry-After": str(retry)})
+        i, entry_id = winner
+        return i, Ticket(entry_id, choices[i][0], choices[i][1], waited)
+
+    def _leave_all(self, entered):
+        for i, entry_id in entered:
+            upstream, cap = self._held.get(entry_id) or (None, None)
+            if upstream is not None:
+                self._release(entry_id, upstream, cap)
+
     def release(self, ticket):
         """Free the ticket's slot and grant it to the next waiting request.
 
