@@ -301,7 +301,7 @@ class FairQueue:
         return i, Ticket(entry_id, choices[i][0], choices[i][1], waited)
 
     def _leave_all(self, entered):
-        for i, entry_id in entered:
+        for _, entry_id in entered:
             upstream, cap = self._held.get(entry_id) or (None, None)
             if upstream is not None:
                 self._release(entry_id, upstream, cap)
