@@ -129,6 +129,7 @@ class Ticket:
     upstream: str
     cap: int
     waited: float  # seconds spent waiting for the slot
+    granted: float = dataclasses.field(default_factory=time.monotonic)  # when it got it
 
 
 class _Wait:
@@ -137,10 +138,18 @@ class _Wait:
         self.lost = False  # the entry vanished (its lease lapsed): no slot will come
 
 
+# queue_fair = "gpu_time": a key new to an upstream is tagged as if its requests took
+# this long until its own have been timed; a tag never advances by less than MIN_STEP.
+FIRST_ESTIMATE_SECONDS, MIN_STEP = 1.0, 0.001
+
+
 class FairQueue:
-    def __init__(self, lease_seconds=60, per_key=64, max_wait=300.0, fair=True):
+    def __init__(self, lease_seconds=60, per_key=64, max_wait=300.0, fair="gpu_time"):
         self.lease_seconds = lease_seconds
-        self.fair = fair  # False: first come, first served (bench/fair_queue.py compares)
+        mode = {True: "gpu_time", False: "off"}.get(fair, fair)
+        self.fair = mode != "off"  # off: first come, first served (bench/fair_queue.py compares)
+        self.by_time = mode == "gpu_time"
+        self._timing = GpuTimeTags()
         self.per_key = per_key
         self.max_wait = max_wait
         self.holder = this_process()
@@ -169,6 +178,7 @@ class FairQueue:
         try:
             granted = self._enqueue(entry_id, upstream, cap, key)
         except DATABASE_ERRORS as exc:
+            self._timing.ran(entry_id, upstream, None)
             # Without the database the queue cannot be shared: the request goes on
             # uncounted, and Ollama queues it as it would without a gateway. Its entry,
             # if it was made, is deleted once the database answers again.
@@ -245,6 +255,9 @@ class FairQueue:
                     return i, Ticket(entry_id, upstream, cap, waited)
                 entered.append((i, entry_id))
         except DATABASE_ERRORS:
+            self._timing.ran(entry_id, upstream, None)
+            with self._lock:  # it may have been made: deleted once the database answers
+                self._unreleased[entry_id] = (upstream, cap)
             self._leave_all(entered)
             return 0, self.acquire(*choices[0], key, watch)  # which goes on without a queue
         except BaseException:
@@ -313,9 +326,11 @@ class FairQueue:
         """
         if ticket is not None and ticket.entry_id is not None:
             entry_id, ticket.entry_id = ticket.entry_id, None
+            self._timing.ran(entry_id, ticket.upstream, time.monotonic() - ticket.granted)
             self._release(entry_id, ticket.upstream, ticket.cap)
 
     def _release(self, entry_id, upstream, cap):
+        self._timing.ran(entry_id, upstream, None)  # never ran (release() said if it did)
         with self._lock:
             self._held.pop(entry_id, None)
         try:
@@ -343,9 +358,11 @@ class FairQueue:
         together, after it, in one round trip (app/store/batching.py), each with the time it
         arrived (first come, first served orders by it).
         """
-        step = 1.0 / max(1, key.priority or 1)
+        step = self._timing.step(key.id, upstream, entry_id) if self.by_time else 1.0
+        step /= max(1, key.priority or 1)
         outcome = self._entering((upstream, cap), (entry_id, key.id, step, time.time()))
         if outcome < 0:
+            self._timing.ran(entry_id, upstream, None)
             raise RateLimited(
                 f"queue full: this key already has {self.per_key} requests waiting for "
                 f"upstream {upstream} (queue_per_key); retry when one is answered",
@@ -582,6 +599,49 @@ class FairQueue:
                     QueueEntry.id.in_(entry_ids)).execute()
             # Entries of crashed workers are ignored once lapsed; this clears them away.
             QueueEntry.delete().where(QueueEntry.expires_at <= now).execute()
+
+
+class GpuTimeTags:
+    """What a request adds to its key's tag under queue_fair = "gpu_time": its GPU time.
+
+    A request's cost is known only when it ends, but its tag is set when it enters the
+    queue: so it is tagged with an estimate (the key's recent time per request at that
+    upstream in this worker; for a key new there, that of the upstream's requests), and
+    when it ends the difference between the time it held its slot and the estimate is
+    added to the key's next request there. The difference carried is at most one
+    request's estimate either way: tags live only while a key's requests wait, so what a
+    key was over- or undercharged long ago says nothing about where it stands now, and
+    an estimate that was far off (a key's first requests) is corrected by the estimate
+    itself within a few requests. Per slot, not per GPU: an upstream's slot count is the
+    same for every key waiting there, so it cancels out.
+    """
+
+    ALPHA = 0.3  # weight of the newest request in an estimate
+
+    def __init__(self):
+        self._estimate = {}  # (key id, upstream) or upstream -> seconds a request holds a slot
+        self._owed = {}  # (key id, upstream) -> seconds its tags are behind (or ahead)
+        self._pending = {}  # entry id -> (key id, estimate charged)
+
+    def step(self, key_id, upstream, entry_id):
+        """The tag step of a new request (before the key's priority divides it)."""
+        at = (key_id, upstream)
+        charged = self._estimate.get(at) or self._estimate.get(upstream) or \
+            FIRST_ESTIMATE_SECONDS
+        self._pending[entry_id] = (key_id, charged)
+        owed = max(-charged, min(charged, self._owed.pop(at, 0.0)))
+        return max(MIN_STEP, charged + owed)
+
+    def ran(self, entry_id, upstream, seconds):
+        """The request ended after holding its slot `seconds` (None: it never ran)."""
+        key_id, charged = self._pending.pop(entry_id, (None, None))
+        if key_id is None or seconds is None:
+            return
+        at = (key_id, upstream)
+        self._owed[at] = self._owed.get(at, 0.0) + seconds - charged
+        for where in (at, upstream):
+            old = self._estimate.get(where)
+            self._estimate[where] = seconds if old is None else old + self.ALPHA * (seconds - old)
 
 
 def snapshot(now=None):

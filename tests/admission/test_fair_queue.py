@@ -12,7 +12,7 @@ from unittest.mock import ANY
 import pytest
 
 from app import metrics
-from app.admission.fair_queue import FairQueue, QueueTimeout
+from app.admission.fair_queue import FIRST_ESTIMATE_SECONDS, FairQueue, GpuTimeTags, QueueTimeout
 from app.errors import RateLimited
 from app.keys.registry import KeyInfo
 from app.store.models import QueueEntry
@@ -26,8 +26,8 @@ def make_queue(migrated):
     """make_queue(**settings) -> FairQueue; each one's keeper has stopped when the test ends."""
     made = []
 
-    def make(**settings):
-        made.append(FairQueue(**{"max_wait": 60, **settings}))
+    def make(**settings):  # fair by requests unless a test says otherwise: their orders
+        made.append(FairQueue(**{"max_wait": 60, "fair": "requests", **settings}))
         return made[-1]
 
     yield make
@@ -458,3 +458,73 @@ def test_any_skips_a_queue_where_the_keys_share_is_full(make_queue, make_key):
     queue.release(first.result[1])
     queue.release(second.result[1])
     assert wait_for(lambda: QueueEntry.select().count() == 0, 30)
+
+
+# -- queue_fair = "gpu_time": keys share an upstream's time, not its request count
+
+def test_gpu_time_tags_charge_an_estimate_and_correct_it_on_the_next_request():
+    tags = GpuTimeTags()
+    assert tags.step(7, "gpu", entry_id=1) == FIRST_ESTIMATE_SECONDS  # nothing timed yet
+    tags.ran(1, "gpu", 0.25)  # held its slot 0.25 s: charged 0.75 s too much
+    # The next is charged its estimate (0.25 s: all there is) less at most that much of
+    # what was overcharged.
+    assert tags.step(7, "gpu", entry_id=2) == pytest.approx(0.001)
+    tags.ran(2, "gpu", 0.3)  # 0.05 s more than charged: added to the next
+    assert tags.step(7, "gpu", entry_id=3) == pytest.approx(0.25 + 0.3 * (0.3 - 0.25) + 0.05)
+    # Another key new to the upstream is charged what the upstream's requests take.
+    assert tags.step(8, "gpu", entry_id=4) == pytest.approx(0.25 + 0.3 * (0.3 - 0.25))
+    assert tags.step(7, "other", entry_id=5) == FIRST_ESTIMATE_SECONDS  # another upstream
+    tags.ran(5, "other", None)  # never ran: nothing learnt, nothing owed
+    assert tags.step(7, "other", entry_id=6) == FIRST_ESTIMATE_SECONDS
+
+
+def test_gpu_time_estimate_follows_the_keys_recent_requests():
+    tags = GpuTimeTags()
+    for entry_id in range(1, 30):
+        tags.step(7, "gpu", entry_id)
+        tags.ran(entry_id, "gpu", 2.0)
+    assert tags.step(7, "gpu", entry_id=30) == pytest.approx(2.0, rel=0.01)
+
+
+def share_of_time(queue, make_key, holds, seconds, warm_up=1.5):
+    """Two greedy keys at a one-slot upstream, three clients each, each request holding
+    the slot holds[key] s: the share of the slot's time each key got once the queue has
+    timed a few of their requests (after `warm_up` s)."""
+    used = dict.fromkeys(holds, 0.0)
+    counted_from = time.monotonic() + warm_up
+    deadline = counted_from + seconds
+    errors = []
+
+    def client(key, hold):
+        try:
+            while time.monotonic() < deadline:
+                ticket = queue.acquire(UPSTREAM, 1, key)
+                time.sleep(hold)
+                queue.release(ticket)
+                if time.monotonic() - hold >= counted_from:
+                    used[key.name] += hold
+        except Exception as exc:
+            errors.append(exc)
+
+    keys = {name: key_info(make_key, name) for name in holds}
+    clients = [threading.Thread(target=client, args=(keys[name], hold))
+               for name, hold in holds.items() for _ in range(3)]
+    for thread in clients:
+        thread.start()
+    for thread in clients:
+        thread.join(seconds + 60)
+    assert not errors and not any(t.is_alive() for t in clients), errors
+    total = sum(used.values())
+    return {name: round(value / total, 2) for name, value in used.items()}
+
+
+def test_gpu_time_fairness_gives_a_long_and_a_short_key_equal_time(make_queue, make_key):
+    share = share_of_time(make_queue(fair="gpu_time"), make_key,
+                          {"long": 0.2, "short": 0.02}, seconds=3)
+    assert 0.35 <= share["long"] <= 0.65, share
+
+
+def test_request_fairness_gives_the_long_key_most_of_the_time(make_queue, make_key):
+    share = share_of_time(make_queue(fair="requests"), make_key,
+                          {"long": 0.2, "short": 0.02}, seconds=3)
+    assert share["long"] >= 0.85, share  # equal requests: 0.2 / 0.22 of the time
