@@ -56,9 +56,10 @@ class Settings:
         "fair queue, shared by every worker and instance. 0: no cap, Ollama queues them.")
     queue_per_key: int = setting(
         64, "Requests one key may have waiting for one upstream; more get 429.")
-    queue_fair: bool = setting(
-        True, "Serve waiting requests fairly across keys (weighted by key priority); false: "
-        "first come, first served, as Ollama does.")
+    queue_fair: str = setting(
+        "gpu_time", "How waiting requests share an upstream: gpu_time (keys get equal GPU "
+        "time, weighted by key priority), requests (equal numbers of requests), off (first "
+        "come, first served, as Ollama does). true and false still read as gpu_time and off.")
     queue_max_wait_seconds: float = setting(
         300.0, "Longest a request waits in the queue for a slot before it gets 503.")
     upstream_refresh_seconds: float = setting(
@@ -309,6 +310,8 @@ def _coerce(name, value, source=""):
     default = FIELDS[name].default
     label = f"{name} {source}".strip()
     try:
+        if name == "queue_fair":
+            return _queue_fair(value)
         if isinstance(default, bool):
             if isinstance(value, bool):
                 return value
@@ -343,6 +346,22 @@ def _coerce(name, value, source=""):
         if isinstance(default, tuple) and default and not isinstance(default[0], str):
             kind = "a list of numbers"
         raise ConfigError(f"setting {label} must be {kind}, got {value!r}") from None
+
+
+QUEUE_FAIR = ("gpu_time", "requests", "off")
+
+
+def _queue_fair(value):
+    """queue_fair: one of QUEUE_FAIR; the booleans of earlier releases as gpu_time and off."""
+    lowered = str(value).strip().lower()
+    if value is True or lowered in ("1", "true", "yes", "on"):
+        return "gpu_time"
+    if value is False or lowered in ("0", "false", "no"):
+        return "off"
+    if lowered in QUEUE_FAIR and not isinstance(value, (int, float)):
+        return lowered
+    raise ConfigError(f"setting queue_fair must be one of {', '.join(QUEUE_FAIR)} (true and "
+                      f"false read as gpu_time and off), got {value!r}", "queue_fair")
 
 
 def _numbers(items):

@@ -37,7 +37,7 @@ GREEDY, LIGHT = 100, 2
 
 def start_gateway(run, url, fair):
     env = {**run.gateway_env(url), "OLLAMA_GW_UPSTREAM_MAX_CONCURRENT": "2",
-           "OLLAMA_GW_QUEUE_PER_KEY": "1000", "OLLAMA_GW_QUEUE_FAIR": str(fair).lower()}
+           "OLLAMA_GW_QUEUE_PER_KEY": "1000", "OLLAMA_GW_QUEUE_FAIR": "requests" if fair else "off"}
     keys = [json.loads(subprocess.run(
         [*bench.ollama_gw_command(), "keys", "add", "--name", name, "--rate-limit", "none",
          "--json"], env=env, capture_output=True, text=True, check=True, timeout=60).stdout)["key"]

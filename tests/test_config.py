@@ -286,3 +286,27 @@ def test_a_command_line_value_refused_says_so(overrides, origin):
     with pytest.raises(ConfigError) as caught:
         load_settings(environ={"OLLAMA_GW_BIND": "127.0.0.1:1"}, overrides=overrides)
     assert str(caught.value).endswith(f" ({origin} set on the command line)")
+
+
+@pytest.mark.parametrize(("written", "read"), [
+    ('"gpu_time"', "gpu_time"), ('"requests"', "requests"), ('"off"', "off"),
+    ('"GPU_TIME"', "gpu_time"), ("true", "gpu_time"), ("false", "off")])
+def test_queue_fair_takes_its_modes_and_the_booleans_it_once_was(toml_file, written, read):
+    path = toml_file(f"queue_fair = {written}\n")
+    assert load_settings(path=path, environ={}).queue_fair == read
+
+
+@pytest.mark.parametrize(("variable", "read"), [
+    ("requests", "requests"), ("true", "gpu_time"), ("false", "off"), ("0", "off")])
+def test_queue_fair_from_the_environment(no_system_file, variable, read):
+    assert load_settings(environ={"OLLAMA_GW_QUEUE_FAIR": variable}).queue_fair == read
+
+
+@pytest.mark.parametrize("written", ['"fair"', "1.5", '"gpu-time"', '""'])
+def test_queue_fair_refuses_anything_else_naming_the_modes(toml_file, written):
+    with pytest.raises(ConfigError, match="queue_fair must be one of gpu_time, requests, off"):
+        load_settings(path=toml_file(f"queue_fair = {written}\n"), environ={})
+
+
+def test_queue_fair_defaults_to_gpu_time(no_system_file, tmp_path):
+    assert load_settings(environ={"HOME": str(tmp_path)}).queue_fair == "gpu_time"

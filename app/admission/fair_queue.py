@@ -129,6 +129,7 @@ class Ticket:
     upstream: str
     cap: int
     waited: float  # seconds spent waiting for the slot
+    granted: float = dataclasses.field(default_factory=time.monotonic)  # when it got it
 
 
 class _Wait:
@@ -137,10 +138,18 @@ class _Wait:
         self.lost = False  # the entry vanished (its lease lapsed): no slot will come
 
 
+# queue_fair = "gpu_time": a key new to an upstream is tagged as if its requests took
+# this long until its own have been timed; a tag never advances by less than MIN_STEP.
+FIRST_ESTIMATE_SECONDS, MIN_STEP = 1.0, 0.001
+
+
 class FairQueue:
-    def __init__(self, lease_seconds=60, per_key=64, max_wait=300.0, fair=True):
+    def __init__(self, lease_seconds=60, per_key=64, max_wait=300.0, fair="gpu_time"):
         self.lease_seconds = lease_seconds
-        self.fair = fair  # False: first come, first served (bench/fair_queue.py compares)
+        mode = {True: "gpu_time", False: "off"}.get(fair, fair)
+        self.fair = mode != "off"  # off: first come, first served (bench/fair_queue.py compares)
+        self.by_time = mode == "gpu_time"
+        self._timing = GpuTimeTags()
         self.per_key = per_key
         self.max_wait = max_wait
         self.holder = this_process()
@@ -169,6 +178,7 @@ class FairQueue:
         try:
             granted = self._enqueue(entry_id, upstream, cap, key)
         except DATABASE_ERRORS as exc:
+            self._timing.ran(entry_id, upstream, None)
             # Without the database the queue cannot be shared: the request goes on
             # uncounted, and Ollama queues it as it would without a gateway. Its entry,
             # if it was made, is deleted once the database answers again.
@@ -212,6 +222,103 @@ class FairQueue:
                 f"retry in {retry} s", headers={"Retry-After": str(retry)})
         return Ticket(entry_id, upstream, cap, time.monotonic() - started)
 
+    def acquire_any(self, choices, key, watch=None, elsewhere=False):
+        """A slot at whichever of `choices` [(upstream, cap)], best first, has one first.
+
+        (index in choices, Ticket): the first choice with a slot free runs at once; if
+        none has, the request waits in every choice's queue and runs where a slot is
+        granted first, leaving the other queues (a slot granted to it there too is handed
+        on at once). `elsewhere`: the request may also go to an upstream without a cap,
+        so rather than wait it gets (None, None). (0, None) while the database is
+        unreachable, as acquire() does.
+
+        A key waiting in two queues at once takes no more than its share in either:
+        its place in each is tagged as usual, and the tag of the entry it leaves goes
+        with the entry.
+        """
+        if len(choices) == 1 and not elsewhere:
+            return 0, self.acquire(*choices[0], key, watch)
+        started, entered, refused = time.monotonic(), [], None
+        try:
+            for i, (upstream, cap) in enumerate(choices):
+                entry_id = secrets.randbits(62)
+                try:
+                    granted = self._enqueue(entry_id, upstream, cap, key)
+                except RateLimited as exc:  # its share of this queue is full: the others
+                    refused = exc
+                    continue
+                self._hold(entry_id, upstream, cap)
+                if granted != WAITS:
+                    self._leave_all(entered)
+                    waited = 0.0 if granted == RUNS_NOW else time.monotonic() - started
+                    metrics.TALLY.observe_queue_wait(upstream, key.prefix, waited)
+                    return i, Ticket(entry_id, upstream, cap, waited)
+                entered.append((i, entry_id))
+        except DATABASE_ERRORS:
+            self._timing.ran(entry_id, upstream, None)
+            with self._lock:  # it may have been made: deleted once the database answers
+                self._unreleased[entry_id] = (upstream, cap)
+            self._leave_all(entered)
+            return 0, self.acquire(*choices[0], key, watch)  # which goes on without a queue
+        except BaseException:
+            self._leave_all(entered)
+            raise
+        if not entered:
+            raise refused
+        if elsewhere:
+            self._leave_all(entered)
+            return None, None
+        return self._wait_for_any(choices, entered, key, watch, started)
+
+    def _wait_for_any(self, choices, entered, key, watch, started):
+        wait, all_ids = _Wait(), [entry_id for _, entry_id in entered]
+        with self._lock:
+            for entry_id in all_ids:
+                self._waits[entry_id] = wait
+        self._wake.set()
+        first = choices[entered[0][0]][0]
+        waiting = metrics._child(metrics.QUEUE_WAITING, first, key.prefix)
+        waiting.inc()
+        deadline, winner = started + self.max_wait, None
+        try:
+            with watch.waiting() if watch is not None else contextlib.nullcontext():
+                while entered and winner is None:
+                    if not wait.event.wait(max(0.0, deadline - time.monotonic())):
+                        break
+                    wait.event.clear()  # before the look: a grant after it wakes it again
+                    with db.connection_context():
+                        rows = dict(QueueEntry.select(QueueEntry.id, QueueEntry.granted_at)
+                                    .where(QueueEntry.id.in_([e for _, e in entered])).tuples())
+                    self._leave_all([(i, e) for i, e in entered if e not in rows])  # lapsed
+                    entered = [(i, e) for i, e in entered if e in rows]
+                    winner = next(((i, e) for i, e in entered if rows[e] is not None), None)
+        except BaseException:
+            self._leave_all(entered)
+            raise
+        finally:
+            waiting.dec()
+            with self._lock:
+                for entry_id in all_ids:
+                    self._waits.pop(entry_id, None)
+        waited = time.monotonic() - started
+        metrics.TALLY.observe_queue_wait(first, key.prefix, waited)
+        self._leave_all([(i, e) for i, e in entered if (i, e) != winner])
+        if winner is None:
+            names = ", ".join(choices[i][0] for i, _ in entered) or first
+            retry = max(1, math.ceil(self.max_wait / 10))
+            raise QueueTimeout(
+                f"upstreams {names} stayed busy: waited {waited:.0f} s for a slot "
+                f"(queue_max_wait_seconds {self.max_wait:g}); retry in {retry} s",
+                headers={"Retry-After": str(retry)})
+        i, entry_id = winner
+        return i, Ticket(entry_id, choices[i][0], choices[i][1], waited)
+
+    def _leave_all(self, entered):
+        for _, entry_id in entered:
+            upstream, cap = self._held.get(entry_id) or (None, None)
+            if upstream is not None:
+                self._release(entry_id, upstream, cap)
+
     def release(self, ticket):
         """Free the ticket's slot and grant it to the next waiting request.
 
@@ -219,9 +326,11 @@ class FairQueue:
         """
         if ticket is not None and ticket.entry_id is not None:
             entry_id, ticket.entry_id = ticket.entry_id, None
+            self._timing.ran(entry_id, ticket.upstream, time.monotonic() - ticket.granted)
             self._release(entry_id, ticket.upstream, ticket.cap)
 
     def _release(self, entry_id, upstream, cap):
+        self._timing.ran(entry_id, upstream, None)  # never ran (release() said if it did)
         with self._lock:
             self._held.pop(entry_id, None)
         try:
@@ -249,9 +358,11 @@ class FairQueue:
         together, after it, in one round trip (app/store/batching.py), each with the time it
         arrived (first come, first served orders by it).
         """
-        step = 1.0 / max(1, key.priority or 1)
+        step = self._timing.step(key.id, upstream, entry_id) if self.by_time else 1.0
+        step /= max(1, key.priority or 1)
         outcome = self._entering((upstream, cap), (entry_id, key.id, step, time.time()))
         if outcome < 0:
+            self._timing.ran(entry_id, upstream, None)
             raise RateLimited(
                 f"queue full: this key already has {self.per_key} requests waiting for "
                 f"upstream {upstream} (queue_per_key); retry when one is answered",
@@ -488,6 +599,49 @@ class FairQueue:
                     QueueEntry.id.in_(entry_ids)).execute()
             # Entries of crashed workers are ignored once lapsed; this clears them away.
             QueueEntry.delete().where(QueueEntry.expires_at <= now).execute()
+
+
+class GpuTimeTags:
+    """What a request adds to its key's tag under queue_fair = "gpu_time": its GPU time.
+
+    A request's cost is known only when it ends, but its tag is set when it enters the
+    queue: so it is tagged with an estimate (the key's recent time per request at that
+    upstream in this worker; for a key new there, that of the upstream's requests), and
+    when it ends the difference between the time it held its slot and the estimate is
+    added to the key's next request there. The difference carried is at most one
+    request's estimate either way: tags live only while a key's requests wait, so what a
+    key was over- or undercharged long ago says nothing about where it stands now, and
+    an estimate that was far off (a key's first requests) is corrected by the estimate
+    itself within a few requests. Per slot, not per GPU: an upstream's slot count is the
+    same for every key waiting there, so it cancels out.
+    """
+
+    ALPHA = 0.3  # weight of the newest request in an estimate
+
+    def __init__(self):
+        self._estimate = {}  # (key id, upstream) or upstream -> seconds a request holds a slot
+        self._owed = {}  # (key id, upstream) -> seconds its tags are behind (or ahead)
+        self._pending = {}  # entry id -> (key id, estimate charged)
+
+    def step(self, key_id, upstream, entry_id):
+        """The tag step of a new request (before the key's priority divides it)."""
+        at = (key_id, upstream)
+        charged = self._estimate.get(at) or self._estimate.get(upstream) or \
+            FIRST_ESTIMATE_SECONDS
+        self._pending[entry_id] = (key_id, charged)
+        owed = max(-charged, min(charged, self._owed.pop(at, 0.0)))
+        return max(MIN_STEP, charged + owed)
+
+    def ran(self, entry_id, upstream, seconds):
+        """The request ended after holding its slot `seconds` (None: it never ran)."""
+        key_id, charged = self._pending.pop(entry_id, (None, None))
+        if key_id is None or seconds is None:
+            return
+        at = (key_id, upstream)
+        self._owed[at] = self._owed.get(at, 0.0) + seconds - charged
+        for where in (at, upstream):
+            old = self._estimate.get(where)
+            self._estimate[where] = seconds if old is None else old + self.ALPHA * (seconds - old)
 
 
 def snapshot(now=None):

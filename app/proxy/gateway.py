@@ -24,6 +24,7 @@ from app.errors import (
     UpstreamUnavailable,
 )
 from app.proxy import auth, compat_options
+from app.proxy.fanout import named_upstream
 from app.proxy.jsonbody import JsonBody
 from app.proxy.relay import (
     ClientDisconnected,
@@ -162,7 +163,8 @@ def forward(key, path, body, query=b"", transform=None, rewrite=None, model=None
             target=None):
     """Admit the request for `key`, send it to an Ollama server and relay the answer.
 
-    The server is `target`, or the best of the pool for `model`; if a connection fails
+    The server is `target`, the one the client named (app/proxy/fanout.py), or the best
+    of the pool for `model`; if a connection fails
     before Ollama had the request, the next is tried (not with a streamed upload: it
     cannot be sent twice). `transform(json) -> json`, when given, rewrites a small JSON
     answer (e.g. /api/tags filtered to the key's models) instead of streaming it
@@ -176,20 +178,40 @@ def forward(key, path, body, query=b"", transform=None, rewrite=None, model=None
     if pending is not None:
         pending.outcome = outcome
     watch = ClientWatch(request.environ, settings().client_send_timeout).start()
+    if target is None and not pool.single:  # a client may pin its request to one
+        target = named_upstream(pool)
     members = [target] if target is not None else pool.candidates(model)
     if not isinstance(body, (bytes, type(None))):
         members = members[:1]
     chosen, slots = [], []
     queue = current_app.extensions["fair_queue"] if path in QUEUED_PATHS else None
 
-    def take_slot(member):
-        """Wait for one of the member's slots, if it has a cap and this endpoint runs a model."""
-        if queue is None or not member.spec.max_concurrent:
-            return None
-        ticket = queue.acquire(member.name, member.spec.max_concurrent, key, watch)
+    def take_slot(remaining):
+        """The member of `remaining` (best first) to send to, and its slot if it has a cap.
+
+        Work-conserving: the first upstream that is up with a slot free, or the first
+        without a cap (Ollama queues there) rather than wait; if every one is full, the
+        request waits in the queues of all of them and runs on the one that frees a slot
+        first (app/admission/fair_queue.py). An upstream that is down is tried only when
+        none is up.
+        """
+        now = time.monotonic()
+        up = [m for m in remaining if m.available(now)] or remaining[:1]
+        if queue is None or not up[0].spec.max_concurrent:
+            return up[0], None
+        capped, free = [], None
+        for member in up:
+            if not member.spec.max_concurrent:
+                free = member
+                break
+            capped.append(member)
+        at, ticket = queue.acquire_any([(m.name, m.spec.max_concurrent) for m in capped],
+                                       key, watch, elsewhere=free is not None)
+        if at is None:
+            return free, None
         if ticket is not None:  # None: no database, no shared queue (app/admission/fair_queue.py)
             slots.append(ticket)
-        return ticket
+        return capped[at], ticket
 
     def finish(_outcome=None):
         watch.stop()
@@ -250,14 +272,18 @@ def forward(key, path, body, query=b"", transform=None, rewrite=None, model=None
 def _send_to_first(members, chosen, pending, watch, take_slot, *request_args):
     """The first upstream's answer that takes the request; the one used goes in `chosen`.
 
-    `take_slot(member)` waits for a slot there first (app/admission/fair_queue.py), on the
-    connection the rate limit used (a wait gives it back); a slot at an upstream that
-    failed is given back before the next is tried.
+    `take_slot(remaining)` picks the upstream and waits for a slot there first
+    (app/admission/fair_queue.py), on the connection the rate limit used (a wait gives it
+    back); a slot at an upstream that failed is given back before the next is tried.
     """
-    for i, member in enumerate(members):
+    remaining = list(members)
+    while True:
+        if pending is not None:
+            pending.upstream = remaining[0].name
+        member, slot = take_slot(remaining)
+        remaining.remove(member)
         if pending is not None:
             pending.upstream = member.name
-        slot = take_slot(member)
         db.close()  # the wait on Ollama may take minutes: give the connection back now
         member.in_flight += 1
         chosen.append(member)
@@ -271,14 +297,13 @@ def _send_to_first(members, chosen, pending, watch, take_slot, *request_args):
             if slot is not None:  # given back at once, not when the next one's answer ends
                 current_app.extensions["fair_queue"].release(slot)
             member.failed()
-            if i + 1 == len(members):
+            if not remaining:
                 raise
-            log.warning("upstream %s did not take the request (%s); trying %s", member.name,
-                        exc.message, members[i + 1].name)
+            log.warning("upstream %s did not take the request (%s); trying another",
+                        member.name, exc.message)
             continue
         member.answered((time.monotonic() - started) * 1000)
         return response
-    raise AssertionError("no upstream to send to")  # candidates() is never empty
 
 
 def _server_timing(sent_at, answered_at, queued=0.0):

@@ -12,7 +12,7 @@ from unittest.mock import ANY
 import pytest
 
 from app import metrics
-from app.admission.fair_queue import FairQueue, QueueTimeout
+from app.admission.fair_queue import FIRST_ESTIMATE_SECONDS, FairQueue, GpuTimeTags, QueueTimeout
 from app.errors import RateLimited
 from app.keys.registry import KeyInfo
 from app.store.models import QueueEntry
@@ -26,8 +26,8 @@ def make_queue(migrated):
     """make_queue(**settings) -> FairQueue; each one's keeper has stopped when the test ends."""
     made = []
 
-    def make(**settings):
-        made.append(FairQueue(**{"max_wait": 60, **settings}))
+    def make(**settings):  # fair by requests unless a test says otherwise: their orders
+        made.append(FairQueue(**{"max_wait": 60, "fair": "requests", **settings}))
         return made[-1]
 
     yield make
@@ -339,3 +339,192 @@ def test_waits_and_waiting_requests_show_in_the_metrics(queue, make_key):
     text = metrics.exposition()[0].decode()
     assert f"ollama_gw_queue_waiting{{{labels}}} 0.0" in text
     assert f"ollama_gw_queue_wait_seconds_count{{{labels}}} 2.0" in text
+
+
+# -- a request that may run on any of several upstreams (acquire_any)
+
+BOTH = [("gpu-a", 1), ("gpu-b", 1)]
+
+
+class AnyWaiter(threading.Thread):
+    """acquire_any(BOTH) in a thread of its own: `.result` (index, ticket) or `.error`."""
+
+    def __init__(self, queue, key, choices=BOTH):
+        super().__init__(daemon=True)
+        self.queue, self.key, self.choices = queue, key, choices
+        self.result = self.error = None
+        self.start()
+
+    def run(self):
+        try:
+            self.result = self.queue.acquire_any(self.choices, self.key)
+        except Exception as exc:
+            self.error = exc
+
+
+def entries(upstream):
+    return [(row.key_id, row.granted_at is not None)
+            for row in QueueEntry.select().where(QueueEntry.upstream == upstream)]
+
+
+def test_any_runs_on_the_first_free_choice_and_enters_no_other_queue(queue, make_key):
+    key = key_info(make_key, "agent")
+    first = queue.acquire_any(BOTH, key)
+    assert first[0] == 0 and first[1].upstream == "gpu-a"  # both free: the first, best
+    second = queue.acquire_any(BOTH, key)
+    assert second[0] == 1 and second[1].upstream == "gpu-b"  # gpu-a full: gpu-b, no wait
+    assert second[1].waited == 0.0
+    assert entries("gpu-a") == [(key.id, True)] and entries("gpu-b") == [(key.id, True)]
+    queue.release(first[1])
+    queue.release(second[1])
+    assert QueueEntry.select().count() == 0
+
+
+def test_any_waits_in_both_queues_and_takes_the_first_slot_freed(queue, make_key):
+    key = key_info(make_key, "agent")
+    a, b = queue.acquire(*BOTH[0], key), queue.acquire(*BOTH[1], key)
+    waiter = AnyWaiter(queue, key)
+    wait_until_waiting(2)  # one entry in each queue
+    queue.release(b)
+    assert wait_for(lambda: waiter.result is not None, 30), waiter.error
+    assert waiter.result[0] == 1 and waiter.result[1].upstream == "gpu-b"
+    # It left gpu-a's queue: a slot freed there goes to no one.
+    assert entries("gpu-a") == [(key.id, True)]
+    queue.release(a)
+    queue.release(waiter.result[1])
+    assert QueueEntry.select().count() == 0
+
+
+def test_any_hands_on_a_second_grant_it_does_not_use(queue, make_key):
+    """Both queues grant it at once: it runs on one, and the other slot goes to the next."""
+    key, other = key_info(make_key, "agent"), key_info(make_key, "other")
+    # `other` holds both slots, so its next requests come after `key`'s (fair order).
+    a, b = queue.acquire(*BOTH[0], other), queue.acquire(*BOTH[1], other)
+    waiter = AnyWaiter(queue, key)
+    wait_until_waiting(2)
+    next_at = [AnyWaiter(queue, other, choices=[choice]) for choice in BOTH]
+    wait_until_waiting(4)
+    queue.release(a)
+    queue.release(b)
+    assert wait_for(lambda: waiter.result is not None, 30), waiter.error
+    index, ticket = waiter.result
+    # While it runs, the slot it did not use is the other key's, at once.
+    assert wait_for(lambda: next_at[1 - index].result is not None, 30)
+    assert next_at[index].result is None
+    assert next_at[1 - index].result[1].upstream == BOTH[1 - index][0]
+    queue.release(ticket)
+    assert wait_for(lambda: next_at[index].result is not None, 30)
+    for waiting in next_at:
+        queue.release(waiting.result[1])
+    assert QueueEntry.select().count() == 0
+
+
+def test_any_leaves_every_queue_when_it_gives_up(make_queue, make_key):
+    queue = make_queue(max_wait=0.5)
+    key = key_info(make_key, "agent")
+    a, b = queue.acquire(*BOTH[0], key), queue.acquire(*BOTH[1], key)
+    with pytest.raises(QueueTimeout, match="gpu-a, gpu-b stayed busy"):
+        queue.acquire_any(BOTH, key)
+    assert waiting_count() == 0
+    queue.release(a)
+    queue.release(b)
+
+
+def test_any_with_an_uncapped_upstream_to_go_to_never_waits(queue, make_key):
+    key = key_info(make_key, "agent")
+    a, b = queue.acquire(*BOTH[0], key), queue.acquire(*BOTH[1], key)
+    assert queue.acquire_any(BOTH, key, elsewhere=True) == (None, None)
+    assert waiting_count() == 0
+    queue.release(a)
+    queue.release(b)
+
+
+def test_any_skips_a_queue_where_the_keys_share_is_full(make_queue, make_key):
+    queue = make_queue(per_key=1)
+    key = key_info(make_key, "agent")
+    a, b = queue.acquire(*BOTH[0], key), queue.acquire(*BOTH[1], key)
+    first = AnyWaiter(queue, key, choices=[("gpu-a", 1)])  # its one place at gpu-a
+    wait_until_waiting(1)
+    second = AnyWaiter(queue, key)  # gpu-a's share full: waits at gpu-b only
+    wait_until_waiting(2)
+    assert [u for u in ("gpu-a", "gpu-b") if (key.id, False) in entries(u)] == ["gpu-a", "gpu-b"]
+    with pytest.raises(RateLimited):  # full in both
+        queue.acquire_any(BOTH, key)
+    queue.release(b)
+    assert wait_for(lambda: second.result is not None, 30)
+    assert second.result[1].upstream == "gpu-b"
+    queue.release(a)
+    assert wait_for(lambda: first.result is not None, 30)
+    queue.release(first.result[1])
+    queue.release(second.result[1])
+    assert wait_for(lambda: QueueEntry.select().count() == 0, 30)
+
+
+# -- queue_fair = "gpu_time": keys share an upstream's time, not its request count
+
+def test_gpu_time_tags_charge_an_estimate_and_correct_it_on_the_next_request():
+    tags = GpuTimeTags()
+    assert tags.step(7, "gpu", entry_id=1) == FIRST_ESTIMATE_SECONDS  # nothing timed yet
+    tags.ran(1, "gpu", 0.25)  # held its slot 0.25 s: charged 0.75 s too much
+    # The next is charged its estimate (0.25 s: all there is) less at most that much of
+    # what was overcharged.
+    assert tags.step(7, "gpu", entry_id=2) == pytest.approx(0.001)
+    tags.ran(2, "gpu", 0.3)  # 0.05 s more than charged: added to the next
+    assert tags.step(7, "gpu", entry_id=3) == pytest.approx(0.25 + 0.3 * (0.3 - 0.25) + 0.05)
+    # Another key new to the upstream is charged what the upstream's requests take.
+    assert tags.step(8, "gpu", entry_id=4) == pytest.approx(0.25 + 0.3 * (0.3 - 0.25))
+    assert tags.step(7, "other", entry_id=5) == FIRST_ESTIMATE_SECONDS  # another upstream
+    tags.ran(5, "other", None)  # never ran: nothing learnt, nothing owed
+    assert tags.step(7, "other", entry_id=6) == FIRST_ESTIMATE_SECONDS
+
+
+def test_gpu_time_estimate_follows_the_keys_recent_requests():
+    tags = GpuTimeTags()
+    for entry_id in range(1, 30):
+        tags.step(7, "gpu", entry_id)
+        tags.ran(entry_id, "gpu", 2.0)
+    assert tags.step(7, "gpu", entry_id=30) == pytest.approx(2.0, rel=0.01)
+
+
+def share_of_time(queue, make_key, holds, seconds, warm_up=1.5):
+    """Two greedy keys at a one-slot upstream, three clients each, each request holding
+    the slot holds[key] s: the share of the slot's time each key got once the queue has
+    timed a few of their requests (after `warm_up` s)."""
+    used = dict.fromkeys(holds, 0.0)
+    counted_from = time.monotonic() + warm_up
+    deadline = counted_from + seconds
+    errors = []
+
+    def client(key, hold):
+        try:
+            while time.monotonic() < deadline:
+                ticket = queue.acquire(UPSTREAM, 1, key)
+                time.sleep(hold)
+                queue.release(ticket)
+                if time.monotonic() - hold >= counted_from:
+                    used[key.name] += hold
+        except Exception as exc:
+            errors.append(exc)
+
+    keys = {name: key_info(make_key, name) for name in holds}
+    clients = [threading.Thread(target=client, args=(keys[name], hold))
+               for name, hold in holds.items() for _ in range(3)]
+    for thread in clients:
+        thread.start()
+    for thread in clients:
+        thread.join(seconds + 60)
+    assert not errors and not any(t.is_alive() for t in clients), errors
+    total = sum(used.values())
+    return {name: round(value / total, 2) for name, value in used.items()}
+
+
+def test_gpu_time_fairness_gives_a_long_and_a_short_key_equal_time(make_queue, make_key):
+    share = share_of_time(make_queue(fair="gpu_time"), make_key,
+                          {"long": 0.2, "short": 0.02}, seconds=3)
+    assert 0.35 <= share["long"] <= 0.65, share
+
+
+def test_request_fairness_gives_the_long_key_most_of_the_time(make_queue, make_key):
+    share = share_of_time(make_queue(fair="requests"), make_key,
+                          {"long": 0.2, "short": 0.02}, seconds=3)
+    assert share["long"] >= 0.85, share  # equal requests: 0.2 / 0.22 of the time

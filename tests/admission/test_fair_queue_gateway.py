@@ -20,7 +20,7 @@ pytestmark = pytest.mark.gateway
 def gateway(database, fake_ollama, tmp_path_factory):
     """Two workers, and an upstream that serves two requests at once."""
     with GatewayProcess(database, fake_ollama.url, workers=2, upstream_max_concurrent=2,
-                        queue_per_key=500) as gw:
+                        queue_per_key=500, queue_fair="requests") as gw:
         yield gw.start(tmp_path_factory.mktemp("log") / "gateway.log")
 
 
@@ -51,7 +51,8 @@ def test_every_worker_and_instance_keeps_the_upstreams_cap(gateway, fake, databa
     """Two gateways x two workers (one on SQLite: one machine) share one cap of 2."""
     fake.token_delay = 0.02
     instances = [gateway]
-    with GatewayProcess(database, fake.url, workers=2, upstream_max_concurrent=2) as second:
+    with GatewayProcess(database, fake.url, workers=2, upstream_max_concurrent=2,
+                        queue_fair="requests") as second:
         if database.startswith("postgresql"):
             instances.append(second.start(tmp_path / "second.log"))
         keys = [new_key(gateway, "one"), new_key(gateway, "two")]
