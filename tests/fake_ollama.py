@@ -80,9 +80,10 @@ def _now(delta: float = 0.0) -> str:
     return t.strftime("%Y-%m-%dT%H:%M:%S.%f").rstrip("0").rstrip(".") + "Z"
 
 
-def _dumps(obj) -> bytes:
-    """Encode like Go's json.Marshal: compact, raw UTF-8, HTML characters escaped."""
-    s = json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+def _dumps(obj, sort_keys=False) -> bytes:
+    """Encode like Go's json.Marshal: compact, raw UTF-8, HTML characters escaped (and a
+    map's keys sorted, as Go sorts them: `sort_keys`)."""
+    s = json.dumps(obj, separators=(",", ":"), ensure_ascii=False, sort_keys=sort_keys)
     for ch in "<>&\u2028\u2029":
         s = s.replace(ch, f"\\u{ord(ch):04x}")
     return s.encode()

@@ -198,20 +198,26 @@ class OpenAIRoutes:
             item.get("content") for item in given or [] if isinstance(item, dict)]
         prompt = base._words(*texts)
         response_id, item_id = f"resp_{random.randrange(999999)}", f"msg_{random.randrange(999999)}"
+        asked = req.get("reasoning") if isinstance(req.get("reasoning"), dict) else {}
+        # Echoed when the request set either (responses.go); the stream writes both keys.
+        reasoning = {"effort": asked.get("effort"), "summary": asked.get("summary")} \
+            if asked.get("effort") or asked.get("summary") else None
 
         def response(status, output, usage=None):
             return {"id": response_id, "object": "response", "created_at": int(time.time()),
                     "completed_at": int(time.time()) if status == "completed" else None,
                     "status": status, "incomplete_details": None, "model": model,
                     "previous_response_id": None, "instructions": req.get("instructions"),
-                    "output": output, "error": None, "tools": [], "tool_choice": "auto",
+                    "output": output, "error": None, "tools": req.get("tools") or [],
+                    "tool_choice": "auto",
                     "truncation": "disabled", "parallel_tool_calls": True,
                     "text": {"format": {"type": "text"}}, "top_p": 1.0,
                     "presence_penalty": 0, "frequency_penalty": 0, "top_logprobs": 0,
-                    "temperature": 1.0, "reasoning": None, "usage": usage,
+                    "temperature": 1.0, "reasoning": reasoning, "usage": usage,
                     "max_output_tokens": req.get("max_output_tokens"), "max_tool_calls": None,
-                    "store": False, "background": False, "service_tier": "default",
-                    "metadata": {}, "safety_identifier": None, "prompt_cache_key": None}
+                    "store": False, "background": bool(req.get("background")),
+                    "service_tier": "default", "metadata": {}, "safety_identifier": None,
+                    "prompt_cache_key": None}
 
         def message(text, status):
             return {"id": item_id, "type": "message", "status": status, "role": "assistant",
@@ -229,9 +235,9 @@ class OpenAIRoutes:
                                           usage(len(text.split()))))
         sequence = iter(range(10**6))
 
-        def event(kind, **data):
+        def event(kind, **data):  # Go maps (map[string]any): marshalled with sorted keys
             self._event(b"event: %s\ndata: %s\n\n" % (kind.encode(), base._dumps(
-                {"type": kind, "sequence_number": next(sequence), **data})))
+                {"type": kind, "sequence_number": next(sequence), **data}, sort_keys=True)))
 
         event("response.created", response=response("in_progress", []))
         event("response.in_progress", response=response("in_progress", []))
