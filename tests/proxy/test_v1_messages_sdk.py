@@ -146,7 +146,7 @@ def test_a_full_queue_is_overloaded_and_a_dead_upstream_an_api_error(gateway, fa
     fake.tokens, fake.token_delay = 400, 0.05
     with sdk(gateway, key).messages.stream(**{**HI, "max_tokens": 400}) as running:
         next(iter(running))  # it holds the upstream's only slot
-        with pytest.raises(anthropic.APIStatusError) as raised:  # waits 1 s, then 503
+        with pytest.raises(anthropic.InternalServerError) as raised:  # waits 1 s, then 503
             sdk(gateway, key).messages.create(**HI)
         refusal(raised, 503, "overloaded_error")
     dead = f"http://127.0.0.1:{free_port()}"
