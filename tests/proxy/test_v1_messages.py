@@ -126,6 +126,21 @@ def test_count_tokens_answers_what_a_quota_reserves_for_the_same_body(client, ma
     assert sent(fake)["max_tokens"] == 5000 - tokens
 
 
+def test_a_quota_key_is_clamped_to_what_is_left_so_claude_codes_32000_fits(client, make_key,
+                                                                          fake):
+    secret, _ = make_key(token_quota="300/day")
+    prompt = estimate.prompt_tokens(MESSAGES)
+    answer = client.post("/v1/messages", json=MESSAGES, headers=auth_header(secret))
+    assert answer.status_code == 200
+    assert sent(fake)["max_tokens"] == 300 - prompt  # not 32000: the reservation fits
+    assert answer.headers["X-Quota-Remaining"] == "0"
+    exactly = {**MESSAGES, "max_tokens": 300 - prompt}  # what is left: sent as it came
+    fresh, _ = make_key(token_quota="300/day")
+    assert client.post("/v1/messages", json=exactly, headers=auth_header(fresh)).status_code \
+        == 200
+    assert sent(fake) == exactly
+
+
 UNCOUNTED = ["/v1/images/generations", "/v1/images/edits", "/v1/audio/transcriptions"]
 FORM = (b'--XyZ\r\nContent-Disposition: form-data; name="model"\r\n\r\nwhisper\r\n'
         b'--XyZ\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n'
