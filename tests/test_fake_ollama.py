@@ -358,6 +358,23 @@ def test_messages_errors_in_anthropics_shape(fake):
         assert answer.content.endswith(b"\n") == (status == 404)
 
 
+def test_responses_stream_go_maps_with_sorted_keys_and_echo_tools_and_reasoning(fake):
+    tools = [{"type": "function", "name": "shell", "parameters": {"type": "object"}}]
+    body = {"model": "llama3.2", "input": "hi", "stream": True, "tools": tools,
+            "reasoning": {"effort": "high"}}
+    events = [block for block in post(fake, "/v1/responses", body).text.split("\n\n") if block]
+    data = [block.split("\n")[1][len("data: "):] for block in events]
+    for text in data:  # responses.go builds each event as a map[string]any
+        assert list(json.loads(text)) == sorted(json.loads(text))
+    done = json.loads(data[-1])
+    assert (done["type"], done["sequence_number"]) == ("response.completed", len(data) - 1)
+    assert done["response"]["tools"] == tools
+    assert done["response"]["reasoning"] == {"effort": "high", "summary": None}
+    assert list(done["response"])[-1] == "usage"  # after the echoed instructions and tools
+    whole = post(fake, "/v1/responses", {**body, "stream": False}).json()
+    assert list(whole)[:3] == ["id", "object", "created_at"]  # a struct: its field order
+
+
 def test_status_answers_whether_cloud_models_are_off(fake):
     answer = requests.get(fake.url + "/api/status", timeout=60)
     assert answer.content == b'{"cloud":{"disabled":false,"source":"none"}}'
