@@ -99,8 +99,11 @@ def test_the_rate_limit_is_a_rate_limit_error_with_retry_after(gateway, fake):
 
 def test_a_spent_quota_is_a_rate_limit_error(gateway, fake):
     key = user_key(gateway, "--token-quota", "5/day")["key"]
-    sdk(gateway, key).messages.create(**HI)  # admitted while some is left; charged 1 + 5
-    settled(gateway, key, 6)
+    # Admitted while some is left, its max_tokens lowered to what is left (1): charged 6 + 1.
+    first = sdk(gateway, key).messages.create(**{**HI, "messages": [
+        {"role": "user", "content": "a b c d e f"}]})
+    assert (first.usage.output_tokens, first.stop_reason) == (1, "max_tokens")
+    settled(gateway, key, 7)
     with pytest.raises(anthropic.RateLimitError) as raised:
         sdk(gateway, key).messages.create(**HI)
     assert "quota" in refusal(raised, 429, "rate_limit_error")
