@@ -1,7 +1,9 @@
 """One exception family, answered in the caller's dialect.
 
 Native routes answer as Ollama does, ``{"error": "message"}``; ``/v1`` routes as OpenAI
-does, ``{"error": {"message", "type", "code"}}``. A traceback never reaches a client.
+does, ``{"error": {"message", "type", "code"}}``; Anthropic's Messages API (``/v1/messages``
+and below) as Anthropic does, ``{"type": "error", "error": {"type", "message"}}``, so each
+official client raises its matching exception. A traceback never reaches a client.
 """
 import logging
 import sqlite3
@@ -111,9 +113,29 @@ OPENAI_CODES = {"auth": "invalid_api_key", "forbidden": "model_not_allowed",
                 "quota": "insufficient_quota", "queue_full": "rate_limit_exceeded"}
 
 
+# Anthropic's error types by status (its API's, as Ollama's anthropic package maps them);
+# any other status is an `api_error`.
+ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error",
+                   403: "permission_error", 404: "not_found_error", 405: "invalid_request_error",
+                   408: "invalid_request_error", 413: "request_too_large",
+                   429: "rate_limit_error", 503: "overloaded_error", 529: "overloaded_error"}
+
+
+def is_anthropic(path):
+    """Whether `path` is Anthropic's Messages API (errors in its shape)."""
+    return path == "/v1/messages" or path.startswith("/v1/messages/")
+
+
+def anthropic_error(status, message):
+    return {"type": "error", "error": {"type": ANTHROPIC_TYPES.get(status, "api_error"),
+                                       "message": message}}
+
+
 def error_body(status, message, kind="server_error", path=None, refusal=None):
     """The JSON body for an error on `path`, in that route family's dialect."""
     path = request.path if path is None else path
+    if is_anthropic(path):
+        return anthropic_error(status, message)
     if path.startswith("/v1/"):
         return {"error": {"message": message, "type": kind, "param": None,
                           "code": OPENAI_CODES.get(refusal)}}

@@ -56,6 +56,7 @@ ROUTES = {  # (method, path) -> endpoint; POST/DELETE endpoints take a JSON body
         for p, n in [("/", "root"), ("/api/version", "version"), ("/api/tags", "tags")]
     },
     ("GET", "/api/ps"): "ps",
+    ("GET", "/api/status"): "status",
     ("DELETE", "/api/delete"): "delete",
     **{
         ("POST", "/api/" + n): n
@@ -79,9 +80,10 @@ def _now(delta: float = 0.0) -> str:
     return t.strftime("%Y-%m-%dT%H:%M:%S.%f").rstrip("0").rstrip(".") + "Z"
 
 
-def _dumps(obj) -> bytes:
-    """Encode like Go's json.Marshal: compact, raw UTF-8, HTML characters escaped."""
-    s = json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+def _dumps(obj, sort_keys=False) -> bytes:
+    """Encode like Go's json.Marshal: compact, raw UTF-8, HTML characters escaped (and a
+    map's keys sorted, as Go sorts them: `sort_keys`)."""
+    s = json.dumps(obj, separators=(",", ":"), ensure_ascii=False, sort_keys=sort_keys)
     for ch in "<>&\u2028\u2029":
         s = s.replace(ch, f"\\u{ord(ch):04x}")
     return s.encode()
@@ -95,6 +97,17 @@ def _q(s) -> str:
 def _words(*texts) -> int:
     """Deterministic stand-in for a prompt's token count (at least 1)."""
     return max(1, sum(len(t.split()) for t in texts if isinstance(t, str)))
+
+
+def logprob(token: str, req: dict) -> dict:
+    """api.Logprob for one answered token: with `top_logprobs` alternatives when asked."""
+    entry = {"token": token, "logprob": -0.25, "bytes": list(token.encode())}
+    top = req.get("top_logprobs")
+    if isinstance(top, int) and top > 0:
+        entry["top_logprobs"] = [
+            {"token": token if k == 0 else f"alt{k}", "logprob": -0.25 * (k + 1),
+             "bytes": list((token if k == 0 else f"alt{k}").encode())} for k in range(top)]
+    return entry
 
 
 def _full(name: str) -> str:
@@ -318,6 +331,9 @@ class _Handler(OpenAIRoutes, AnthropicRoutes, BaseHTTPRequestHandler):
     def _api_version(self):
         self._json({"version": VERSION})
 
+    def _api_status(self):  # server/routes.go StatusHandler: whether cloud models are off
+        self._json({"cloud": {"disabled": False, "source": "none"}})
+
     def _api_tags(self):
         self._json({"models": [self.fake._describe(m) for m in self.fake.models]})
 
@@ -390,10 +406,13 @@ class _Handler(OpenAIRoutes, AnthropicRoutes, BaseHTTPRequestHandler):
         num_predict = (req.get("options") or {}).get("num_predict")
         limited = isinstance(num_predict, int) and num_predict > 0  # <= 0 means no limit
         n, t_loaded = num_predict if limited else self.fake.tokens, time.monotonic_ns()
+        wants_logprobs = req.get("logprobs") is True
         for i in range(n):
             self._tick(i)
             if stream:
-                self._line(frame(f"word{i}" if i == 0 else f" word{i}", done=False))
+                token = f"word{i}" if i == 0 else f" word{i}"
+                extra = {"logprobs": [logprob(token, req)]} if wants_logprobs else {}
+                self._line(frame(token, done=False, **extra))
         if self.fake.fail_after_tokens is not None and n >= self.fake.fail_after_tokens:
             raise _Crash
         load, evals, prompt_eval = (
@@ -419,6 +438,9 @@ class _Handler(OpenAIRoutes, AnthropicRoutes, BaseHTTPRequestHandler):
             eval_count=n,
             eval_duration=evals,
         )
+        if wants_logprobs and not stream:  # streamed, each token's came with it
+            final["logprobs"] = [logprob(f"word{i}" if i == 0 else f" word{i}", req)
+                                 for i in range(n)]
         if stream:
             self._line(final)
             self._done_running()
@@ -578,6 +600,8 @@ class FakeOllama:
             setattr(self, key, list(value) if key == "models" else value)
         self.fail_after_tokens: int | None = None
         self.end_delay = 0.0  # seconds between a generate/chat stream's last line and its end
+        self.tool_call: dict | None = None  # {"name", "input"}: /v1/messages with tools calls it
+        self.anthropic_ping = False  # a `ping` after /v1/messages' message_start
         self.requests: list[RecordedRequest] = []
         self.cancellations: list[float] = []
         self.blobs: dict[str, int] = {}  # digest -> size

@@ -103,15 +103,24 @@ class OpenAIRoutes:
         prompt = base._words(*(m.get("content") for m in messages if isinstance(m, dict)))
         head = {"id": f"chatcmpl-{random.randrange(999)}", "object": "chat.completion.chunk",
                 "created": int(time.time()), "model": model, "system_fingerprint": "fp_ollama"}
+        wants_logprobs = req.get("logprobs") is True
+
+        def logprobs(tokens):  # openai.ChoiceLogprobs, only when asked
+            return {"logprobs": {"content": [base.logprob(t, req) for t in tokens]}} \
+                if wants_logprobs else {}
+
         if not req.get("stream"):
-            text = "".join(token for _, token in self._generate(False, req))
+            tokens = [token for _, token in self._generate(False, req)]
+            text = "".join(tokens)
             return self._v1_json({**head, "object": "chat.completion", "choices": [
                 {"index": 0, "message": {"role": "assistant", "content": text},
-                 "finish_reason": self._reason}], "usage": _usage(prompt, len(text.split()))})
+                 "finish_reason": self._reason, **logprobs(tokens)}],
+                "usage": _usage(prompt, len(text.split()))})
         n = 0
         for n, token in self._generate(True, req, count_from=1):  # noqa: B007 (n: the count)
             self._data({**head, "choices": [{"index": 0, "delta": {
-                "role": "assistant", "content": token}, "finish_reason": None}]})
+                "role": "assistant", "content": token}, "finish_reason": None,
+                **logprobs([token])}]})
         final = {**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                       "finish_reason": self._reason}]}
         self._data(final)
@@ -189,20 +198,26 @@ class OpenAIRoutes:
             item.get("content") for item in given or [] if isinstance(item, dict)]
         prompt = base._words(*texts)
         response_id, item_id = f"resp_{random.randrange(999999)}", f"msg_{random.randrange(999999)}"
+        asked = req.get("reasoning") if isinstance(req.get("reasoning"), dict) else {}
+        # Echoed when the request set either (responses.go); the stream writes both keys.
+        reasoning = {"effort": asked.get("effort"), "summary": asked.get("summary")} \
+            if asked.get("effort") or asked.get("summary") else None
 
         def response(status, output, usage=None):
             return {"id": response_id, "object": "response", "created_at": int(time.time()),
                     "completed_at": int(time.time()) if status == "completed" else None,
                     "status": status, "incomplete_details": None, "model": model,
                     "previous_response_id": None, "instructions": req.get("instructions"),
-                    "output": output, "error": None, "tools": [], "tool_choice": "auto",
+                    "output": output, "error": None, "tools": req.get("tools") or [],
+                    "tool_choice": "auto",
                     "truncation": "disabled", "parallel_tool_calls": True,
                     "text": {"format": {"type": "text"}}, "top_p": 1.0,
                     "presence_penalty": 0, "frequency_penalty": 0, "top_logprobs": 0,
-                    "temperature": 1.0, "reasoning": None, "usage": usage,
+                    "temperature": 1.0, "reasoning": reasoning, "usage": usage,
                     "max_output_tokens": req.get("max_output_tokens"), "max_tool_calls": None,
-                    "store": False, "background": False, "service_tier": "default",
-                    "metadata": {}, "safety_identifier": None, "prompt_cache_key": None}
+                    "store": False, "background": bool(req.get("background")),
+                    "service_tier": "default", "metadata": {}, "safety_identifier": None,
+                    "prompt_cache_key": None}
 
         def message(text, status):
             return {"id": item_id, "type": "message", "status": status, "role": "assistant",
@@ -220,9 +235,9 @@ class OpenAIRoutes:
                                           usage(len(text.split()))))
         sequence = iter(range(10**6))
 
-        def event(kind, **data):
+        def event(kind, **data):  # Go maps (map[string]any): marshalled with sorted keys
             self._event(b"event: %s\ndata: %s\n\n" % (kind.encode(), base._dumps(
-                {"type": kind, "sequence_number": next(sequence), **data})))
+                {"type": kind, "sequence_number": next(sequence), **data}, sort_keys=True)))
 
         event("response.created", response=response("in_progress", []))
         event("response.in_progress", response=response("in_progress", []))
@@ -254,51 +269,119 @@ def _anthropic_texts(value):
     return [b.get("text") for b in value or [] if isinstance(b, dict)]
 
 
+# Ollama's anthropic.NewError: the error type by status, anything else an api_error.
+ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error",
+                   403: "permission_error", 404: "not_found_error", 429: "rate_limit_error",
+                   503: "overloaded_error", 529: "overloaded_error"}
+THINKING_TOKENS = 3  # a thinking answer starts with this many thinking tokens (of its count)
+
+
+def anthropic_error(status, message):
+    return {"type": "error", "error": {"type": ANTHROPIC_TYPES.get(status, "api_error"),
+                                       "message": message},
+            "request_id": f"req_{random.randrange(16**24):024x}"}
+
+
+def _thinks(req):
+    """Whether Ollama runs the model with `think` on (anthropic.FromMessagesRequest)."""
+    thinking = req.get("thinking") if isinstance(req.get("thinking"), dict) else {}
+    if thinking.get("type") in ("enabled", "disabled"):
+        return thinking["type"] == "enabled"
+    return bool((req.get("output_config") or {}).get("effort"))
+
+
 class AnthropicRoutes:
-    """Mixed into the fake's request handler: POST /v1/messages."""
+    """Mixed into the fake's request handler: POST /v1/messages.
+
+    As Ollama's middleware/anthropic.go: its own checks answer as gin's
+    AbortWithStatusJSON (no newline, a charset); an error from the chat handler
+    behind it (an unknown model) is rewritten by json.Encoder (a newline, no charset).
+    A stream opens with message_start (input_tokens: an estimate, here deliberately
+    ESTIMATE_OFF_BY too many; output_tokens 0), then a thinking block when thinking is
+    on, a text block, a tool_use block when the fake's `tool_call` is set and the request
+    has tools, and ends with message_delta (the real counts) and message_stop. Ollama
+    defines but never sends `ping`: the fake sends one after message_start only when its
+    `anthropic_ping` knob is on.
+    """
+
+    def _anthropic_abort(self, status, message):
+        self._send(status, base._dumps(anthropic_error(status, message)), base.JSON)
 
     def _v1_messages(self, req):
+        if not isinstance(req.get("model"), str) or not req["model"]:
+            return self._anthropic_abort(400, "model is required")
         max_tokens = req.get("max_tokens")
         if not isinstance(max_tokens, int) or max_tokens <= 0:
-            return self._v1_json({"type": "error", "error": {
-                "type": "invalid_request_error",
-                "message": "max_tokens is required and must be positive"},
-                "request_id": "req_fake"}, 400)
-        if not (model := self._v1_model_or_error(req, base.NOT_PULLED)):
-            return
+            return self._anthropic_abort(400, "max_tokens is required and must be positive")
+        if not req.get("messages"):
+            return self._anthropic_abort(400, "messages is required")
+        model = req["model"]
+        if not self.fake._has(model):
+            return self._v1_json(anthropic_error(404, base.NOT_PULLED.format(
+                name=model, q=base._q(model))), 404)
         texts = _anthropic_texts(req.get("system"))
         for message in req.get("messages") or []:
             texts += _anthropic_texts(message.get("content") if isinstance(message, dict)
                                       else None)
         prompt = base._words(*texts)
-        head = {"id": f"msg_{random.randrange(10**6):024x}", "type": "message",
+        head = {"id": f"msg_{random.randrange(16**24):024x}", "type": "message",
                 "role": "assistant", "model": model}
+        thinks = _thinks(req)
+        tool = self.fake.tool_call if req.get("tools") else None
 
         def usage(output):
             return {"input_tokens": prompt, "output_tokens": output}
 
         def stop_reason():
+            if tool is not None:
+                return "tool_use"
             return {"length": "max_tokens", "stop": "end_turn"}[self._reason]
 
+        def blocks(tokens):
+            """(kind, text) runs of the answer: thinking first, then text."""
+            split = min(THINKING_TOKENS, len(tokens)) if thinks else 0
+            runs = [("thinking", tokens[:split]), ("text", tokens[split:])]
+            return [(kind, run) for kind, run in runs if run]
+
         if not req.get("stream"):
-            text = "".join(token for _, token in self._generate(False, req))
-            return self._v1_json({**head, "content": [{"type": "text", "text": text}],
-                                  "stop_reason": stop_reason(),
-                                  "usage": usage(len(text.split()))})
+            tokens = [token for _, token in self._generate(False, req)]
+            content = [{"type": kind, kind: "".join(run)} for kind, run in blocks(tokens)]
+            if tool is not None:
+                content.append({"type": "tool_use", "id": "call_fake", "name": tool["name"],
+                                "input": tool["input"]})
+            return self._v1_json({**head, "content": content, "stop_reason": stop_reason(),
+                                  "usage": usage(len(tokens))})
 
         def event(kind, **data):
             self._event(b"event: %s\ndata: %s\n\n" % (kind.encode(), base._dumps(
                 {"type": kind, **data})))
 
-        n = 0
+        event("message_start", message={**head, "content": [], "usage": {
+            "input_tokens": prompt + ESTIMATE_OFF_BY, "output_tokens": 0}})
+        if self.fake.anthropic_ping:
+            event("ping")
+        n, index, open_kind = 0, 0, None
         for n, token in self._generate(True, req, count_from=1):  # noqa: B007 (n: the count)
-            if n == 1:
-                event("message_start", message={**head, "content": [], "usage": {
-                    "input_tokens": prompt + ESTIMATE_OFF_BY, "output_tokens": 0}})
-                event("content_block_start", index=0,
-                      content_block={"type": "text", "text": ""})
-            event("content_block_delta", index=0, delta={"type": "text_delta", "text": token})
-        event("content_block_stop", index=0)
+            kind = "thinking" if thinks and n <= THINKING_TOKENS else "text"
+            if kind != open_kind:
+                if open_kind is not None:
+                    event("content_block_stop", index=index)
+                    index += 1
+                event("content_block_start", index=index, content_block={"type": kind, kind: ""})
+                open_kind = kind
+            event("content_block_delta", index=index, delta={"type": f"{kind}_delta",
+                                                             kind: token})
+        if tool is not None:
+            if open_kind is not None:
+                event("content_block_stop", index=index)
+                index += 1
+            event("content_block_start", index=index, content_block={
+                "type": "tool_use", "id": "call_fake", "name": tool["name"], "input": {}})
+            event("content_block_delta", index=index, delta={
+                "type": "input_json_delta", "partial_json": base._dumps(tool["input"]).decode()})
+            open_kind = "tool_use"
+        if open_kind is not None:
+            event("content_block_stop", index=index)
         event("message_delta", delta={"stop_reason": stop_reason()}, usage=usage(n))
         event("message_stop")
         self._end_stream()

@@ -267,6 +267,7 @@ def test_reset_restores_knobs_and_forgets_requests(fake):
         [],
     )
     assert fake.models == DEFAULT_MODELS
+    assert (fake.tool_call, fake.anthropic_ping) == (None, False)
 
 
 def test_official_ollama_client_talks_to_the_fake(fake):
@@ -287,6 +288,115 @@ def test_official_ollama_client_talks_to_the_fake(fake):
     with pytest.raises(ollama.ResponseError) as err:
         client.generate(model="missing", prompt="hi")
     assert err.value.status_code == 404 and err.value.error == "model 'missing' not found"
+
+
+def sse_events(body: bytes):
+    """(event, data) of an Anthropic stream; each event is `event:` then `data:` lines."""
+    out = []
+    for block in body.decode().split("\n\n"):
+        if block:
+            event, data = block.split("\n")
+            assert event.startswith("event: ") and data.startswith("data: ")
+            out.append((event[len("event: "):], data[len("data: "):]))
+    return out
+
+
+def test_messages_stream_as_ollamas_anthropic_middleware_writes_them(fake):
+    fake.tokens = 5
+    body = {"model": "llama3.2", "max_tokens": 5, "stream": True,
+            "thinking": {"type": "enabled", "budget_tokens": 2},
+            "tools": [{"name": "read", "input_schema": {"type": "object"}}],
+            "messages": [{"role": "user", "content": "one two"}]}
+    fake.tool_call = {"name": "read", "input": {"path": "a"}}
+    answer = post(fake, "/v1/messages", body)
+    assert answer.headers["Content-Type"] == "text/event-stream"
+    events = sse_events(answer.content)
+    assert b'": ' not in answer.content and b', "' not in answer.content  # Go's compact JSON
+    data = [json.loads(d) for _, d in events]
+    assert [e for e, _ in events] == [
+        "message_start", "content_block_start", "content_block_delta",
+        "content_block_delta", "content_block_delta", "content_block_stop",
+        "content_block_start", "content_block_delta", "content_block_delta",
+        "content_block_stop", "content_block_start", "content_block_delta",
+        "content_block_stop", "message_delta", "message_stop"]
+    assert all(e == d["type"] for (e, _), d in zip(events, data, strict=True))
+    assert data[0]["message"]["usage"]["output_tokens"] == 0
+    assert data[0]["message"]["usage"]["input_tokens"] != 2  # an estimate, not the count
+    assert [d["delta"]["type"] for d in data if d["type"] == "content_block_delta"] == [
+        "thinking_delta"] * 3 + ["text_delta"] * 2 + ["input_json_delta"]
+    assert [d["index"] for d in data if d["type"] == "content_block_start"] == [0, 1, 2]
+    assert data[10]["content_block"] == {"type": "tool_use", "id": "call_fake",
+                                         "name": "read", "input": {}}
+    assert data[11]["delta"]["partial_json"] == '{"path":"a"}'
+    assert data[-2] == {"type": "message_delta", "delta": {"stop_reason": "tool_use"},
+                        "usage": {"input_tokens": 2, "output_tokens": 5}}
+    whole = post(fake, "/v1/messages", {**body, "stream": False}).json()
+    assert [b["type"] for b in whole["content"]] == ["thinking", "text", "tool_use"]
+    assert whole["usage"] == {"input_tokens": 2, "output_tokens": 5}
+    fake.tool_call, fake.anthropic_ping = None, True  # Ollama never pings; the knob does
+    events = sse_events(post(fake, "/v1/messages", {**body, "thinking": None}).content)
+    assert [e for e, _ in events][:3] == ["message_start", "ping", "content_block_start"]
+    assert json.loads(events[-2][1])["delta"] == {"stop_reason": "max_tokens"}
+
+
+def test_messages_errors_in_anthropics_shape(fake):
+    ok = {"model": "llama3.2", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}
+    for change, status, kind, message in [
+            ({"model": ""}, 400, "invalid_request_error", "model is required"),
+            ({"max_tokens": 0}, 400, "invalid_request_error",
+             "max_tokens is required and must be positive"),
+            ({"messages": []}, 400, "invalid_request_error", "messages is required"),
+            ({"model": "nosuch"}, 404, "not_found_error",
+             'model "nosuch" not found, try pulling it first')]:
+        answer = post(fake, "/v1/messages", {**ok, **change})
+        assert answer.status_code == status
+        error = answer.json()
+        assert error["type"] == "error"
+        assert error["error"] == {"type": kind, "message": message}
+        assert error["request_id"].startswith("req_")
+        # gin's AbortWithStatusJSON for the middleware's own checks; json.Encoder after
+        assert answer.content.endswith(b"\n") == (status == 404)
+
+
+def test_responses_stream_go_maps_with_sorted_keys_and_echo_tools_and_reasoning(fake):
+    tools = [{"type": "function", "name": "shell", "parameters": {"type": "object"}}]
+    body = {"model": "llama3.2", "input": "hi", "stream": True, "tools": tools,
+            "reasoning": {"effort": "high"}}
+    events = [block for block in post(fake, "/v1/responses", body).text.split("\n\n") if block]
+    data = [block.split("\n")[1][len("data: "):] for block in events]
+    for text in data:  # responses.go builds each event as a map[string]any
+        assert list(json.loads(text)) == sorted(json.loads(text))
+    done = json.loads(data[-1])
+    assert (done["type"], done["sequence_number"]) == ("response.completed", len(data) - 1)
+    assert done["response"]["tools"] == tools
+    assert done["response"]["reasoning"] == {"effort": "high", "summary": None}
+    assert list(done["response"])[-1] == "usage"  # after the echoed instructions and tools
+    whole = post(fake, "/v1/responses", {**body, "stream": False}).json()
+    assert list(whole)[:3] == ["id", "object", "created_at"]  # a struct: its field order
+
+
+def test_status_answers_whether_cloud_models_are_off(fake):
+    answer = requests.get(fake.url + "/api/status", timeout=60)
+    assert answer.content == b'{"cloud":{"disabled":false,"source":"none"}}'
+
+
+@pytest.mark.parametrize("path", ["/api/chat", "/api/generate", "/v1/chat/completions"])
+def test_logprobs_come_back_in_ollamas_shape_only_when_asked(fake, path):
+    fake.tokens = 2
+    body = {"model": "llama3.2", "prompt": "hi", "stream": False,
+            "messages": [{"role": "user", "content": "hi"}]}
+    plain = post(fake, path, body).json()
+    assert "logprobs" not in json.dumps(plain)
+    answer = post(fake, path, {**body, "logprobs": True, "top_logprobs": 2}).json()
+    logprobs = (answer["choices"][0]["logprobs"]["content"] if path.startswith("/v1/")
+                else answer["logprobs"])
+    assert [entry["token"] for entry in logprobs] == ["word0", " word1"]
+    assert logprobs[0]["bytes"] == list(b"word0")
+    assert [t["token"] for t in logprobs[1]["top_logprobs"]] == [" word1", "alt1"]
+    streamed = post(fake, path, {**body, "stream": True, "logprobs": True})
+    lines = [line for line in streamed.content.split(b"\n") if b"logprobs" in line]
+    assert len(lines) == 2  # one a token
+    assert b'"top_logprobs"' not in streamed.content  # none asked
 
 
 def test_module_entry_point_serves_api_and_v1_and_stops_on_ctrl_c():

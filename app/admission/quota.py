@@ -104,25 +104,28 @@ def check(key, now=None):
     return current
 
 
-def reserve(key, prompt, cap, holder, lease_seconds, now=None):
+def reserve(key, prompt, cap, holder, lease_seconds, now=None, clamp=False):
     """Admit a request of `prompt` estimated tokens and an answer of at most `cap` (None:
     no cap) for `key`, and reserve them; 429 if the quota is used up.
 
     Returns (Reservation, answer cap to send Ollama or None): with no cap of its own the
-    answer is capped at what is left after the prompt, so it cannot run far past it.
+    answer is capped at what is left after the prompt, so it cannot run far past it; with
+    `clamp` (an endpoint whose clients always ask a large cap: Claude Code's max_tokens
+    32000) a cap above what is left is lowered to it too, so the reservation stays within
+    the quota.
     """
     deadline = time.monotonic() + SETTLE_SECONDS
     while True:
         try:
             return _reserve(key, prompt, cap, holder, lease_seconds,
-                            time.time() if now is None else now)
+                            time.time() if now is None else now, clamp)
         except RateLimited as refusal:
             if not refusal.reserved_only or time.monotonic() >= deadline:
                 raise
         time.sleep(SETTLE_POLL)  # a yield under gevent; no transaction is open
 
 
-def _reserve(key, prompt, cap, holder, lease_seconds, now):
+def _reserve(key, prompt, cap, holder, lease_seconds, now, clamp=False):
     start, _ = quota_period(key.token_period, now)
     with db.atomic():
         if is_postgres():
@@ -130,8 +133,9 @@ def _reserve(key, prompt, cap, holder, lease_seconds, now):
                            "SELECT pg_advisory_xact_lock(%s, %s)", (LOCK_SPACE, key.id))
         current = check(key, now)
         send = None
-        if cap is None:
-            send = cap = max(1, current.limit - current.used - current.reserved - prompt)
+        left = max(1, current.limit - current.used - current.reserved - prompt)
+        if cap is None or (clamp and cap > left):
+            send = cap = left
         tokens = prompt + cap
         QuotaReservation.delete().where((QuotaReservation.key_id == key.id)
                                         & (QuotaReservation.expires_at <= now)).execute()

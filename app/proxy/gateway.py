@@ -138,7 +138,8 @@ def _reserve_quota(key, path, payload):
         return {}
     limiter = services()[1]
     reservation, send = quota.reserve(key, prompt, quota.answer_cap(key, path, payload),
-                                      limiter.holder, limiter.lease_seconds)
+                                      limiter.holder, limiter.lease_seconds,
+                                      clamp=path in model_policy.ALWAYS_CLAMPED)
     g.quota_checked = True  # admit() need not check again
     g.quota_standing = reservation.standing
     if pending is not None:  # its usage record settles it; till then the lease is renewed

@@ -8,6 +8,8 @@ else passes byte for byte.
 """
 import json
 
+from app.errors import anthropic_error, is_anthropic
+
 # What Ollama (Go's encoding/json) writes at the end of each completion chunk then.
 ZERO_USAGE = b',"usage":{"prompt_tokens":0,"completion_tokens":0,"total_tokens":0}'
 
@@ -53,6 +55,9 @@ class UsageStripper:
 
 def error_event(path, message):
     """The last event of a /v1 stream Ollama broke off: one the openai client raises on."""
+    if is_anthropic(path):  # what Anthropic's clients raise an APIStatusError on
+        return (b"event: error\ndata: " + json.dumps(anthropic_error(500, message),
+                                                     separators=(",", ":")).encode() + b"\n\n")
     error = {"message": message, "type": "api_error", "param": None, "code": None}
     if path == "/v1/responses":
         return (b"event: error\ndata: " + json.dumps(

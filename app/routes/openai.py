@@ -2,12 +2,15 @@
 
 The same keys, limits, allow-lists and model policy as /api; errors in OpenAI's shape
 (app/errors.py), so the official `openai` client raises the right exception. Streams
-are relayed as they arrive, with exact usage (app/proxy/sse.py).
+are relayed as they arrive, with exact usage (app/proxy/sse.py). Anthropic's Messages API
+(/v1/messages) likewise, with errors in Anthropic's shape; its token counter
+(/v1/messages/count_tokens), which Ollama lacks, is answered here.
 """
-from flask import Blueprint, request
+from flask import Blueprint, jsonify, request
 
 from app.accounting import request_record
-from app.errors import MethodNotAllowed
+from app.admission import estimate
+from app.errors import BadRequest, MethodNotAllowed
 from app.proxy import auth, doors, fanout, gateway, sse
 from app.proxy.request_body import read_body
 
@@ -18,7 +21,8 @@ GENERATING = {"/v1/chat/completions", "/v1/completions", "/v1/responses"}
 # key's allow-list checked. Transcriptions (and OpenAI's image edits) take a form.
 RELAYED = {"/v1/messages", "/v1/audio/transcriptions", "/v1/images/generations",
            "/v1/images/edits"}
-POST_ENDPOINTS = GENERATING | RELAYED | {"/v1/embeddings"}
+COUNT_TOKENS = "/v1/messages/count_tokens"  # answered by the gateway, never forwarded
+POST_ENDPOINTS = GENERATING | RELAYED | {"/v1/embeddings", COUNT_TOKENS}
 USAGE_ON_REQUEST = {"/v1/chat/completions", "/v1/completions"}  # /v1/responses always says
 
 
@@ -40,6 +44,8 @@ def relay(subpath):
     pending.model = next(iter(body.models), None)
     for model in body.models:
         auth.require_model(key, model)
+    if path == COUNT_TOKENS:
+        return _count_tokens(payload)
     request_record.keep_prompt(pending, payload)
     changes, rewrite = {}, None
     if path in USAGE_ON_REQUEST and payload and payload.get("stream") is True:
@@ -49,6 +55,20 @@ def relay(subpath):
     raw = gateway.outgoing_body(body, key, path, changes)
     return gateway.forward(key, path, raw or None, gateway.query_without_key(),
                            rewrite=rewrite, model=pending.model)
+
+
+def _count_tokens(payload):
+    """`{"input_tokens": N}`: the estimate a quota reserves for the same /v1/messages body.
+
+    Claude Code asks before it sends; Ollama has no such endpoint. Nothing runs, so it is
+    neither queued nor charged (its usage record has no tokens).
+    """
+    if not isinstance(payload, dict) or not isinstance(payload.get("model"), str) \
+            or not payload["model"]:
+        raise BadRequest("model: a model name is required")
+    if not isinstance(payload.get("messages"), list):
+        raise BadRequest("messages: a list of messages is required")
+    return jsonify({"input_tokens": estimate.prompt_tokens(payload)})
 
 
 def _form(path):

@@ -44,7 +44,7 @@ def _json_response(description, schema=OPEN, headers=None):
     return response
 
 
-def _errors(*codes, openai=False):
+def _errors(*codes, openai=False, anthropic=False):
     """The error responses `codes` of a route, in its family's error shape."""
     texts = {
         400: "Malformed JSON, a body that is not an object, a bad field or a bad path",
@@ -60,7 +60,7 @@ def _errors(*codes, openai=False):
         503: "The gateway's database is unavailable",
         504: "Ollama did not answer in time",
     }
-    schema = _ref("OpenAIError" if openai else "Error")
+    schema = _ref("AnthropicError" if anthropic else "OpenAIError" if openai else "Error")
     out = {}
     for code in codes:
         headers = {"Retry-After": {"$ref": "#/components/headers/Retry-After"}} \
@@ -76,7 +76,7 @@ KEYED = (400, 401, 403, 404, 405, 408, 413, 429, 502, 503, 504)
 
 
 def _relayed(summary, request=None, stream=False, errors=KEYED, openai=False,
-             admin=False, ok=OPEN, tag="Ollama API", empty=False):
+             admin=False, ok=OPEN, tag="Ollama API", empty=False, anthropic=False):
     """An operation relayed to Ollama: its answer, streamed or not, and what can go wrong.
 
     `empty`: Ollama answers success with an empty body (copy, delete).
@@ -92,7 +92,7 @@ def _relayed(summary, request=None, stream=False, errors=KEYED, openai=False,
     operation = {
         "tags": [tag], "summary": summary, "security": SECURITY,
         "responses": {"200": success,
-                      **_errors(*errors, openai=openai),
+                      **_errors(*errors, openai=openai, anthropic=anthropic),
                       "default": {"description": "Any other status Ollama answers, passed "
                                                  "through", "content": {"*/*": {}}}},
     }
@@ -226,6 +226,22 @@ def _openai_paths():
     }
     paths = {path: {"post": _relayed(summary, body, stream, openai=True, tag="OpenAI API")}
              for path, (summary, body, stream) in v1.items()}
+    messages = _obj(["model", "messages"], model=_str(), messages={"type": "array",
+                                                                    "items": OPEN},
+                    system={}, tools={"type": "array", "items": OPEN}, max_tokens=INT,
+                    stream=BOOL, thinking=OPEN)
+    paths["/v1/messages"] = {"post": _relayed(
+        "Anthropic's Messages API (Claude Code); errors in Anthropic's shape", messages,
+        True, openai=True, anthropic=True, tag="OpenAI API")}
+    count = _obj(["input_tokens"], input_tokens=INT)
+    paths["/v1/messages/count_tokens"] = {"post": {
+        **_relayed("Anthropic's token count: the estimate a token quota reserves for the "
+                   "same /v1/messages body; answered by the gateway, never relayed",
+                   messages, ok=count, errors=(400, 401, 403, 405, 408, 413, 503),
+                   anthropic=True, tag="OpenAI API"),
+        "description": "Not rate limited, queued or charged."}}
+    paths["/v1/messages/count_tokens"]["post"]["responses"]["200"]["description"] = (
+        "`{\"input_tokens\": N}`, from the gateway")
     model_list = _obj(["data"], object=_str(), data={"type": "array", "items": _obj(
         ["id"], id=_str(), object=_str(), owned_by=_str())})
     paths["/v1/models"] = {"get": _relayed("Models (the key's allowed ones)", ok=model_list,
@@ -421,6 +437,9 @@ def document():
                 "OpenAIError": _obj(["error"], error=_obj(
                     ["message", "type"], message=_str(), type=_str(),
                     param=_nullable(_str()), code=_nullable(_str()))),
+                "AnthropicError": _obj(["type", "error"], type={"const": "error"},
+                                       error=_obj(["type", "message"], type=_str(),
+                                                  message=_str())),
             },
             "headers": {
                 "X-RateLimit-Limit": {"description": "Requests allowed in the window",

@@ -80,10 +80,34 @@ def test_new_known_endpoints_are_relayed_for_user_keys_within_their_models(clien
     assert len(reached(fake, path)) == 1
 
 
-def test_api_status_is_relayed_for_user_keys(client, make_key, fake):
+def test_api_status_and_version_are_relayed_for_user_keys(client, make_key, fake):
     secret, _ = make_key(models="llama3.2")
-    assert client.get("/api/status", headers=auth_header(secret)).status_code == 404
+    status = client.get("/api/status", headers=auth_header(secret))
+    assert (status.status_code, status.get_data()) == (
+        200, b'{"cloud":{"disabled":false,"source":"none"}}')  # Ollama's, as it is
     assert [r.method for r in reached(fake, "/api/status")] == ["GET"]
+    version = client.get("/api/version", headers=auth_header(secret))
+    assert version.status_code == 200 and version.get_json()["version"].count(".") == 2
+    assert client.head("/api/version", headers=auth_header(secret)).status_code == 200
+    assert client.post("/api/status", headers=auth_header(secret)).status_code == 405
+    assert client.get("/api/status").status_code == 401
+
+
+def test_codex_oss_probes_work_for_a_user_key_and_its_pull_is_refused_clearly(client, make_key,
+                                                                              fake):
+    """`codex --oss` asks /v1/models, /api/version, /api/tags, then pulls what it misses."""
+    secret, _ = make_key(models="llama3.2")
+    models = client.get("/v1/models", headers=auth_header(secret))
+    assert [m["id"] for m in models.get_json()["data"]] == ["llama3.2:latest"]
+    assert client.get("/api/version", headers=auth_header(secret)).status_code == 200
+    tags = client.get("/api/tags", headers=auth_header(secret)).get_json()["models"]
+    assert [m["name"] for m in tags] == ["llama3.2:latest"]
+    pull = client.post("/api/pull", headers=auth_header(secret),
+                       json={"model": "gpt-oss:20b", "stream": True})
+    assert pull.status_code == 403
+    message = pull.get_json()["error"]
+    assert "/api/pull needs an admin key" in message and "has role user" in message
+    assert reached(fake, "/api/pull") == []
 
 
 FORM = (b'--XyZ\r\nContent-Disposition: form-data; name="model"\r\n\r\nwhisper\r\n'

@@ -36,6 +36,8 @@ MODEL_BODIES = {
     "/v1/responses": {"model": "llama3.2", "input": "x"},
     "/v1/messages": {"model": "llama3.2", "max_tokens": 5,
                      "messages": [{"role": "user", "content": "x"}]},
+    "/v1/messages/count_tokens": {"model": "llama3.2",
+                                  "messages": [{"role": "user", "content": "x"}]},
     "/v1/images/generations": {"model": "llama3.2", "prompt": "a cat"},
     "/api/keys": {"name": "fuzzed", "role": "user", "rate_limit": "60/minute"},
     "/api/keys/{id}": {"name": "renamed", "rate_limit": "10/minute"},

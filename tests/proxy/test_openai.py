@@ -112,6 +112,39 @@ def test_completions_embeddings_and_responses_work(user, fake):
     assert events[-1].type == "response.completed"
 
 
+THINK = [b'"low"', b'"medium"', b'"high"', b'"max"', b"true", b"false"]
+
+
+@pytest.mark.parametrize("path, field", [("/api/chat", b"think"), ("/api/generate", b"think"),
+                                         ("/v1/chat/completions", b"reasoning_effort")])
+def test_think_levels_and_logprobs_reach_ollama_byte_for_byte_and_come_back(
+        app, make_key, fake, path, field):
+    secret, _ = make_key()
+    client = app.test_client()
+    fake.tokens = 2
+    for value in THINK if field == b"think" else [b'"low"', b'"medium"', b'"high"', b'"none"']:
+        raw = (b'{"model":"llama3.2","messages":[{"role":"user","content":"hi"}],'
+               b'"prompt":"hi","stream":false,"%s":%s,"logprobs":true,"top_logprobs":3}'
+               % (field, value))
+        answer = client.post(path, data=raw, headers={"Authorization": f"Bearer {secret}",
+                                                      "Content-Type": "application/json"})
+        assert answer.status_code == 200
+        assert fake.requests[-1].body == raw  # nothing to change: sent as it came
+        data = answer.get_json()
+        logprobs = (data["choices"][0]["logprobs"]["content"] if path.startswith("/v1/")
+                    else data["logprobs"])
+        assert [entry["token"] for entry in logprobs] == ["word0", " word1"]
+        assert len(logprobs[0]["top_logprobs"]) == 3
+    raw = raw.replace(b'"stream":false', b'"stream":true')
+    streamed = client.post(path, data=raw, headers={"Authorization": f"Bearer {secret}",
+                                                    "Content-Type": "application/json"})
+    sent = fake.requests[-1].json()
+    if path.startswith("/v1/"):  # the gateway asks for usage: the rest as it came
+        assert sent.pop("stream_options") == {"include_usage": True}
+    assert sent == json.loads(raw)
+    assert streamed.get_data().count(b'"top_logprobs":[') == 2  # one a token, relayed
+
+
 def test_usage_of_each_endpoint_is_recorded(user, app, fake):
     user.embeddings.create(model="nomic-embed-text", input=["one two", "three"])
     user.responses.create(model="llama3.2", input="a b c")

@@ -3,6 +3,7 @@ import httpx
 import openai
 import pytest
 
+from tests.admission.test_quota_gateway import settled
 from tests.gateway_process import GatewayProcess
 
 pytestmark = pytest.mark.gateway
@@ -77,3 +78,44 @@ def test_the_openai_client_retries_a_429_after_retry_after(gateway, fake):
     patient = openai.OpenAI(base_url=gateway.url + "/v1", api_key=key, max_retries=3,
                             timeout=60, http_client=httpx.Client(timeout=60))
     assert [len(patient.models.list().data) for _ in range(3)] == [3, 3, 3]
+
+
+# What Codex sends to a custom provider with `wire_api = "responses"` (plain JSON).
+CODEX_TOOLS = [
+    {"type": "function", "name": "shell", "description": "Runs a shell command.",
+     "strict": False, "parameters": {"type": "object", "properties": {
+         "command": {"type": "array", "items": {"type": "string"}}},
+         "required": ["command"], "additionalProperties": False}},
+    {"type": "function", "name": "apply_patch", "description": "Edits files.",
+     "strict": False, "parameters": {"type": "object", "properties": {
+         "input": {"type": "string"}}, "required": ["input"]}}]
+
+
+def codex(openai_client, model="llama3.2"):
+    return openai_client.responses.create(
+        model=model, instructions="You are Codex, a coding agent. " * 50, stream=True,
+        input=[{"type": "message", "role": "user",
+                "content": [{"type": "input_text", "text": "list the files here"}]}],
+        tools=CODEX_TOOLS, tool_choice="auto", parallel_tool_calls=False,
+        reasoning={"effort": "medium", "summary": "auto"},
+        include=["reasoning.encrypted_content"], store=False,
+        prompt_cache_key="0199a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b")
+
+
+def test_codexs_request_runs_within_the_allow_list_and_is_charged_the_final_counts(gateway,
+                                                                                   fake):
+    created = gateway.add_key("--name", "codex", "--models", "llama3.2",
+                              "--token-quota", "100000/day")
+    events = list(codex(client(gateway, created["key"])))
+    assert [e.type for e in events][-1] == "response.completed"
+    done = events[-1].response
+    assert done.reasoning.effort == "medium" and [t.name for t in done.tools] == [
+        "shell", "apply_patch"]
+    sent = fake.requests[-1].json()
+    assert (sent["include"], sent["prompt_cache_key"], sent["reasoning"]) == (
+        ["reasoning.encrypted_content"], "0199a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b",
+        {"effort": "medium", "summary": "auto"})
+    assert "authorization" not in fake.requests[-1].headers
+    settled(gateway, created["key"], done.usage.input_tokens + done.usage.output_tokens)
+    with pytest.raises(openai.PermissionDeniedError):
+        codex(client(gateway, created["key"]), model="qwen2.5:0.5b")

@@ -98,6 +98,49 @@ def test_a_quota_key_without_max_tokens_gets_what_is_left(client, make_key, fake
     assert answer.headers["X-Quota-Remaining"] == "0"  # all of it reserved while it ran
 
 
+def test_count_tokens_answers_what_a_quota_reserves_for_the_same_body(client, make_key, fake):
+    secret, _ = make_key(token_quota="5000/day")
+    body = {**{k: v for k, v in MESSAGES.items() if k != "max_tokens"},
+            "tools": [{"name": "read", "description": "reads a file",
+                       "input_schema": {"type": "object", "properties": {
+                           "path": {"type": "string"}}}}],
+            "messages": [*MESSAGES["messages"],
+                         {"role": "assistant", "content": [
+                             {"type": "thinking", "thinking": "let me look"},
+                             {"type": "tool_use", "id": "t1", "name": "read",
+                              "input": {"path": "a.txt"}}]},
+                         {"role": "user", "content": [
+                             {"type": "tool_result", "tool_use_id": "t1", "content": "hello"},
+                             {"type": "image", "source": {"type": "base64",
+                                                          "media_type": "image/png",
+                                                          "data": "iVBORw0KGgo="}}]}]}
+    counted = client.post("/v1/messages/count_tokens", json=body, headers=auth_header(secret))
+    assert counted.status_code == 200
+    tokens = counted.get_json()["input_tokens"]
+    assert counted.get_json() == {"input_tokens": tokens}
+    assert tokens > estimate.IMAGE_TOKENS
+    assert fake.requests == []  # answered by the gateway
+    # The reservation for the same body leaves the answer exactly what the estimate does not.
+    assert client.post("/v1/messages", json=body, headers=auth_header(secret)).status_code \
+        == 200
+    assert sent(fake)["max_tokens"] == 5000 - tokens
+
+
+def test_a_quota_key_is_clamped_to_what_is_left_so_claude_codes_32000_fits(client, make_key,
+                                                                          fake):
+    secret, _ = make_key(token_quota="300/day")
+    prompt = estimate.prompt_tokens(MESSAGES)
+    answer = client.post("/v1/messages", json=MESSAGES, headers=auth_header(secret))
+    assert answer.status_code == 200
+    assert sent(fake)["max_tokens"] == 300 - prompt  # not 32000: the reservation fits
+    assert answer.headers["X-Quota-Remaining"] == "0"
+    exactly = {**MESSAGES, "max_tokens": 300 - prompt}  # what is left: sent as it came
+    fresh, _ = make_key(token_quota="300/day")
+    assert client.post("/v1/messages", json=exactly, headers=auth_header(fresh)).status_code \
+        == 200
+    assert sent(fake) == exactly
+
+
 UNCOUNTED = ["/v1/images/generations", "/v1/images/edits", "/v1/audio/transcriptions"]
 FORM = (b'--XyZ\r\nContent-Disposition: form-data; name="model"\r\n\r\nwhisper\r\n'
         b'--XyZ\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n'

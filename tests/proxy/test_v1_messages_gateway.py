@@ -57,7 +57,9 @@ def test_a_burst_is_charged_at_most_one_request_past_the_quota(gateway, fake):
     assert set(statuses) == {200, 429}
     assert wait_for(lambda: quota_of(gateway, created["prefix"])["reserved"] == 0, 60)
     charged = quota_of(gateway, created["prefix"])["used"]
-    assert charged == 8 * statuses.count(200)
+    # Each charged 3 + 5, or 3 + less: one admitted near the end has its answer cap
+    # lowered to what is left (/v1/messages is clamped, never refused), at least 1.
+    assert 4 * statuses.count(200) <= charged <= 8 * statuses.count(200)
     assert charged <= 100 + 8  # the last one admitted may pass it by its own usage
 
 
