@@ -18,13 +18,13 @@ from cli.context import echo_json, open_db, since_option, table
 LABELS = {"key": ["key_prefix", "key_name"], "model": ["model"], "endpoint": ["endpoint"],
           "day": ["day"], "hour": ["hour"]}
 NUMBERS = ["requests", "errors", "refused", "prompt_tokens", "completion_tokens",
-           "latency_ms_p50", "latency_ms_p95", "ttfb_ms_p50", "tokens_per_second"]
+           "latency_ms_p50", "latency_ms_p95", "ttfb_ms_p50", "tokens_per_second", "gpu_seconds"]
 PERCENTILES = {field for field, *_ in stats.PERCENTILES}
 HEADINGS = {"key_prefix": "key", "key_name": "name", "prompt_tokens": "tokens_in",
             "completion_tokens": "tokens_out", "prompt_tokens_estimated": "in_estimated",
             "latency_ms_p50": "p50_ms",
             "latency_ms_p95": "p95_ms", "ttfb_ms_p50": "ttfb_p50_ms",
-            "tokens_per_second": "tok/s"}
+            "tokens_per_second": "tok/s", "gpu_seconds": "gpu_time"}
 
 
 @click.group(invoke_without_command=True)
@@ -76,6 +76,7 @@ def usage(ctx, ident, model, since, by, as_json, as_csv):
         click.echo(f"no requests in that time (--since {since})")
     else:
         shown = [{HEADINGS.get(c, c): histogram.shown(row, c) if c in PERCENTILES
+                  else gpu_time(row[c]) if c == "gpu_seconds"
                   else ("-" if row.get(c) is None else row[c]) for c in columns}
                  for row in rows]
         table(shown, [HEADINGS.get(c, c) for c in columns])
@@ -83,6 +84,16 @@ def usage(ctx, ident, model, since, by, as_json, as_csv):
         click.echo(f"token quota: {standing.used} used, {standing.reserved} reserved by "
                    f"requests running now, {standing.remaining} left of {standing.limit} "
                    f"(resets {time.strftime('%Y-%m-%dT%H:%MZ', time.gmtime(standing.reset_at))})")
+
+
+def gpu_time(seconds):
+    """GPU seconds as people read them: 0.84s, 12.5s, 4m05s, 2h03m."""
+    if seconds < 60:
+        return f"{seconds:.2f}s" if seconds < 10 else f"{seconds:.1f}s"
+    whole = round(seconds)
+    if whole < 3600:
+        return f"{whole // 60}m{whole % 60:02d}s"
+    return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
 
 
 @usage.command()

@@ -22,7 +22,13 @@ from app.errors import RateLimited
 from app.limits import format_rate_limit
 from app.store.batching import Gather
 from app.store.db import db, forget_idle_connections, is_postgres
-from app.store.models import ApiKey, ConcurrencySlot, QuotaReservation, RateCounter
+from app.store.models import (
+    ApiKey,
+    ConcurrencySlot,
+    GpuReservation,
+    QuotaReservation,
+    RateCounter,
+)
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +69,9 @@ class Limiter:
         self.lease_seconds = lease_seconds
         self.holder = this_process()
         self._held = set()
-        self._reservations = set()  # quota reservations (app/admission/quota.py) the keeper renews
+        # Quota reservations the keeper renews, as (table, id): token quotas'
+        # (app/admission/quota.py) and GPU quotas' (app/admission/gpu_quota.py).
+        self._reservations = set()
         self._unreleased = set()  # slots whose delete failed; the keeper retries them
         self._keeper = None
         self._lock = threading.Lock()
@@ -250,16 +258,16 @@ class Limiter:
             self._held.add(slot_id)
         self._start_keeper()
 
-    def hold_reservation(self, reservation_id):
+    def hold_reservation(self, reservation_id, table=QuotaReservation):
         """Renew a quota reservation's lease until let_go(): the request is running."""
         with self._lock:
-            self._reservations.add(reservation_id)
+            self._reservations.add((table, reservation_id))
         self._start_keeper()
 
-    def let_go(self, reservation_id):
+    def let_go(self, reservation_id, table=QuotaReservation):
         """Stop renewing a reservation: its usage record, which settles it, is written next."""
         with self._lock:
-            self._reservations.discard(reservation_id)
+            self._reservations.discard((table, reservation_id))
 
     def _start_keeper(self):
         with self._lock:
@@ -302,7 +310,8 @@ class Limiter:
         try:
             with db.connection_context():
                 for model, ids in ((ConcurrencySlot, slot_ids),
-                                   (QuotaReservation, reservation_ids)):
+                                   *((table, [i for t, i in reservation_ids if t is table])
+                                     for table in (QuotaReservation, GpuReservation))):
                     if ids:
                         model.update(expires_at=time.time() + self.lease_seconds).where(
                             model.id.in_(ids)).execute()

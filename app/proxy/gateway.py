@@ -175,6 +175,7 @@ def forward(key, path, body, query=b"", transform=None, rewrite=None, model=None
     pending = request_record.current()
     if pending is not None:
         pending.outcome = outcome
+        pending.runs_model = path in QUEUED_PATHS  # it holds a slot: charged GPU time
     watch = ClientWatch(request.environ, settings().client_send_timeout).start()
     members = [target] if target is not None else pool.candidates(model)
     if not isinstance(body, (bytes, type(None))):
@@ -262,6 +263,8 @@ def _send_to_first(members, chosen, pending, watch, take_slot, *request_args):
         member.in_flight += 1
         chosen.append(member)
         started = time.monotonic()
+        if pending is not None and pending.outcome is not None:
+            pending.outcome.sent_at = started  # GPU time runs from here (app/accounting/gpu.py)
         try:
             response = open_upstream(member.client, watch, *request_args)
         except GatewayError as exc:

@@ -53,6 +53,7 @@ class RelayOutcome:
     client_aborted: bool = False
     upstream_error: str | None = None
     tail: bytes = b""  # the last bytes relayed: the final NDJSON line carries token counts
+    sent_at: float | None = None  # when the request left for the upstream that answered it
 
 
 class ClientWatch:

@@ -46,7 +46,11 @@ def _summary(since, key_id=None):
         "average_response_time": round(sum(latency) / overall["requests"] / 1000, 4)
         if overall["requests"] else None,
         "last_24h_requests": recent["requests"],
-        **{k: overall[k] for k in ("errors", "refused", "prompt_tokens", "completion_tokens")},
+        **{k: overall[k] for k in ("errors", "refused", "prompt_tokens", "completion_tokens",
+                                   "gpu_seconds")},
+        "gpu_seconds_by_model": {r["model"] or "(none)": r["gpu_seconds"] for r in by_model
+                                 if r["gpu_seconds"]},
+        "gpu_seconds_by_upstream": stats.gpu_by_upstream(since, key_id),
         "by_model": by_model,
         "by_day": stats.usage(since, "day", key_id),
     }
@@ -116,4 +120,7 @@ def all_stats():
     key = gateway.current_key()
     auth.require_admin(key, "/api/admin/stats")
     since = since_arg()
-    return jsonify({**_summary(since), "keys": stats.usage(since, "key")})
+    keys = stats.usage(since, "key")
+    return jsonify({**_summary(since), "keys": keys,
+                    "gpu_seconds_by_key": {r["key_prefix"] or "(no key)": r["gpu_seconds"]
+                                           for r in keys if r["gpu_seconds"]}})

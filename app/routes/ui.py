@@ -50,8 +50,8 @@ ASSETS = Path(__file__).resolve().parent.parent / "static" / "ui"
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
        "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
 OPEN = {"ui.signin", "ui.asset"}  # the pages reached without a session
-KEY_FIELDS = ("role", "rate_limit", "max_concurrent", "token_quota", "max_ctx", "max_predict",
-              "keep_alive", "priority", "models", "expires")
+KEY_FIELDS = ("role", "rate_limit", "max_concurrent", "token_quota", "gpu_quota", "max_ctx",
+              "max_predict", "keep_alive", "priority", "models", "expires")
 
 
 class _FlashSessions(SecureCookieSessionInterface):
