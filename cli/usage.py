@@ -7,7 +7,7 @@ import time
 import click
 
 from app.accounting import histogram, stats
-from app.admission import quota
+from app.admission import gpu_quota, quota
 from app.keys import registry as keystore
 from app.keys.registry import normalize_model
 from app.limits import parse_duration
@@ -61,9 +61,12 @@ def usage(ctx, ident, model, since, by, as_json, as_csv):
         rows = stats.with_estimates(rows, start)
         columns.insert(columns.index("prompt_tokens") + 1, "prompt_tokens_estimated")
     standing = quota.standing(row) if row is not None and row.token_quota else None
-    if standing is not None:
-        for found in rows:
+    gpu = gpu_quota.standing(row) if row is not None and row.gpu_quota else None
+    for found in rows:
+        if standing is not None:
             found["token_quota"] = standing.fields()
+        if gpu is not None:
+            found["gpu_quota"] = gpu.fields()
     if as_json:
         echo_json(rows)
     elif as_csv:
@@ -84,6 +87,11 @@ def usage(ctx, ident, model, since, by, as_json, as_csv):
         click.echo(f"token quota: {standing.used} used, {standing.reserved} reserved by "
                    f"requests running now, {standing.remaining} left of {standing.limit} "
                    f"(resets {time.strftime('%Y-%m-%dT%H:%MZ', time.gmtime(standing.reset_at))})")
+    if gpu is not None and not as_json and not as_csv:
+        click.echo(f"GPU quota: {gpu_time(gpu.used)} used, {gpu_time(gpu.reserved)} reserved "
+                   f"by requests running now, {gpu_time(gpu.remaining)} left of "
+                   f"{gpu_time(gpu.limit)} "
+                   f"(resets {time.strftime('%Y-%m-%dT%H:%MZ', time.gmtime(gpu.reset_at))})")
 
 
 def gpu_time(seconds):

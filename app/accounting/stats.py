@@ -279,23 +279,6 @@ def gpu_by_upstream(since=None, key_id=None):
     return {name: round(float(seconds or 0), 3) for name, seconds in query.tuples()}
 
 
-def recent_gpu_seconds(key_id, model, upstream=None, requests=20):
-    """The average GPU seconds of the key's last `requests` charged requests of `model`
-    (on `upstream`, if given), or None without one: what a GPU-quota reservation estimates
-    from (app/admission/gpu_quota.py)."""
-    label = UsageLabel.get_or_none(UsageLabel.name == model)
-    if label is None:
-        return None
-    query = (UsageRecord.select(UsageRecord.gpu_seconds)
-             .where((UsageRecord.key_id == key_id) & (UsageRecord.model_id == label.id)
-                    & UsageRecord.gpu_seconds.is_null(False))
-             .order_by(UsageRecord.at.desc()).limit(requests))
-    if upstream is not None:
-        found = UsageLabel.get_or_none(UsageLabel.name == upstream)
-        query = query.where(UsageRecord.upstream_id == (found.id if found else -1))
-    seconds = [row.gpu_seconds for row in query]
-    return sum(seconds) / len(seconds) if seconds else None
-
 
 def estimated_prompt_tokens(since=None, key_id=None):
     """{key id: prompt tokens that are estimates} since `since`: answers that ended

@@ -16,7 +16,7 @@ import time
 import peewee
 from flask import g
 
-from app.admission import quota
+from app.admission import gpu_quota, quota
 from app.admission.holders import this_process
 from app.errors import RateLimited
 from app.limits import format_rate_limit
@@ -79,16 +79,19 @@ class Limiter:
         self._count_sql_cached = None
         self._counting = Gather(self._count_batch)  # groups: (key id, window)
 
-    def admit(self, key, now=None, quota_reserved=False):
+    def admit(self, key, now=None, quota_reserved=False, gpu_reserved=False):
         """Count one request for `key` and take a concurrency slot, or raise 429.
 
         A quota key's request is refused once charged and reserved tokens reach the
-        quota, unless it already reserved its tokens (app/admission/quota.py reserve()).
+        quota, unless it already reserved its tokens (app/admission/quota.py reserve());
+        a GPU-quota key's, likewise, once its GPU seconds do (app/admission/gpu_quota.py).
         """
         now = time.time() if now is None else now
         admission = Admission()
         if key.token_quota and not quota_reserved:
             quota.check(key, now)
+        if key.gpu_quota and not gpu_reserved:
+            gpu_quota.check(key, now)
         if not key.rate_limit and not key.max_concurrent:
             return admission  # nothing to count: no write transaction, no lock
         if not key.max_concurrent:
@@ -324,6 +327,7 @@ class Limiter:
 def init_app(app):
     limiter = app.extensions["limiter"] = Limiter(app.config["SETTINGS"].slot_lease_seconds)
     quota.init_app(app)
+    gpu_quota.init_app(app)
 
     @app.after_request
     def _rate_limit_headers(response):

@@ -11,7 +11,7 @@ import time
 from flask import Blueprint, current_app, g, jsonify, request
 
 from app.accounting import stats
-from app.admission import quota
+from app.admission import gpu_quota, quota
 from app.errors import BadRequest
 from app.limits import format_rate_limit, parse_since
 from app.proxy import auth, gateway
@@ -65,9 +65,11 @@ def own_stats():
     summary["prompt_tokens_estimated"] = stats.estimated_prompt_tokens(since, key.id).get(
         key.id, 0)
     standing = g.quota_standing = quota.standing(key) if key.token_quota else None
+    gpu = g.gpu_quota_standing = gpu_quota.standing(key) if key.gpu_quota else None
     return jsonify({"key": {"id": key.id, "prefix": key.prefix, "name": key.name,
                             "role": key.role}, **summary,
-                    "token_quota": standing and standing.fields()})
+                    "token_quota": standing and standing.fields(),
+                    "gpu_quota": gpu and gpu.fields()})
 
 
 @bp.get("/api/stats/detailed")
