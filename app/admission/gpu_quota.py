@@ -9,9 +9,10 @@ the reservation in the transaction that charges the real GPU seconds
 (app/accounting/usage.py), so a request counts once, by one or the other; the holder
 renews the lease while the request runs, and a crashed worker's rows lapse.
 
-The estimate is the key's average GPU time over its last 20 requests of that model on
-that upstream, or, without any, gpu_quota_estimate_seconds of one slot (÷ the upstream's
-slots × its gpu_cost). A request's real GPU time is known only when it ends, so a key can
+The estimate is the longest GPU time of the key's last 20 requests of that model on that
+upstream (the longest, not the average: a request longer than its estimate is what lets a
+key past its quota), or, without any, gpu_quota_estimate_seconds of one slot (÷ the
+upstream's slots × its gpu_cost). A request's real GPU time is known only when it ends, so a key can
 go past its quota by what its requests running at the moment it reached the quota use
 beyond their estimates (bench/gpu_quota_overshoot.py measures it); the next request is
 refused until the period ends.
@@ -101,7 +102,7 @@ def check(key, now=None):
 
 
 def recent_gpu_seconds(key_id, model, upstream=None, requests=20):
-    """The average GPU seconds of the key's last `requests` charged requests of `model`
+    """The most GPU seconds of the key's last `requests` charged requests of `model`
     (on `upstream`, if given), or None without one: what a GPU-quota reservation estimates
     from (app/admission/gpu_quota.py)."""
     label = UsageLabel.get_or_none(UsageLabel.name == model)
@@ -115,7 +116,7 @@ def recent_gpu_seconds(key_id, model, upstream=None, requests=20):
         found = UsageLabel.get_or_none(UsageLabel.name == upstream)
         query = query.where(UsageRecord.upstream_id == (found.id if found else -1))
     seconds = [row.gpu_seconds for row in query]
-    return sum(seconds) / len(seconds) if seconds else None
+    return max(seconds) if seconds else None
 
 
 def estimate(key, model, spec, default_seconds):

@@ -96,7 +96,7 @@ def test_the_estimate_is_the_keys_recent_gpu_time_for_that_model_else_the_defaul
                       key_id=key.id + 1, model="llama3.2:latest", upstream="gpu1",
                       gpu_seconds=100.0))  # another key's
     writer.stop()
-    assert gpu_quota.estimate(key, "llama3.2:latest", spec, 60.0) == 2.0
+    assert gpu_quota.estimate(key, "llama3.2:latest", spec, 60.0) == 3.0  # the longest
     assert gpu_quota.estimate(key, "qwen2.5:0.5b", spec, 60.0) == 7.5
 
 
