@@ -7,6 +7,7 @@ import time
 import click
 
 from app.accounting import histogram, stats
+from app.accounting.gpu import shown as gpu_time
 from app.admission import gpu_quota, quota
 from app.keys import registry as keystore
 from app.keys.registry import normalize_model
@@ -92,16 +93,6 @@ def usage(ctx, ident, model, since, by, as_json, as_csv):
                    f"by requests running now, {gpu_time(gpu.remaining)} left of "
                    f"{gpu_time(gpu.limit)} "
                    f"(resets {time.strftime('%Y-%m-%dT%H:%MZ', time.gmtime(gpu.reset_at))})")
-
-
-def gpu_time(seconds):
-    """GPU seconds as people read them: 0.84s, 12.5s, 4m05s, 2h03m."""
-    if seconds < 60:
-        return f"{seconds:.2f}s" if seconds < 10 else f"{seconds:.1f}s"
-    whole = round(seconds)
-    if whole < 3600:
-        return f"{whole // 60}m{whole % 60:02d}s"
-    return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
 
 
 @usage.command()

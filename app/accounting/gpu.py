@@ -63,6 +63,16 @@ def gpu_seconds(record, spec, held_seconds, load_seconds=0.0, spreader=None):
     return round(held_seconds * factor, 6), round(load * factor, 6)
 
 
+def shown(seconds):
+    """GPU seconds as people read them: 0.84s, 12.5s, 4m05s, 2h03m."""
+    if seconds < 60:
+        return f"{seconds:.2f}s" if seconds < 10 else f"{seconds:.1f}s"
+    whole = round(seconds)
+    if whole < 3600:
+        return f"{whole // 60}m{whole % 60:02d}s"
+    return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
+
+
 class LoadSpreader:
     """gpu_load_charge = "spread": each model load shared by the next `requests` requests of
     that model on that upstream (this worker's), not charged to the one that caused it."""

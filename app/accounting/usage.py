@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 REFUSALS = {"auth": 1, "forbidden": 2, "rate": 3, "concurrency": 4, "quota": 5, "invalid": 6,
             "queue_full": 7, "queue_timeout": 8, "gpu_quota": 9}
 REFUSAL_NAMES = {code: name for name, code in REFUSALS.items()}
+FRACTIONAL = {"gpu_seconds", "load_seconds"}  # the sums that are not whole numbers
 BATCH = 200  # records per transaction: a SQLite write holds its worker this long, no longer
 LATENCY_COLUMNS, TTFB_COLUMNS = bucket_columns("latency"), bucket_columns("ttfb")
 SUM_COLUMNS = ("requests", "errors", "refusals", "aborted", "prompt_tokens",
