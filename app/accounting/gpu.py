@@ -5,8 +5,9 @@ upstream's slots, times the upstream's gpu_cost:
 
 - the time held is Ollama's `total_duration` where the answer reports it (native /api,
   in nanoseconds, read from the answer's last bytes in passing), else the time from the
-  gateway sending the request to its last byte (/v1/*: Ollama's OpenAI answers carry no
-  durations; an /api answer cut short has none either);
+  gateway sending the request to the answer's last byte arriving from Ollama (/v1/*:
+  Ollama's OpenAI answers carry no durations; an /api answer cut short has none either),
+  not to the client's last byte: a slow client does not hold Ollama's slot;
 - the slots are the upstream's max_concurrent, or its `parallel` when it has no cap
   (UpstreamSpec.slots). Requests that ran side by side report overlapping durations;
   dividing each by the slots keeps their sum within the GPU's own time;
@@ -45,7 +46,7 @@ def held(endpoint, outcome, ended):
         total, load = reported(outcome.tail)
         if total is not None:
             return total, min(load or 0.0, total)
-    return max(0.0, ended - sent), 0.0
+    return max(0.0, (getattr(outcome, "last_byte_at", None) or ended) - sent), 0.0
 
 
 def gpu_seconds(record, spec, held_seconds, load_seconds=0.0, spreader=None):
