@@ -47,9 +47,11 @@ class Settings:
         "checked and counted, never while it waits on Ollama.")
     upstreams: tuple = setting(
         ("http://127.0.0.1:11434",), "Ollama servers: URLs, or tables with url and optional "
-        "name, weight (share of requests, default 1) and max_concurrent (requests it serves at "
-        "once; default upstream_max_concurrent). The environment takes a comma-separated "
-        "list of URLs or NAME=URL; OLLAMA_URL one.")
+        "name, weight (share of requests, default 1), max_concurrent (requests it serves at "
+        "once; default upstream_max_concurrent), parallel (the slots of an upstream without "
+        "a cap, for GPU time; default 1) and gpu_cost (what its GPU second counts for; "
+        "default 1.0). The environment takes a comma-separated list of URLs or NAME=URL; "
+        "OLLAMA_URL one.")
     upstream_max_concurrent: int = setting(
         4, "Requests each upstream serves at once unless its table says otherwise: match "
         "Ollama's OLLAMA_NUM_PARALLEL (4, or 1 on a small GPU). More wait in the gateway's "
@@ -112,6 +114,16 @@ class Settings:
     quota_warning_share: float = setting(
         0.8, "Share of a key's token quota (0 < share <= 1) whose use sends the quota.warning "
         "webhook event, once per key and quota period.")
+    gpu_load_charge: str = setting(
+        "request", "Who is charged a model load's GPU time (Ollama's load_duration): request "
+        "(the request that caused it) or spread (shared evenly by the next "
+        "gpu_load_spread_requests requests of that model on that upstream, in each worker).")
+    gpu_load_spread_requests: int = setting(
+        10, "How many requests share a model load's GPU time when gpu_load_charge is spread.")
+    gpu_quota_estimate_seconds: float = setting(
+        60.0, "Seconds of an upstream's slot a request to a --gpu-quota key reserves when its "
+        "key has no recent request of that model to estimate from (divided by the "
+        "upstream's slots and multiplied by its gpu_cost, as GPU time is).")
     webhook_timeout: float = setting(
         10.0, "Seconds one webhook delivery attempt may take, from connecting to the "
         "receiver's answer; a slower attempt counts as failed and is retried.")
@@ -188,6 +200,16 @@ class UpstreamSpec:
     url: str
     weight: float = 1.0
     max_concurrent: int | None = None  # None: no cap, Ollama queues
+    parallel: int = 1  # the slots of an upstream without a cap (app/accounting/gpu.py)
+    gpu_cost: float = 1.0  # what one of its GPU seconds counts for
+
+    @property
+    def slots(self):
+        """How many requests share its GPU: a GPU second is this many slot-seconds."""
+        return self.max_concurrent or self.parallel
+
+
+UPSTREAM_FIELDS = ("url", "name", "weight", "max_concurrent", "parallel", "gpu_cost")
 
 
 def parse_upstream(entry, default_cap=0):
@@ -200,11 +222,10 @@ def parse_upstream(entry, default_cap=0):
             else {"url": entry.strip()}
     if not isinstance(entry, dict) or not isinstance(entry.get("url"), str):
         raise ConfigError(f"upstream {entry!r} must be a URL or a table with a url")
-    unknown = set(entry) - {"url", "name", "weight", "max_concurrent"}
+    unknown = set(entry) - set(UPSTREAM_FIELDS)
     if unknown:
         raise ConfigError(f"upstream {entry['url']!r}: unknown field(s) "
-                          f"{', '.join(sorted(unknown))}; known: url, name, weight, "
-                          "max_concurrent")
+                          f"{', '.join(sorted(unknown))}; known: {', '.join(UPSTREAM_FIELDS)}")
     url = entry["url"].rstrip("/")
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -217,8 +238,13 @@ def parse_upstream(entry, default_cap=0):
     if isinstance(cap, bool) or not isinstance(cap, int) or cap < 0:
         raise ConfigError(f"upstream {url!r}: max_concurrent must be a whole number, 0 (no "
                           "cap) or more")
+    parallel, cost = entry.get("parallel", 1), entry.get("gpu_cost", 1.0)
+    if isinstance(parallel, bool) or not isinstance(parallel, int) or parallel < 1:
+        raise ConfigError(f"upstream {url!r}: parallel must be a whole number, 1 or more")
+    if isinstance(cost, bool) or not isinstance(cost, (int, float)) or not 0 <= cost < 1e6:
+        raise ConfigError(f"upstream {url!r}: gpu_cost must be a number, 0 or more")
     name = str(entry.get("name") or parts.netloc)
-    return UpstreamSpec(name, url, float(weight), cap or None)
+    return UpstreamSpec(name, url, float(weight), cap or None, parallel, float(cost))
 
 
 ENV_PREFIX = "OLLAMA_GW_"
@@ -441,6 +467,15 @@ def validate(settings):
     if settings.ui_session_hours <= 0:
         raise ConfigError("ui_session_hours must be a positive number of hours",
                           "ui_session_hours")
+    if settings.gpu_load_charge not in ("request", "spread"):
+        raise ConfigError(f"gpu_load_charge must be request or spread, not "
+                          f"{settings.gpu_load_charge!r}", "gpu_load_charge")
+    if settings.gpu_load_spread_requests < 1:
+        raise ConfigError("gpu_load_spread_requests must be 1 or more",
+                          "gpu_load_spread_requests")
+    if not 0 < settings.gpu_quota_estimate_seconds < 86400:
+        raise ConfigError("gpu_quota_estimate_seconds must be a positive number of seconds "
+                          "under a day", "gpu_quota_estimate_seconds")
     if settings.webhook_timeout <= 0:
         raise ConfigError("webhook_timeout must be a positive number of seconds",
                           "webhook_timeout")

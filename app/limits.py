@@ -99,6 +99,36 @@ def format_token_quota(tokens, period):
     return f"{tokens}/{period}" if tokens else "none"
 
 
+GPU_UNITS = {"s": 1, "m": 60, "h": 3600}
+
+
+def parse_gpu_quota(text):
+    """Return (seconds, 'day'|'month') for GPU time per period (`90s/day`, `30m/day`,
+    `2h/month`; units s, m, h), or None for `none`."""
+    raw = str(text).strip().lower().replace(" ", "")
+    if raw in UNLIMITED:
+        return None
+    match = re.fullmatch(r"(\d+)([smh])(?:/|per)(day|month)s?", raw)
+    if not match:
+        raise ValueError(f"GPU quota {text!r} is not TIME/day or TIME/month: use e.g. "
+                         "90s/day, 30m/day, 2h/month (units s, m, h) or 'none'")
+    seconds = int(match.group(1)) * GPU_UNITS[match.group(2)]
+    limit = 31 * 86400 if match.group(3) == "month" else 86400
+    if not 1 <= seconds <= limit:
+        raise ValueError(f"GPU quota {text!r} must be at least 1 s and at most the period "
+                         f"({limit // 3600}h/{match.group(3)})")
+    return seconds, match.group(3)
+
+
+def format_gpu_quota(seconds, period):
+    """The inverse of parse_gpu_quota, in the largest whole unit: `2h/day`, `90s/day`."""
+    if not seconds:
+        return "none"
+    for unit, size in (("h", 3600), ("m", 60), ("s", 1)):
+        if seconds % size == 0:
+            return f"{seconds // size}{unit}/{period}"
+
+
 def quota_period(period, now):
     """(start, end) in epoch seconds of the UTC day or month that contains `now`."""
     moment = datetime.datetime.fromtimestamp(now, datetime.timezone.utc)

@@ -59,6 +59,10 @@ QUEUE_WAITING = Gauge("ollama_gw_queue_waiting",
 QUEUE_WAIT = Histogram("ollama_gw_queue_wait_seconds",
                        "How long requests waited for an upstream's slot, by key prefix.",
                        ["upstream", "key"], buckets=SECONDS)
+GPU_SECONDS = Counter("ollama_gw_gpu_seconds",
+                      "GPU time requests used (app/accounting/gpu.py: time holding a slot / "
+                      "the upstream's slots x its gpu_cost), by upstream, model and key prefix.",
+                      ["upstream", "model", "key"])
 WEBHOOK_ATTEMPTS = Counter("ollama_gw_webhook_attempts",
                            "Webhook delivery attempts, by outcome.", ["outcome"])
 
@@ -116,6 +120,10 @@ class Tally:
             counts[TOKENS, (record.model, "prompt")] += record.prompt_tokens
         if record.model and record.completion_tokens:
             counts[TOKENS, (record.model, "completion")] += record.completion_tokens
+        if record.gpu_seconds:  # a model Ollama failed for is "other": labels stay bounded
+            model = record.model if record.status < 400 else "other"
+            counts[GPU_SECONDS, (record.upstream or "", model or "",
+                                 record.key_prefix or "")] += record.gpu_seconds
 
     def flush(self):
         with self._lock:

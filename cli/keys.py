@@ -5,7 +5,7 @@ from app.keys import registry as keystore
 from cli.context import echo_json, open_db, redact, settings, table, when
 
 LIST_COLUMNS = ["id", "prefix", "name", "role", "rate_limit", "max_concurrent", "token_quota",
-                "models", "status", "last_used_at", "expires_at"]
+                "gpu_quota", "models", "status", "last_used_at", "expires_at"]
 
 limit_options = [
     click.option("--role", type=click.Choice(keystore.ROLES), help="user (default) or admin."),
@@ -16,6 +16,9 @@ limit_options = [
     click.option("--token-quota", metavar="N/day|N/month",
                  help="Prompt + completion tokens per UTC day or month, e.g. 200000/day; "
                  "'none' for no quota."),
+    click.option("--gpu-quota", metavar="TIME/day|TIME/month",
+                 help="GPU time per UTC day or month (units s, m, h), e.g. 2h/day, 90s/day, "
+                 "30m/month; 'none' for no quota."),
     click.option("--max-ctx", type=click.IntRange(min=0), metavar="N",
                  help="Largest num_ctx (context tokens) the key may ask for (0: no cap)."),
     click.option("--max-predict", type=click.IntRange(min=0), metavar="N",
@@ -71,8 +74,8 @@ def keys():
 @click.option("--name", required=True, help="Who or what uses the key.")
 @with_limit_options
 @json_option
-def add(name, role, rate_limit, max_concurrent, token_quota, max_ctx, max_predict, keep_alive,
-        priority, models, expires, as_json):
+def add(name, role, rate_limit, max_concurrent, token_quota, gpu_quota, max_ctx, max_predict,
+        keep_alive, priority, models, expires, as_json):
     """Create a key and print its secret once."""
     conf = settings()
     open_db()
@@ -81,7 +84,8 @@ def add(name, role, rate_limit, max_concurrent, token_quota, max_ctx, max_predic
         row, secret = keystore.create_key(name, role or "user", rate_limit, max_concurrent,
                                           models, expires, defaults, token_quota,
                                           max_ctx=max_ctx, max_predict=max_predict,
-                                          keep_alive=keep_alive, priority=priority)
+                                          keep_alive=keep_alive, priority=priority,
+                                          gpu_quota=gpu_quota)
     except keystore.KeyOpError as exc:
         _fail(exc)
     summary = keystore.key_summary(row)
@@ -133,19 +137,21 @@ def show(ident, as_json):
 @click.option("--name", help="New name.")
 @with_limit_options
 @json_option
-def update(ident, name, role, rate_limit, max_concurrent, token_quota, max_ctx, max_predict,
-           keep_alive, priority, models, expires, as_json):
+def update(ident, name, role, rate_limit, max_concurrent, token_quota, gpu_quota, max_ctx,
+           max_predict, keep_alive, priority, models, expires, as_json):
     """Change a key's name, role or limits.
 
     Changes take effect within a second.
     """
     changes = {"name": name, "role": role, "rate_limit": rate_limit,
                "max_concurrent": max_concurrent, "token_quota": token_quota,
+               "gpu_quota": gpu_quota,
                "max_ctx": max_ctx, "max_predict": max_predict, "keep_alive": keep_alive,
                "priority": priority, "models": models, "expires": expires}
     if all(value is None for value in changes.values()):
         raise click.UsageError("nothing to change: give at least one of --name, --role, "
-                               "--rate-limit, --max-concurrent, --token-quota, --max-ctx, "
+                               "--rate-limit, --max-concurrent, --token-quota, --gpu-quota, "
+                               "--max-ctx, "
                                "--max-predict, --keep-alive, --priority, --models, --expires")
     open_db()
     try:

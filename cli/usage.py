@@ -7,7 +7,8 @@ import time
 import click
 
 from app.accounting import histogram, stats
-from app.admission import quota
+from app.accounting.gpu import shown as gpu_time
+from app.admission import gpu_quota, quota
 from app.keys import registry as keystore
 from app.keys.registry import normalize_model
 from app.limits import parse_duration
@@ -18,13 +19,13 @@ from cli.context import echo_json, open_db, since_option, table
 LABELS = {"key": ["key_prefix", "key_name"], "model": ["model"], "endpoint": ["endpoint"],
           "day": ["day"], "hour": ["hour"]}
 NUMBERS = ["requests", "errors", "refused", "prompt_tokens", "completion_tokens",
-           "latency_ms_p50", "latency_ms_p95", "ttfb_ms_p50", "tokens_per_second"]
+           "latency_ms_p50", "latency_ms_p95", "ttfb_ms_p50", "tokens_per_second", "gpu_seconds"]
 PERCENTILES = {field for field, *_ in stats.PERCENTILES}
 HEADINGS = {"key_prefix": "key", "key_name": "name", "prompt_tokens": "tokens_in",
             "completion_tokens": "tokens_out", "prompt_tokens_estimated": "in_estimated",
             "latency_ms_p50": "p50_ms",
             "latency_ms_p95": "p95_ms", "ttfb_ms_p50": "ttfb_p50_ms",
-            "tokens_per_second": "tok/s"}
+            "tokens_per_second": "tok/s", "gpu_seconds": "gpu_time"}
 
 
 @click.group(invoke_without_command=True)
@@ -61,9 +62,12 @@ def usage(ctx, ident, model, since, by, as_json, as_csv):
         rows = stats.with_estimates(rows, start)
         columns.insert(columns.index("prompt_tokens") + 1, "prompt_tokens_estimated")
     standing = quota.standing(row) if row is not None and row.token_quota else None
-    if standing is not None:
-        for found in rows:
+    gpu = gpu_quota.standing(row) if row is not None and row.gpu_quota else None
+    for found in rows:
+        if standing is not None:
             found["token_quota"] = standing.fields()
+        if gpu is not None:
+            found["gpu_quota"] = gpu.fields()
     if as_json:
         echo_json(rows)
     elif as_csv:
@@ -76,6 +80,7 @@ def usage(ctx, ident, model, since, by, as_json, as_csv):
         click.echo(f"no requests in that time (--since {since})")
     else:
         shown = [{HEADINGS.get(c, c): histogram.shown(row, c) if c in PERCENTILES
+                  else gpu_time(row[c]) if c == "gpu_seconds"
                   else ("-" if row.get(c) is None else row[c]) for c in columns}
                  for row in rows]
         table(shown, [HEADINGS.get(c, c) for c in columns])
@@ -83,6 +88,11 @@ def usage(ctx, ident, model, since, by, as_json, as_csv):
         click.echo(f"token quota: {standing.used} used, {standing.reserved} reserved by "
                    f"requests running now, {standing.remaining} left of {standing.limit} "
                    f"(resets {time.strftime('%Y-%m-%dT%H:%MZ', time.gmtime(standing.reset_at))})")
+    if gpu is not None and not as_json and not as_csv:
+        click.echo(f"GPU quota: {gpu_time(gpu.used)} used, {gpu_time(gpu.reserved)} reserved "
+                   f"by requests running now, {gpu_time(gpu.remaining)} left of "
+                   f"{gpu_time(gpu.limit)} "
+                   f"(resets {time.strftime('%Y-%m-%dT%H:%MZ', time.gmtime(gpu.reset_at))})")
 
 
 @usage.command()

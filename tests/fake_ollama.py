@@ -183,8 +183,9 @@ class _Handler(OpenAIRoutes, AnthropicRoutes, BaseHTTPRequestHandler):
         path, self._started, self._streaming = self.path.split("?", 1)[0], False, False
         cancellations = self.fake.cancellations  # so a reset() mid-request doesn't inherit this one
         self._counted = self.command == "POST" and (path.startswith("/v1/") or path in RUNS_MODEL)
+        self._path, self._slot_ns = path, None
         if self._counted:
-            self.fake._running(+1)
+            self._slot_ns = self.fake._take_slot()
         try:
             if path.startswith("/api/blobs/") and self.command in ("HEAD", "POST"):
                 return self._blob(path[len("/api/blobs/") :])
@@ -259,7 +260,7 @@ class _Handler(OpenAIRoutes, AnthropicRoutes, BaseHTTPRequestHandler):
         """
         if self._counted:
             self._counted = False
-            self.fake._running(-1)
+            self.fake._give_slot(self._path, self._slot_ns)
 
     def _send(self, status: int, body: bytes = b"", ctype: str | None = None):
         self.send_response(status)
@@ -398,14 +399,18 @@ class _Handler(OpenAIRoutes, AnthropicRoutes, BaseHTTPRequestHandler):
         if empty and req.get("keep_alive") in (0, "0", "0s", "0m"):  # Ollama's "unload model" call
             self.fake._loaded.pop(_full(model), None)
             return self._json(frame("", done=True, done_reason="unload"))
-        stream, t0 = req.get("stream") is not False, time.monotonic_ns()
+        stream, t0 = req.get("stream") is not False, self._slot_ns or time.monotonic_ns()
+        loading = self.fake._loaded.get(_full(model), 0) <= time.time()
+        if loading:  # Ollama's load_duration: from taking the slot to the model being ready
+            self._sleep(self.fake.load_delay)
+        t_loaded = time.monotonic_ns()
         self._begin(stream and not empty)
         self.fake._loaded[_full(model)] = time.time() + 300
         if empty:  # Ollama's "load model" call
             return self._json(frame("", done=True, done_reason="load"))
         num_predict = (req.get("options") or {}).get("num_predict")
         limited = isinstance(num_predict, int) and num_predict > 0  # <= 0 means no limit
-        n, t_loaded = num_predict if limited else self.fake.tokens, time.monotonic_ns()
+        n, t_prompt = num_predict if limited else self.fake.tokens, time.monotonic_ns()
         wants_logprobs = req.get("logprobs") is True
         for i in range(n):
             self._tick(i)
@@ -415,11 +420,10 @@ class _Handler(OpenAIRoutes, AnthropicRoutes, BaseHTTPRequestHandler):
                 self._line(frame(token, done=False, **extra))
         if self.fake.fail_after_tokens is not None and n >= self.fake.fail_after_tokens:
             raise _Crash
-        load, evals, prompt_eval = (
-            t_loaded - t0 + 1,
-            time.monotonic_ns() - t_loaded + 1,
-            1000 * prompt_count,
-        )
+        # As Ollama measures them: total from the slot taken to now, load inside it (1 ns
+        # when the model was loaded already), the first byte's wait as the prompt's.
+        load = (t_loaded - t0 if loading else 0) + 1
+        evals, prompt_eval = time.monotonic_ns() - t_prompt + 1, t_prompt - t_loaded + 1
         reason = (
             "length" if limited else "stop"
         )  # the runner says "length" when num_predict cuts it off
@@ -431,7 +435,7 @@ class _Handler(OpenAIRoutes, AnthropicRoutes, BaseHTTPRequestHandler):
                 done=True, done_reason=reason, context=list(range(1, prompt_count + n + 1))
             )
         final.update(
-            total_duration=load + prompt_eval + evals,
+            total_duration=time.monotonic_ns() - t0 + 1,
             load_duration=load,
             prompt_eval_count=prompt_count,
             prompt_eval_duration=prompt_eval,
@@ -456,7 +460,7 @@ class _Handler(OpenAIRoutes, AnthropicRoutes, BaseHTTPRequestHandler):
         if not isinstance(inputs, list) or not all(isinstance(x, str) for x in inputs):
             return self._error(400, "invalid input type")
         if model := self._model(req, "model is required", NOT_PULLED):
-            t0 = time.monotonic_ns()
+            t0 = self._slot_ns or time.monotonic_ns()
             self._begin(False)
             self.fake._loaded[_full(model)] = time.time() + 300
             if not inputs:
@@ -591,6 +595,7 @@ class FakeOllama:
         self._server: ThreadingHTTPServer | None = None
         self._conns: set[socket.socket] = set()
         self._lock, self._stopping, self._modified = threading.Lock(), False, _now()
+        self._slot_free = threading.Condition(self._lock)
         self.active_streams = 0
         self.reset()
 
@@ -606,6 +611,13 @@ class FakeOllama:
         self.cancellations: list[float] = []
         self.blobs: dict[str, int] = {}  # digest -> size
         self.running = self.most_running = 0  # model requests being served now, and the peak
+        # Like OLLAMA_NUM_PARALLEL: model requests served at once (0: any number); more wait
+        # for a slot. Each request's slot is logged in `occupancy` as it is given back:
+        # (path, acquired, released), time.monotonic() seconds; a test's ground truth for
+        # GPU time. load_delay: seconds a model that is not loaded takes to load.
+        self.num_parallel = 0
+        self.load_delay = 0.0
+        self.occupancy: list[tuple[str, float, float]] = []
         self._loaded: dict[str, float] = {}  # model -> expiry as time.time(), for /api/ps
 
     @property
@@ -643,10 +655,27 @@ class FakeOllama:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def _running(self, change: int) -> None:
-        with self._lock:
-            self.running += change
+    def _take_slot(self) -> int:
+        """Wait for one of num_parallel slots (if capped), count it running; monotonic ns."""
+        with self._slot_free:
+            while self.num_parallel and self.running >= self.num_parallel:
+                self._slot_free.wait(0.05)
+            self.running += 1
             self.most_running = max(self.most_running, self.running)
+            return time.monotonic_ns()
+
+    def _give_slot(self, path: str, taken_ns: int) -> None:
+        released = time.monotonic_ns()
+        with self._slot_free:
+            self.running -= 1
+            self.occupancy.append((path, taken_ns / 1e9, released / 1e9))
+            self._slot_free.notify()
+
+    def slot_seconds(self, path_prefix: str = "") -> float:
+        """Seconds slots were held by requests whose path starts with `path_prefix`."""
+        with self._lock:
+            return sum(end - start for path, start, end in self.occupancy
+                       if path.startswith(path_prefix))
 
     def wait_for_cancellation(self, timeout: float) -> bool:
         """True as soon as at least one cancellation is recorded, False after `timeout`."""

@@ -19,11 +19,13 @@ from flask import g, request
 from werkzeug.wsgi import ClosingIterator
 
 from app import metrics
+from app.accounting import gpu
 from app.accounting.dead_letters import DeadLetters
 from app.accounting.usage import Record, UsageWriter, load_spills, spill, token_counts
 from app.keys.registry import normalize_model
 from app.redact import redact
 from app.store.client_address import client_address
+from app.store.models import GpuReservation
 from app.webhooks import outbox as webhooks
 
 
@@ -47,6 +49,8 @@ class Pending:
     query: str = ""
     prompt_estimate: int | None = None  # app/admission/estimate.py's, for a model-running request
     reservation_id: int | None = None  # its quota reservation (app/admission/quota.py)
+    gpu_reservation_id: int | None = None  # its GPU-quota one (app/admission/gpu_quota.py)
+    runs_model: bool = False  # holds an upstream slot: charged GPU time (app/accounting/gpu.py)
 
 
 def begin(endpoint):
@@ -80,7 +84,8 @@ def relaying(pending):
     metrics.TALLY.inflight += 1
 
 
-def finish(writer, pending, response, log_access, limiter=None, warning_share=0.8):
+def finish(writer, pending, response, log_access, limiter=None, warning_share=0.8,
+           meter=None):
     end = time.monotonic()
     outcome = pending.outcome
     relayed = outcome is not None and outcome.first_byte_at is not None
@@ -94,8 +99,10 @@ def finish(writer, pending, response, log_access, limiter=None, warning_share=0.
         prompt, completion, eval_ms = token_counts(
             outcome.tail, outcome.lines, complete, charged)
         estimated = charged is not None
-    if pending.reservation_id is not None and limiter is not None:
+    if limiter is not None and pending.reservation_id is not None:
         limiter.let_go(pending.reservation_id)
+    if limiter is not None and pending.gpu_reservation_id is not None:
+        limiter.let_go(pending.gpu_reservation_id, GpuReservation)
     status = pending.status
     if relayed and outcome.upstream_error:
         status = 502  # Ollama broke off mid-answer: a failure, whatever status line went out
@@ -118,7 +125,11 @@ def finish(writer, pending, response, log_access, limiter=None, warning_share=0.
         bytes=outcome.bytes if relayed else (response.content_length or 0),
         aborted=bool(outcome is not None and outcome.client_aborted),
         prompt=pending.prompt,
+        gpu_period=key.gpu_period if key and key.gpu_quota else None,
+        gpu_reservation_id=pending.gpu_reservation_id,
     )
+    if meter is not None and pending.runs_model and outcome is not None:
+        meter.charge(record, outcome, end)
     dropped = writer.dropped
     writer.add(record)
     if writer.dropped != dropped:
@@ -221,6 +232,7 @@ def init_app(app):
         on_written=_after_each_write, dead_letters=DeadLetters(settings.resolved_data_dir))
     load_spills(settings.resolved_data_dir, writer)
     log_access = settings.access_log
+    meter = gpu.Meter.from_settings(settings)
 
     @app.before_request
     def _started():
@@ -237,7 +249,8 @@ def init_app(app):
             pending.remote = client_address()
             pending.query = _query_without_keys(req)
             _when_closed(response,
-                         lambda: finish(writer, pending, response, log_access, limiter, share))
+                         lambda: finish(writer, pending, response, log_access, limiter, share,
+                                          meter))
         return response
 
 

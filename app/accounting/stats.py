@@ -210,6 +210,8 @@ def summarize(sums, counts=None):
         **percentiles(sums, counts),
         "tokens_per_second": round(int(sums.get("eval_tokens") or 0) / eval_seconds, 1)
         if eval_seconds else None,
+        "gpu_seconds": round(float(sums.get("gpu_seconds") or 0), 3),
+        "load_seconds": round(float(sums.get("load_seconds") or 0), 3),
     }
     return row
 
@@ -258,7 +260,24 @@ def totals(rows):
     """The sums of several summarized rows (tokens, requests; not percentiles)."""
     fields = ("requests", "errors", "refused", "aborted", "prompt_tokens",
               "completion_tokens", "bytes")
-    return {f: sum(row[f] for row in rows) for f in fields}
+    found = {f: sum(row[f] for row in rows) for f in fields}
+    found["gpu_seconds"] = round(sum(row.get("gpu_seconds", 0) for row in rows), 3)
+    return found
+
+
+def gpu_by_upstream(since=None, key_id=None):
+    """{upstream name: GPU seconds} since `since` (whole hours), read from the per-request
+    rows: the roll-ups do not keep upstreams, and `usage prune` forgets these."""
+    query = (UsageRecord.select(UsageLabel.name, fn.SUM(UsageRecord.gpu_seconds))
+             .join(UsageLabel, on=UsageRecord.upstream_id == UsageLabel.id)
+             .where(UsageRecord.gpu_seconds.is_null(False))
+             .group_by(UsageLabel.name))
+    if since is not None:
+        query = query.where(UsageRecord.at >= int(since // 3600 * 3600))
+    if key_id is not None:
+        query = query.where(UsageRecord.key_id == key_id)
+    return {name: round(float(seconds or 0), 3) for name, seconds in query.tuples()}
+
 
 
 def estimated_prompt_tokens(since=None, key_id=None):

@@ -32,6 +32,7 @@ from app.store.models import (
     HISTOGRAM_GRAINS,
     HISTOGRAM_METRICS,
     LATENCY_BUCKETS_MS,
+    GpuUsage,
     TokenUsage,
     UsageDailyKey,
     UsageHistogram,
@@ -46,13 +47,15 @@ from app.store.private_files import private_dir, private_opener
 log = logging.getLogger(__name__)
 
 REFUSALS = {"auth": 1, "forbidden": 2, "rate": 3, "concurrency": 4, "quota": 5, "invalid": 6,
-            "queue_full": 7, "queue_timeout": 8}
+            "queue_full": 7, "queue_timeout": 8, "gpu_quota": 9}
 REFUSAL_NAMES = {code: name for name, code in REFUSALS.items()}
+FRACTIONAL = {"gpu_seconds", "load_seconds"}  # the sums that are not whole numbers
 BATCH = 200  # records per transaction: a SQLite write holds its worker this long, no longer
 LATENCY_COLUMNS, TTFB_COLUMNS = bucket_columns("latency"), bucket_columns("ttfb")
 SUM_COLUMNS = ("requests", "errors", "refusals", "aborted", "prompt_tokens",
                "completion_tokens", "bytes", "latency_ms_sum", "ttfb_ms_sum", "ttfb_count",
-               "eval_ms_sum", "eval_tokens", *LATENCY_COLUMNS, *TTFB_COLUMNS)
+               "eval_ms_sum", "eval_tokens", *LATENCY_COLUMNS, *TTFB_COLUMNS, "gpu_seconds",
+               "load_seconds")
 
 # Ollama's final object ends with its counts; the last 8 KiB of an answer hold them. On
 # /v1 they are the OpenAI usage fields (chat, completions, embeddings; responses' input/
@@ -91,6 +94,10 @@ class Record:
     quota_warning: int | None = None  # tokens used once this record's charge passed them
     reservation_id: int | None = None  # settled (deleted) when this record is written
     prompt_estimated: bool | None = None  # prompt_tokens is app/admission/estimate.py's guess
+    gpu_seconds: float | None = None  # app/accounting/gpu.py; None: no local GPU used
+    load_seconds: float | None = None  # the model load's part of gpu_seconds
+    gpu_period: str | None = None  # 'day'/'month' when the key has a GPU quota
+    gpu_reservation_id: int | None = None  # its GPU-quota reservation, settled when written
 
     @property
     def is_error(self):
@@ -176,7 +183,8 @@ class UsageWriter:
         self._buffer.append(record)
         # A record that settles a quota reservation is written at once, not at the next
         # turn: until then the reservation holds the key's quota (app/admission/quota.py).
-        if len(self._buffer) >= BATCH or record.reservation_id is not None:
+        if len(self._buffer) >= BATCH or record.reservation_id is not None \
+                or record.gpu_reservation_id is not None:
             self._wake.set()
         if self._thread is None and not self._stopped:
             self._thread = threading.Thread(target=self._run, name="usage-writer", daemon=True)
@@ -339,14 +347,14 @@ def _named(exc):
 
 ROW_COLUMNS = ("at", "key_id", "endpoint_id", "model_id", "upstream_id", "status", "refusal",
                "prompt_tokens", "completion_tokens", "latency_ms", "ttfb_ms", "eval_ms",
-               "bytes", "aborted", "prompt_estimated")
+               "bytes", "aborted", "prompt_estimated", "gpu_seconds", "load_seconds")
 
 
 def _row(r, ids):
     return (r.at, r.key_id, ids[_label(r.endpoint)], ids.get(_label(r.model)),
             ids.get(_label(r.upstream)), r.status, REFUSALS.get(r.refusal, 0), r.prompt_tokens,
             r.completion_tokens, r.latency_ms, r.ttfb_ms, r.eval_ms, r.bytes, r.aborted,
-            r.prompt_estimated)
+            r.prompt_estimated, r.gpu_seconds, r.load_seconds)
 
 
 def _bucket(prefix, ms):
@@ -374,6 +382,9 @@ def _rollup(records, ids):
             sums["ttfb_count"] += 1
             sums[_bucket("ttfb", r.ttfb_ms)] += 1
             sums[(TTFB, histogram.bucket(r.ttfb_ms))] += 1
+        if r.gpu_seconds:
+            sums["gpu_seconds"] += r.gpu_seconds
+            sums["load_seconds"] += r.load_seconds or 0.0
         if r.eval_ms:
             sums["eval_ms_sum"] += r.eval_ms
             sums["eval_tokens"] += r.completion_tokens or 0
@@ -447,10 +458,27 @@ def _charge(records):
         r = last.get((key_id, period_start))
         if r is not None and after - charges[(key_id, period_start)] < r.quota_warning_at <= after:
             r.quota_warning = after
-    settled = [r.reservation_id for r in records if r.reservation_id is not None]
-    if settled:
-        db.execute_sql(f'DELETE FROM "quota_reservation" WHERE "id" IN '
-                       f'({", ".join([db.obj.param] * len(settled))})', settled)
+    _delete_ids("quota_reservation", [r.reservation_id for r in records])
+    _charge_gpu(records)
+
+
+def _charge_gpu(records):
+    """Charge the batch's GPU seconds to GPU quotas and settle their reservations
+    (app/admission/gpu_quota.py), as _charge does tokens."""
+    charges = collections.Counter()
+    for r in records:
+        if r.gpu_period and r.gpu_seconds:
+            charges[(r.key_id, quota_period(r.gpu_period, r.at)[0])] += r.gpu_seconds
+    _add_to(GpuUsage, ("key_id", "period_start"), ("seconds",),
+            [(*key, seconds) for key, seconds in charges.items()])
+    _delete_ids("gpu_reservation", [r.gpu_reservation_id for r in records])
+
+
+def _delete_ids(table, ids):
+    ids = [i for i in ids if i is not None]
+    if ids:
+        db.execute_sql(f'DELETE FROM "{table}" WHERE "id" IN '
+                       f'({", ".join([db.obj.param] * len(ids))})', ids)
 
 
 # The batch's statements are written out here rather than built by peewee: building a

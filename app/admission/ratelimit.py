@@ -16,13 +16,19 @@ import time
 import peewee
 from flask import g
 
-from app.admission import quota
+from app.admission import gpu_quota, quota
 from app.admission.holders import this_process
 from app.errors import RateLimited
 from app.limits import format_rate_limit
 from app.store.batching import Gather
 from app.store.db import db, forget_idle_connections, is_postgres
-from app.store.models import ApiKey, ConcurrencySlot, QuotaReservation, RateCounter
+from app.store.models import (
+    ApiKey,
+    ConcurrencySlot,
+    GpuReservation,
+    QuotaReservation,
+    RateCounter,
+)
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +69,9 @@ class Limiter:
         self.lease_seconds = lease_seconds
         self.holder = this_process()
         self._held = set()
-        self._reservations = set()  # quota reservations (app/admission/quota.py) the keeper renews
+        # Quota reservations the keeper renews, as (table, id): token quotas'
+        # (app/admission/quota.py) and GPU quotas' (app/admission/gpu_quota.py).
+        self._reservations = set()
         self._unreleased = set()  # slots whose delete failed; the keeper retries them
         self._keeper = None
         self._lock = threading.Lock()
@@ -71,16 +79,19 @@ class Limiter:
         self._count_sql_cached = None
         self._counting = Gather(self._count_batch)  # groups: (key id, window)
 
-    def admit(self, key, now=None, quota_reserved=False):
+    def admit(self, key, now=None, quota_reserved=False, gpu_reserved=False):
         """Count one request for `key` and take a concurrency slot, or raise 429.
 
         A quota key's request is refused once charged and reserved tokens reach the
-        quota, unless it already reserved its tokens (app/admission/quota.py reserve()).
+        quota, unless it already reserved its tokens (app/admission/quota.py reserve());
+        a GPU-quota key's, likewise, once its GPU seconds do (app/admission/gpu_quota.py).
         """
         now = time.time() if now is None else now
         admission = Admission()
         if key.token_quota and not quota_reserved:
             quota.check(key, now)
+        if key.gpu_quota and not gpu_reserved:
+            gpu_quota.check(key, now)
         if not key.rate_limit and not key.max_concurrent:
             return admission  # nothing to count: no write transaction, no lock
         if not key.max_concurrent:
@@ -250,16 +261,16 @@ class Limiter:
             self._held.add(slot_id)
         self._start_keeper()
 
-    def hold_reservation(self, reservation_id):
+    def hold_reservation(self, reservation_id, table=QuotaReservation):
         """Renew a quota reservation's lease until let_go(): the request is running."""
         with self._lock:
-            self._reservations.add(reservation_id)
+            self._reservations.add((table, reservation_id))
         self._start_keeper()
 
-    def let_go(self, reservation_id):
+    def let_go(self, reservation_id, table=QuotaReservation):
         """Stop renewing a reservation: its usage record, which settles it, is written next."""
         with self._lock:
-            self._reservations.discard(reservation_id)
+            self._reservations.discard((table, reservation_id))
 
     def _start_keeper(self):
         with self._lock:
@@ -302,7 +313,8 @@ class Limiter:
         try:
             with db.connection_context():
                 for model, ids in ((ConcurrencySlot, slot_ids),
-                                   (QuotaReservation, reservation_ids)):
+                                   *((table, [i for t, i in reservation_ids if t is table])
+                                     for table in (QuotaReservation, GpuReservation))):
                     if ids:
                         model.update(expires_at=time.time() + self.lease_seconds).where(
                             model.id.in_(ids)).execute()
@@ -315,6 +327,7 @@ class Limiter:
 def init_app(app):
     limiter = app.extensions["limiter"] = Limiter(app.config["SETTINGS"].slot_lease_seconds)
     quota.init_app(app)
+    gpu_quota.init_app(app)
 
     @app.after_request
     def _rate_limit_headers(response):

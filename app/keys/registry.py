@@ -24,9 +24,11 @@ import secrets
 import peewee
 
 from app.limits import (
+    format_gpu_quota,
     format_rate_limit,
     format_token_quota,
     parse_duration,
+    parse_gpu_quota,
     parse_rate_limit,
     parse_token_quota,
 )
@@ -155,6 +157,8 @@ class KeyInfo:
     max_predict: int | None = None
     allow_keep_alive: bool = True
     priority: int = 1
+    gpu_quota: int | None = None  # GPU seconds per gpu_period (app/admission/gpu_quota.py)
+    gpu_period: str | None = None
 
     @classmethod
     def from_row(cls, row):
@@ -162,7 +166,7 @@ class KeyInfo:
             row.id, row.prefix, row.name, row.role, row.rate_limit, row.rate_period,
             row.max_concurrent, parse_models(row.models), row.expires_at, row.revoked_at,
             row.token_quota, row.token_period, row.max_ctx, row.max_predict,
-            row.allow_keep_alive, row.priority,
+            row.allow_keep_alive, row.priority, row.gpu_quota, row.gpu_period,
         )
 
     @property
@@ -202,6 +206,7 @@ def key_summary(row):
         "rate_limit": format_rate_limit(row.rate_limit, row.rate_period),
         "max_concurrent": row.max_concurrent,
         "token_quota": format_token_quota(row.token_quota, row.token_period),
+        "gpu_quota": format_gpu_quota(row.gpu_quota, row.gpu_period),
         "max_ctx": row.max_ctx,
         "max_predict": row.max_predict,
         "keep_alive": "allow" if row.allow_keep_alive else "deny",
@@ -224,7 +229,8 @@ def _settings(row):
     """The settings an admin can change, as the audit log records them."""
     summary = key_summary(row)
     return {k: summary[k] for k in ("name", "role", "rate_limit", "max_concurrent",
-                                      "token_quota", "max_ctx", "max_predict", "keep_alive",
+                                      "token_quota", "gpu_quota", "max_ctx", "max_predict",
+                                      "keep_alive",
                                       "priority",
                                       "models", "expires_at")}
 
@@ -244,7 +250,8 @@ def _whole(value, highest, message):
 
 
 def _changes(role=None, rate_limit=None, max_concurrent=None, models=None, expires=None,
-             token_quota=None, max_ctx=None, max_predict=None, keep_alive=None, priority=None):
+             token_quota=None, max_ctx=None, max_predict=None, keep_alive=None, priority=None,
+             gpu_quota=None):
     """Validate optional settings into column values; raise KeyOpError with the reason."""
     values = {}
     for name, value in (("max_ctx", max_ctx), ("max_predict", max_predict)):
@@ -279,6 +286,12 @@ def _changes(role=None, rate_limit=None, max_concurrent=None, models=None, expir
         except ValueError as exc:
             raise KeyOpError(str(exc)) from None
         values["token_quota"], values["token_period"] = parsed or (None, None)
+    if gpu_quota is not None:
+        try:
+            parsed = parse_gpu_quota(gpu_quota)
+        except ValueError as exc:
+            raise KeyOpError(str(exc)) from None
+        values["gpu_quota"], values["gpu_period"] = parsed or (None, None)
     if models is not None:
         values["models"] = ",".join(parse_models(models)) or None
     if expires is not None:

@@ -13,7 +13,8 @@ from app.errors import Forbidden
 
 # Browser JavaScript may read these on an answer (limits and when to retry).
 EXPOSED = ("X-RateLimit-Limit, X-RateLimit-Remaining, X-RateLimit-Reset, X-Quota-Limit, "
-           "X-Quota-Remaining, X-Quota-Reset, Retry-After")
+           "X-Quota-Remaining, X-Quota-Reset, X-GPU-Quota-Limit, X-GPU-Quota-Remaining, "
+           "X-GPU-Quota-Reset, Retry-After")
 METHODS = "GET, POST, PUT, PATCH, DELETE, HEAD, OPTIONS"
 
 

@@ -15,7 +15,7 @@ import requests
 from flask import Response, current_app, g, request
 
 from app.accounting import request_record
-from app.admission import estimate, model_policy, quota
+from app.admission import estimate, gpu_quota, model_policy, quota
 from app.admission.fair_queue import QUEUED_PATHS
 from app.errors import (
     BadRequest,
@@ -23,6 +23,7 @@ from app.errors import (
     Unauthorized,
     UpstreamUnavailable,
 )
+from app.keys.registry import normalize_model
 from app.proxy import auth, compat_options
 from app.proxy.fanout import named_upstream
 from app.proxy.jsonbody import JsonBody
@@ -36,6 +37,7 @@ from app.proxy.relay import (
 )
 from app.proxy.request_body import ClientStalled, read_body, stall_error
 from app.store.db import db
+from app.store.models import GpuReservation
 from app.upstreams.client import forwardable_request_headers
 
 log = logging.getLogger(__name__)
@@ -148,6 +150,20 @@ def _reserve_quota(key, path, payload):
     return {} if send is None else quota.length_change(path, payload, send)
 
 
+def _reserve_gpu(key, model, spec, pending, limiter):
+    """Reserve the request's estimated GPU time against its key's GPU quota, or refuse it
+    (app/admission/gpu_quota.py); its usage record settles the reservation. The estimate
+    is for the upstream it will most likely run on, the pool's first choice."""
+    seconds = gpu_quota.estimate(key, normalize_model(model).lower() if model else None,
+                                 spec, settings().gpu_quota_estimate_seconds)
+    reservation = gpu_quota.reserve(key, seconds, limiter.holder, limiter.lease_seconds)
+    g.gpu_quota_checked = True
+    g.gpu_quota_standing = reservation.standing
+    if pending is not None:
+        pending.gpu_reservation_id = reservation.id
+        limiter.hold_reservation(reservation.id, GpuReservation)
+
+
 # Query parameters for the gateway only: a legacy key, and the upstream a client names.
 GATEWAY_PARAMS = {"apikey", "upstream"}
 
@@ -173,15 +189,19 @@ def forward(key, path, body, query=b"", transform=None, rewrite=None, model=None
     asked Ollama for.
     """
     _, limiter, pool = services()
-    admission = limiter.admit(key, quota_reserved=g.get("quota_checked", False))
-    outcome = RelayOutcome(status=0, started=time.monotonic())
-    pending = request_record.current()
-    if pending is not None:
-        pending.outcome = outcome
-    watch = ClientWatch(request.environ, settings().client_send_timeout).start()
     if target is None and not pool.single:  # a client may pin its request to one
         target = named_upstream(pool)
     members = [target] if target is not None else pool.candidates(model)
+    pending = request_record.current()
+    if key.gpu_quota and path in QUEUED_PATHS:
+        _reserve_gpu(key, model, members[0].spec, pending, limiter)
+    admission = limiter.admit(key, quota_reserved=g.get("quota_checked", False),
+                              gpu_reserved=g.get("gpu_quota_checked", False))
+    outcome = RelayOutcome(status=0, started=time.monotonic())
+    if pending is not None:
+        pending.outcome = outcome
+        pending.runs_model = path in QUEUED_PATHS  # it holds a slot: charged GPU time
+    watch = ClientWatch(request.environ, settings().client_send_timeout).start()
     if not isinstance(body, (bytes, type(None))):
         members = members[:1]
     chosen, slots = [], []
@@ -289,6 +309,8 @@ def _send_to_first(members, chosen, pending, watch, take_slot, *request_args):
         member.in_flight += 1
         chosen.append(member)
         started = time.monotonic()
+        if pending is not None and pending.outcome is not None:
+            pending.outcome.sent_at = started  # GPU time runs from here (app/accounting/gpu.py)
         try:
             response = open_upstream(member.client, watch, *request_args)
         except GatewayError as exc:

@@ -53,6 +53,8 @@ class RelayOutcome:
     client_aborted: bool = False
     upstream_error: str | None = None
     tail: bytes = b""  # the last bytes relayed: the final NDJSON line carries token counts
+    sent_at: float | None = None  # when the request left for the upstream that answered it
+    last_byte_at: float | None = None  # when the upstream's last byte arrived
 
 
 class ClientWatch:
@@ -256,8 +258,9 @@ class RelayBody:
                 return
             if not chunk:
                 continue
+            outcome.last_byte_at = time.monotonic()  # GPU time ends here, on /v1
             if outcome.first_byte_at is None:
-                outcome.first_byte_at = time.monotonic()
+                outcome.first_byte_at = outcome.last_byte_at
             if separator:
                 outcome.lines += chunk.count(separator)
             outcome.tail = last_lines(outcome.tail + chunk, keep)  # Ollama's own: its counts

@@ -71,7 +71,8 @@ def _errors(*codes, openai=False, anthropic=False):
 
 RATE_HEADERS = {name: {"$ref": f"#/components/headers/{name}"}
                 for name in ("X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset",
-                             "X-Quota-Limit", "X-Quota-Remaining", "X-Quota-Reset")}
+                             "X-Quota-Limit", "X-Quota-Remaining", "X-Quota-Reset",
+                             "X-GPU-Quota-Limit", "X-GPU-Quota-Remaining", "X-GPU-Quota-Reset")}
 KEYED = (400, 401, 403, 404, 405, 408, 413, 429, 502, 503, 504)
 
 
@@ -279,6 +280,7 @@ KEY = _obj(["id", "prefix", "name", "role", "status"], id=INT, prefix=_str(),
            key_preview=_str("The prefix, as ollama-api-service named it"), name=_str(),
            role={"enum": ["user", "admin"]}, rate_limit=_str("e.g. 60/minute, unlimited"),
            max_concurrent=_nullable(INT), token_quota=_nullable(_str()),
+           gpu_quota=_str("e.g. 2h/day, or none"),
            max_ctx=_nullable(INT), max_predict=_nullable(INT),
            keep_alive={"enum": ["allow", "deny"]}, models={"type": "array", "items": _str()},
            priority={**INT, "description": "Share of a busy upstream's slots (1-100)"},
@@ -289,6 +291,7 @@ SETTINGS = {"role": {"enum": ["user", "admin"]},
             "rate_limit": {"anyOf": [_str("N/second|minute|hour|day, or none"),
                                      {"type": "integer", "description": "Per hour"}]},
             "max_concurrent": INT, "token_quota": _str("N/day or N/month, or none"),
+            "gpu_quota": _str("GPU time per day or month: 90s/day, 30m/day, 2h/month, or none"),
             "max_ctx": INT, "max_predict": INT, "keep_alive": {"enum": ["allow", "deny"]},
             "priority": {"type": "integer", "minimum": 1, "maximum": 100},
             "models": {"anyOf": [{"type": "array", "items": _str()}, _str()]},
@@ -297,7 +300,11 @@ NEW_KEY = {"allOf": [KEY, _obj(["key"], key=_str("The secret: shown only now"),
                                 api_key=_str("The same secret (ollama-api-service's name)"))]}
 STATS = _obj(["total_requests"], key=OPEN, total_requests=INT, requests_by_model=OPEN,
              requests_by_endpoint=OPEN, average_response_time=_nullable(NUM),
-             last_24h_requests=INT, by_model={"type": "array"}, by_day={"type": "array"})
+             last_24h_requests=INT, by_model={"type": "array"}, by_day={"type": "array"},
+             gpu_seconds={**NUM, "description": "GPU time: seconds of a slot / the "
+                          "upstream's slots x its gpu_cost"},
+             gpu_seconds_by_model=OPEN, gpu_seconds_by_upstream=OPEN,
+             gpu_quota=_nullable(OPEN))
 AUDIT = _obj(["entries", "total"], total=INT, entries={"type": "array", "items": _obj(
     ["id", "at", "actor", "via", "action"], id=INT, at=_str(), actor=_str(),
     via={"enum": ["http", "cli", "shell"]}, source=_str(), action=_str(),
@@ -454,6 +461,12 @@ def document():
                                       "requests running now", "schema": INT},
                 "X-Quota-Reset": {"description": "Unix time the quota period ends",
                                   "schema": INT},
+                "X-GPU-Quota-Limit": {"description": "The key's GPU quota for the period, "
+                                      "in seconds", "schema": INT},
+                "X-GPU-Quota-Remaining": {"description": "GPU seconds neither charged nor "
+                                          "reserved by requests running now", "schema": NUM},
+                "X-GPU-Quota-Reset": {"description": "Unix time the GPU quota period ends",
+                                      "schema": INT},
                 "Retry-After": {"description": "Seconds to wait before retrying",
                                 "schema": INT},
             },

@@ -11,7 +11,7 @@ import time
 from flask import Blueprint, current_app, g, jsonify, request
 
 from app.accounting import stats
-from app.admission import quota
+from app.admission import gpu_quota, quota
 from app.errors import BadRequest
 from app.limits import format_rate_limit, parse_since
 from app.proxy import auth, gateway
@@ -46,7 +46,11 @@ def _summary(since, key_id=None):
         "average_response_time": round(sum(latency) / overall["requests"] / 1000, 4)
         if overall["requests"] else None,
         "last_24h_requests": recent["requests"],
-        **{k: overall[k] for k in ("errors", "refused", "prompt_tokens", "completion_tokens")},
+        **{k: overall[k] for k in ("errors", "refused", "prompt_tokens", "completion_tokens",
+                                   "gpu_seconds")},
+        "gpu_seconds_by_model": {r["model"] or "(none)": r["gpu_seconds"] for r in by_model
+                                 if r["gpu_seconds"]},
+        "gpu_seconds_by_upstream": stats.gpu_by_upstream(since, key_id),
         "by_model": by_model,
         "by_day": stats.usage(since, "day", key_id),
     }
@@ -61,9 +65,11 @@ def own_stats():
     summary["prompt_tokens_estimated"] = stats.estimated_prompt_tokens(since, key.id).get(
         key.id, 0)
     standing = g.quota_standing = quota.standing(key) if key.token_quota else None
+    gpu = g.gpu_quota_standing = gpu_quota.standing(key) if key.gpu_quota else None
     return jsonify({"key": {"id": key.id, "prefix": key.prefix, "name": key.name,
                             "role": key.role}, **summary,
-                    "token_quota": standing and standing.fields()})
+                    "token_quota": standing and standing.fields(),
+                    "gpu_quota": gpu and gpu.fields()})
 
 
 @bp.get("/api/stats/detailed")
@@ -116,4 +122,7 @@ def all_stats():
     key = gateway.current_key()
     auth.require_admin(key, "/api/admin/stats")
     since = since_arg()
-    return jsonify({**_summary(since), "keys": stats.usage(since, "key")})
+    keys = stats.usage(since, "key")
+    return jsonify({**_summary(since), "keys": keys,
+                    "gpu_seconds_by_key": {r["key_prefix"] or "(no key)": r["gpu_seconds"]
+                                           for r in keys if r["gpu_seconds"]}})

@@ -24,7 +24,7 @@ from flask import (
 )
 from flask.sessions import SecureCookieSessionInterface
 
-from app.accounting import histogram
+from app.accounting import gpu, histogram
 from app.errors import (
     Forbidden,
     GatewayError,
@@ -50,8 +50,8 @@ ASSETS = Path(__file__).resolve().parent.parent / "static" / "ui"
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
        "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
 OPEN = {"ui.signin", "ui.asset"}  # the pages reached without a session
-KEY_FIELDS = ("role", "rate_limit", "max_concurrent", "token_quota", "max_ctx", "max_predict",
-              "keep_alive", "priority", "models", "expires")
+KEY_FIELDS = ("role", "rate_limit", "max_concurrent", "token_quota", "gpu_quota", "max_ctx",
+              "max_predict", "keep_alive", "priority", "models", "expires")
 
 
 class _FlashSessions(SecureCookieSessionInterface):
@@ -163,6 +163,11 @@ def _thousands(value):
     return "-" if value is None else f"{value:,}"
 
 
+@bp.app_template_filter("gpu_time")
+def _gpu_time(value):
+    return gpu.shown(value or 0.0)
+
+
 @bp.app_template_filter("percentile")
 def _percentile(row, field, unit=False):
     """A row's percentile as the CLI prints it: 252, < 1 ms, > 10 min, ≈375 (approximate)."""
@@ -231,6 +236,7 @@ def index():
     conf = current_app.config["SETTINGS"]
     return render_template("ui/overview.html", range=span, data=charts.series(span),
                            upstreams=status.upstreams(conf), by_key=charts.by_key(span, limit=20),
+                           gpu_by_upstream=charts.by_upstream(span),
                            streams=status.streams_in_flight())
 
 

@@ -31,6 +31,10 @@ class ApiKey(BaseModel):
     # Prompt + completion tokens allowed per `token_period` ('day' or 'month', UTC); NULL: none.
     token_quota = peewee.BigIntegerField(null=True)
     token_period = peewee.CharField(max_length=8, null=True)
+    # GPU seconds allowed per `gpu_period` ('day' or 'month', UTC); NULL: none
+    # (app/admission/gpu_quota.py).
+    gpu_quota = peewee.IntegerField(null=True)
+    gpu_period = peewee.CharField(max_length=8, null=True)
     # Model policy (app/admission/model_policy.py): caps on num_ctx and on the answer's length
     # (num_predict, max_tokens), NULL for none; whether the key may set keep_alive.
     max_ctx = peewee.IntegerField(null=True)
@@ -116,6 +120,10 @@ class UsageRecord(BaseModel):
     # True: prompt_tokens is the gateway's estimate (app/admission/estimate.py), as the answer ended
     # without Ollama's counts. NULL on rows older instances write: exact or unknown.
     prompt_estimated = peewee.BooleanField(null=True)
+    # GPU time (app/accounting/gpu.py): seconds of the whole GPU, the model load's part of
+    # them; NULL: no local GPU used (refused, never sent, cloud) or an older instance's row.
+    gpu_seconds = peewee.DoubleField(null=True)
+    load_seconds = peewee.DoubleField(null=True)
 
     class Meta:
         indexes = ((("key_id", "at"), False),)
@@ -140,6 +148,8 @@ class UsageHourly(BaseModel):
     ttfb_count = peewee.IntegerField(default=0)
     eval_ms_sum = peewee.BigIntegerField(default=0)
     eval_tokens = peewee.BigIntegerField(default=0)  # completion tokens of rows with eval_ms
+    gpu_seconds = peewee.DoubleField(default=0)  # GPU time, model loads included
+    load_seconds = peewee.DoubleField(default=0)
 
     class Meta:
         primary_key = peewee.CompositeKey("hour", "key_id", "model_id", "endpoint_id")
@@ -228,6 +238,31 @@ class QuotaReservation(BaseModel):
     period_start = peewee.BigIntegerField()
     tokens = peewee.BigIntegerField()
     holder = peewee.CharField(max_length=128)  # host:pid of the worker with the request
+    expires_at = peewee.DoubleField()
+
+    class Meta:
+        indexes = ((("key_id", "period_start"), False),)
+
+
+class GpuUsage(BaseModel):
+    """GPU seconds a key used in one GPU-quota period; charged as its usage is written."""
+
+    key_id = peewee.IntegerField()
+    period_start = peewee.BigIntegerField()
+    seconds = peewee.DoubleField(default=0)
+
+    class Meta:
+        primary_key = peewee.CompositeKey("key_id", "period_start")
+
+
+class GpuReservation(BaseModel):
+    """GPU seconds a request running now may use, held against its key's GPU quota
+    (app/admission/gpu_quota.py); deleted when its real GPU time is charged, or lapsed."""
+
+    key_id = peewee.IntegerField()
+    period_start = peewee.BigIntegerField()
+    seconds = peewee.DoubleField()
+    holder = peewee.CharField(max_length=128)
     expires_at = peewee.DoubleField()
 
     class Meta:
@@ -343,4 +378,5 @@ class SigninFailure(BaseModel):
 MODELS = [ApiKey, RateCounter, ConcurrencySlot, Heartbeat, UsageLabel, UsageRecord,
           UsageHourlyModel, UsageDailyKey,
           UsageHourly, UsageHistogram, TokenUsage, Webhook, WebhookDelivery, WebhookAttempt,
-          UpstreamStatus, AuditEntry, QueueEntry, UiSession, SigninFailure, QuotaReservation]
+          UpstreamStatus, AuditEntry, QueueEntry, UiSession, SigninFailure, QuotaReservation,
+          GpuUsage, GpuReservation]

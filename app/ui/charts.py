@@ -13,8 +13,8 @@ import time
 from peewee import fn
 
 from app.accounting import histogram
-from app.accounting.stats import histograms, percentiles, summarize
-from app.accounting.usage import LATENCY, SUM_COLUMNS, TTFB, _bucket
+from app.accounting.stats import gpu_by_upstream, histograms, percentiles, summarize
+from app.accounting.usage import FRACTIONAL, LATENCY, SUM_COLUMNS, TTFB, _bucket
 from app.store.models import (
     ApiKey,
     UsageDailyKey,
@@ -53,7 +53,8 @@ def series(name, key_id=None, now=None):
     times = list(range(start, int(now) + 1, step))
     labels = label_names({model for _, model in sums})
     models = sorted({labels.get(model, "(none)") for _, model in sums})
-    per_model = {kind: {m: [0] * len(times) for m in models} for kind in ("requests", "tokens")}
+    per_model = {kind: {m: [0] * len(times) for m in models}
+                 for kind in ("requests", "tokens", "gpu_seconds")}
     by_time, by_model = {}, {}
     time_counts = collections.defaultdict(collections.Counter)
     for (at, model), row in sums.items():
@@ -63,6 +64,8 @@ def series(name, key_id=None, now=None):
         name_ = labels.get(model, "(none)")
         per_model["requests"][name_][i] += row[REQUESTS]
         per_model["tokens"][name_][i] += row[PROMPT] + row[COMPLETION]
+        per_model["gpu_seconds"][name_][i] = round(per_model["gpu_seconds"][name_][i]
+                                                   + row[GPU], 3)
         by_time[i] = _add(by_time.get(i), row)
         by_model[name_] = _add(by_model.get(name_), row)
         if counts is not None:  # the last hour's, per step and model
@@ -95,6 +98,13 @@ def series(name, key_id=None, now=None):
 COLUMN = {name: i for i, name in enumerate(SUM_COLUMNS)}
 REQUESTS, ERRORS, REFUSED = COLUMN["requests"], COLUMN["errors"], COLUMN["refusals"]
 PROMPT, COMPLETION = COLUMN["prompt_tokens"], COLUMN["completion_tokens"]
+GPU = COLUMN["gpu_seconds"]
+
+
+def _numbers(sums):
+    """A roll-up row's sums as numbers: GPU seconds keep their fractions."""
+    return [float(v or 0) if c in FRACTIONAL else int(v or 0)
+            for c, v in zip(SUM_COLUMNS, sums, strict=True)]
 
 
 def _add(total, row):
@@ -124,8 +134,7 @@ def _from_rollup(start, key_id):
              .where(table.hour >= start).group_by(table.hour, table.model_id))
     if key_id is not None:
         query = query.where(UsageHourly.key_id == key_id)
-    return {(int(at), int(model or 0)): [int(v or 0) for v in sums]
-            for at, model, *sums in query.tuples()}
+    return {(int(at), int(model or 0)): _numbers(sums) for at, model, *sums in query.tuples()}
 
 
 def _hourly_counts(start, key_id):
@@ -179,6 +188,14 @@ def _sums(table):
     return [fn.SUM(getattr(table, c)).alias(c) for c in SUM_COLUMNS]
 
 
+def by_upstream(name, now=None):
+    """[{upstream, gpu_seconds}] over range `name`, most first: which GPU is busy."""
+    now = time.time() if now is None else now
+    found = gpu_by_upstream(int((now - RANGES[name]) // 3600 * 3600))
+    return [{"upstream": name_, "gpu_seconds": seconds}
+            for name_, seconds in sorted(found.items(), key=lambda item: -item[1])]
+
+
 def by_key(name, now=None, limit=None):
     """Each key's usage over range `name`, most tokens first: who uses the GPU.
 
@@ -197,7 +214,7 @@ def by_key(name, now=None, limit=None):
     keys = {}
     for query in parts:
         for key_id, *sums in query.tuples():
-            keys[key_id] = _add(keys.get(key_id), [int(v or 0) for v in sums])
+            keys[key_id] = _add(keys.get(key_id), _numbers(sums))
     shown = sorted(keys, key=lambda k: (-keys[k][PROMPT] - keys[k][COMPLETION],
                                         -keys[k][REQUESTS]))[:limit]
     counts = histograms((UsageHistogram.key_id,), _day_parts(start, "hourly", "daily_key"),
@@ -217,13 +234,15 @@ def _from_requests(start, key_id, step=300):
     query = (UsageRecord.select(UsageRecord.at, UsageRecord.model_id, UsageRecord.status,
                                 UsageRecord.refusal, UsageRecord.prompt_tokens,
                                 UsageRecord.completion_tokens, UsageRecord.latency_ms,
-                                UsageRecord.ttfb_ms)
+                                UsageRecord.ttfb_ms, UsageRecord.gpu_seconds,
+                                UsageRecord.load_seconds)
              .where(UsageRecord.at >= start))
     if key_id is not None:
         query = query.where(UsageRecord.key_id == key_id)
     found = collections.defaultdict(collections.Counter)
     counts = collections.defaultdict(collections.Counter)
-    for at, model, status, refusal, prompt, completion, latency, ttfb in query.tuples():
+    for (at, model, status, refusal, prompt, completion, latency, ttfb, gpu,
+         load) in query.tuples():
         group = (int(at // step * step), model or 0)
         sums = found[group]
         sums["requests"] += 1
@@ -232,6 +251,8 @@ def _from_requests(start, key_id, step=300):
         sums["prompt_tokens"] += prompt or 0
         sums["completion_tokens"] += completion or 0
         sums["latency_ms_sum"] += latency
+        sums["gpu_seconds"] += gpu or 0.0
+        sums["load_seconds"] += load or 0.0
         sums[_bucket("latency", latency)] += 1
         counts[group][(LATENCY, histogram.bucket(latency))] += 1
         if ttfb is not None:

@@ -9,8 +9,8 @@ from prometheus_client import CollectorRegistry, multiprocess
 
 from app import metrics
 from app.accounting.usage import REFUSAL_NAMES
-from app.admission import quota
-from app.limits import format_rate_limit, format_token_quota
+from app.admission import gpu_quota, quota
+from app.limits import format_gpu_quota, format_rate_limit, format_token_quota
 from app.store.models import (
     ConcurrencySlot,
     UpstreamStatus,
@@ -68,6 +68,12 @@ def limits(key, limiter, now=None):
                             format_token_quota(key.token_quota, key.token_period),
                             standing.reset_at))
         found[-1].update(reserved=standing.reserved, left=standing.remaining)
+    if key.gpu_quota:
+        gpu = gpu_quota.standing(key, now)
+        found.append(_limit(f"GPU seconds this UTC {key.gpu_period}", round(gpu.used, 1),
+                            key.gpu_quota, format_gpu_quota(key.gpu_quota, key.gpu_period),
+                            gpu.reset_at))
+        found[-1].update(reserved=round(gpu.reserved, 1), left=round(gpu.remaining, 1))
     if key.max_concurrent:
         used = (ConcurrencySlot.select().where((ConcurrencySlot.key == key.id)
                                                & (ConcurrencySlot.expires_at > now)).count())

@@ -286,7 +286,10 @@ def enqueue(event, data, *, prompt=None, now=None):
 
 # Usage records become these events (app/accounting/usage.py stores them with the batch).
 USAGE_EVENTS = {None: "request.completed", "rate": "ratelimit.exceeded",
-                "concurrency": "ratelimit.exceeded", "quota": "quota.exceeded"}
+                "concurrency": "ratelimit.exceeded", "quota": "quota.exceeded",
+                "gpu_quota": "quota.exceeded"}
+# What quota.exceeded's `kind` says ran out: a token quota or a GPU-time one.
+QUOTA_KINDS = {"quota": "tokens", "gpu_quota": "gpu_time"}
 
 
 def enqueue_usage(records):
@@ -306,9 +309,12 @@ def usage_event_data(r):
             "endpoint": r.endpoint, "model": r.model, "status": r.status,
             "prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
             "latency_ms": r.latency_ms, "ttfb_ms": r.ttfb_ms, "bytes": r.bytes,
-            "aborted": r.aborted, "upstream": r.upstream}
+            "aborted": r.aborted, "upstream": r.upstream,
+            "gpu_seconds": r.gpu_seconds}
     if r.refusal:
         data["reason"] = r.refusal
+    if r.refusal in QUOTA_KINDS:
+        data["kind"] = QUOTA_KINDS[r.refusal]
     return data
 
 

@@ -96,6 +96,8 @@ def test_defaults_follow_the_role_as_in_ollama_api_service(client, admin):
     ({"name": "x", "expires": "soon"}, "is not like 30d"),
     ({"name": "x", "keep_alive": "sometimes"}, "keep_alive must be allow or deny"),
     ({"name": "x", "colour": "red"}, "unknown field(s): colour"),
+    ({"name": "x", "gpu_quota": "2x/day"}, "GPU quota '2x/day' is not TIME/day"),
+    ({"name": "x", "gpu_quota": 7200}, "gpu_quota must be a string"),
     (["name", "x"], "must be a JSON object"),
 ])
 def test_bad_settings_are_a_400_that_says_what_is_wrong(client, admin, body, message):
@@ -228,3 +230,19 @@ def test_actions_inside_acting_as_are_the_consoles(migrated):
     with audit.acting_as(audit.cli_actor("shell")):
         keystore.create_key("x")
     assert audit.entries(action="key.created")[0]["via"] == "shell"
+
+
+def test_a_gpu_quota_is_set_shown_and_cleared_over_http(client, admin, user):
+    ident = user[1].prefix
+    status, answer = call(client, "PATCH", f"/api/keys/{ident}", admin[0],
+                          {"gpu_quota": "30m/day"})
+    assert (status, answer["changed"], answer["gpu_quota"]) == (200, ["gpu_period",
+                                                                      "gpu_quota"], "30m/day")
+    assert (ApiKey.get_by_id(user[1].id).gpu_quota, ApiKey.get_by_id(user[1].id).gpu_period) \
+        == (1800, "day")
+    status, created = call(client, "POST", "/api/keys", admin[0],
+                           {"name": "budgeted", "gpu_quota": "2h/month"})
+    assert status == 201 and created["gpu_quota"] == "2h/month"
+    status, answer = call(client, "PATCH", f"/api/keys/{ident}", admin[0], {"gpu_quota": "none"})
+    assert status == 200 and answer["gpu_quota"] == "none"
+    assert ApiKey.get_by_id(user[1].id).gpu_quota is None

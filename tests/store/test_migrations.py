@@ -5,6 +5,7 @@ import multiprocessing
 import os
 import subprocess
 import sys
+import time
 
 import peewee
 import pytest
@@ -17,7 +18,7 @@ MIGRATIONS = ["0001_initial", "0002_heartbeat", "0003_usage_quotas_webhooks",
               "0004_key_model_policy", "0005_upstream_status",
               "0006_audit_log", "0007_usage_hourly", "0008_fair_queue",
               "0009_quota_reservations", "0010_dashboard_sessions", "0011_webhook_ids",
-              "0013_unique_key_names", "0014_usage_histogram"]
+              "0013_unique_key_names", "0014_usage_histogram", "0017_gpu_time"]
 
 
 @pytest.fixture
@@ -238,3 +239,44 @@ def test_unique_names_migration_keeps_a_name_too_long_for_its_number_within_200(
     later = _key("x" * 200)
     database.upgrade(empty)
     assert MODELS[0].get_by_id(later.id).name == "x" * 196 + " (2)"
+
+
+def test_gpu_time_migration_keeps_the_previous_releases_writes_working(empty):
+    """0017 adds GPU columns with defaults: the previous release's statements (which name
+    none of them) still insert and add up, and its rows read as no GPU time."""
+    from app.accounting import stats
+    from app.accounting.usage import FRACTIONAL, SUM_COLUMNS, Record, UsageWriter
+
+    database.migration_runner(empty).up(MIGRATIONS[MIGRATIONS.index("0017_gpu_time") - 1])
+    p = empty.param
+    old_key = ("INSERT INTO api_key (prefix, key_hash, name, role, rate_period, "
+               "allow_keep_alive, priority, created_at) VALUES "
+               f"({p}, {p}, {p}, 'user', 3600, {p}, 1, {p})")
+    old_row = ('INSERT INTO usage_record ("at", key_id, endpoint_id, status, refusal, '
+               f"latency_ms, bytes, aborted) VALUES ({p}, {p}, 1, 200, 0, 5, 0, {p})")
+    sums = [c for c in SUM_COLUMNS if c not in FRACTIONAL]  # what it writes: all of them
+    old_hourly = ('INSERT INTO usage_hourly ("hour", key_id, model_id, endpoint_id, '
+                  + ", ".join(f'"{c}"' for c in sums) + f") VALUES ({p}, {p}, 0, 1, "
+                  + ", ".join("1" if c == "requests" else "0" for c in sums)
+                  + ') ON CONFLICT ("hour", key_id, model_id, endpoint_id) DO UPDATE SET '
+                  + ", ".join(f'"{c}" = usage_hourly."{c}" + EXCLUDED."{c}"' for c in sums))
+    hour = int(time.time()) // 3600 * 3600
+    empty.execute_sql(old_key, ("ogw_before", "a" * 64, "before", True, datetime.datetime.now()))
+    empty.execute_sql("INSERT INTO usage_label (name) VALUES ('/api/chat')")
+    empty.execute_sql(old_row, (time.time(), 1, False))
+    empty.execute_sql(old_hourly, (hour, 1))
+    assert database.upgrade(empty) == MIGRATIONS[MIGRATIONS.index("0017_gpu_time"):]
+    # An instance of the previous release, still serving during the rolling upgrade:
+    empty.execute_sql(old_key, ("ogw_during", "b" * 64, "during", True, datetime.datetime.now()))
+    empty.execute_sql(old_row, (time.time(), 1, False))
+    empty.execute_sql(old_hourly, (hour, 1))
+    assert [(r.gpu_quota, r.gpu_period) for r in MODELS[0].select()] == [(None, None)] * 2
+    # and this one, beside it:
+    writer = UsageWriter()
+    writer.add(Record(at=time.time(), endpoint="/api/chat", status=200, latency_ms=5, key_id=1,
+                      gpu_seconds=1.25, load_seconds=0.5))
+    writer.stop()
+    (row,) = stats.usage(None, "key")
+    assert (row["requests"], row["gpu_seconds"], row["load_seconds"]) == (3, 1.25, 0.5)
+    from app.store.models import UsageRecord
+    assert sorted(r.gpu_seconds or 0 for r in UsageRecord.select()) == [0, 0, 1.25]

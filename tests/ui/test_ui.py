@@ -3,6 +3,7 @@ cross-site posts, sessions that end with their key, and no secret where it must 
 """
 import dataclasses
 import hashlib
+import json
 import logging
 import re
 import time
@@ -476,3 +477,41 @@ def test_the_webhooks_page_shows_only_its_own_messages_once(browser, admin):
     assert f'id="message">webhook {row.id} test failed: no answer' in shown
     assert "Connection refused" in shown
     assert 'id="message"' not in browser.get("/ui/webhooks").get_data(as_text=True)
+
+
+def test_gpu_time_shows_by_key_model_and_upstream_and_a_gpu_quota_is_set_and_shown(
+        ui_app, browser, admin, user):
+    from app.accounting.usage import Record
+
+    writer = ui_app.extensions["usage"]
+    now = time.time()
+    for key, model, upstream, seconds in ((user[1], "llama3.2:latest", "gpu1", 90.0),
+                                          (user[1], "qwen2.5:0.5b", "gpu2", 3725.0),
+                                          (admin[1], "llama3.2:latest", "gpu1", 30.5)):
+        writer.add(Record(at=now, endpoint="/api/chat", status=200, latency_ms=5,
+                          key_id=key.id, key_prefix=key.prefix, model=model,
+                          upstream=upstream, gpu_seconds=seconds, load_seconds=0.0))
+    assert writer.write_pending()
+    sign_in(browser, admin[0])
+    for span in ("1h", "24h", "30d"):
+        page = browser.get(f"/ui/?range={span}").get_data(as_text=True)
+        data = json.loads(re.search(r'id="chart-data">(.*?)</script>', page, re.S)[1])
+        assert sum(data["gpu_seconds"]["llama3.2:latest"]) == 120.5, span
+        assert re.search(r'id="total-gpu">1h04m<', page), span  # 3845.5 s
+        by_key = page.split('id="by-key"')[1].split("</table>")[0]
+        assert re.search(r"alice \(%s\)</a></td>\s*<td>2</td><td>0</td><td>1h03m</td>"
+                         % user[1].prefix, by_key), span
+        upstreams = page.split('id="gpu-by-upstream"')[1].split("</table>")[0]
+        assert upstreams.index("gpu2</td><td>1h02m") < upstreams.index("gpu1</td><td>2m00s")
+        by_model = page.split('id="by-model"')[1].split("</table>")[0]
+        assert "<td>llama3.2:latest</td><td>2</td><td>0</td><td>2m00s</td>" in by_model
+    token = csrf(browser)
+    assert browser.post(f"/ui/keys/{user[1].id}", data={
+        "csrf": token, "gpu_quota": "2h/day"}).status_code == 302
+    assert keystore.key_summary(ApiKey.get_by_id(user[1].id))["gpu_quota"] == "2h/day"
+    bad = browser.post(f"/ui/keys/{user[1].id}", data={"csrf": token, "gpu_quota": "2x/day"})
+    assert bad.status_code == 400 and "GPU quota" in bad.get_data(as_text=True)
+    key_page = browser.get(f"/ui/keys/{user[1].id}").get_data(as_text=True)
+    assert "GPU seconds this UTC day" in key_page and "<td>2h/day</td>" in key_page
+    own = browser.get(f"/ui/keys/{admin[1].id}").get_data(as_text=True)
+    assert re.search(r'id="total-gpu">30.5s<', own)  # the admin's own, not alice's

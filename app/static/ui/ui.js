@@ -36,7 +36,7 @@ const COLOURS = ["#2f6fde", "#e8590c", "#2b8a3e", "#c2255c", "#7048e8", "#1098ad
                  "#f08c00", "#5c940d", "#862e9c", "#495057"];
 
 function chartSeries(kind, data) {
-  if (kind === "requests" || kind === "tokens") {
+  if (kind === "requests" || kind === "tokens" || kind === "gpu_seconds") {
     return data.models.map((model, i) => ({label: model, values: data[kind][model],
                                            colour: COLOURS[i % COLOURS.length]}));
   }

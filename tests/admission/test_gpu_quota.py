@@ -1,0 +1,109 @@
+"""GPU-time quotas: their syntax, the boundary (at the quota refused, just under it
+admitted), reservations, another key's time apart, and the quota.exceeded event's kind."""
+import math
+import time
+
+import pytest
+
+from app.accounting.usage import Record
+from app.admission import gpu_quota
+from app.config import UpstreamSpec
+from app.errors import RateLimited
+from app.keys import registry as keystore
+from app.limits import format_gpu_quota, parse_gpu_quota, quota_period
+from app.store.models import GpuReservation, GpuUsage
+from app.webhooks.outbox import usage_event_data
+
+
+@pytest.mark.parametrize("text, parsed", [
+    ("90s/day", (90, "day")), ("30m/day", (1800, "day")), ("2h/month", (7200, "month")),
+    ("2H / Day", (7200, "day")), ("24h/day", (86400, "day")), ("1s per month", (1, "month")),
+    ("none", None), ("off", None),
+])
+def test_gpu_quotas_are_time_per_day_or_month(text, parsed):
+    assert parse_gpu_quota(text) == parsed
+
+
+@pytest.mark.parametrize("text", ["2x/day", "2h/week", "2h", "2/day", "0s/day", "25h/day",
+                                  "745h/month", "-1h/day", "1.5h/day", ""])
+def test_anything_else_is_refused_with_the_forms_it_takes(text):
+    with pytest.raises(ValueError, match=r"GPU quota|at least 1 s"):
+        parse_gpu_quota(text)
+
+
+@pytest.mark.parametrize("seconds, shown", [(90, "90s/day"), (1800, "30m/day"),
+                                            (7200, "2h/day"), (5400, "90m/day"),
+                                            (None, "none")])
+def test_gpu_quotas_print_in_their_largest_whole_unit(seconds, shown):
+    assert format_gpu_quota(seconds, "day") == shown
+
+
+def _charged(key, seconds, now):
+    GpuUsage.create(key_id=key.id, period_start=quota_period("day", now)[0], seconds=seconds)
+
+
+@pytest.mark.parametrize("used, admitted", [(9.999, True), (10.0, False), (10.5, False)])
+def test_a_key_at_its_gpu_quota_is_refused_and_just_under_it_admitted(migrated, make_key,
+                                                                      used, admitted):
+    _, row = make_key(gpu_quota="10s/day")
+    key = keystore.KeyInfo.from_row(row)
+    now = time.time()
+    _charged(key, used, now)
+    if admitted:
+        assert gpu_quota.check(key, now).remaining == pytest.approx(10 - used)
+        return
+    with pytest.raises(RateLimited) as refused:
+        gpu_quota.check(key, now)
+    end = quota_period("day", now)[1]
+    assert refused.value.refusal == "gpu_quota"
+    assert refused.value.headers["Retry-After"] == str(math.ceil(end - now))
+    assert refused.value.headers["X-GPU-Quota-Reset"] == str(end)
+    assert refused.value.headers["X-GPU-Quota-Remaining"] == "0.000"
+    assert "GPU quota used up" in refused.value.message and "10s/day" in refused.value.message
+
+
+def test_reservations_count_until_they_lapse_and_another_keys_time_never(migrated, make_key):
+    _, row = make_key(gpu_quota="10s/day")
+    _, other_row = make_key(gpu_quota="10s/day")
+    key, other = keystore.KeyInfo.from_row(row), keystore.KeyInfo.from_row(other_row)
+    now = time.time()
+    _charged(other, 50.0, now)  # another key's: not this one's
+    _charged(key, 6.0, now)
+    first = gpu_quota.reserve(key, 3.999, "test:1", 60, now)
+    assert first.standing.used == 6.0 and first.standing.reserved == pytest.approx(3.999)
+    second = gpu_quota.reserve(key, 5.0, "test:1", 60, now)  # 9.999 < 10: admitted
+    assert second.standing.reserved == pytest.approx(8.999)
+    with pytest.raises(RateLimited):
+        gpu_quota.check(key, now)  # 6 + 8.999 >= 10
+    GpuReservation.update(expires_at=now - 1).where(GpuReservation.id == second.id).execute()
+    assert gpu_quota.check(key, now).reserved == pytest.approx(3.999)
+
+
+def test_the_estimate_is_the_keys_recent_gpu_time_for_that_model_else_the_default(
+        migrated, make_key):
+    from app.accounting.usage import UsageWriter
+
+    _, row = make_key(gpu_quota="1h/day")
+    key = keystore.KeyInfo.from_row(row)
+    spec = UpstreamSpec("gpu1", "http://gpu1:11434", max_concurrent=4, gpu_cost=0.5)
+    assert gpu_quota.estimate(key, "llama3.2:latest", spec, 60.0) == 60.0 / 4 * 0.5
+    writer = UsageWriter()
+    for seconds in (1.0, 3.0):
+        writer.add(Record(at=time.time(), endpoint="/api/chat", status=200, latency_ms=5,
+                          key_id=key.id, model="llama3.2:latest", upstream="gpu1",
+                          gpu_seconds=seconds))
+    writer.add(Record(at=time.time(), endpoint="/api/chat", status=200, latency_ms=5,
+                      key_id=key.id + 1, model="llama3.2:latest", upstream="gpu1",
+                      gpu_seconds=100.0))  # another key's
+    writer.stop()
+    assert gpu_quota.estimate(key, "llama3.2:latest", spec, 60.0) == 3.0  # the longest
+    assert gpu_quota.estimate(key, "qwen2.5:0.5b", spec, 60.0) == 7.5
+
+
+@pytest.mark.parametrize("refusal, kind", [("quota", "tokens"), ("gpu_quota", "gpu_time"),
+                                           ("rate", None), (None, None)])
+def test_quota_exceeded_says_which_quota_ran_out(refusal, kind):
+    data = usage_event_data(Record(at=0.0, endpoint="/api/chat", status=429 if refusal else 200,
+                                   latency_ms=1, refusal=refusal, gpu_seconds=None))
+    assert data.get("kind") == kind
+    assert "gpu_seconds" in data
