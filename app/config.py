@@ -82,8 +82,8 @@ class Settings:
         60.0, "Seconds a client may leave the answer unread (its connection open, reading "
         "nothing) before the gateway closes it and stops Ollama's work for it.")
     max_body_bytes: int = setting(
-        64 * 1024 * 1024, "Largest request body in bytes; larger gets 413. Blob uploads are "
-        "exempt and streamed.")
+        64 * 1024 * 1024, "Largest request body in bytes, as sent and once decompressed; "
+        "larger gets 413. Blob uploads are exempt and streamed.")
     max_unauthenticated_body_bytes: int = setting(
         1024 * 1024, "Most bytes of body read to find a legacy `apikey` field when no key "
         "came in a header; a larger body must carry its key in a header or the query.")

@@ -37,7 +37,7 @@ if __name__ == "__main__":
 
     sys.exit(main())
 
-from tests.fake_ollama_v1 import AnthropicRoutes, OpenAIRoutes  # noqa: E402 (after the entry point)
+from tests.fake_ollama_v1 import AnthropicRoutes, MediaRoutes, OpenAIRoutes  # noqa: E402 (after the entry point)
 
 VERSION = "0.6.8"
 DEFAULT_MODELS = ["llama3.2:latest", "qwen2.5:0.5b", "nomic-embed-text:latest"]
@@ -159,7 +159,7 @@ class _Crash(Exception):
     """Raised to drop the connection the way a crashing Ollama would."""
 
 
-class _Handler(OpenAIRoutes, AnthropicRoutes, BaseHTTPRequestHandler):
+class _Handler(OpenAIRoutes, AnthropicRoutes, MediaRoutes, BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True  # each NDJSON chunk leaves at once
 

@@ -10,15 +10,20 @@ Anthropic's Messages API (/v1/messages) follows anthropic/anthropic.go and
 middleware/anthropic.go: `event:` + `data:` SSE events, and the usage counted only in
 the final `message_delta` (message_start's is Ollama's estimate: here deliberately off).
 """
+import email.parser
+import email.policy
 import json
 import random
 import time
+import urllib.parse
 
 from tests import fake_ollama as base  # partly initialised when this is imported: used late
 
 V1_JSON = "application/json"  # the middleware sets it without a charset
 SSE = "text/event-stream"
 ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error"}
+PICTURE = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAA"
+           "AABJRU5ErkJggg==")  # a 1x1 PNG
 
 
 def _usage(prompt, completion):
@@ -36,7 +41,10 @@ class OpenAIRoutes:
             return self._v1_model(path[len("/v1/models/"):])
         handler = {"/v1/chat/completions": self._v1_chat, "/v1/completions": self._v1_complete,
                    "/v1/embeddings": self._v1_embed, "/v1/responses": self._v1_responses,
-                   "/v1/messages": self._v1_messages}
+                   "/v1/messages": self._v1_messages, "/v1/images/generations": self._v1_image,
+                   "/v1/images/edits": self._v1_image}
+        if self.command == "POST" and path == "/v1/audio/transcriptions":
+            return self._v1_transcribe(body)
         if self.command != "POST" or path not in handler:
             return self._send(404, b"404 page not found", "text/plain")
         try:
@@ -260,6 +268,55 @@ class OpenAIRoutes:
         event("response.completed", response=response("completed", [message(text, "completed")],
                                                        usage(n)))
         self._end_stream()
+
+
+class MediaRoutes:
+    """Mixed into the fake's request handler: images (Ollama 0.14.3 to 0.32.5: JSON in, the
+    picture as base64 out; edits take a base64 `image`) and transcriptions (0.20.0 on: a
+    multipart form in, `{"text"}` or plain text out). Neither answer carries usage."""
+
+    def _v1_image(self, req):
+        if not req.get("prompt"):
+            return self._v1_error(400, "prompt is required")
+        if not req.get("model"):
+            return self._v1_error(400, "model is required")
+        if self.path.startswith("/v1/images/edits") and not req.get("image"):
+            return self._v1_error(400, "image is required")
+        if not (self._v1_model_or_error(req, base.NOT_FOUND)):
+            return
+        list(self._generate(False, req))  # the fake's delays and crashes apply
+        self._v1_json({"created": int(time.time()), "data": [{"b64_json": PICTURE}]})
+
+    def _v1_transcribe(self, body):
+        """Go's ParseMultipartForm, then FormValue("model") (the form's first, else the
+        query's) and FormFile("file"); the fake's tokens are the transcript's words."""
+        form = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+            b"Content-Type: " + self.headers.get("Content-Type", "").encode() + b"\r\n\r\n"
+            + body)
+        if not form.is_multipart():
+            return self._v1_error(400, "failed to parse multipart form: request Content-Type "
+                                       "isn't multipart/form-data")
+        values, files = {}, {}
+        for part in form.iter_parts():
+            name = part.get_param("name", header="content-disposition")
+            if part.get_filename():
+                files.setdefault(name, part.get_payload(decode=True))
+            else:
+                values.setdefault(name, part.get_payload(decode=True).decode())
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
+        model = values.get("model") or (query.get("model") or [""])[0]
+        if not model:
+            return self._v1_error(400, "model is required")
+        if "file" not in files:
+            return self._v1_error(400, "file is required: http: no such file")
+        if not files["file"]:
+            return self._v1_error(400, "audio file is empty")
+        if not self._v1_model_or_error({"model": model}, base.NOT_FOUND):
+            return
+        text = "".join(token for _, token in self._generate(False, {}))
+        if values.get("response_format") == "text":
+            return self._send(200, text.encode(), "text/plain")
+        self._v1_json({"text": text})
 
 
 def _anthropic_texts(value):

@@ -19,8 +19,9 @@ ACCOUNT_PATHS = frozenset({
     "/api/experimental/web_search", "/api/experimental/web_fetch",
 })
 ACCOUNT_PREFIXES = ("/api/user/", "/api/signin/", "/api/signout/", "/api/me/")
-# Endpoints that run a model but whose use is not counted in tokens (yet): a key with a
-# token quota may not use them, or its quota could be dodged through them.
+# Endpoints that run a model but whose answers carry no token counts (Ollama reports none
+# for images or transcriptions): a key with a token quota may not use them, or its quota
+# could be dodged through them.
 UNCOUNTED_PATHS = frozenset({"/v1/images/generations", "/v1/images/edits",
                              "/v1/audio/transcriptions"})
 
@@ -50,16 +51,3 @@ def require_counted(key, path):
         raise Forbidden(f"{path} is not counted in tokens, so key {key.prefix}, which has a "
                         "token quota, may not use it (its quota could be dodged through it); "
                         "use a key without a token quota")
-
-
-def require_checkable_form(key, path):
-    """A multipart body's `model` is not read by the gateway: refuse keys limited to models.
-
-    Such a key could otherwise name any model in a form field; a key without an
-    allow-list loses nothing by it.
-    """
-    if key.models:
-        raise Forbidden(f"{path} with a multipart/form-data body: the gateway does not read "
-                        f"its model field, so key {key.prefix}, which is limited to some "
-                        "models, may not use it; send a JSON body, or use a key without a "
-                        "model allow-list")

@@ -15,8 +15,8 @@ from flask import Response, current_app, request
 
 from app.errors import GatewayError, UpstreamUnavailable
 from app.proxy.relay import CHUNK_SIZE, ClientDisconnected
+from app.proxy.request_body import upstream_headers
 from app.store.db import db
-from app.upstreams.client import forwardable_request_headers
 
 HEADER, PARAM = "X-Ollama-Upstream", "upstream"
 
@@ -55,7 +55,7 @@ def union(key, path, query, field, ident):
         for member in pool.candidates():
             try:
                 response = member.client.send("GET", path, query,
-                                              forwardable_request_headers(request.headers))
+                                              upstream_headers())
             except GatewayError:
                 member.failed()
                 continue
@@ -90,7 +90,7 @@ def to_all(key, path, body, query):
     answer is the first failure, or the last success.
     """
     limiter, pool, admission = _admitted(key)
-    headers = forwardable_request_headers(request.headers)
+    headers = upstream_headers()
     streamed = request.method == "POST" and path in ("/api/pull", "/api/push", "/api/create") \
         and (json.loads(body or b"{}").get("stream", True) is not False)
     if not streamed:
@@ -151,7 +151,7 @@ def upload_to_all(key, path, query, upload, length):
     upstream took it; an upstream that stops reading for read_timeout is given up on.
     """
     limiter, pool, admission = _admitted(key)
-    headers = forwardable_request_headers(request.headers)
+    headers = upstream_headers()
     try:
         if request.method == "HEAD":
             statuses = [_whole_answer(m, path, query, headers, None)[0] for m in pool.members]

@@ -35,10 +35,9 @@ from app.proxy.relay import (
     open_upstream,
     response_headers,
 )
-from app.proxy.request_body import ClientStalled, read_body, stall_error
+from app.proxy.request_body import ClientStalled, read_body, stall_error, upstream_headers
 from app.store.db import db
 from app.store.models import GpuReservation
-from app.upstreams.client import forwardable_request_headers
 
 log = logging.getLogger(__name__)
 
@@ -242,7 +241,7 @@ def forward(key, path, body, query=b"", transform=None, rewrite=None, model=None
         while slots:
             queue.release(slots.pop())
 
-    headers = forwardable_request_headers(request.headers)
+    headers = upstream_headers()
     try:
         response = _send_to_first(members, chosen, pending, watch, take_slot, request.method,
                                   path, query, headers, body)

@@ -12,7 +12,9 @@ from werkzeug.wsgi import get_input_stream
 
 from app.cooperative import close_after_response, deadline, pause
 from app.errors import BadRequest, GatewayError, RequestTimeout
+from app.proxy import content_encoding
 from app.proxy.relay import CHUNK_SIZE, ClientDisconnected
+from app.upstreams.client import forwardable_request_headers
 
 LARGE_STEP = 1024 * 1024  # read size for bodies larger than this
 
@@ -42,33 +44,25 @@ def has_body():
 
 
 def read_body(limit, too_large=None):
-    """The whole request body; 413 past `limit` bytes, 408 if it stalls, 400 if malformed.
+    """The whole request body, decompressed; 413 past `limit` bytes, 408 if it stalls,
+    400 if malformed, 415 for a Content-Encoding other than zstd or gzip.
 
     Reads yield to other greenlets, so a large body arriving at loopback speed does not
-    hold up the streams of everyone else on this worker. A large body is read in 1 MiB
-    steps: gunicorn's reader reads ahead and copies what it holds on every read, so
-    64 KiB steps would copy a 60 MiB body's buffer a thousand times (bench/big_bodies.py).
+    hold up the streams of everyone else on this worker. A compressed body is bounded
+    twice: as sent and as inflated, where inflating stops one byte past `limit`
+    (app/proxy/content_encoding.py); upstream_headers() then drops its Content-Encoding.
     """
     too_large = too_large or (lambda: BodyTooLarge(
-        f"request body is larger than the gateway's limit of {limit} bytes (max_body_bytes)"))
+        f"request body is larger than the gateway's limit of {limit} bytes (max_body_bytes)"
+        + (", decompressed" if g.get("body_coding") else "")))
     length = request.content_length
     if length is not None and length > limit:
         raise too_large()
-    step = LARGE_STEP if (length or 0) > LARGE_STEP else CHUNK_SIZE
-    # Not request.stream: Flask treats a per-request limit of None as MAX_CONTENT_LENGTH.
-    stream = get_input_stream(request.environ, max_content_length=None)
-    chunks, size, timeout = [], 0, _timeout()
+    g.body_coding = content_encoding.coding(request.headers)  # 415 before a byte is read
     try:
-        while True:
-            with deadline(timeout, ClientStalled):
-                chunk = stream.read(min(step, limit + 1 - size))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
-            if size > limit:
-                raise too_large()
-            pause()
+        chunks = _chunks(limit, too_large)
+        body = (b"".join(chunks) if g.body_coding is None
+                else _inflated(chunks, g.body_coding, limit, too_large))
     except GatewayError:
         raise
     except ClientStalled:
@@ -76,7 +70,51 @@ def read_body(limit, too_large=None):
     except Exception as exc:  # the server's own errors: bad chunk sizes, early EOF
         raise _unreadable(exc) from None
     g.body_consumed = True
-    return b"".join(chunks)
+    return body
+
+
+def _chunks(limit, too_large):
+    """The client's bytes as they arrive, at most `limit` of them.
+
+    A large body is read in 1 MiB steps: gunicorn's reader reads ahead and copies what it
+    holds on every read, so 64 KiB steps would copy a 60 MiB body's buffer a thousand
+    times (bench/big_bodies.py).
+    """
+    length = request.content_length
+    step = LARGE_STEP if (length or 0) > LARGE_STEP else CHUNK_SIZE
+    # Not request.stream: Flask treats a per-request limit of None as MAX_CONTENT_LENGTH.
+    stream = get_input_stream(request.environ, max_content_length=None)
+    size, timeout = 0, _timeout()
+    while True:
+        with deadline(timeout, ClientStalled):
+            chunk = stream.read(min(step, limit + 1 - size))
+        if not chunk:
+            return
+        size += len(chunk)
+        if size > limit:
+            raise too_large()
+        yield chunk
+        pause()
+
+
+def _inflated(chunks, coding, limit, too_large):
+    """The decompressed body: 413 (`too_large`) as soon as it passes `limit`."""
+    pieces, room = [], [limit + 1]  # what may still come: inflating stops one byte past
+    for piece in content_encoding.inflate(chunks, coding, lambda: room[0]):
+        room[0] -= len(piece)
+        if room[0] <= 0:
+            raise too_large()
+        pieces.append(piece)
+        pause()
+    return b"".join(pieces)
+
+
+def upstream_headers():
+    """The request's headers for Ollama: a decompressed body loses its Content-Encoding."""
+    headers = forwardable_request_headers(request.headers)
+    if g.get("body_coding"):
+        headers = {k: v for k, v in headers.items() if k.lower() != "content-encoding"}
+    return headers
 
 
 def read_form():

@@ -11,16 +11,20 @@ from flask import Blueprint, jsonify, request
 from app.accounting import request_record
 from app.admission import estimate
 from app.errors import BadRequest, MethodNotAllowed
-from app.proxy import auth, doors, fanout, gateway, sse
+from app.proxy import auth, doors, fanout, form, gateway, sse
+from app.proxy.jsonbody import model_problem
 from app.proxy.request_body import read_body
 
 bp = Blueprint("openai", __name__)
 
 GENERATING = {"/v1/chat/completions", "/v1/completions", "/v1/responses"}
 # Ollama's other /v1 endpoints (Anthropic's Messages API, audio, images): relayed with the
-# key's allow-list checked. Transcriptions (and OpenAI's image edits) take a form.
-RELAYED = {"/v1/messages", "/v1/audio/transcriptions", "/v1/images/generations",
-           "/v1/images/edits"}
+# key's allow-list checked. Images and audio name their model or get a 400.
+MEDIA = {"/v1/audio/transcriptions", "/v1/images/generations", "/v1/images/edits"}
+RELAYED = {"/v1/messages", *MEDIA}
+# Take a multipart form: transcriptions always, image edits as OpenAI's SDK sends them
+# (Ollama took JSON with a base64 `image`: both are checked and relayed).
+FORMS = {"/v1/audio/transcriptions", "/v1/images/edits"}
 COUNT_TOKENS = "/v1/messages/count_tokens"  # answered by the gateway, never forwarded
 POST_ENDPOINTS = GENERATING | RELAYED | {"/v1/embeddings", COUNT_TOKENS}
 USAGE_ON_REQUEST = {"/v1/chat/completions", "/v1/completions"}  # /v1/responses always says
@@ -35,8 +39,9 @@ def relay(subpath):
     if path in POST_ENDPOINTS and request.method != "POST":
         raise MethodNotAllowed(f"{request.method} is not allowed on {path}; use POST",
                                headers={"Allow": "POST"})
-    if path in RELAYED and request.mimetype == "multipart/form-data":
-        return _form(path)
+    if path in FORMS and (request.mimetype == "multipart/form-data"
+                          or path == "/v1/audio/transcriptions"):
+        return _form(path, pending)
     key, body = gateway.authenticated_body()
     doors.check(key, path, path in POST_ENDPOINTS)
     doors.require_counted(key, path)
@@ -46,6 +51,8 @@ def relay(subpath):
         auth.require_model(key, model)
     if path == COUNT_TOKENS:
         return _count_tokens(payload)
+    if path in MEDIA and not any(body.models):
+        raise BadRequest(f"'model' is required on {path}")
     request_record.keep_prompt(pending, payload)
     changes, rewrite = {}, None
     if path in USAGE_ON_REQUEST and payload and payload.get("stream") is True:
@@ -71,13 +78,24 @@ def _count_tokens(payload):
     return jsonify({"input_tokens": estimate.prompt_tokens(payload)})
 
 
-def _form(path):
-    """A multipart body, relayed as it is once the key may send one (app/proxy/doors.py)."""
+def _form(path, pending):
+    """A multipart body: every `model` it names (and the query's, which Go's FormValue
+    falls back to) checked, then relayed as it came."""
     key = gateway.current_key()
     doors.require_counted(key, path)
-    doors.require_checkable_form(key, path)
+    if request.mimetype != "multipart/form-data":
+        raise BadRequest(f"{path} takes a multipart/form-data body (model, file, …), as "
+                         f"OpenAI's does; this one is {request.mimetype or 'untyped'}")
     raw = read_body(gateway.settings().max_body_bytes)
-    return gateway.forward(key, path, raw or None, gateway.query_without_key())
+    named = form.field_values(raw, request.content_type)
+    if not named or not named[0]:
+        raise BadRequest(f"'model' is required on {path}: send it as a form field")
+    for model in named + request.args.getlist("model"):
+        if problem := model_problem("model", model):
+            raise BadRequest(problem)
+        auth.require_model(key, model)
+    pending.model = named[0]  # the one Ollama takes
+    return gateway.forward(key, path, raw, gateway.query_without_key(), model=pending.model)
 
 
 def _models(path):

@@ -54,7 +54,8 @@ def _errors(*codes, openai=False, anthropic=False):
         405: "Wrong method for a known endpoint (`Allow` says which)",
         408: "The request body stopped arriving",
         409: "The identifier matches several keys, or the name is another live key's",
-        413: "The body is larger than max_body_bytes",
+        413: "The body is larger than max_body_bytes (a compressed one: as sent or inflated)",
+        415: "A Content-Encoding other than zstd or gzip",
         429: "Rate limit, concurrency limit or token quota reached",
         502: "Ollama refused the connection or broke off",
         503: "The gateway's database is unavailable",
@@ -73,7 +74,7 @@ RATE_HEADERS = {name: {"$ref": f"#/components/headers/{name}"}
                 for name in ("X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset",
                              "X-Quota-Limit", "X-Quota-Remaining", "X-Quota-Reset",
                              "X-GPU-Quota-Limit", "X-GPU-Quota-Remaining", "X-GPU-Quota-Reset")}
-KEYED = (400, 401, 403, 404, 405, 408, 413, 429, 502, 503, 504)
+KEYED = (400, 401, 403, 404, 405, 408, 413, 415, 429, 502, 503, 504)
 
 
 def _relayed(summary, request=None, stream=False, errors=KEYED, openai=False,
