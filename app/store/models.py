@@ -39,6 +39,9 @@ class ApiKey(BaseModel):
     # Share of an upstream's slots when keys wait for them (app/admission/fair_queue.py): 2 gets
     # twice the requests of 1.
     priority = peewee.IntegerField(default=1)
+    # Cloud models and web search (app/proxy/cloud.py): 'allow', 'deny', or NULL for the
+    # setting cloud_default, so that changing the setting reaches the key.
+    cloud = peewee.CharField(max_length=8, null=True)
     # Comma-separated model names or fnmatch patterns; NULL allows every model.
     models = peewee.TextField(null=True)
     expires_at = peewee.DateTimeField(null=True)
@@ -116,9 +119,12 @@ class UsageRecord(BaseModel):
     # True: prompt_tokens is the gateway's estimate (app/admission/estimate.py), as the answer ended
     # without Ollama's counts. NULL on rows older instances write: exact or unknown.
     prompt_estimated = peewee.BooleanField(null=True)
+    # True: it ran on ollama.com (a cloud model, web search: app/proxy/cloud.py). NULL on rows
+    # older instances write: local.
+    cloud = peewee.BooleanField(null=True)
 
     class Meta:
-        indexes = ((("key_id", "at"), False),)
+        indexes = ((("key_id", "at"), False), (("cloud", "at"), False))
 
 
 class UsageHourly(BaseModel):
