@@ -14,6 +14,7 @@ import threading
 from flask import Response, current_app, request
 
 from app.errors import GatewayError, UpstreamUnavailable
+from app.proxy import cloud
 from app.proxy.relay import CHUNK_SIZE, ClientDisconnected
 from app.store.db import db
 from app.upstreams.client import forwardable_request_headers
@@ -49,6 +50,7 @@ def union(key, path, query, field, ident):
     Only the key's models are listed; an upstream that fails is left out (and marked
     down), and only if all fail is the answer a 502.
     """
+    keep = cloud.hidden(key) or (lambda name, entry: True)
     limiter, pool, admission = _admitted(key)
     merged, seen, answer = [], set(), None
     try:
@@ -71,7 +73,8 @@ def union(key, path, query, field, ident):
             answer = data
             for item in data.get(field) or []:
                 name = item.get(ident) if isinstance(item, dict) else None
-                if name and name not in seen and key.allows_model(name):
+                if (name and name not in seen and key.allows_model(name)
+                        and keep(name, item)):
                     seen.add(name)
                     merged.append(item)
     finally:

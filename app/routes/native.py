@@ -3,7 +3,7 @@ from flask import Blueprint, request
 
 from app.accounting import request_record
 from app.errors import MethodNotAllowed
-from app.proxy import auth, doors, fanout, gateway
+from app.proxy import auth, cloud, doors, fanout, gateway
 from app.proxy.request_body import upload_body
 
 bp = Blueprint("native", __name__)
@@ -18,6 +18,8 @@ ENDPOINT_METHODS = {
                     ("POST",)),
     **dict.fromkeys(["/api/tags", "/api/version", "/api/ps"], ("GET", "HEAD")),
     "/api/delete": ("DELETE",),
+    # Proxied to ollama.com: for keys the cloud setting allows (app/proxy/cloud.py).
+    **dict.fromkeys(cloud.WEB_PATHS, ("POST",)),
 }
 BLOB_METHODS = ("HEAD", "POST")
 # Endpoints that change what models exist on the server: admins only.
@@ -66,6 +68,7 @@ def relay_json(path, pending):
         auth.require_admin(key, path)
     for model in body.models:  # `model`, the older `name`, in any letter case
         auth.require_model(key, model)
+    pending.cloud = cloud.check(key, path, body, body.models)
     raw = gateway.outgoing_body(body, key, path)  # never with a gateway key in it
     if path in MODEL_MANAGEMENT and not pool.single:
         target = fanout.named_upstream(pool)
@@ -75,7 +78,7 @@ def relay_json(path, pending):
     if path in MODEL_LISTS and not pool.single:
         return fanout.union(key, path, query, "models", "name")
     transform = None
-    if path in MODEL_LISTS and key.models:
+    if path in MODEL_LISTS and (key.models or cloud.hidden(key)):
         transform = lambda data: _only_allowed(data, key)  # noqa: E731
     return gateway.forward(key, path, raw or None, query, transform, model=pending.model)
 
@@ -89,7 +92,8 @@ def _require_method(path, allowed):
 
 
 def _only_allowed(data, key):
-    models = [
-        m for m in data.get("models", []) if key.allows_model(m.get("name") or m.get("model"))
-    ]
+    """The key's models, without the cloud models it may not use."""
+    keep = cloud.hidden(key) or (lambda name, entry: True)
+    models = [m for m in data.get("models", [])
+              if key.allows_model(name := m.get("name") or m.get("model")) and keep(name, m)]
     return {**data, "models": models}

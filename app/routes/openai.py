@@ -8,7 +8,7 @@ from flask import Blueprint, request
 
 from app.accounting import request_record
 from app.errors import MethodNotAllowed
-from app.proxy import auth, doors, fanout, gateway, sse
+from app.proxy import auth, cloud, doors, fanout, gateway, sse
 from app.proxy.request_body import read_body
 
 bp = Blueprint("openai", __name__)
@@ -40,6 +40,7 @@ def relay(subpath):
     pending.model = next(iter(body.models), None)
     for model in body.models:
         auth.require_model(key, model)
+    pending.cloud = cloud.check(key, path, body, body.models)
     request_record.keep_prompt(pending, payload)
     changes, rewrite = {}, None
     if path in USAGE_ON_REQUEST and payload and payload.get("stream") is True:
@@ -62,7 +63,7 @@ def _form(path):
 
 def _models(path):
     """GET /v1/models (only the key's models) and GET /v1/models/{model}."""
-    request_record.begin("/v1/models" if path == "/v1/models" else "/v1/models/{model}")
+    pending = request_record.begin("/v1/models" if path == "/v1/models" else "/v1/models/{model}")
     if request.method not in ("GET", "HEAD"):
         raise MethodNotAllowed(f"{request.method} is not allowed on {path}; use GET",
                                headers={"Allow": "GET, HEAD"})
@@ -71,14 +72,18 @@ def _models(path):
     if path != "/v1/models":
         model = path[len("/v1/models/"):]
         auth.require_model(key, model)
+        pending.cloud = cloud.check(key, path, models=[model])
         return gateway.forward(key, path, None, query, model=model)
     if not gateway.services()[2].single:
         return fanout.union(key, path, query, "data", "id")
     transform = None
-    if key.models:
+    if key.models or cloud.hidden(key):
         transform = lambda data: _only_allowed(data, key)  # noqa: E731
     return gateway.forward(key, path, None, query, transform)
 
 
 def _only_allowed(data, key):
-    return {**data, "data": [m for m in data.get("data") or [] if key.allows_model(m.get("id"))]}
+    """The key's models, without the cloud models it may not use."""
+    keep = cloud.hidden(key) or (lambda name, entry: True)
+    return {**data, "data": [m for m in data.get("data") or []
+                             if key.allows_model(m.get("id")) and keep(m.get("id"), m)]}
