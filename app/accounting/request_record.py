@@ -47,6 +47,7 @@ class Pending:
     query: str = ""
     prompt_estimate: int | None = None  # app/admission/estimate.py's, for a model-running request
     reservation_id: int | None = None  # its quota reservation (app/admission/quota.py)
+    cloud: bool = False  # it runs on ollama.com (app/proxy/cloud.py)
 
 
 def begin(endpoint):
@@ -117,7 +118,7 @@ def finish(writer, pending, response, log_access, limiter=None, warning_share=0.
         ttfb_ms=round((outcome.first_byte_at - pending.started) * 1000) if relayed else None,
         bytes=outcome.bytes if relayed else (response.content_length or 0),
         aborted=bool(outcome is not None and outcome.client_aborted),
-        prompt=pending.prompt,
+        prompt=pending.prompt, cloud=pending.cloud,
     )
     dropped = writer.dropped
     writer.add(record)

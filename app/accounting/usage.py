@@ -91,6 +91,7 @@ class Record:
     quota_warning: int | None = None  # tokens used once this record's charge passed them
     reservation_id: int | None = None  # settled (deleted) when this record is written
     prompt_estimated: bool | None = None  # prompt_tokens is app/admission/estimate.py's guess
+    cloud: bool = False  # it ran on ollama.com (app/proxy/cloud.py)
 
     @property
     def is_error(self):
@@ -339,14 +340,14 @@ def _named(exc):
 
 ROW_COLUMNS = ("at", "key_id", "endpoint_id", "model_id", "upstream_id", "status", "refusal",
                "prompt_tokens", "completion_tokens", "latency_ms", "ttfb_ms", "eval_ms",
-               "bytes", "aborted", "prompt_estimated")
+               "bytes", "aborted", "prompt_estimated", "cloud")
 
 
 def _row(r, ids):
     return (r.at, r.key_id, ids[_label(r.endpoint)], ids.get(_label(r.model)),
             ids.get(_label(r.upstream)), r.status, REFUSALS.get(r.refusal, 0), r.prompt_tokens,
             r.completion_tokens, r.latency_ms, r.ttfb_ms, r.eval_ms, r.bytes, r.aborted,
-            r.prompt_estimated)
+            r.prompt_estimated, r.cloud)
 
 
 def _bucket(prefix, ms):

@@ -49,6 +49,9 @@ def _summary(since, key_id=None):
         **{k: overall[k] for k in ("errors", "refused", "prompt_tokens", "completion_tokens")},
         "by_model": by_model,
         "by_day": stats.usage(since, "day", key_id),
+        # Requests that ran on ollama.com (part of the figures above): the owner's plan is
+        # limited over rolling windows like these.
+        "cloud": stats.cloud_usage(key_id),
     }
 
 
