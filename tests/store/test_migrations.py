@@ -238,3 +238,31 @@ def test_unique_names_migration_keeps_a_name_too_long_for_its_number_within_200(
     later = _key("x" * 200)
     database.upgrade(empty)
     assert MODELS[0].get_by_id(later.id).name == "x" * 196 + " (2)"
+
+
+def test_cloud_migration_leaves_keys_at_default_and_old_code_can_still_insert(empty):
+    from app.keys.registry import KeyInfo, key_summary
+    from app.store.models import UsageRecord
+
+    database.migration_runner(empty).up(MIGRATIONS[MIGRATIONS.index("0016_cloud") - 1])
+    before = _key("before 0016")
+    assert database.upgrade(empty) == ["0016_cloud"]
+    row = MODELS[0].get_by_id(before.id)
+    assert row.cloud is None and key_summary(row)["cloud"] == "default"
+    assert KeyInfo.from_row(row).may_use_cloud("role") is False
+    assert KeyInfo.from_row(row).may_use_cloud("allow") is True
+    # The previous release's INSERTs name none of the new columns: both tables take them.
+    param = empty.param
+    empty.execute_sql(
+        "INSERT INTO api_key (prefix, key_hash, name, role, rate_period, allow_keep_alive, "
+        f"priority, created_at) VALUES ({', '.join([param] * 8)})",
+        ("ogw_oldcode1", "1" * 64, "old code", "user", 3600, True, 1,
+         datetime.datetime(2026, 12, 1)))
+    empty.execute_sql(
+        'INSERT INTO usage_record ("at", key_id, endpoint_id, status, refusal, latency_ms, '
+        f'bytes, aborted) VALUES ({", ".join([param] * 8)})',
+        (1.0, before.id, 1, 200, 0, 5, 0, False))
+    assert MODELS[0].get(MODELS[0].prefix == "ogw_oldcode1").cloud is None
+    assert [r.cloud for r in UsageRecord.select()] == [None]
+    assert database.downgrade(empty) == ["0016_cloud"]
+    assert "cloud" not in {c.name for c in empty.get_columns("api_key")}
