@@ -110,17 +110,23 @@ def check(key, path, body=None, models=()):
     return True
 
 
-def hidden(key):
-    """None if `key` may see every model in a list; else `keep(name, entry) -> bool`, which
-    leaves out cloud models (by their tag or remote_host: a key is not shown what it may
-    not use)."""
+def narrows_lists(key):
+    """Whether model lists shown to `key` leave anything out (its allow-list, the cloud)."""
+    return bool(key.models) or not may_use(key)
+
+
+def shown(key):
+    """`shown(name, entry) -> bool`: whether a model list shows `key` this model: one its
+    allow-list admits, and no cloud model (by its tag, or a remote_host in its entry or an
+    upstream's list) unless it may use them. A key is not shown what it may not use."""
     if may_use(key):
-        return None
+        return lambda name, entry=None: key.allows_model(name)
     remote = current_app.extensions["upstreams"].remote_models()
 
     def keep(name, entry=None):
         if isinstance(entry, dict) and entry.get("remote_host"):
             return False
-        return not (is_cloud_name(name) or normalize_model(name or "").lower() in remote)
+        return (key.allows_model(name) and not is_cloud_name(name)
+                and normalize_model(name or "").lower() not in remote)
 
     return keep

@@ -47,10 +47,10 @@ def _json(data, status, admission):
 def union(key, path, query, field, ident):
     """GET `path` from every upstream that is up; the `field` lists merged, each item once.
 
-    Only the key's models are listed; an upstream that fails is left out (and marked
+    Only the models the key may use are listed; an upstream that fails is left out (and marked
     down), and only if all fail is the answer a 502.
     """
-    keep = cloud.hidden(key) or (lambda name, entry: True)
+    shown = cloud.shown(key)
     limiter, pool, admission = _admitted(key)
     merged, seen, answer = [], set(), None
     try:
@@ -73,8 +73,7 @@ def union(key, path, query, field, ident):
             answer = data
             for item in data.get(field) or []:
                 name = item.get(ident) if isinstance(item, dict) else None
-                if (name and name not in seen and key.allows_model(name)
-                        and keep(name, item)):
+                if name and name not in seen and shown(name, item):
                     seen.add(name)
                     merged.append(item)
     finally:

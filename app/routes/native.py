@@ -78,7 +78,7 @@ def relay_json(path, pending):
     if path in MODEL_LISTS and not pool.single:
         return fanout.union(key, path, query, "models", "name")
     transform = None
-    if path in MODEL_LISTS and (key.models or cloud.hidden(key)):
+    if path in MODEL_LISTS and cloud.narrows_lists(key):
         transform = lambda data: _only_allowed(data, key)  # noqa: E731
     return gateway.forward(key, path, raw or None, query, transform, model=pending.model)
 
@@ -92,8 +92,7 @@ def _require_method(path, allowed):
 
 
 def _only_allowed(data, key):
-    """The key's models, without the cloud models it may not use."""
-    keep = cloud.hidden(key) or (lambda name, entry: True)
-    models = [m for m in data.get("models", [])
-              if key.allows_model(name := m.get("name") or m.get("model")) and keep(name, m)]
-    return {**data, "models": models}
+    """The models the key may use (app/proxy/cloud.py)."""
+    shown = cloud.shown(key)
+    return {**data, "models": [m for m in data.get("models", [])
+                               if shown(m.get("name") or m.get("model"), m)]}

@@ -77,13 +77,12 @@ def _models(path):
     if not gateway.services()[2].single:
         return fanout.union(key, path, query, "data", "id")
     transform = None
-    if key.models or cloud.hidden(key):
+    if cloud.narrows_lists(key):
         transform = lambda data: _only_allowed(data, key)  # noqa: E731
     return gateway.forward(key, path, None, query, transform)
 
 
 def _only_allowed(data, key):
-    """The key's models, without the cloud models it may not use."""
-    keep = cloud.hidden(key) or (lambda name, entry: True)
-    return {**data, "data": [m for m in data.get("data") or []
-                             if key.allows_model(m.get("id")) and keep(m.get("id"), m)]}
+    """The models the key may use (app/proxy/cloud.py)."""
+    shown = cloud.shown(key)
+    return {**data, "data": [m for m in data.get("data") or [] if shown(m.get("id"), m)]}
