@@ -68,6 +68,7 @@ ROUTES = {  # (method, path) -> endpoint; POST/DELETE endpoints take a JSON body
 }
 # Where Ollama says a cloud model runs (api.ListModelResponse.RemoteHost).
 REMOTE_HOST = "https://ollama.com:443"
+CLOUD_READER = "ollama-gw (cloud models)"  # app/upstreams/pool.py's User-Agent for its reads
 # Requests that occupy one of Ollama's parallel slots (OLLAMA_NUM_PARALLEL).
 RUNS_MODEL = {"/api/generate", "/api/chat", "/api/embed", "/api/embeddings"}
 # Unknown-model texts differ by endpoint: GetModel failures vs. handleScheduleError.
@@ -602,6 +603,9 @@ class FakeOllama:
         self.fail_after_tokens: int | None = None
         self.end_delay = 0.0  # seconds between a generate/chat stream's last line and its end
         self.requests: list[RecordedRequest] = []
+        # The gateway's own reads of its cloud models (app/upstreams/pool.py, User-Agent
+        # CLOUD_READER), kept apart: `requests` is what clients' requests became.
+        self.probes: list[RecordedRequest] = []
         self.cancellations: list[float] = []
         self.blobs: dict[str, int] = {}  # digest -> size
         # Models made from a cloud model under a name of their own: name -> the cloud
@@ -661,7 +665,11 @@ class FakeOllama:
         headers = Headers()
         for k, v in handler.headers.items():
             headers[k.lower()] = f"{headers[k]}, {v}" if k in headers else v
-        self.requests.append(RecordedRequest(handler.command, handler.path, headers, body))
+        recorded = RecordedRequest(handler.command, handler.path, headers, body)
+        if headers.get("user-agent") == CLOUD_READER:
+            self.probes.append(recorded)
+        else:
+            self.requests.append(recorded)
 
     def _has(self, name) -> bool:
         return (

@@ -27,6 +27,9 @@ from app.upstreams.client import Upstream
 
 log = logging.getLogger(__name__)
 LONGEST_BACKOFF = 60.0
+# Sent with the reads of an upstream's cloud models, which no client asked for: its log
+# (and the tests' fake Ollama) can tell them from relayed requests.
+CLOUD_READER = "ollama-gw (cloud models)"
 
 
 def _name(model):
@@ -185,12 +188,12 @@ class UpstreamPool:
         keeps its last view (none: nothing is known remote there).
         """
         now = time.monotonic() if now is None else now
-        found = set()
         for member in self.members:
             if member.remote is None or now - member.remote_at > 2 * self.refresh_seconds:
                 self._read_remote(member, now)
-            found |= member.remote or frozenset()
-        return found
+        if self.single:
+            return self.members[0].remote or frozenset()
+        return frozenset().union(*(member.remote or () for member in self.members))
 
     def _read_remote(self, member, now):
         if not member.reading.acquire(blocking=member.remote is None):
@@ -201,6 +204,7 @@ class UpstreamPool:
             client = member.client
             try:
                 tags = client.session.get(client.base_url + "/api/tags",
+                                          headers={"User-Agent": CLOUD_READER},
                                           timeout=(min(client.connect_timeout, 2.0), 5.0))
                 tags.raise_for_status()
                 member.remote = remote_names(tags.json().get("models") or [])
