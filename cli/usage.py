@@ -64,8 +64,9 @@ def usage(ctx, ident, model, since, by, as_json, as_csv):
         cloud = stats.cloud_by_key(start)
         for found in rows:
             found.update(cloud.get(found["key_id"], {"cloud_requests": 0, "cloud_tokens": 0}))
-        columns[columns.index("completion_tokens") + 1:
-                columns.index("completion_tokens") + 1] = ["cloud_requests", "cloud_tokens"]
+        if cloud:  # the columns only where the cloud was used
+            at = columns.index("completion_tokens") + 1
+            columns[at:at] = ["cloud_requests", "cloud_tokens"]
     standing = quota.standing(row) if row is not None and row.token_quota else None
     if standing is not None:
         for found in rows:
@@ -85,8 +86,9 @@ def usage(ctx, ident, model, since, by, as_json, as_csv):
                   else ("-" if row.get(c) is None else row[c]) for c in columns}
                  for row in rows]
         table(shown, [HEADINGS.get(c, c) for c in columns])
-    if not as_json and not as_csv:
-        click.echo(_cloud_line(stats.cloud_usage(key_id)))
+    windows = None if as_json or as_csv else stats.cloud_usage(key_id)
+    if windows and windows["last_7d"]["requests"]:  # said only where the cloud was used
+        click.echo(_cloud_line(windows))
     if standing is not None and not as_json and not as_csv:
         click.echo(f"token quota: {standing.used} used, {standing.reserved} reserved by "
                    f"requests running now, {standing.remaining} left of {standing.limit} "
