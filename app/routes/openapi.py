@@ -183,6 +183,13 @@ def _native_paths():
             ("/api/ps", "Models loaded in memory (the key's allowed ones)", MODEL_LIST),
             ("/api/version", "Ollama's version", _obj(["version"], version=_str()))):
         paths[path] = {"get": _relayed(summary, ok=ok, errors=(401, 405, 429, 502, 503, 504))}
+    for path, summary, body in (
+            ("/api/experimental/web_search", "A web search on ollama.com (the server owner's "
+             "plan): keys the cloud setting allows", _obj(["query"], query=_str(),
+                                                          max_results=INT)),
+            ("/api/experimental/web_fetch", "A web page fetched by ollama.com (the server "
+             "owner's plan): keys the cloud setting allows", _obj(["url"], url=_str()))):
+        paths[path] = {"post": _relayed(summary, body)}
     blob = {"parameters": [_path_param("digest", "sha256:…")]}
     paths["/api/blobs/{digest}"] = {
         **blob,
