@@ -83,10 +83,9 @@ def may_use(key):
 def _why_not(key):
     own = key.cloud or "default"
     if own == "default":
-        return (f"key {key.prefix} has cloud setting default, which for a {key.role} key is "
-                f"{'allow' if may_use(key) else 'deny'} (the setting cloud_default is "
-                f"{current_app.config['SETTINGS'].cloud_default!r}); an admin can allow it "
-                f"with `ollama-gw keys update {key.prefix} --cloud allow`")
+        return (f"key {key.prefix} (role {key.role}) has cloud setting default, which "
+                f"cloud_default = {current_app.config['SETTINGS'].cloud_default!r} makes deny; "
+                f"an admin can allow it with `ollama-gw keys update {key.prefix} --cloud allow`")
     return (f"key {key.prefix} has cloud setting deny; an admin can change it with "
             f"`ollama-gw keys update {key.prefix} --cloud allow`")
 

@@ -64,7 +64,8 @@ def test_a_user_key_is_refused_cloud_models_on_every_endpoint(client, make_key, 
     assert response.status_code == 403
     text = message(response)
     assert f"model {model!r} is a cloud model" in text
-    assert f"key {row.prefix} has cloud setting default, which for a user key is deny" in text
+    assert (f"key {row.prefix} (role user) has cloud setting default, which cloud_default = "
+            "'role' makes deny" in text)
     assert f"ollama-gw keys update {row.prefix} --cloud allow" in text
     assert reached(cloud_fake, path) == []
 
