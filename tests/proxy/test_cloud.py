@@ -247,9 +247,13 @@ def test_cloud_requests_are_recorded_as_such_and_refusals_are_not(client, make_k
                           (user, "gpt-oss:120b-cloud")):
         client.post("/api/generate", headers=auth_header(secret),
                     json={"model": model, "prompt": "hi", "stream": False}).close()
+    admin, admin_row = make_key(role="admin")
+    client.post("/api/copy", headers=auth_header(admin),  # a stub copied: nothing ran there
+                json={"source": "gpt-oss:120b-cloud", "destination": "x:cloud"}).close()
     assert app.extensions["usage"].write_pending()
     rows = {(r.key_id, r.status, r.cloud) for r in UsageRecord.select()}
-    assert rows == {(row.id, 200, True), (row.id, 200, False), (other.id, 403, False)}
+    assert rows == {(row.id, 200, True), (row.id, 200, False), (other.id, 403, False),
+                    (admin_row.id, 200, False)}
 
 
 def _record(key_id, at, cloud=True, prompt=10, completion=5):
@@ -286,3 +290,12 @@ def test_a_keys_own_stats_show_its_cloud_use_and_not_another_keys(client, make_k
     admin, _ = make_key(role="admin")
     everyone = client.get("/api/admin/stats", headers=auth_header(admin)).get_json()["cloud"]
     assert everyone["last_7d"]["tokens"] == 15 + 505
+
+
+def test_cloud_default_is_read_from_the_environment_and_checked():
+    from app.config import ConfigError, load_settings
+
+    assert load_settings(environ={}).cloud_default == "role"
+    assert load_settings(environ={"OLLAMA_GW_CLOUD_DEFAULT": "allow"}).cloud_default == "allow"
+    with pytest.raises(ConfigError, match="cloud_default must be role, allow or deny"):
+        load_settings(environ={"OLLAMA_GW_CLOUD_DEFAULT": "users"})
