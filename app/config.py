@@ -93,6 +93,11 @@ class Settings:
         False, "Relay /api and /v1 paths the gateway does not know for every key. Off: for "
         "admin keys only, since a new Ollama endpoint may act on the server itself. Ollama's "
         "account endpoints (/api/me, /api/signout, …) are for admin keys either way.")
+    cloud_default: str = setting(
+        "role", "Whether keys whose cloud setting is `default` may use Ollama's cloud models "
+        "(`:cloud`, `-cloud`, remote_host) and web search, which run on ollama.com and spend "
+        "the server owner's plan: role (admin keys yes, user keys no), allow or deny. A key's "
+        "own --cloud allow|deny wins.")
     model_policy: str = setting(
         "refuse", "What happens to a request over its key's caps (--max-ctx, --max-predict, "
         "--keep-alive deny): refuse (403 saying why) or clamp (sent at the cap).")
@@ -450,6 +455,9 @@ def validate(settings):
     if not 0 < settings.quota_warning_share <= 1:
         raise ConfigError(f"quota_warning_share must be a share above 0 and at most 1, "
                           f"not {settings.quota_warning_share}", "quota_warning_share")
+    if settings.cloud_default not in ("role", "allow", "deny"):
+        raise ConfigError(f"cloud_default must be role, allow or deny, not "
+                          f"{settings.cloud_default!r}", "cloud_default")
     if settings.model_policy not in ("refuse", "clamp"):
         raise ConfigError(f"model_policy must be refuse or clamp, not {settings.model_policy!r}",
                           "model_policy")

@@ -26,7 +26,8 @@ KNOWN_ENDPOINTS = {"/api/generate", "/api/chat", "/api/embed", "/api/embeddings"
                    "/api/tags", "/api/ps", "/api/version", "/api/pull", "/api/push",
                    "/api/create", "/api/copy", "/api/delete", "/v1/chat/completions",
                    "/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/models",
-                   "/v1/models/{model}"}
+                   "/v1/models/{model}", "/v1/messages", "/api/experimental/web_search",
+                   "/api/experimental/web_fetch"}
 
 REQUESTS = Counter("ollama_gw_requests", "Requests answered, by endpoint and status.",
                    ["endpoint", "status"])
@@ -38,6 +39,13 @@ TTFB = Histogram("ollama_gw_time_to_first_byte_seconds",
                  ["endpoint"], buckets=SECONDS)
 TOKENS = Counter("ollama_gw_tokens", "Tokens Ollama reported, by model and kind.",
                  ["model", "kind"])
+CLOUD_REQUESTS = Counter("ollama_gw_cloud_requests",
+                         "Requests that ran on ollama.com (cloud models, web search), by "
+                         "endpoint and status: part of ollama_gw_requests.",
+                         ["endpoint", "status"])
+CLOUD_TOKENS = Counter("ollama_gw_cloud_tokens",
+                       "Tokens of requests that ran on ollama.com, by model and kind: part of "
+                       "ollama_gw_tokens.", ["model", "kind"])
 REFUSALS = Counter("ollama_gw_refusals", "Requests the gateway turned away, by reason.",
                    ["reason"])
 UPSTREAM_ERRORS = Counter("ollama_gw_upstream_errors",
@@ -124,6 +132,12 @@ class Tally:
             model = record.model if record.status < 400 else "other"
             counts[GPU_SECONDS, (record.upstream or "", model or "",
                                  record.key_prefix or "")] += record.gpu_seconds
+        if record.cloud:
+            counts[CLOUD_REQUESTS, (endpoint, str(record.status))] += 1
+            for kind, amount in (("prompt", record.prompt_tokens),
+                                 ("completion", record.completion_tokens)):
+                if amount:
+                    counts[CLOUD_TOKENS, (record.model or "", kind)] += amount
 
     def flush(self):
         with self._lock:

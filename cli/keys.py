@@ -25,6 +25,10 @@ limit_options = [
                  help="Longest answer in tokens: num_predict / max_tokens (0: no cap)."),
     click.option("--keep-alive", type=click.Choice(keystore.KEEP_ALIVE),
                  help="Whether the key may set keep_alive (how long a model stays loaded)."),
+    click.option("--cloud", type=click.Choice(keystore.CLOUD),
+                 help="Whether the key may use Ollama's cloud models and web search (they "
+                 "spend the server owner's ollama.com plan); default: the setting "
+                 "cloud_default (admin keys yes, user keys no)."),
     click.option("--priority", type=click.IntRange(1, 100), metavar="N",
                  help="Share of a busy upstream's slots when keys wait for them: 2 gets "
                  "twice the requests of 1 (default 1)."),
@@ -75,7 +79,7 @@ def keys():
 @with_limit_options
 @json_option
 def add(name, role, rate_limit, max_concurrent, token_quota, gpu_quota, max_ctx, max_predict,
-        keep_alive, priority, models, expires, as_json):
+        keep_alive, cloud, priority, models, expires, as_json):
     """Create a key and print its secret once."""
     conf = settings()
     open_db()
@@ -85,7 +89,7 @@ def add(name, role, rate_limit, max_concurrent, token_quota, gpu_quota, max_ctx,
                                           models, expires, defaults, token_quota,
                                           max_ctx=max_ctx, max_predict=max_predict,
                                           keep_alive=keep_alive, priority=priority,
-                                          gpu_quota=gpu_quota)
+                                          gpu_quota=gpu_quota, cloud=cloud)
     except keystore.KeyOpError as exc:
         _fail(exc)
     summary = keystore.key_summary(row)
@@ -138,7 +142,7 @@ def show(ident, as_json):
 @with_limit_options
 @json_option
 def update(ident, name, role, rate_limit, max_concurrent, token_quota, gpu_quota, max_ctx,
-           max_predict, keep_alive, priority, models, expires, as_json):
+           max_predict, keep_alive, cloud, priority, models, expires, as_json):
     """Change a key's name, role or limits.
 
     Changes take effect within a second.
@@ -147,12 +151,12 @@ def update(ident, name, role, rate_limit, max_concurrent, token_quota, gpu_quota
                "max_concurrent": max_concurrent, "token_quota": token_quota,
                "gpu_quota": gpu_quota,
                "max_ctx": max_ctx, "max_predict": max_predict, "keep_alive": keep_alive,
-               "priority": priority, "models": models, "expires": expires}
+               "cloud": cloud, "priority": priority, "models": models, "expires": expires}
     if all(value is None for value in changes.values()):
         raise click.UsageError("nothing to change: give at least one of --name, --role, "
                                "--rate-limit, --max-concurrent, --token-quota, --gpu-quota, "
-                               "--max-ctx, "
-                               "--max-predict, --keep-alive, --priority, --models, --expires")
+                               "--max-ctx, --max-predict, --keep-alive, --cloud, --priority, "
+                               "--models, --expires")
     open_db()
     try:
         row, changed = keystore.update_key(ident, **changes)

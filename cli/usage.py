@@ -22,6 +22,7 @@ NUMBERS = ["requests", "errors", "refused", "prompt_tokens", "completion_tokens"
            "latency_ms_p50", "latency_ms_p95", "ttfb_ms_p50", "tokens_per_second", "gpu_seconds"]
 PERCENTILES = {field for field, *_ in stats.PERCENTILES}
 HEADINGS = {"key_prefix": "key", "key_name": "name", "prompt_tokens": "tokens_in",
+            "cloud_requests": "cloud_req", "cloud_tokens": "cloud_tok",
             "completion_tokens": "tokens_out", "prompt_tokens_estimated": "in_estimated",
             "latency_ms_p50": "p50_ms",
             "latency_ms_p95": "p95_ms", "ttfb_ms_p50": "ttfb_p50_ms",
@@ -61,6 +62,12 @@ def usage(ctx, ident, model, since, by, as_json, as_csv):
     if by == "key":
         rows = stats.with_estimates(rows, start)
         columns.insert(columns.index("prompt_tokens") + 1, "prompt_tokens_estimated")
+        cloud = stats.cloud_by_key(start)
+        for found in rows:
+            found.update(cloud.get(found["key_id"], {"cloud_requests": 0, "cloud_tokens": 0}))
+        if cloud:  # the columns only where the cloud was used
+            at = columns.index("completion_tokens") + 1
+            columns[at:at] = ["cloud_requests", "cloud_tokens"]
     standing = quota.standing(row) if row is not None and row.token_quota else None
     gpu = gpu_quota.standing(row) if row is not None and row.gpu_quota else None
     for found in rows:
@@ -84,6 +91,9 @@ def usage(ctx, ident, model, since, by, as_json, as_csv):
                   else ("-" if row.get(c) is None else row[c]) for c in columns}
                  for row in rows]
         table(shown, [HEADINGS.get(c, c) for c in columns])
+    windows = None if as_json or as_csv else stats.cloud_usage(key_id)
+    if windows and windows["last_7d"]["requests"]:  # said only where the cloud was used
+        click.echo(_cloud_line(windows))
     if standing is not None and not as_json and not as_csv:
         click.echo(f"token quota: {standing.used} used, {standing.reserved} reserved by "
                    f"requests running now, {standing.remaining} left of {standing.limit} "
@@ -93,6 +103,36 @@ def usage(ctx, ident, model, since, by, as_json, as_csv):
                    f"by requests running now, {gpu_time(gpu.remaining)} left of "
                    f"{gpu_time(gpu.limit)} "
                    f"(resets {time.strftime('%Y-%m-%dT%H:%MZ', time.gmtime(gpu.reset_at))})")
+
+
+def _cloud_line(windows):
+    return "ran on ollama.com (cloud models, web search): " + "; ".join(
+        f"last {name[5:]} {w['requests']} requests, {w['tokens']} tokens"
+        for name, w in windows.items())
+
+
+@usage.command("cloud")
+@click.option("--key", "ident", metavar="KEY", help="Only this key (id, prefix or name).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def cloud_(ident, as_json):
+    """Cloud requests and tokens over the last 5 hours and 7 days.
+
+    The requests that ran on ollama.com (cloud models, web search), counted over the
+    rolling windows its plans are limited by.
+    """
+    open_db()
+    key_id = None
+    if ident:
+        try:
+            key_id = keystore.find_key(ident).id
+        except keystore.KeyOpError as exc:
+            raise click.ClickException(str(exc)) from None
+    windows = stats.cloud_usage(key_id)
+    if as_json:
+        echo_json(windows)
+    else:
+        table([{"window": name, **w} for name, w in windows.items()],
+              ["window", "requests", "prompt_tokens", "completion_tokens", "tokens"])
 
 
 @usage.command()

@@ -51,6 +51,7 @@ class Pending:
     reservation_id: int | None = None  # its quota reservation (app/admission/quota.py)
     gpu_reservation_id: int | None = None  # its GPU-quota one (app/admission/gpu_quota.py)
     runs_model: bool = False  # holds an upstream slot: charged GPU time (app/accounting/gpu.py)
+    cloud: bool = False  # it runs on ollama.com (app/proxy/cloud.py)
 
 
 def begin(endpoint):
@@ -124,7 +125,7 @@ def finish(writer, pending, response, log_access, limiter=None, warning_share=0.
         ttfb_ms=round((outcome.first_byte_at - pending.started) * 1000) if relayed else None,
         bytes=outcome.bytes if relayed else (response.content_length or 0),
         aborted=bool(outcome is not None and outcome.client_aborted),
-        prompt=pending.prompt,
+        prompt=pending.prompt, cloud=pending.cloud,
         gpu_period=key.gpu_period if key and key.gpu_quota else None,
         gpu_reservation_id=pending.gpu_reservation_id,
     )

@@ -321,3 +321,41 @@ def request_span(key_id):
     """(first, last) epoch seconds a key made a request, of the rows kept; (None, None)."""
     return (UsageRecord.select(fn.MIN(UsageRecord.at), fn.MAX(UsageRecord.at))
             .where(UsageRecord.key_id == key_id).tuples().get())
+
+
+# The windows ollama.com's plans are limited by: cloud use over the last 5 hours and 7 days.
+CLOUD_WINDOWS = (("last_5h", 5 * 3600), ("last_7d", 7 * 86400))
+
+
+def cloud_usage(key_id=None, now=None):
+    """{window: {requests, prompt_tokens, completion_tokens, tokens}} of the requests that ran
+    on ollama.com (app/proxy/cloud.py) in each rolling window ending `now`, to the second:
+    a request is in while it is younger than the window. Read from the per-request rows (an
+    index on cloud and time), so `usage prune` shortens what the 7-day window can see."""
+    now = time.time() if now is None else now
+    found = {}
+    for name, seconds in CLOUD_WINDOWS:
+        query = (UsageRecord.select(fn.COUNT(UsageRecord.id), fn.SUM(UsageRecord.prompt_tokens),
+                                    fn.SUM(UsageRecord.completion_tokens))
+                 .where((UsageRecord.cloud == True)  # noqa: E712 (peewee's SQL)
+                        & (UsageRecord.at > now - seconds) & (UsageRecord.at <= now)))
+        if key_id is not None:
+            query = query.where(UsageRecord.key_id == key_id)
+        requests, prompt, completion = query.tuples().get()
+        prompt, completion = int(prompt or 0), int(completion or 0)
+        found[name] = {"requests": int(requests or 0), "prompt_tokens": prompt,
+                       "completion_tokens": completion, "tokens": prompt + completion}
+    return found
+
+
+def cloud_by_key(since=None):
+    """{key id: {cloud_requests, cloud_tokens}} since `since`, from the per-request rows."""
+    query = (UsageRecord.select(UsageRecord.key_id, fn.COUNT(UsageRecord.id),
+                                fn.SUM(UsageRecord.prompt_tokens),
+                                fn.SUM(UsageRecord.completion_tokens))
+             .where(UsageRecord.cloud == True)  # noqa: E712 (peewee's SQL)
+             .group_by(UsageRecord.key_id))
+    if since is not None:
+        query = query.where(UsageRecord.at >= since)
+    return {key: {"cloud_requests": int(count), "cloud_tokens": int(prompt or 0) + int(done or 0)}
+            for key, count, prompt, done in query.tuples()}

@@ -98,6 +98,7 @@ class Record:
     load_seconds: float | None = None  # the model load's part of gpu_seconds
     gpu_period: str | None = None  # 'day'/'month' when the key has a GPU quota
     gpu_reservation_id: int | None = None  # its GPU-quota reservation, settled when written
+    cloud: bool = False  # it ran on ollama.com (app/proxy/cloud.py)
 
     @property
     def is_error(self):
@@ -347,14 +348,14 @@ def _named(exc):
 
 ROW_COLUMNS = ("at", "key_id", "endpoint_id", "model_id", "upstream_id", "status", "refusal",
                "prompt_tokens", "completion_tokens", "latency_ms", "ttfb_ms", "eval_ms",
-               "bytes", "aborted", "prompt_estimated", "gpu_seconds", "load_seconds")
+               "bytes", "aborted", "prompt_estimated", "gpu_seconds", "load_seconds", "cloud")
 
 
 def _row(r, ids):
     return (r.at, r.key_id, ids[_label(r.endpoint)], ids.get(_label(r.model)),
             ids.get(_label(r.upstream)), r.status, REFUSALS.get(r.refusal, 0), r.prompt_tokens,
             r.completion_tokens, r.latency_ms, r.ttfb_ms, r.eval_ms, r.bytes, r.aborted,
-            r.prompt_estimated, r.gpu_seconds, r.load_seconds)
+            r.prompt_estimated, r.gpu_seconds, r.load_seconds, r.cloud)
 
 
 def _bucket(prefix, ms):

@@ -159,6 +159,7 @@ class KeyInfo:
     priority: int = 1
     gpu_quota: int | None = None  # GPU seconds per gpu_period (app/admission/gpu_quota.py)
     gpu_period: str | None = None
+    cloud: str | None = None  # 'allow', 'deny'; None: the setting cloud_default
 
     @classmethod
     def from_row(cls, row):
@@ -166,12 +167,18 @@ class KeyInfo:
             row.id, row.prefix, row.name, row.role, row.rate_limit, row.rate_period,
             row.max_concurrent, parse_models(row.models), row.expires_at, row.revoked_at,
             row.token_quota, row.token_period, row.max_ctx, row.max_predict,
-            row.allow_keep_alive, row.priority, row.gpu_quota, row.gpu_period,
+            row.allow_keep_alive, row.priority, row.gpu_quota, row.gpu_period, row.cloud,
         )
 
     @property
     def is_admin(self):
         return self.role == "admin"
+
+    def may_use_cloud(self, default):
+        """Whether the key may use cloud models and web search; `default` is the setting
+        cloud_default (role, allow, deny) for a key without its own value."""
+        choice = self.cloud or default
+        return choice == "allow" or (choice == "role" and self.is_admin)
 
     def is_expired(self, now=None):
         return self.expires_at is not None and self.expires_at <= (now or utcnow())
@@ -210,6 +217,7 @@ def key_summary(row):
         "max_ctx": row.max_ctx,
         "max_predict": row.max_predict,
         "keep_alive": "allow" if row.allow_keep_alive else "deny",
+        "cloud": row.cloud or "default",
         "priority": row.priority,
         "models": list(parse_models(row.models)),
         "status": status,
@@ -230,12 +238,12 @@ def _settings(row):
     summary = key_summary(row)
     return {k: summary[k] for k in ("name", "role", "rate_limit", "max_concurrent",
                                       "token_quota", "gpu_quota", "max_ctx", "max_predict",
-                                      "keep_alive",
-                                      "priority",
+                                      "keep_alive", "cloud", "priority",
                                       "models", "expires_at")}
 
 
 KEEP_ALIVE = ("allow", "deny")
+CLOUD = ("allow", "deny", "default")  # default: stored as NULL, the setting cloud_default decides
 
 
 def _whole(value, highest, message):
@@ -251,7 +259,7 @@ def _whole(value, highest, message):
 
 def _changes(role=None, rate_limit=None, max_concurrent=None, models=None, expires=None,
              token_quota=None, max_ctx=None, max_predict=None, keep_alive=None, priority=None,
-             gpu_quota=None):
+             gpu_quota=None, cloud=None):
     """Validate optional settings into column values; raise KeyOpError with the reason."""
     values = {}
     for name, value in (("max_ctx", max_ctx), ("max_predict", max_predict)):
@@ -266,6 +274,10 @@ def _changes(role=None, rate_limit=None, max_concurrent=None, models=None, expir
         if keep_alive not in KEEP_ALIVE:
             raise KeyOpError(f"keep_alive must be allow or deny, not {keep_alive!r}")
         values["allow_keep_alive"] = keep_alive == "allow"
+    if cloud is not None:
+        if cloud not in CLOUD:
+            raise KeyOpError(f"cloud must be allow, deny or default, not {cloud!r}")
+        values["cloud"] = None if cloud == "default" else cloud
     if role is not None:
         if role not in ROLES:
             raise KeyOpError(f"role must be one of {', '.join(ROLES)}, not {role!r}")

@@ -3,7 +3,8 @@
 Owns the gateway's forwarding (gateway), who the caller is (auth), the request body as it
 arrives (request_body, jsonbody), the relay of the answer and its stream (relay, sse),
 sending one request to every upstream (fanout), CORS, the options and request shapes of
-the gateways it replaces (compat_options), and which paths a key may open (doors).
+the gateways it replaces (compat_options), which paths a key may open (doors), and which
+requests run on ollama.com and who may send them (cloud).
 
 May import: app.admission, app.upstreams, app.accounting, app.keys, app.webhooks,
 app.store and the base (app.config, app.errors, app.limits, app.cooperative, app.redact,

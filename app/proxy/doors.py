@@ -1,6 +1,8 @@
 """Which of Ollama's paths a key may reach through the catch-all relays of /api and /v1.
 
-A user key gets the endpoints the gateway knows (and checks: methods, models, roles).
+A user key gets the endpoints the gateway knows (and checks: methods, models, roles; the
+experimental web routes, which spend the owner's ollama.com plan, are known and governed
+by the key's cloud setting: app/proxy/cloud.py).
 Everything else is Ollama's business, and some of it is the server owner's: Ollama's
 account endpoints act on the ollama.com account the server is signed in with
 (`/api/signout` signs it out, `/api/me` tells who it is, the web search endpoints spend
@@ -15,7 +17,8 @@ from app.errors import Forbidden
 # Ollama's account endpoints (server/routes.go), by path or by the prefix of a family.
 ACCOUNT_PATHS = frozenset({
     "/api/me", "/api/signin", "/api/signout", "/api/user",
-    # Proxied to ollama.com, signed with the server's own account key.
+    # Proxied to ollama.com, signed with the server's own account key. Known endpoints in
+    # this spelling (the cloud setting decides); any other spelling is an account path.
     "/api/experimental/web_search", "/api/experimental/web_fetch",
 })
 ACCOUNT_PREFIXES = ("/api/user/", "/api/signin/", "/api/signout/", "/api/me/")

@@ -14,6 +14,7 @@ import threading
 from flask import Response, current_app, request
 
 from app.errors import GatewayError, UpstreamUnavailable
+from app.proxy import cloud
 from app.proxy.relay import CHUNK_SIZE, ClientDisconnected
 from app.proxy.request_body import upstream_headers
 from app.store.db import db
@@ -46,9 +47,10 @@ def _json(data, status, admission):
 def union(key, path, query, field, ident):
     """GET `path` from every upstream that is up; the `field` lists merged, each item once.
 
-    Only the key's models are listed; an upstream that fails is left out (and marked
+    Only the models the key may use are listed; an upstream that fails is left out (and marked
     down), and only if all fail is the answer a 502.
     """
+    shown = cloud.shown(key)
     limiter, pool, admission = _admitted(key)
     merged, seen, answer = [], set(), None
     try:
@@ -71,7 +73,7 @@ def union(key, path, query, field, ident):
             answer = data
             for item in data.get(field) or []:
                 name = item.get(ident) if isinstance(item, dict) else None
-                if name and name not in seen and key.allows_model(name):
+                if name and name not in seen and shown(name, item):
                     seen.add(name)
                     merged.append(item)
     finally:

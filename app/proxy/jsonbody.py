@@ -80,6 +80,16 @@ class JsonBody:
         return [self.payload[f] for f in self.field_names() if f.lower() in MODEL_FIELDS
                 and isinstance(self.payload.get(f), str)]
 
+    def values(self, name):
+        """Every value of the top-level field `name` in any letter case (Go's decoder matches
+        fields so), large ones decoded now: a check must see what Ollama will."""
+        if self.payload is None:
+            return []
+        if self._spans is None:
+            return [v for k, v in self.payload.items() if k.lower() == name]
+        return [json.loads(b"{" + self.raw[start:end] + b"}")[field]
+                for field, start, end in self._spans if field.lower() == name]
+
     def validated(self):
         """The top-level fields (or None for an empty body); 400 if the body is malformed."""
         from app.errors import BadRequest

@@ -19,8 +19,9 @@ from app.store.ids import whole_number
 bp = Blueprint("admin", __name__)
 
 SETTINGS = ("role", "rate_limit", "max_concurrent", "token_quota", "gpu_quota", "max_ctx",
-            "max_predict", "keep_alive", "priority", "models", "expires")
-TEXT = {"name", "role", "rate_limit", "token_quota", "gpu_quota", "keep_alive", "expires"}
+            "max_predict", "keep_alive", "cloud", "priority", "models", "expires")
+TEXT = {"name", "role", "rate_limit", "token_quota", "gpu_quota", "keep_alive", "cloud",
+        "expires"}
 
 
 class Conflict(GatewayError):

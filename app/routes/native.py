@@ -3,7 +3,7 @@ from flask import Blueprint, request
 
 from app.accounting import request_record
 from app.errors import MethodNotAllowed
-from app.proxy import auth, doors, fanout, gateway
+from app.proxy import auth, cloud, doors, fanout, gateway
 from app.proxy.request_body import upload_body
 
 bp = Blueprint("native", __name__)
@@ -18,6 +18,8 @@ ENDPOINT_METHODS = {
                     ("POST",)),
     **dict.fromkeys(["/api/tags", "/api/version", "/api/ps"], ("GET", "HEAD")),
     "/api/delete": ("DELETE",),
+    # Proxied to ollama.com: for keys the cloud setting allows (app/proxy/cloud.py).
+    **dict.fromkeys(cloud.WEB_PATHS, ("POST",)),
 }
 BLOB_METHODS = ("HEAD", "POST")
 # Endpoints that change what models exist on the server: admins only.
@@ -66,6 +68,8 @@ def relay_json(path, pending):
         auth.require_admin(key, path)
     for model in body.models:  # `model`, the older `name`, in any letter case
         auth.require_model(key, model)
+    # Pulling or copying a cloud model's stub needs the permission but runs nothing there.
+    pending.cloud = cloud.check(key, path, body, body.models) and path not in MODEL_MANAGEMENT
     raw = gateway.outgoing_body(body, key, path)  # never with a gateway key in it
     if path in MODEL_MANAGEMENT and not pool.single:
         target = fanout.named_upstream(pool)
@@ -75,7 +79,7 @@ def relay_json(path, pending):
     if path in MODEL_LISTS and not pool.single:
         return fanout.union(key, path, query, "models", "name")
     transform = None
-    if path in MODEL_LISTS and key.models:
+    if path in MODEL_LISTS and cloud.narrows_lists(key):
         transform = lambda data: _only_allowed(data, key)  # noqa: E731
     return gateway.forward(key, path, raw or None, query, transform, model=pending.model)
 
@@ -89,7 +93,7 @@ def _require_method(path, allowed):
 
 
 def _only_allowed(data, key):
-    models = [
-        m for m in data.get("models", []) if key.allows_model(m.get("name") or m.get("model"))
-    ]
-    return {**data, "models": models}
+    """The models the key may use (app/proxy/cloud.py)."""
+    shown = cloud.shown(key)
+    return {**data, "models": [m for m in data.get("models", [])
+                               if shown(m.get("name") or m.get("model"), m)]}

@@ -11,7 +11,7 @@ from flask import Blueprint, jsonify, request
 from app.accounting import request_record
 from app.admission import estimate
 from app.errors import BadRequest, MethodNotAllowed
-from app.proxy import auth, doors, fanout, form, gateway, sse
+from app.proxy import auth, cloud, doors, fanout, form, gateway, sse
 from app.proxy.jsonbody import model_problem
 from app.proxy.request_body import read_body
 
@@ -53,6 +53,7 @@ def relay(subpath):
         return _count_tokens(payload)
     if path in MEDIA and not any(body.models):
         raise BadRequest(f"'model' is required on {path}")
+    pending.cloud = cloud.check(key, path, body, body.models)
     request_record.keep_prompt(pending, payload)
     changes, rewrite = {}, None
     if path in USAGE_ON_REQUEST and payload and payload.get("stream") is True:
@@ -95,12 +96,13 @@ def _form(path, pending):
             raise BadRequest(problem)
         auth.require_model(key, model)
     pending.model = named[0]  # the one Ollama takes
+    pending.cloud = cloud.check(key, path, models=named)
     return gateway.forward(key, path, raw, gateway.query_without_key(), model=pending.model)
 
 
 def _models(path):
     """GET /v1/models (only the key's models) and GET /v1/models/{model}."""
-    request_record.begin("/v1/models" if path == "/v1/models" else "/v1/models/{model}")
+    pending = request_record.begin("/v1/models" if path == "/v1/models" else "/v1/models/{model}")
     if request.method not in ("GET", "HEAD"):
         raise MethodNotAllowed(f"{request.method} is not allowed on {path}; use GET",
                                headers={"Allow": "GET, HEAD"})
@@ -109,14 +111,17 @@ def _models(path):
     if path != "/v1/models":
         model = path[len("/v1/models/"):]
         auth.require_model(key, model)
+        pending.cloud = cloud.check(key, path, models=[model])
         return gateway.forward(key, path, None, query, model=model)
     if not gateway.services()[2].single:
         return fanout.union(key, path, query, "data", "id")
     transform = None
-    if key.models:
+    if cloud.narrows_lists(key):
         transform = lambda data: _only_allowed(data, key)  # noqa: E731
     return gateway.forward(key, path, None, query, transform)
 
 
 def _only_allowed(data, key):
-    return {**data, "data": [m for m in data.get("data") or [] if key.allows_model(m.get("id"))]}
+    """The models the key may use (app/proxy/cloud.py)."""
+    shown = cloud.shown(key)
+    return {**data, "data": [m for m in data.get("data") or [] if shown(m.get("id"), m)]}

@@ -10,6 +10,8 @@ the gateway relays them untouched.
 import functools
 import importlib.metadata
 
+from app.keys.registry import CLOUD
+
 NDJSON, SSE, JSON = "application/x-ndjson", "text/event-stream", "application/json"
 SECURITY = [{"bearer": []}, {"apiKeyHeader": []}, {"apiKeyQuery": []}]
 OPEN = {"type": "object", "additionalProperties": True}
@@ -183,6 +185,13 @@ def _native_paths():
             ("/api/ps", "Models loaded in memory (the key's allowed ones)", MODEL_LIST),
             ("/api/version", "Ollama's version", _obj(["version"], version=_str()))):
         paths[path] = {"get": _relayed(summary, ok=ok, errors=(401, 405, 429, 502, 503, 504))}
+    for path, summary, body in (
+            ("/api/experimental/web_search", "A web search on ollama.com (the server owner's "
+             "plan): keys the cloud setting allows", _obj(["query"], query=_str(),
+                                                          max_results=INT)),
+            ("/api/experimental/web_fetch", "A web page fetched by ollama.com (the server "
+             "owner's plan): keys the cloud setting allows", _obj(["url"], url=_str()))):
+        paths[path] = {"post": _relayed(summary, body)}
     blob = {"parameters": [_path_param("digest", "sha256:…")]}
     paths["/api/blobs/{digest}"] = {
         **blob,
@@ -284,6 +293,8 @@ KEY = _obj(["id", "prefix", "name", "role", "status"], id=INT, prefix=_str(),
            gpu_quota=_str("e.g. 2h/day, or none"),
            max_ctx=_nullable(INT), max_predict=_nullable(INT),
            keep_alive={"enum": ["allow", "deny"]}, models={"type": "array", "items": _str()},
+           cloud={"enum": list(CLOUD), "description": "Cloud models and web search; default: "
+                  "the setting cloud_default"},
            priority={**INT, "description": "Share of a busy upstream's slots (1-100)"},
            status={"enum": ["active", "revoked", "expired"]}, is_active=BOOL,
            created_at=_nullable(_str()), last_used_at=_nullable(_str()),
@@ -294,12 +305,17 @@ SETTINGS = {"role": {"enum": ["user", "admin"]},
             "max_concurrent": INT, "token_quota": _str("N/day or N/month, or none"),
             "gpu_quota": _str("GPU time per day or month: 90s/day, 30m/day, 2h/month, or none"),
             "max_ctx": INT, "max_predict": INT, "keep_alive": {"enum": ["allow", "deny"]},
+            "cloud": {"enum": list(CLOUD)},
             "priority": {"type": "integer", "minimum": 1, "maximum": 100},
             "models": {"anyOf": [{"type": "array", "items": _str()}, _str()]},
             "expires": _str("A lifetime like 30d, or never")}
 NEW_KEY = {"allOf": [KEY, _obj(["key"], key=_str("The secret: shown only now"),
                                 api_key=_str("The same secret (ollama-api-service's name)"))]}
+CLOUD_WINDOW = _obj(["requests", "tokens"], requests=INT, prompt_tokens=INT,
+                    completion_tokens=INT, tokens=INT)
 STATS = _obj(["total_requests"], key=OPEN, total_requests=INT, requests_by_model=OPEN,
+             cloud=_obj(["last_5h", "last_7d"], last_5h=CLOUD_WINDOW, last_7d=CLOUD_WINDOW,
+                        since=CLOUD_WINDOW),
              requests_by_endpoint=OPEN, average_response_time=_nullable(NUM),
              last_24h_requests=INT, by_model={"type": "array"}, by_day={"type": "array"},
              gpu_seconds={**NUM, "description": "GPU time: seconds of a slot / the "

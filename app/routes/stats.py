@@ -53,6 +53,9 @@ def _summary(since, key_id=None):
         "gpu_seconds_by_upstream": stats.gpu_by_upstream(since, key_id),
         "by_model": by_model,
         "by_day": stats.usage(since, "day", key_id),
+        # Requests that ran on ollama.com (part of the figures above): the owner's plan is
+        # limited over rolling windows like these.
+        "cloud": stats.cloud_usage(key_id),
     }
 
 

@@ -24,7 +24,7 @@ from flask import (
 )
 from flask.sessions import SecureCookieSessionInterface
 
-from app.accounting import gpu, histogram
+from app.accounting import gpu, histogram, stats
 from app.errors import (
     Forbidden,
     GatewayError,
@@ -51,7 +51,7 @@ CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' 
        "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
 OPEN = {"ui.signin", "ui.asset"}  # the pages reached without a session
 KEY_FIELDS = ("role", "rate_limit", "max_concurrent", "token_quota", "gpu_quota", "max_ctx",
-              "max_predict", "keep_alive", "priority", "models", "expires")
+              "max_predict", "keep_alive", "cloud", "priority", "models", "expires")
 
 
 class _FlashSessions(SecureCookieSessionInterface):
@@ -237,7 +237,7 @@ def index():
     return render_template("ui/overview.html", range=span, data=charts.series(span),
                            upstreams=status.upstreams(conf), by_key=charts.by_key(span, limit=20),
                            gpu_by_upstream=charts.by_upstream(span),
-                           streams=status.streams_in_flight())
+                           streams=status.streams_in_flight(), cloud=stats.cloud_usage())
 
 
 @bp.get("/keys")
@@ -293,7 +293,8 @@ def _key_page(row, error=None, code=200):
         data=charts.series(span, row.id),
         limits=status.limits(info, current_app.extensions["limiter"]),
         recent=status.recent_requests(row.id, answered_only=True),
-        refusals=status.recent_requests(row.id, refused_only=True, limit=20)), code
+        refusals=status.recent_requests(row.id, refused_only=True, limit=20),
+        cloud=stats.cloud_usage(row.id)), code
 
 
 @bp.post("/keys/<id:key_id>")

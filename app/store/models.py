@@ -43,6 +43,9 @@ class ApiKey(BaseModel):
     # Share of an upstream's slots when keys wait for them (app/admission/fair_queue.py): 2 gets
     # twice the requests of 1.
     priority = peewee.IntegerField(default=1)
+    # Cloud models and web search (app/proxy/cloud.py): 'allow', 'deny', or NULL for the
+    # setting cloud_default, so that changing the setting reaches the key.
+    cloud = peewee.CharField(max_length=8, null=True)
     # Comma-separated model names or fnmatch patterns; NULL allows every model.
     models = peewee.TextField(null=True)
     expires_at = peewee.DateTimeField(null=True)
@@ -124,9 +127,12 @@ class UsageRecord(BaseModel):
     # them; NULL: no local GPU used (refused, never sent, cloud) or an older instance's row.
     gpu_seconds = peewee.DoubleField(null=True)
     load_seconds = peewee.DoubleField(null=True)
+    # True: it ran on ollama.com (a cloud model, web search: app/proxy/cloud.py). NULL on rows
+    # older instances write: local.
+    cloud = peewee.BooleanField(null=True)
 
     class Meta:
-        indexes = ((("key_id", "at"), False),)
+        indexes = ((("key_id", "at"), False), (("cloud", "at"), False))
 
 
 class UsageHourly(BaseModel):

@@ -27,6 +27,9 @@ from app.upstreams.client import Upstream
 
 log = logging.getLogger(__name__)
 LONGEST_BACKOFF = 60.0
+# Sent with the reads of an upstream's cloud models, which no client asked for: its log
+# (and the tests' fake Ollama) can tell them from relayed requests.
+CLOUD_READER = "ollama-gw (cloud models)"
 
 
 def _name(model):
@@ -47,6 +50,11 @@ class Member:
     in_flight: int = 0
     latency_ms: float | None = None  # recent time to Ollama's response headers
     checked_at: float | None = None
+    # Models /api/tags lists with a remote_host (they run on ollama.com): normalized,
+    # lower-case; None: not read yet. `remote_at`: when (monotonic) they were read.
+    remote: frozenset | None = None
+    remote_at: float = 0.0
+    reading: object = dataclasses.field(default_factory=threading.Lock)
 
     @property
     def name(self):
@@ -157,8 +165,10 @@ class UpstreamPool:
             ps = session.get(member.client.base_url + "/api/ps", timeout=timeout)
             tags.raise_for_status()
             ps.raise_for_status()
+            listed = tags.json().get("models") or []
             member.models = frozenset(_name(m.get("name") or m.get("model") or "")
-                                      for m in tags.json().get("models") or [])
+                                      for m in listed)
+            member.remote, member.remote_at = remote_names(listed), time.monotonic()
             member.loaded = frozenset(_name(m.get("name") or m.get("model") or "")
                                       for m in ps.json().get("models") or [])
         except (requests.RequestException, ValueError, AttributeError) as exc:
@@ -167,6 +177,44 @@ class UpstreamPool:
         else:
             member.answered((time.monotonic() - started) * 500)  # two round trips
         member.checked_at = time.time()
+
+    def remote_models(self, now=None):
+        """The models any upstream's /api/tags lists with a remote_host, as last read.
+
+        The monitor reads them with the model lists (several upstreams); otherwise, or if
+        its view is older than two refreshes, this reads /api/tags here, once per
+        upstream_refresh_seconds whatever the traffic: other requests meanwhile use the
+        view being replaced, or wait for the first one. An upstream that does not answer
+        keeps its last view (none: nothing is known remote there).
+        """
+        now = time.monotonic() if now is None else now
+        for member in self.members:
+            if member.remote is None or now - member.remote_at > 2 * self.refresh_seconds:
+                self._read_remote(member, now)
+        if self.single:
+            return self.members[0].remote or frozenset()
+        return frozenset().union(*(member.remote or () for member in self.members))
+
+    def _read_remote(self, member, now):
+        if not member.reading.acquire(blocking=member.remote is None):
+            return  # another request is reading them: this one uses the last view
+        try:
+            if member.remote is not None and now - member.remote_at <= 2 * self.refresh_seconds:
+                return  # read while this one waited
+            client = member.client
+            try:
+                tags = client.session.get(client.base_url + "/api/tags",
+                                          headers={"User-Agent": CLOUD_READER},
+                                          timeout=(min(client.connect_timeout, 2.0), 5.0))
+                tags.raise_for_status()
+                member.remote = remote_names(tags.json().get("models") or [])
+            except (requests.RequestException, ValueError, AttributeError) as exc:
+                log.debug("upstream %s: could not read its cloud models: %s", member.name, exc)
+                if member.remote is None:
+                    member.remote = frozenset()
+            member.remote_at = time.monotonic()
+        finally:
+            member.reading.release()
 
     def _publish(self):
         """Write this worker's view for `ollama-gw upstreams` (best effort)."""
@@ -198,6 +246,12 @@ class UpstreamPool:
             states = ["healthy" if m.up else "unreachable" for m in self.members]
         return [(_shown_name(m.spec, i), state)
                 for i, (m, state) in enumerate(zip(self.members, states, strict=True), 1)]
+
+
+def remote_names(listed):
+    """The names of /api/tags entries that run elsewhere (Ollama marks them remote_host)."""
+    return frozenset(_name(m.get("name") or m.get("model") or "") for m in listed
+                     if isinstance(m, dict) and m.get("remote_host"))
 
 
 def _shown_name(spec, position):

@@ -211,7 +211,7 @@ def test_the_migration_rebuilds_the_histograms_the_writer_wrote(migrated):
     written = histogram_rows()
     assert {row[0] for row in written} == set(HISTOGRAM_GRAINS.values())
     database.downgrade(migrated, "0014_usage_histogram")
-    assert database.upgrade(migrated) == ["0014_usage_histogram"]
+    assert database.upgrade(migrated)[0] == "0014_usage_histogram"  # and any after it
     assert histogram_rows() == written
 
 

@@ -370,3 +370,20 @@ def test_top_level_help_lists_each_command_in_one_complete_sentence():
     summaries = [line.split(None, 1)[1] for line in listed if line.strip()
                  and not line.startswith(" " * 5)]
     assert len(summaries) >= 10 and all(s.endswith(".") for s in summaries), summaries
+
+
+def test_cloud_is_default_until_set_and_default_again_on_request(runner):
+    created = add_key(runner, "--name", "cloudy")
+    assert created["cloud"] == "default"
+    allowed = add_key(runner, "--name", "cloud-ok", "--cloud", "allow")
+    assert allowed["cloud"] == "allow"
+    result = runner("keys", "update", "cloudy", "--cloud", "deny", "--json")
+    assert json.loads(result.stdout)["changed"] == ["cloud"]
+    result = runner("keys", "update", "cloudy", "--cloud", "default", "--json")
+    assert json.loads(result.stdout)["cloud"] == "default"
+    again = runner("keys", "update", "cloudy", "--cloud", "default")
+    assert "nothing changed" in again.output
+    assert_clean_failure(runner("keys", "update", "cloudy", "--cloud", "maybe"),
+                         "'maybe' is not one of 'allow', 'deny', 'default'")
+    audit = runner("audit", "--action", "key.updated").output
+    assert "cloud: default -> deny" in audit and "cloud: deny -> default" in audit

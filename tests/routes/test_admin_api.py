@@ -246,3 +246,21 @@ def test_a_gpu_quota_is_set_shown_and_cleared_over_http(client, admin, user):
     status, answer = call(client, "PATCH", f"/api/keys/{ident}", admin[0], {"gpu_quota": "none"})
     assert status == 200 and answer["gpu_quota"] == "none"
     assert ApiKey.get_by_id(user[1].id).gpu_quota is None
+
+
+def test_a_keys_cloud_setting_over_http(client, admin, fake):
+    status, created = call(client, "POST", "/api/keys", admin[0], {"name": "agent"})
+    assert status == 201 and created["cloud"] == "default"
+    status, created = call(client, "POST", "/api/keys", admin[0],
+                           {"name": "agent2", "cloud": "allow"})
+    assert status == 201 and created["cloud"] == "allow"
+    status, changed = call(client, "PATCH", f"/api/keys/{created['id']}", admin[0],
+                           {"cloud": "default"})
+    assert status == 200 and (changed["cloud"], changed["changed"]) == ("default", ["cloud"])
+    assert ApiKey.get_by_id(created["id"]).cloud is None  # follows cloud_default again
+    status, answer = call(client, "PATCH", f"/api/keys/{created['id']}", admin[0],
+                          {"cloud": "yes"})
+    assert status == 400 and "cloud must be allow, deny or default" in answer["error"]
+    status, answer = call(client, "PATCH", f"/api/keys/{created['id']}", admin[0],
+                          {"cloud": True})
+    assert status == 400 and "cloud must be a string" in answer["error"]

@@ -18,7 +18,7 @@ MIGRATIONS = ["0001_initial", "0002_heartbeat", "0003_usage_quotas_webhooks",
               "0004_key_model_policy", "0005_upstream_status",
               "0006_audit_log", "0007_usage_hourly", "0008_fair_queue",
               "0009_quota_reservations", "0010_dashboard_sessions", "0011_webhook_ids",
-              "0013_unique_key_names", "0014_usage_histogram", "0017_gpu_time"]
+              "0013_unique_key_names", "0014_usage_histogram", "0016_cloud", "0017_gpu_time"]
 
 
 @pytest.fixture
@@ -280,3 +280,31 @@ def test_gpu_time_migration_keeps_the_previous_releases_writes_working(empty):
     assert (row["requests"], row["gpu_seconds"], row["load_seconds"]) == (3, 1.25, 0.5)
     from app.store.models import UsageRecord
     assert sorted(r.gpu_seconds or 0 for r in UsageRecord.select()) == [0, 0, 1.25]
+
+
+def test_cloud_migration_leaves_keys_at_default_and_old_code_can_still_insert(empty):
+    from app.keys.registry import KeyInfo, key_summary
+    from app.store.models import UsageRecord
+
+    database.migration_runner(empty).up(MIGRATIONS[MIGRATIONS.index("0016_cloud") - 1])
+    before = _key("before 0016")
+    assert database.upgrade(empty) == ["0016_cloud"]
+    row = MODELS[0].get_by_id(before.id)
+    assert row.cloud is None and key_summary(row)["cloud"] == "default"
+    assert KeyInfo.from_row(row).may_use_cloud("role") is False
+    assert KeyInfo.from_row(row).may_use_cloud("allow") is True
+    # The previous release's INSERTs name none of the new columns: both tables take them.
+    param = empty.param
+    empty.execute_sql(
+        "INSERT INTO api_key (prefix, key_hash, name, role, rate_period, allow_keep_alive, "
+        f"priority, created_at) VALUES ({', '.join([param] * 8)})",
+        ("ogw_oldcode1", "1" * 64, "old code", "user", 3600, True, 1,
+         datetime.datetime(2026, 12, 1)))
+    empty.execute_sql(
+        'INSERT INTO usage_record ("at", key_id, endpoint_id, status, refusal, latency_ms, '
+        f'bytes, aborted) VALUES ({", ".join([param] * 8)})',
+        (1.0, before.id, 1, 200, 0, 5, 0, False))
+    assert MODELS[0].get(MODELS[0].prefix == "ogw_oldcode1").cloud is None
+    assert [r.cloud for r in UsageRecord.select()] == [None]
+    assert database.downgrade(empty) == ["0016_cloud"]
+    assert "cloud" not in {c.name for c in empty.get_columns("api_key")}

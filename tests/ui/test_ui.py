@@ -515,3 +515,31 @@ def test_gpu_time_shows_by_key_model_and_upstream_and_a_gpu_quota_is_set_and_sho
     assert "GPU seconds this UTC day" in key_page and "<td>2h/day</td>" in key_page
     own = browser.get(f"/ui/keys/{admin[1].id}").get_data(as_text=True)
     assert re.search(r'id="total-gpu">30.5s<', own)  # the admin's own, not alice's
+
+
+def test_cloud_use_shows_on_the_overview_and_the_keys_page_and_the_form_sets_it(
+        browser, client, admin, user, fake):
+    fake.models.append("qwen3:cloud")
+    body = {"model": "qwen3:cloud", "prompt": "hi", "stream": False}
+    sign_in(browser, admin[0])
+    token = csrf(browser)
+    refused = client.post("/api/generate", json=body, headers=auth_header(user[0]))
+    assert refused.status_code == 403
+    assert browser.post(f"/ui/keys/{user[1].id}", data={"csrf": token, "cloud": "allow"}
+                        ).status_code == 302
+    assert ApiKey.get_by_id(user[1].id).cloud == "allow"
+    client.application.extensions["key_cache"].clear()
+    for secret in (user[0], admin[0]):
+        answer = client.post("/api/generate", json=body, headers=auth_header(secret))
+        answer.get_data()
+        answer.close()
+        assert answer.status_code == 200
+    assert client.application.extensions["usage"].write_pending()
+    overview = browser.get("/ui/").get_data(as_text=True)
+    assert re.search(r'id="cloud-last_5h"><td>Last 5 hours</td><td>2<', overview)
+    key_page = browser.get(f"/ui/keys/{user[1].id}").get_data(as_text=True)
+    assert re.search(r'id="cloud-last_7d"><td>Last 7 days</td><td>1<', key_page)
+    assert 'id="key-cloud">allow<' in key_page
+    assert browser.post(f"/ui/keys/{user[1].id}", data={"csrf": token, "cloud": "default"}
+                        ).status_code == 302
+    assert ApiKey.get_by_id(user[1].id).cloud is None

@@ -245,3 +245,22 @@ def test_health_without_a_key_shows_no_address_for_upstreams_without_a_name(sett
     assert "127.0.0.1" not in json.dumps(body)
     # Shown so, not renamed: the fair queue and `upstreams ?upstream=` still use host:port.
     assert [m.name for m in app.extensions["upstreams"].members][0] == f"127.0.0.1:{fakes[0].port}"
+
+
+def test_a_model_one_upstream_lists_as_remote_is_cloud_on_every_upstream(gateway, fakes,
+                                                                        make_key):
+    """The monitor's reading of each upstream's /api/tags keeps its remote_host models."""
+    fakes[2].models.append("team-coder:latest")
+    fakes[2].remote["team-coder"] = "qwen3-coder:480b"
+    fakes[0].models.append("team-coder:latest")  # a local model of that name elsewhere
+    gateway.extensions["upstreams"].refresh()
+    client = gateway.test_client()
+    user = auth_header(make_key()[0])
+    refused = generate(client, user, "team-coder")
+    assert refused.status_code == 403 and "is a cloud model" in refused.get_json()["error"]
+    listed = {m["name"] for m in client.get("/api/tags", headers=user).get_json()["models"]}
+    assert "team-coder:latest" not in listed and "phi3:latest" in listed
+    allowed = auth_header(make_key(cloud="allow")[0])
+    listed = {m["name"] for m in client.get("/api/tags", headers=allowed).get_json()["models"]}
+    assert "team-coder:latest" in listed
+    assert sum(len(f.probes) for f in fakes) == 0  # the monitor's view sufficed
