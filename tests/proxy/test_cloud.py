@@ -171,7 +171,8 @@ TOOLS = [
     ("/v1/responses", {"model": "llama3.2", "input": "news?"}, [{"type": "web_search"}]),
     ("/v1/responses", {"model": "llama3.2", "input": "news?"}, [{"type": "web_search_preview"}]),
     # Go's decoder matches field names in any letter case.
-    ("/v1/messages", {"model": "llama3.2", "max_tokens": 10, "messages": []},
+    ("/v1/messages", {"model": "llama3.2", "max_tokens": 10,
+                      "messages": [{"role": "user", "content": "hi"}]},
      [{"TYPE": "web_search_20250305", "name": "web_search"}]),
 ]
 

@@ -288,7 +288,7 @@ def test_cloud_migration_leaves_keys_at_default_and_old_code_can_still_insert(em
 
     database.migration_runner(empty).up(MIGRATIONS[MIGRATIONS.index("0016_cloud") - 1])
     before = _key("before 0016")
-    assert database.upgrade(empty) == ["0016_cloud"]
+    assert database.upgrade(empty)[0] == "0016_cloud"
     row = MODELS[0].get_by_id(before.id)
     assert row.cloud is None and key_summary(row)["cloud"] == "default"
     assert KeyInfo.from_row(row).may_use_cloud("role") is False
@@ -306,5 +306,5 @@ def test_cloud_migration_leaves_keys_at_default_and_old_code_can_still_insert(em
         (1.0, before.id, 1, 200, 0, 5, 0, False))
     assert MODELS[0].get(MODELS[0].prefix == "ogw_oldcode1").cloud is None
     assert [r.cloud for r in UsageRecord.select()] == [None]
-    assert database.downgrade(empty) == ["0016_cloud"]
+    assert database.downgrade(empty, "0016_cloud")[-1] == "0016_cloud"
     assert "cloud" not in {c.name for c in empty.get_columns("api_key")}
