@@ -17,7 +17,7 @@ MIGRATIONS = ["0001_initial", "0002_heartbeat", "0003_usage_quotas_webhooks",
               "0004_key_model_policy", "0005_upstream_status",
               "0006_audit_log", "0007_usage_hourly", "0008_fair_queue",
               "0009_quota_reservations", "0010_dashboard_sessions", "0011_webhook_ids",
-              "0013_unique_key_names", "0014_usage_histogram"]
+              "0013_unique_key_names", "0014_usage_histogram", "0015_queue_grants"]
 
 
 @pytest.fixture
