@@ -360,28 +360,29 @@ class FairQueue:
                 raise
             self._announce([grant for (text,) in rows for grant in _parse_grants(text)])
             return
-        state = None
-        if entry_ids:
-            with peewee.__exception_wrapper__:
-                state = _run(_delete(len(entry_ids)), (
-                    *entry_ids, upstream, now, *entry_ids, upstream, now, *entry_ids)).fetchone()
-        if state is None:  # nothing to delete, or it was gone (lapsed): look all the same
-            state = self._state(upstream, now)
-        running, waiting = state
-        if waiting and running < cap:  # under the write lock: the grant checks again
-            with db.atomic():
-                grants = self._dispatch_locked(upstream, cap, now)
-            self._announce(grants)
+        # One transaction: the counts the delete returns are read under the write lock
+        # it took, and the grant commits with it (one commit per slot handed on).
+        if not entry_ids:  # a look for lapsed slots: the write lock only if one is free
+            running, waiting = self._state(upstream, now)
+            if not waiting or running >= cap:
+                return
+        state, grants = None, []
+        with db.atomic():
+            if entry_ids:
+                with peewee.__exception_wrapper__:
+                    state = _run(_delete(len(entry_ids)), (
+                        *entry_ids, upstream, now, *entry_ids, upstream, now,
+                        *entry_ids)).fetchone()
+            if state is None:  # nothing to delete, or it was gone (lapsed): look all the same
+                state = self._state(upstream, now)
+            running, waiting = state
+            if waiting and running < cap:
+                grants = self._grant(upstream, cap - running, now)
+        self._announce(grants)
 
     def _dispatch(self, upstream, cap, now):
         """Grant free slots to waiting entries (a slot that lapsed frees no one)."""
         self._leave([], upstream, cap, now)
-
-    def _dispatch_locked(self, upstream, cap, now):
-        running, waiting = self._state(upstream, now)
-        if not waiting or running >= cap:
-            return []
-        return self._grant(upstream, cap - running, now)
 
     def _grant(self, upstream, n, now):
         """Grant the n waiting entries with the smallest start tags; [(id, holder)]."""

@@ -133,7 +133,7 @@ def test_a_wake_up_from_a_process_of_another_user_is_ignored(workers, key, monke
         deaf_to_notifies(queue, monkeypatch)
     running = queue.acquire(UPSTREAM, 1, key)
     waiter = Waiter(queue, key)
-    assert wait_for(lambda: waiting() == 1, 30)
+    assert wait_for(lambda: waiting() == 1 and queue._waits, 30)
     entry_id = next(iter(queue._waits))
     queue._send(fair_queue.WAKE_PREFIX + queue.holder.partition("/")[2].encode(), [entry_id])
     time.sleep(1.0)
