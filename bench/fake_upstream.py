@@ -4,9 +4,17 @@ tests/fake_ollama.py is the faithful test double (a thread per connection); this
 only has to speak enough of Ollama's wire format to be relayed, and be fast enough that
 it is never what a benchmark measures (run.py measures it alone first).
 
-    python bench/fake_upstream.py --port 11500
+    python bench/fake_upstream.py --port 11500 [--cap 4]
 
 (run.py may start several on one port: each binds with SO_REUSEPORT.)
+
+--cap N serves at most N non-streamed generate/chat answers at once, queueing the rest,
+as Ollama does with OLLAMA_NUM_PARALLEL=N (one process only). Whatever the cap, it counts
+how many such requests it had at once, queued ones included (`max_in_flight`: a gateway that
+keeps the cap never sends more), and per slot, the idle time of each hand-off: from
+the last byte of one answer to the arrival of the next request on the same slot.
+GET /bench/stats reads them (`{"max_in_flight", "served", "idle_ms": [...]}`);
+POST /bench/reset starts them anew (slots idle since count from the next answer).
 
 Answers:
   GET  /, /api/version, /api/tags          small fixed answers
@@ -21,6 +29,7 @@ Request fields it reads besides Ollama's (the gateway forwards bodies unchanged)
   bench_interval        seconds between streamed tokens (default 0: as fast as possible);
   bench_first           seconds before the first token (default: one interval, as a
                         model's prompt evaluation takes a moment)
+  bench_service         seconds a non-streamed answer takes (default 0), in its slot
   bench_hold            true: keep streaming (one token per bench_interval, past
                         num_predict) until someone POSTs /bench/release, then end the
                         stream normally with `done: true` (the scale test's slow streams)
@@ -28,11 +37,14 @@ Every streamed token line carries `bench_t`, CLOCK_MONOTONIC when it was written
 client on the same machine can tell how long the line took to reach it.
 """
 import argparse
+import collections
+import contextlib
 import json
 import socket
 import time
 
 import gevent
+import gevent.lock
 import gevent.socket
 from gevent.server import StreamServer
 
@@ -66,6 +78,50 @@ _TAGS = _json_response(200, json.dumps({"models": [{
 _STREAM_HEAD = _head(200, b"application/x-ndjson")
 _TOKENS = [f"word{i} " for i in range(4096)]
 _released = [0]  # bumped by POST /bench/release: every held stream then ends
+
+
+class Slots:
+    """The model's slots (--cap), and what the bench asks of them (GET /bench/stats)."""
+
+    def __init__(self, cap=0):
+        self.semaphore = gevent.lock.Semaphore(cap) if cap else None
+        self.reset()
+
+    def reset(self):
+        self.in_flight = self.max_in_flight = self.served = self.running = 0
+        self.free_since = collections.deque()  # when each slot freed, oldest first
+        self.idle_ms = []
+
+    def stats(self):
+        return {"max_in_flight": self.max_in_flight, "served": self.served,
+                "idle_ms": self.idle_ms}
+
+    @contextlib.contextmanager
+    def slot(self):
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            if self.semaphore is not None:
+                self.semaphore.acquire()
+            self.running += 1
+            try:
+                if self.free_since:  # a slot was free: how long since its last answer
+                    self.idle_ms.append((time.monotonic() - self.free_since.popleft()) * 1000)
+                elif self.semaphore is not None and self.served:
+                    self.idle_ms.append(0.0)  # it waited here: handed on at once
+                yield
+            finally:
+                self.running -= 1
+                self.served += 1
+                if self.in_flight - 1 <= self.running:  # no one queued here for the slot
+                    self.free_since.append(time.monotonic())
+                if self.semaphore is not None:
+                    self.semaphore.release()
+        finally:
+            self.in_flight -= 1
+
+
+SLOTS = Slots()
 
 
 def _counts(n_tokens, prompt_tokens, started):
@@ -191,9 +247,17 @@ def handle(sock, _address):
                 if not isinstance(payload, dict):
                     sock.sendall(_json_response(400, b'{"error":"invalid request body"}'))
                 elif payload.get("stream", True) is False:
-                    sock.sendall(_answer_once(path == "/api/chat", payload, started))
+                    with SLOTS.slot():
+                        if payload.get("bench_service"):
+                            gevent.sleep(float(payload["bench_service"]))
+                        sock.sendall(_answer_once(path == "/api/chat", payload, started))
                 else:
                     _stream(sock, path == "/api/chat", payload, started)
+            elif path == "/bench/stats":
+                sock.sendall(_json_response(200, json.dumps(SLOTS.stats()).encode()))
+            elif method == "POST" and path == "/bench/reset":
+                SLOTS.reset()
+                sock.sendall(_json_response(200, b'{"reset":true}'))
             elif method == "POST" and path == "/bench/release":
                 _released[0] += 1
                 sock.sendall(_json_response(200, b'{"released":true}'))
@@ -225,7 +289,10 @@ def listener(port):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--cap", type=int, default=0,
+                        help="generate/chat answers served at once; the rest queue [no cap]")
     args = parser.parse_args(argv)
+    SLOTS.__init__(args.cap)
     server = StreamServer(listener(args.port), handle, spawn=20000)
     try:
         server.serve_forever()

@@ -11,16 +11,29 @@ starts level with the requests being served, not ahead by the time it was away.
 The queue is rows in the database (queue_entry), so every worker and gateway instance
 sees one queue per upstream. Each change to an upstream's queue runs under one lock
 (PostgreSQL: an advisory lock; SQLite: its write lock), and whoever frees a slot grants
-the next. A waiting worker learns of a grant from PostgreSQL's NOTIFY, or on SQLite at
-once if it granted it itself, else by polling (one machine; a read of a local file).
-Entries carry a lease the holding worker renews: a crashed worker's entries lapse.
+the next. Entries carry a lease the holding worker renews: a crashed worker's entries lapse.
+
+The granted request starts at once, wherever it waits. Once the grant is committed,
+the worker that made it wakes the request's worker: itself directly; another worker of
+this host (same pid namespace) by a datagram carrying the entry's id, on a Unix socket in
+Linux's abstract namespace named after that worker (`ollama-gw-queue/pidns.boot:pid`,
+app/admission/holders.py), which each worker's keeper reads; on PostgreSQL, workers of
+other hosts from the NOTIFY the grant sends, whose payload names the grants (migration
+0015). The database stays the source of truth: a wake-up lost on the way (a full socket
+buffer, a gateway of the release before) is caught by the keeper's sweep, a read of the
+waiting entries every SWEEP_SECONDS.
 """
+import collections
 import contextlib
 import dataclasses
 import functools
 import logging
 import math
+import os
 import secrets
+import select
+import socket
+import struct
 import threading
 import time
 import zlib
@@ -28,7 +41,7 @@ import zlib
 import peewee
 
 from app import metrics
-from app.admission.holders import this_process
+from app.admission.holders import here, this_process
 from app.errors import DATABASE_ERRORS, GatewayError, RateLimited
 from app.store.batching import Gather
 from app.store.db import db, forget_idle_connections, is_postgres
@@ -37,9 +50,18 @@ from app.store.models import QueueEntry
 log = logging.getLogger(__name__)
 
 CHANNEL = "ollama_gw_queue"
-# How often a worker with requests waiting looks for their grants: on SQLite the only
-# way to learn of them; on PostgreSQL a safety net under NOTIFY.
+# How often a worker with requests waiting reads whether they were granted (by PostgreSQL
+# or not): a safety net under the wake-ups, for one lost on the way...
+SWEEP_SECONDS = {False: 0.25, True: 1.0}
+# ...and the only way to learn of a grant from another worker when this one has no wake
+# socket (not Linux, or its name taken).
 POLL_SECONDS = {False: 0.02, True: 0.25}
+# A worker's wake socket: this, then its holder name past the host (abstract namespace).
+WAKE_PREFIX = b"\0ollama-gw-queue/"
+_ID = struct.Struct("<q")  # an entry id in a wake datagram
+_IDS_PER_DATAGRAM = 64
+# Grants heard of before their request began to wait for them, remembered (at most).
+EARLY_GRANTS = 1024
 # How often a worker with requests waiting re-runs the grant itself: a slot freed by a
 # worker that crashed lapses with its lease, and no one else would notice.
 DISPATCH_SECONDS = 1.0
@@ -85,6 +107,10 @@ _PG_ENTER = ("SELECT n, ollama_gw_queue_enter(id, %s, key_id, %s, step, arrived,
              "WITH ORDINALITY AS e(id, key_id, step, arrived, n) ORDER BY n")
 _PG_LEAVE = ("SELECT ollama_gw_queue_leave(id, %s, %s, %s, %s, %s) "
              "FROM unnest(%s::bigint[]) WITH ORDINALITY AS e(id, n) ORDER BY n")
+# Migration 0015's: the same, and it says whom it granted (in its NOTIFY too).
+_PG_LEAVE_GRANTS = _PG_LEAVE.replace("ollama_gw_queue_leave(", "ollama_gw_queue_leave_grants(")
+_PG_HAS_GRANTS = ("SELECT to_regprocedure('ollama_gw_queue_leave_grants(bigint, text, integer, "
+                  "double precision, bigint, text)') IS NOT NULL")
 _GRANTED = "SELECT granted_at FROM queue_entry WHERE id = {p}"
 _STATE = ("SELECT COALESCE(SUM(CASE WHEN granted_at IS NOT NULL THEN 1 ELSE 0 END), 0), "
           "COALESCE(SUM(CASE WHEN granted_at IS NULL THEN 1 ELSE 0 END), 0) "
@@ -133,9 +159,22 @@ class Ticket:
 
 
 class _Wait:
+    """A request waiting for a slot: under one entry id in FairQueue._waits, or several."""
+
     def __init__(self):
         self.event = threading.Event()
         self.lost = False  # the entry vanished (its lease lapsed): no slot will come
+        self.granted_ids = set()  # which of its entries were granted, before event is set
+
+
+def _parse_grants(text):
+    """[(entry id, holder)] from `<id>:<holder> <id>:<holder> ...` (0015's format)."""
+    grants = []
+    for item in (text or "").split(" "):
+        entry_id, _, holder = item.partition(":")
+        if entry_id.isdigit() and holder:
+            grants.append((int(entry_id), holder))
+    return grants
 
 
 # queue_fair = "gpu_time": a key new to an upstream is tagged as if its requests took
@@ -158,6 +197,12 @@ class FairQueue:
         self._waits = {}  # entry id -> _Wait
         self._unreleased = {}  # entry id -> (upstream, cap) whose release failed
         self._wake = threading.Event()  # a request started waiting: look more often
+        self._early = collections.OrderedDict()  # entry id -> None: granted, not yet waiting
+        self._inbox = None  # this worker's wake socket, bound before its first entry
+        self._inbox_tried_at = -math.inf
+        self._sender = None  # the socket wake-ups to other workers leave from
+        self._grants_function = None  # PostgreSQL: whether migration 0015's exists (cached)
+        self._look_now = False  # an old gateway's NOTIFY, without the grants: read them
         self._keeper = None
         self._listener = None  # PostgreSQL connection LISTENing on CHANNEL
         self._listen_failed = False  # said once per outage
@@ -197,9 +242,7 @@ class FairQueue:
             metrics.TALLY.observe_queue_wait(upstream, key.prefix, waited)
             return Ticket(entry_id, upstream, cap, waited)
         wait = _Wait()
-        with self._lock:
-            self._waits[entry_id] = wait
-        self._wake.set()
+        self._expect(entry_id, wait)
         waiting = metrics._child(metrics.QUEUE_WAITING, upstream, key.prefix)
         waiting.inc()
         try:
@@ -272,10 +315,8 @@ class FairQueue:
 
     def _wait_for_any(self, choices, entered, key, watch, started):
         wait, all_ids = _Wait(), [entry_id for _, entry_id in entered]
-        with self._lock:
-            for entry_id in all_ids:
-                self._waits[entry_id] = wait
-        self._wake.set()
+        for entry_id in all_ids:
+            self._expect(entry_id, wait)
         first = choices[entered[0][0]][0]
         waiting = metrics._child(metrics.QUEUE_WAITING, first, key.prefix)
         waiting.inc()
@@ -286,7 +327,12 @@ class FairQueue:
                     if not wait.event.wait(max(0.0, deadline - time.monotonic())):
                         break
                     wait.event.clear()  # before the look: a grant after it wakes it again
-                    with db.connection_context():
+                    with self._lock:
+                        heard = [(i, e) for i, e in entered if e in wait.granted_ids]
+                    if heard:  # the wake-up said which: no need to ask the database
+                        winner = heard[0]
+                        break
+                    with db.connection_context():  # a lapse, or a grant the sweep found
                         rows = dict(QueueEntry.select(QueueEntry.id, QueueEntry.granted_at)
                                     .where(QueueEntry.id.in_([e for _, e in entered])).tuples())
                     self._leave_all([(i, e) for i, e in entered if e not in rows])  # lapsed
@@ -333,6 +379,7 @@ class FairQueue:
         self._timing.ran(entry_id, upstream, None)  # never ran (release() said if it did)
         with self._lock:
             self._held.pop(entry_id, None)
+            self._early.pop(entry_id, None)
         try:
             self._leaving((upstream, cap), entry_id)
         except Exception as exc:  # the keeper retries; the lease bounds the damage
@@ -360,6 +407,7 @@ class FairQueue:
         """
         step = self._timing.step(key.id, upstream, entry_id) if self.by_time else 1.0
         step /= max(1, key.priority or 1)
+        self._open_inbox()  # before the entry exists: no wake-up for it can miss the socket
         outcome = self._entering((upstream, cap), (entry_id, key.id, step, time.time()))
         if outcome < 0:
             self._timing.ran(entry_id, upstream, None)
@@ -415,31 +463,40 @@ class FairQueue:
         too), directly or by its poll on SQLite.
         """
         if is_postgres():
-            db.execute_sql(_PG_LEAVE, (upstream, cap, now, _lock_id(upstream), CHANNEL,
-                                       list(entry_ids) or [None])).fetchall()
+            params = (upstream, cap, now, _lock_id(upstream), CHANNEL, list(entry_ids) or [None])
+            if not self._has_grants_function():
+                db.execute_sql(_PG_LEAVE, params).fetchall()
+                return
+            try:
+                rows = db.execute_sql(_PG_LEAVE_GRANTS, params).fetchall()
+            except peewee.ProgrammingError:
+                self._grants_function = None  # the migration was reverted: ask again
+                raise
+            self._announce([grant for (text,) in rows for grant in _parse_grants(text)])
             return
-        state = None
-        if entry_ids:
-            with peewee.__exception_wrapper__:
-                state = _run(_delete(len(entry_ids)), (
-                    *entry_ids, upstream, now, *entry_ids, upstream, now, *entry_ids)).fetchone()
-        if state is None:  # nothing to delete, or it was gone (lapsed): look all the same
-            state = self._state(upstream, now)
-        running, waiting = state
-        if waiting and running < cap:  # under the write lock: the grant checks again
-            with db.atomic():
-                grants = self._dispatch_locked(upstream, cap, now)
-            self._announce(grants)
+        # One transaction: the counts the delete returns are read under the write lock
+        # it took, and the grant commits with it (one commit per slot handed on).
+        if not entry_ids:  # a look for lapsed slots: the write lock only if one is free
+            running, waiting = self._state(upstream, now)
+            if not waiting or running >= cap:
+                return
+        state, grants = None, []
+        with db.atomic():
+            if entry_ids:
+                with peewee.__exception_wrapper__:
+                    state = _run(_delete(len(entry_ids)), (
+                        *entry_ids, upstream, now, *entry_ids, upstream, now,
+                        *entry_ids)).fetchone()
+            if state is None:  # nothing to delete, or it was gone (lapsed): look all the same
+                state = self._state(upstream, now)
+            running, waiting = state
+            if waiting and running < cap:
+                grants = self._grant(upstream, cap - running, now)
+        self._announce(grants)
 
     def _dispatch(self, upstream, cap, now):
         """Grant free slots to waiting entries (a slot that lapsed frees no one)."""
         self._leave([], upstream, cap, now)
-
-    def _dispatch_locked(self, upstream, cap, now):
-        running, waiting = self._state(upstream, now)
-        if not waiting or running >= cap:
-            return []
-        return self._grant(upstream, cap - running, now)
 
     def _grant(self, upstream, n, now):
         """Grant the n waiting entries with the smallest start tags; [(id, holder)]."""
@@ -453,13 +510,114 @@ class FairQueue:
                 QueueEntry.id.in_([entry_id for entry_id, _ in chosen])).execute()
         return chosen
 
+    def _has_grants_function(self):
+        """Whether migration 0015's function is there (asked once; a database not yet
+        upgraded gets 0008's, and its waiting workers learn of grants by reading)."""
+        if self._grants_function is None:
+            self._grants_function = bool(db.execute_sql(_PG_HAS_GRANTS).fetchone()[0])
+        return self._grants_function
+
     def _announce(self, grants):
-        """After the commit: wake this worker's requests among the granted."""
+        """After the commit: wake the granted [(entry id, holder)] of this host.
+
+        This worker's directly; another worker's by a datagram to its socket, without
+        waiting: whatever goes wrong (no such socket, its buffer full) its sweep covers.
+        Workers elsewhere hear it from PostgreSQL's NOTIFY.
+        """
+        mine, others = [], {}
+        for entry_id, holder in grants:
+            if holder == self.holder:
+                mine.append(entry_id)
+            elif (name := here(holder)) is not None:
+                others.setdefault(name, []).append(entry_id)
+        if mine:
+            self._deliver(mine)
+        for name, entry_ids in others.items():
+            self._send(WAKE_PREFIX + name.encode(), entry_ids)
+
+    def _send(self, address, entry_ids):
+        try:
+            if self._sender is None:
+                sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+                sender.setblocking(False)
+                self._sender = sender
+            for at in range(0, len(entry_ids), _IDS_PER_DATAGRAM):
+                self._sender.sendto(b"".join(_ID.pack(entry_id) for entry_id in
+                                             entry_ids[at:at + _IDS_PER_DATAGRAM]), address)
+        except OSError:
+            pass  # the sweep catches it
+
+    def _deliver(self, entry_ids):
+        """These entries of this worker were granted: their requests go on.
+
+        A grant heard of before its request waits for it (the wake-up can overtake the
+        return of the statement that entered it) is kept for _expect().
+        """
         with self._lock:
-            for entry_id, _ in grants:
+            for entry_id in entry_ids:
                 wait = self._waits.get(entry_id)
-                if wait is not None:
-                    wait.event.set()
+                if wait is None:
+                    self._early[entry_id] = None
+                    if len(self._early) > EARLY_GRANTS:
+                        self._early.popitem(last=False)
+                    continue
+                wait.granted_ids.add(entry_id)
+                wait.event.set()
+
+    def _expect(self, entry_id, wait):
+        """Have `wait` woken when entry `entry_id` is granted (at once if it was already)."""
+        with self._lock:
+            self._waits[entry_id] = wait
+            if entry_id in self._early:
+                del self._early[entry_id]
+                wait.granted_ids.add(entry_id)
+                wait.event.set()
+        self._wake.set()
+
+    # -- the wake socket
+
+    def _open_inbox(self):
+        """Bind this worker's wake socket, once (a failure is retried now and then)."""
+        if self._inbox is not None or time.monotonic() < self._inbox_tried_at + 10:
+            return
+        self._inbox_tried_at = time.monotonic()
+        name = here(self.holder)
+        if name is None or not hasattr(socket, "SO_PASSCRED"):
+            return
+        inbox = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            inbox.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+            inbox.bind(WAKE_PREFIX + name.encode())
+            inbox.setblocking(False)
+        except OSError as exc:  # e.g. another queue of this process has the name (tests)
+            inbox.close()
+            log.info("queue: no wake socket (%s); reading for grants every %g s instead",
+                     exc, POLL_SECONDS[is_postgres()])
+            return
+        with self._lock:
+            if self._inbox is None:
+                self._inbox = inbox
+                return
+        inbox.close()
+
+    def _read_inbox(self):
+        """Deliver the entry ids datagrams brought, from processes of this user only."""
+        entry_ids = []
+        creds = socket.CMSG_SPACE(struct.calcsize("3i"))
+        while True:
+            try:
+                data, ancillary, _, _ = self._inbox.recvmsg(4096, creds)
+            except (BlockingIOError, InterruptedError):
+                break
+            sender = next((struct.unpack("3i", d[:12]) for level, kind, d in ancillary
+                           if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS
+                           and len(d) >= 12), None)
+            if sender is None or sender[1] != os.getuid():
+                continue
+            entry_ids += [entry_id for (entry_id,) in
+                          _ID.iter_unpack(data[:len(data) - len(data) % _ID.size])]
+        if entry_ids:
+            self._deliver(entry_ids)
 
     # -- the keeper: leases, grants from elsewhere, lapsed slots, failed releases
 
@@ -480,6 +638,7 @@ class FairQueue:
 
     def _keep(self):
         renewed_at = dispatched_at = time.monotonic()
+        looked_at = -math.inf
         while True:
             with self._lock:
                 waiting = dict(self._waits)
@@ -489,8 +648,12 @@ class FairQueue:
                     self._close_listener()
                     return
             try:
-                if waiting:
+                interval = (POLL_SECONDS if self._inbox is None else SWEEP_SECONDS)[is_postgres()]
+                if waiting and (self._look_now or time.monotonic() - looked_at >= interval):
+                    self._look_now = False
+                    looked_at = time.monotonic()
                     self._look_for_grants(waiting)
+                if waiting:
                     if time.monotonic() - dispatched_at >= DISPATCH_SECONDS:
                         dispatched_at = time.monotonic()
                         self.dispatch_all({held[i] for i in waiting if i in held})
@@ -499,7 +662,8 @@ class FairQueue:
                 if time.monotonic() - renewed_at >= self.lease_seconds / 3:
                     renewed_at = time.monotonic()
                     self._renew(list(held))
-                self._pause(bool(waiting))
+                # At most a second: a keeper with nothing left to do stops soon after.
+                self._pause(bool(waiting), min(looked_at + interval, time.monotonic() + 1.0))
             except Exception as exc:
                 # Whatever failed (a query, the LISTEN connection's poll or select after
                 # a database restart), the keeper stays: without it no waiting request
@@ -510,26 +674,44 @@ class FairQueue:
                 self._close_listener()
                 time.sleep(1)
 
-    def _pause(self, waiting):
-        """Sleep until the next look: a NOTIFY, a new waiting request, or the interval."""
+    def _pause(self, waiting, until):
+        """Until the next sweep (`until`, monotonic), or a new waiting request while none
+        waits: grants delivered as their wake-ups (datagrams, NOTIFYs) come in."""
         if not waiting:
             self._wake.wait(min(1.0, self.lease_seconds / 3))
             self._wake.clear()
             return
         self._wake.clear()
-        interval = POLL_SECONDS[is_postgres()]
         listening = self._listener is not None
         listener = self._listen() if is_postgres() else None
         if listener is not None and not listening:
-            return  # a grant made before LISTEN took effect sent no word: look again now
-        if listener is None:
-            time.sleep(interval)
+            self._look_now = True  # a grant made before LISTEN took effect sent no word
             return
-        import select
+        sources = [source for source in (self._inbox, listener) if source is not None]
+        while not self._look_now and (timeout := until - time.monotonic()) > 0:
+            if not sources:
+                time.sleep(timeout)
+                return
+            ready = select.select(sources, [], [], timeout)[0]
+            if self._inbox is not None and self._inbox in ready:
+                self._read_inbox()
+            if listener is not None and listener in ready:
+                self._read_notifies(listener)
 
-        if select.select([listener], [], [], interval)[0]:
-            listener.poll()
-            listener.notifies.clear()
+    def _read_notifies(self, listener):
+        """Grants named in NOTIFYs (migration 0015's) go on; any other NOTIFY (a gateway
+        of the release before, naming only the upstream) has the keeper read them."""
+        listener.poll()
+        mine = []
+        while listener.notifies:
+            payload = listener.notifies.pop(0).payload
+            if payload.startswith("g:"):
+                mine += [entry_id for entry_id, holder in _parse_grants(payload[2:])
+                         if holder == self.holder]
+            else:
+                self._look_now = True
+        if mine:
+            self._deliver(mine)
 
     def _listen(self):
         if self._listener is None:
@@ -562,10 +744,14 @@ class FairQueue:
         with db.connection_context():
             rows = dict(QueueEntry.select(QueueEntry.id, QueueEntry.granted_at)
                         .where(QueueEntry.id.in_(list(waiting))).tuples())
-        for entry_id, wait in waiting.items():
-            if entry_id not in rows:
-                wait.lost = True
-            if entry_id not in rows or rows[entry_id] is not None:
+        with self._lock:
+            for entry_id, wait in waiting.items():
+                if entry_id not in rows:
+                    wait.lost = True
+                elif rows[entry_id] is not None:
+                    wait.granted_ids.add(entry_id)
+                else:
+                    continue
                 wait.event.set()
 
     def dispatch_all(self, upstreams):

@@ -70,6 +70,15 @@ def this_process():
     return holder_for(os.getpid())
 
 
+def here(holder):
+    """`pidns.boot:pid` of a holder that is a process of this host's pid namespace and
+    boot, else None (another host's, a container's, a name cut at 128 characters)."""
+    space = _process_space()
+    if holder.startswith(space + ":") and len(holder) < 128:
+        return holder[space.rindex("/") + 1:]  # past the host name
+    return None
+
+
 def alive(pid):
     """Whether process `pid` runs on this host (a zombie, dead but not yet waited for, does not)."""
     try:

@@ -233,13 +233,17 @@ def forward(key, path, body, query=b"", transform=None, rewrite=None, model=None
             slots.append(ticket)
         return capped[at], ticket
 
+    def free_slots():
+        """Give the upstream's slot to the next request (its answer has been read)."""
+        while slots:
+            queue.release(slots.pop())
+
     def finish(_outcome=None):
         watch.stop()
         limiter.release(admission)
         while chosen:
             chosen.pop().in_flight -= 1
-        while slots:
-            queue.release(slots.pop())
+        free_slots()
 
     headers = upstream_headers()
     try:
@@ -275,7 +279,7 @@ def forward(key, path, body, query=b"", transform=None, rewrite=None, model=None
                 finish()
         # From here the body owns the cleanup: the WSGI server calls its close().
         relayed = Response(
-            RelayBody(response, watch, outcome, finish, path, rewrite),
+            RelayBody(response, watch, outcome, finish, path, rewrite, free_slots),
             status=response.status_code,
             headers=response_headers(response, {**admission.headers(), **timing}),
             direct_passthrough=True,

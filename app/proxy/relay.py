@@ -211,11 +211,15 @@ class RelayBody:
     the end, abandoned by a client that hung up, or never iterated at all (HEAD).
     """
 
-    def __init__(self, response, watch, outcome, on_finish, path="", rewrite=None):
+    def __init__(self, response, watch, outcome, on_finish, path="", rewrite=None,
+                 on_upstream_done=None):
         self._response = response
         self._watch = watch
         self._outcome = outcome
         self._on_finish = on_finish
+        # Called once Ollama has sent its whole answer (known before the last chunk is
+        # relayed when it said its length): its slot is free for the next request.
+        self._on_upstream_done = on_upstream_done
         self._path = path
         self._rewrite = rewrite  # e.g. app.proxy.sse.UsageStripper: takes back what only we asked
         self._complete = False
@@ -261,6 +265,10 @@ class RelayBody:
             outcome.last_byte_at = time.monotonic()  # GPU time ends here, on /v1
             if outcome.first_byte_at is None:
                 outcome.first_byte_at = outcome.last_byte_at
+            if (self._on_upstream_done is not None
+                    and getattr(self._response.raw, "length_remaining", None) == 0):
+                self._on_upstream_done()
+                self._on_upstream_done = None
             if separator:
                 outcome.lines += chunk.count(separator)
             outcome.tail = last_lines(outcome.tail + chunk, keep)  # Ollama's own: its counts

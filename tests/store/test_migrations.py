@@ -18,7 +18,8 @@ MIGRATIONS = ["0001_initial", "0002_heartbeat", "0003_usage_quotas_webhooks",
               "0004_key_model_policy", "0005_upstream_status",
               "0006_audit_log", "0007_usage_hourly", "0008_fair_queue",
               "0009_quota_reservations", "0010_dashboard_sessions", "0011_webhook_ids",
-              "0013_unique_key_names", "0014_usage_histogram", "0016_cloud", "0017_gpu_time"]
+              "0013_unique_key_names", "0014_usage_histogram", "0015_queue_grants",
+              "0016_cloud", "0017_gpu_time"]
 
 
 @pytest.fixture
@@ -308,3 +309,63 @@ def test_cloud_migration_leaves_keys_at_default_and_old_code_can_still_insert(em
     assert [r.cloud for r in UsageRecord.select()] == [None]
     assert database.downgrade(empty, "0016_cloud")[-1] == "0016_cloud"
     assert "cloud" not in {c.name for c in empty.get_columns("api_key")}
+
+
+def test_queue_grants_migration_adds_a_leave_that_names_its_grants_beside_the_old_one(empty):
+    """0015 on PostgreSQL: the new function's NOTIFY names each grant (several NOTIFYs past
+    8,000 bytes) and so does its result; 0008's function, which gateways of the release
+    before call during a rolling upgrade, is still there and NOTIFYs as it did."""
+    if not database.is_postgres(empty):
+        pytest.skip("PostgreSQL's functions and NOTIFY; SQLite's queue needs no migration")
+    import psycopg2
+
+    from app.store.models import QueueEntry
+
+    database.migration_runner(empty).up(MIGRATIONS[MIGRATIONS.index("0015_queue_grants") - 1])
+    assert database.upgrade(empty) == MIGRATIONS[MIGRATIONS.index("0015_queue_grants"):]
+    now = 1000.0
+    holders = {entry_id: f"{'h' * 100}/ns.boot:{entry_id}" for entry_id in range(2, 102)}
+    QueueEntry.create(id=1, upstream="gpu", key_id=1, holder="old:1", start_tag=0, finish_tag=1,
+                      enqueued_at=now, granted_at=now, expires_at=now + 60)
+    for entry_id, holder in holders.items():
+        QueueEntry.create(id=entry_id, upstream="gpu", key_id=1, holder=holder,
+                          start_tag=entry_id, finish_tag=entry_id + 1, enqueued_at=now,
+                          expires_at=now + 60)
+    listener = psycopg2.connect(database=empty.database, **empty.connect_params)
+    listener.autocommit = True
+    try:
+        listener.cursor().execute("LISTEN ollama_gw_queue")
+
+        def notified():
+            listener.poll()
+            payloads = [n.payload for n in listener.notifies]
+            listener.notifies.clear()
+            return payloads
+
+        call = "SELECT {}(%s, 'gpu', %s, %s, 7, 'ollama_gw_queue')"
+        # The old function: one slot freed, entry 2 granted, the upstream's name sent.
+        assert empty.execute_sql(call.format("ollama_gw_queue_leave"),
+                                 (1, 1, now)).fetchone()[0] == 1
+        assert notified() == ["gpu"]
+        # The new one: entry 2 leaves, the cap goes up to 98: entries 3 to 100 granted.
+        text = empty.execute_sql(call.format("ollama_gw_queue_leave_grants"),
+                                 (2, 98, now)).fetchone()[0]
+        expected = sorted(f"{entry_id}:{holders[entry_id]}" for entry_id in range(3, 101))
+        assert sorted(text.split(" ")) == expected
+        payloads = notified()
+        assert len(payloads) > 1 and all(len(p.encode()) < 8000 for p in payloads)
+        assert all(p.startswith("g:") for p in payloads)
+        assert sorted(item for p in payloads for item in p[2:].split(" ")) == expected
+        assert empty.execute_sql(call.format("ollama_gw_queue_leave_grants"),
+                                 (3, 98, now)).fetchone()[0] == "101:" + holders[101]
+        assert notified() == ["g:101:" + holders[101]]
+        # Nothing left to grant: nothing sent, nothing returned.
+        assert empty.execute_sql(call.format("ollama_gw_queue_leave_grants"),
+                                 (4, 98, now)).fetchone()[0] == ""
+        assert notified() == []
+    finally:
+        listener.close()
+    assert database.downgrade(empty, "0015_queue_grants")[-1] == "0015_queue_grants"
+    assert empty.execute_sql("SELECT to_regproc('ollama_gw_queue_leave_grants') IS NULL, "
+                             "to_regproc('ollama_gw_queue_leave') IS NOT NULL").fetchone() == (
+                                 True, True)
