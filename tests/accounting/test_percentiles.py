@@ -175,7 +175,7 @@ def test_the_cli_the_api_and_the_dashboard_show_the_nearest_rank(
             assert close(text.removesuffix(" ms"), exact), (span, field, text, exact)
         overview = browser.get(f"/ui/?range={span}").get_data(as_text=True)
         by_model = cells(overview, "by-model", MODEL)
-        assert [close(c, everyone[f]) for c, f in zip(by_model[4:], want, strict=False)] \
+        assert [close(c, everyone[f]) for c, f in zip(by_model[5:], want, strict=False)] \
             == [True] * 3, span
         drawn = totals(overview)
         for field, exact in everyone.items():
@@ -183,7 +183,7 @@ def test_the_cli_the_api_and_the_dashboard_show_the_nearest_rank(
             assert close(text.removesuffix(" ms"), exact), (span, field, text, exact)
     # A month: the table of keys reads the daily roll-up for whole days.
     by_key = cells(browser.get("/ui/?range=30d").get_data(as_text=True), "by-key", "alice")
-    assert close(by_key[5], want["latency_ms_p50"]) and close(by_key[6], want["latency_ms_p95"])
+    assert close(by_key[6], want["latency_ms_p50"]) and close(by_key[7], want["latency_ms_p95"])
 
 
 def test_below_1_ms_and_above_10_minutes_are_shown_as_bounds(

@@ -11,6 +11,7 @@ from requests.structures import CaseInsensitiveDict
 from app import create_app
 from app.proxy.relay import response_headers
 from app.upstreams.client import forwardable_request_headers
+from app.upstreams.pool import CLOUD_READER
 from tests.conftest import auth_header
 
 UPSTREAM = "http://ollama.test:11434"
@@ -38,8 +39,11 @@ def secret(make_key):
 
 
 def only_call(ollama):
-    assert len(ollama.calls) == 1
-    return ollama.calls[0].request
+    """The one request the client's made Ollama see (not the gateway's own read of which
+    models run in the cloud: app/upstreams/pool.py)."""
+    calls = [c for c in ollama.calls if c.request.headers.get("User-Agent") != CLOUD_READER]
+    assert len(calls) == 1
+    return calls[0].request
 
 
 # --- what Ollama receives ------------------------------------------------------------------
