@@ -16,7 +16,7 @@ upstream's slots, times the upstream's gpu_cost:
   shared evenly by the next gpu_load_spread_requests requests of that model on that
   upstream that this worker finishes (a load not yet fully shared when the worker exits
   is not charged further);
-- a request that used no local GPU gets None: refused, never sent, or a cloud request
+- a request that used no local GPU gets None: refused, never sent, or a cloud model's
   (accounted apart, on its owner's plan: gpu_seconds() is the one place that decides).
 
 Only endpoints that run a model are charged (the proxy marks them: Pending.runs_model).
@@ -51,9 +51,10 @@ def held(endpoint, outcome, ended):
 
 def gpu_seconds(record, spec, held_seconds, load_seconds=0.0, spreader=None):
     """(GPU seconds, of which model load) of a finished request; (None, None) if it used no
-    local GPU: no upstream, never sent, or a cloud request (`record.cloud`), which its
-    owner's plan pays for and which the GPU-time figures and quotas leave out."""
-    if spec is None or held_seconds is None or getattr(record, "cloud", False):
+    local GPU: no upstream, never sent, or a cloud model's request (`record.cloud_model`),
+    which its owner's plan pays for and which the GPU-time figures and quotas leave out. A
+    local model that only searches the web on ollama.com is charged its GPU time."""
+    if spec is None or held_seconds is None or getattr(record, "cloud_model", False):
         return None, None
     load = min(load_seconds or 0.0, held_seconds)
     if spreader is not None:

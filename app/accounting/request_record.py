@@ -51,7 +51,8 @@ class Pending:
     reservation_id: int | None = None  # its quota reservation (app/admission/quota.py)
     gpu_reservation_id: int | None = None  # its GPU-quota one (app/admission/gpu_quota.py)
     runs_model: bool = False  # holds an upstream slot: charged GPU time (app/accounting/gpu.py)
-    cloud: bool = False  # it runs on ollama.com (app/proxy/cloud.py)
+    cloud: bool = False  # it uses ollama.com (app/proxy/cloud.py)
+    cloud_model: bool = False  # ... and runs there wholly: no local GPU time
 
 
 def begin(endpoint):
@@ -99,6 +100,14 @@ def finish(writer, pending, response, log_access, limiter=None, warning_share=0.
             pending.prompt_estimate)
         prompt, completion, eval_ms = token_counts(
             outcome.tail, outcome.lines, complete, charged)
+        if (complete and prompt is None and completion is None and relayed
+                and pending.prompt_estimate is not None and pending.status < 400):
+            # A whole answer to a counted request, without Ollama's counts (a stream whose
+            # client spelled its options so that Ollama left the usage out): charged as a
+            # cut-off one, never as nothing.
+            charged = pending.prompt_estimate
+            prompt, completion, eval_ms = token_counts(outcome.tail, outcome.lines, False,
+                                                       charged)
         estimated = charged is not None
     if limiter is not None and pending.reservation_id is not None:
         limiter.let_go(pending.reservation_id)
@@ -125,7 +134,7 @@ def finish(writer, pending, response, log_access, limiter=None, warning_share=0.
         ttfb_ms=round((outcome.first_byte_at - pending.started) * 1000) if relayed else None,
         bytes=outcome.bytes if relayed else (response.content_length or 0),
         aborted=bool(outcome is not None and outcome.client_aborted),
-        prompt=pending.prompt, cloud=pending.cloud,
+        prompt=pending.prompt, cloud=pending.cloud, cloud_model=pending.cloud_model,
         gpu_period=key.gpu_period if key and key.gpu_quota else None,
         gpu_reservation_id=pending.gpu_reservation_id,
     )

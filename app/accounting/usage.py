@@ -98,7 +98,8 @@ class Record:
     load_seconds: float | None = None  # the model load's part of gpu_seconds
     gpu_period: str | None = None  # 'day'/'month' when the key has a GPU quota
     gpu_reservation_id: int | None = None  # its GPU-quota reservation, settled when written
-    cloud: bool = False  # it ran on ollama.com (app/proxy/cloud.py)
+    cloud: bool = False  # it used ollama.com (app/proxy/cloud.py)
+    cloud_model: bool = False  # it ran there wholly (not a row column: GPU time is None)
 
     @property
     def is_error(self):

@@ -814,16 +814,20 @@ class GpuTimeTags:
         at = (key_id, upstream)
         charged = self._estimate.get(at) or self._estimate.get(upstream) or \
             FIRST_ESTIMATE_SECONDS
-        self._pending[entry_id] = (key_id, charged)
         owed = max(-charged, min(charged, self._owed.pop(at, 0.0)))
+        self._pending[entry_id] = (key_id, charged, owed)
         return max(MIN_STEP, charged + owed)
 
     def ran(self, entry_id, upstream, seconds):
-        """The request ended after holding its slot `seconds` (None: it never ran)."""
-        key_id, charged = self._pending.pop(entry_id, (None, None))
-        if key_id is None or seconds is None:
+        """The request ended after holding its slot `seconds` (None: it never ran, and what
+        its key owed is owed by its next request: leaving the queue does not settle it)."""
+        key_id, charged, owed = self._pending.pop(entry_id, (None, None, None))
+        if key_id is None:
             return
         at = (key_id, upstream)
+        if seconds is None:
+            self._owed[at] = self._owed.get(at, 0.0) + owed
+            return
         self._owed[at] = self._owed.get(at, 0.0) + seconds - charged
         for where in (at, upstream):
             old = self._estimate.get(where)

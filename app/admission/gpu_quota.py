@@ -102,15 +102,17 @@ def check(key, now=None):
 
 
 def recent_gpu_seconds(key_id, model, upstream=None, requests=20):
-    """The most GPU seconds of the key's last `requests` charged requests of `model`
+    """The most GPU seconds of the key's last `requests` answered requests of `model`
     (on `upstream`, if given), or None without one: what a GPU-quota reservation estimates
-    from (app/admission/gpu_quota.py)."""
+    from (app/admission/gpu_quota.py). Only whole answers count: requests Ollama refused
+    at once, or the client cut short, would make a key's next ones look cheap."""
     label = UsageLabel.get_or_none(UsageLabel.name == model)
     if label is None:
         return None
     query = (UsageRecord.select(UsageRecord.gpu_seconds)
              .where((UsageRecord.key_id == key_id) & (UsageRecord.model_id == label.id)
-                    & UsageRecord.gpu_seconds.is_null(False))
+                    & UsageRecord.gpu_seconds.is_null(False) & (UsageRecord.status < 400)
+                    & (UsageRecord.aborted == False))  # noqa: E712 (peewee's SQL)
              .order_by(UsageRecord.at.desc()).limit(requests))
     if upstream is not None:
         found = UsageLabel.get_or_none(UsageLabel.name == upstream)

@@ -20,6 +20,7 @@ from flask import current_app
 
 from app.errors import Forbidden
 from app.keys.registry import normalize_model
+from app.proxy.jsonbody import fold
 
 WEB_PATHS = frozenset({"/api/experimental/web_search", "/api/experimental/web_fetch"})
 # Endpoints whose bodies Ollama reads a built-in web search tool from.
@@ -40,6 +41,16 @@ def is_web_path(path):
     return path.lower() in WEB_PATHS
 
 
+def plain(model):
+    """A model's name as the upstreams list it: lower case, with `:latest` if it has no tag,
+    and without the default registry, namespace or a digest, which name the same model to
+    Ollama (`registry.ollama.ai/library/team-coder:latest@sha256:…` is `team-coder:latest`)."""
+    name = (model or "").split("@", 1)[0].strip().lower()
+    for prefix in ("registry.ollama.ai/", "library/"):
+        name = name.removeprefix(prefix)
+    return normalize_model(name).lower()
+
+
 def _remote(models):
     """The upstreams' models listed with a remote_host (read at most once per refresh)."""
     if not models:
@@ -57,7 +68,7 @@ def cloud_models(models):
             continue
         if remote is None:
             remote = _remote(models)
-        if normalize_model(model).lower() in remote:
+        if plain(model) in remote:
             found.append(model)
     return found
 
@@ -70,7 +81,7 @@ def web_search_tools(body):
             if not isinstance(tool, dict):
                 continue
             for field, value in tool.items():
-                if (field.lower() == "type" and isinstance(value, str)
+                if (fold(field) == "type" and isinstance(value, str)
                         and value.lower().startswith("web_search")):
                     found.append(value)
     return found
@@ -90,23 +101,38 @@ def _why_not(key):
             f"`ollama-gw keys update {key.prefix} --cloud allow`")
 
 
+# What check() found: the request runs wholly on ollama.com (a cloud model, a web
+# route), or a local model runs it and Ollama searches the web on ollama.com for it.
+ON_OLLAMA_COM, SEARCHES = "on ollama.com", "searches on ollama.com"
+
+
 def check(key, path, body=None, models=()):
-    """True if the request runs on ollama.com and `key` may send it; 403 saying why if it
-    may not; False for a local request. `body`: the request's JsonBody, if any."""
-    what = None
+    """ON_OLLAMA_COM or SEARCHES if the request uses ollama.com and `key` may send it; 403
+    saying why if it may not; None for a local request. `body`: its JsonBody, if any.
+
+    Both are cloud requests (they spend the owner's plan); only ON_OLLAMA_COM uses no
+    local GPU (app/accounting/gpu.py)."""
+    what, kind = None, ON_OLLAMA_COM
     if is_web_path(path):
         what = f"{path} runs a web search or fetch on ollama.com"
     elif (names := cloud_models(models)):
         what = f"model {names[0]!r} is a cloud model: it runs on ollama.com"
     elif body is not None and path in TOOL_PATHS and (tools := web_search_tools(body)):
-        what = (f"the request offers the built-in web search tool ({tools[0]!r}), which "
-                "Ollama runs on ollama.com")
+        what, kind = (f"the request offers the built-in web search tool ({tools[0]!r}), which "
+                      "Ollama runs on ollama.com"), SEARCHES
     if what is None:
-        return False
+        return None
     if not may_use(key):
         raise Forbidden(f"{what}, signed with the server owner's account and spending its "
                         f"plan, and this key may not use the cloud: {_why_not(key)}")
-    return True
+    return kind
+
+
+def mark(pending, kind):
+    """Note on a request's usage record what check() found (None: nothing ran there)."""
+    if pending is not None:
+        pending.cloud = kind is not None
+        pending.cloud_model = kind == ON_OLLAMA_COM
 
 
 def narrows_lists(key):
@@ -126,6 +152,6 @@ def shown(key):
         if isinstance(entry, dict) and entry.get("remote_host"):
             return False
         return (key.allows_model(name) and not is_cloud_name(name)
-                and normalize_model(name or "").lower() not in remote)
+                and plain(name) not in remote)
 
     return keep

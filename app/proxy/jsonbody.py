@@ -14,6 +14,12 @@ import re
 from app.cooperative import pause
 
 MODEL_FIELDS = ("model", "name")  # compared case-insensitively, as Go's encoding/json does
+
+
+def fold(name):
+    """A field name as Go's encoding/json compares them: case folded, so `MODEL`, `Model`
+    and `tooſ` (U+017F, a long s) match `model` and `toos` as Ollama decodes them."""
+    return name.casefold()
 INLINE_LIMIT = 1024 * 1024  # bodies up to this are parsed whole: ~3 ms at most
 VALUE_LIMIT = 64 * 1024  # in a larger body, values up to this are decoded
 MAX_DEPTH = 1000
@@ -59,7 +65,7 @@ class JsonBody:
             self.problem = f"request body is not valid JSON: {str(exc)[:200]}"
             return
         for field in self.field_names():
-            if field.lower() in MODEL_FIELDS:
+            if fold(field) in MODEL_FIELDS:
                 self.problem = model_problem(field, self.payload.get(field))
                 if self.problem:
                     if field not in self.payload:  # a value too large to decode
@@ -77,7 +83,7 @@ class JsonBody:
         """Every model the body names: `model` or the older `name`, in any letter case."""
         if self.payload is None:
             return []
-        return [self.payload[f] for f in self.field_names() if f.lower() in MODEL_FIELDS
+        return [self.payload[f] for f in self.field_names() if fold(f) in MODEL_FIELDS
                 and isinstance(self.payload.get(f), str)]
 
     def values(self, name):
@@ -86,9 +92,9 @@ class JsonBody:
         if self.payload is None:
             return []
         if self._spans is None:
-            return [v for k, v in self.payload.items() if k.lower() == name]
+            return [v for k, v in self.payload.items() if fold(k) == name]
         return [json.loads(b"{" + self.raw[start:end] + b"}")[field]
-                for field, start, end in self._spans if field.lower() == name]
+                for field, start, end in self._spans if fold(field) == name]
 
     def validated(self):
         """The top-level fields (or None for an empty body); 400 if the body is malformed."""
@@ -109,16 +115,16 @@ class JsonBody:
         last). A large body is spliced, never re-encoded; untouched, it is returned as is.
         """
         changes = changes or {}
-        drop = {name.lower() for name in (*drop, *changes)}
+        drop = {fold(name) for name in (*drop, *changes)}
         if self.payload is None:
             return json.dumps(changes).encode() if changes else self.raw
-        if not changes and not any(f.lower() in drop for f in self.field_names()):
+        if not changes and not any(fold(f) in drop for f in self.field_names()):
             return self.raw
         if self._spans is None:
-            kept = {k: v for k, v in self.payload.items() if k.lower() not in drop}
+            kept = {k: v for k, v in self.payload.items() if fold(k) not in drop}
             return json.dumps({**kept, **changes}).encode()
         kept = [self.raw[start:end] for name, start, end in self._spans
-                if name.lower() not in drop]
+                if fold(name) not in drop]
         added = [json.dumps(name).encode() + b":" + json.dumps(value).encode()
                  for name, value in changes.items()]
         return b"{" + b",".join(kept + added) + b"}"

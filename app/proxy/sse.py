@@ -9,17 +9,26 @@ else passes byte for byte.
 import json
 
 from app.errors import anthropic_error, is_anthropic
+from app.proxy.jsonbody import fold
 
 # What Ollama (Go's encoding/json) writes at the end of each completion chunk then.
 ZERO_USAGE = b',"usage":{"prompt_tokens":0,"completion_tokens":0,"total_tokens":0}'
 
 
-def ask_for_usage(payload):
-    """The stream_options to send upstream, or None if the client already asked for usage."""
-    options = payload.get("stream_options")
-    if isinstance(options, dict) and options.get("include_usage") is True:
+def ask_for_usage(body):
+    """The stream_options to send upstream, or None if the client already asked for usage.
+
+    Go's decoder matches field names in any letter case and keeps the last: the client's
+    options are read so (`Stream_Options`, `INCLUDE_USAGE` count), and every spelling of
+    include_usage is replaced by one that asks for it.
+    """
+    found = body.values("stream_options")
+    options = found[-1] if found and isinstance(found[-1], dict) else {}
+    asked = [v for k, v in options.items() if fold(k) == "include_usage"]
+    if found and asked == [True]:
         return None
-    return {**(options if isinstance(options, dict) else {}), "include_usage": True}
+    return {**{k: v for k, v in options.items() if fold(k) != "include_usage"},
+            "include_usage": True}
 
 
 class UsageStripper:

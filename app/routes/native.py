@@ -69,7 +69,9 @@ def relay_json(path, pending):
     for model in body.models:  # `model`, the older `name`, in any letter case
         auth.require_model(key, model)
     # Pulling or copying a cloud model's stub needs the permission but runs nothing there.
-    pending.cloud = cloud.check(key, path, body, body.models) and path not in MODEL_MANAGEMENT
+    kind = cloud.check(key, path, body, body.models)
+    # Pulling a cloud model's stub or showing it runs nothing on ollama.com.
+    cloud.mark(pending, None if path in MODEL_MANAGEMENT or path == "/api/show" else kind)
     raw = gateway.outgoing_body(body, key, path)  # never with a gateway key in it
     if path in MODEL_MANAGEMENT and not pool.single:
         target = fanout.named_upstream(pool)

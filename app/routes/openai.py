@@ -53,11 +53,12 @@ def relay(subpath):
         return _count_tokens(payload)
     if path in MEDIA and not any(body.models):
         raise BadRequest(f"'model' is required on {path}")
-    pending.cloud = cloud.check(key, path, body, body.models)
+    cloud.mark(pending, cloud.check(key, path, body, body.models))
     request_record.keep_prompt(pending, payload)
     changes, rewrite = {}, None
-    if path in USAGE_ON_REQUEST and payload and payload.get("stream") is True:
-        if (stream_options := sse.ask_for_usage(payload)) is not None:
+    streams = body.values("stream")  # in any letter case, the last one: as Go decodes it
+    if path in USAGE_ON_REQUEST and streams and streams[-1] is True:
+        if (stream_options := sse.ask_for_usage(body)) is not None:
             changes["stream_options"] = stream_options
             rewrite = sse.UsageStripper()
     raw = gateway.outgoing_body(body, key, path, changes)
@@ -81,7 +82,7 @@ def _count_tokens(payload):
 
 def _form(path, pending):
     """A multipart body: every `model` it names (and the query's, which Go's FormValue
-    falls back to) checked, then relayed as it came."""
+    reads first) checked, then relayed as it came."""
     key = gateway.current_key()
     doors.require_counted(key, path)
     if request.mimetype != "multipart/form-data":
@@ -96,13 +97,13 @@ def _form(path, pending):
             raise BadRequest(problem)
         auth.require_model(key, model)
     pending.model = named[0]  # the one Ollama takes
-    pending.cloud = cloud.check(key, path, models=named)
+    cloud.mark(pending, cloud.check(key, path, models=named + request.args.getlist("model")))
     return gateway.forward(key, path, raw, gateway.query_without_key(), model=pending.model)
 
 
 def _models(path):
     """GET /v1/models (only the key's models) and GET /v1/models/{model}."""
-    pending = request_record.begin("/v1/models" if path == "/v1/models" else "/v1/models/{model}")
+    request_record.begin("/v1/models" if path == "/v1/models" else "/v1/models/{model}")
     if request.method not in ("GET", "HEAD"):
         raise MethodNotAllowed(f"{request.method} is not allowed on {path}; use GET",
                                headers={"Allow": "GET, HEAD"})
@@ -111,7 +112,7 @@ def _models(path):
     if path != "/v1/models":
         model = path[len("/v1/models/"):]
         auth.require_model(key, model)
-        pending.cloud = cloud.check(key, path, models=[model])
+        cloud.check(key, path, models=[model])  # refused if it may not; it runs nothing
         return gateway.forward(key, path, None, query, model=model)
     if not gateway.services()[2].single:
         return fanout.union(key, path, query, "data", "id")

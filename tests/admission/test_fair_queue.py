@@ -478,6 +478,17 @@ def test_gpu_time_tags_charge_an_estimate_and_correct_it_on_the_next_request():
     assert tags.step(7, "other", entry_id=6) == FIRST_ESTIMATE_SECONDS
 
 
+def test_a_request_that_never_runs_leaves_its_keys_debt_to_the_next():
+    """Leaving the queue (a timeout, a hang-up, the unused place of a request waiting at
+    two upstreams) must not wipe out what the key owes or is owed."""
+    tags = GpuTimeTags()
+    tags.step(7, "gpu", entry_id=1)
+    tags.ran(1, "gpu", 0.25)  # overcharged 0.75 s: the next ones are owed it
+    assert tags.step(7, "gpu", entry_id=2) == pytest.approx(0.001)
+    tags.ran(2, "gpu", None)  # it left without running
+    assert tags.step(7, "gpu", entry_id=3) == pytest.approx(0.001)  # still owed
+
+
 def test_gpu_time_estimate_follows_the_keys_recent_requests():
     tags = GpuTimeTags()
     for entry_id in range(1, 30):

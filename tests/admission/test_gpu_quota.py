@@ -100,6 +100,29 @@ def test_the_estimate_is_the_keys_recent_gpu_time_for_that_model_else_the_defaul
     assert gpu_quota.estimate(key, "qwen2.5:0.5b", spec, 60.0) == 7.5
 
 
+def test_requests_refused_or_cut_short_do_not_make_the_estimate_cheap(migrated, make_key):
+    """Twenty requests Ollama refuses at once (a bad option: 400 in a millisecond) or the
+    client cuts off must not make the next reservations near zero."""
+    from app.accounting.usage import UsageWriter
+
+    _, row = make_key(gpu_quota="1h/day")
+    key = keystore.KeyInfo.from_row(row)
+    spec = UpstreamSpec("gpu1", "http://gpu1:11434", max_concurrent=4)
+    writer = UsageWriter()
+
+    def record(seconds, **fields):
+        writer.add(Record(**{"at": time.time(), "endpoint": "/api/chat", "status": 200,
+                             "latency_ms": 5, "key_id": key.id, "model": "llama3.2:latest",
+                             "upstream": "gpu1", "gpu_seconds": seconds, **fields}))
+
+    record(3.0)
+    for _ in range(gpu_quota.RECENT_REQUESTS):
+        record(0.001, status=400)
+        record(0.002, aborted=True)
+    writer.stop()
+    assert gpu_quota.estimate(key, "llama3.2:latest", spec, 60.0) == 3.0
+
+
 @pytest.mark.parametrize("refusal, kind", [("quota", "tokens"), ("gpu_quota", "gpu_time"),
                                            ("rate", None), (None, None)])
 def test_quota_exceeded_says_which_quota_ran_out(refusal, kind):

@@ -5,6 +5,7 @@ import time
 import pytest
 
 from app.accounting import stats
+from app.accounting.usage import Record
 from app.proxy.cloud import is_cloud_name
 from app.store.models import UsageRecord
 from tests.conftest import auth_header
@@ -322,3 +323,69 @@ def test_a_cloud_model_for_images_needs_the_permission(client, make_key, cloud_f
     response = client.post("/v1/images/generations", headers=auth_header(secret),
                            json={"model": "qwen3:cloud", "prompt": "a cat"})
     assert response.status_code == 403 and "is a cloud model" in message(response)
+
+
+@pytest.mark.parametrize("field", ["toolſ", "TOOLS", "Tools"])
+def test_a_web_search_tool_under_any_spelling_go_folds_is_seen(client, make_key, cloud_fake,
+                                                               field):
+    """Go's decoder folds case as Unicode does: `toolſ` (a long s, U+017F) is `tools` to
+    Ollama, so it must be to the check."""
+    secret, _ = make_key()
+    response = client.post("/v1/messages", headers=auth_header(secret), json={
+        "model": "llama3.2", "max_tokens": 10,
+        "messages": [{"role": "user", "content": "news?"}],
+        field: [{"type": "web_search_20250305", "name": "web_search"}]})
+    assert response.status_code == 403
+    assert "web search tool" in message(response)
+    assert reached(cloud_fake, "/v1/messages") == []
+
+
+@pytest.mark.parametrize("model", ["registry.ollama.ai/library/team-coder",
+                                   "library/team-coder:latest", "TEAM-CODER",
+                                   "team-coder@sha256:" + "0" * 64])
+def test_a_remote_model_under_a_longer_name_is_still_cloud(client, make_key, cloud_fake,
+                                                           model):
+    secret, _ = make_key()
+    response = client.post("/api/generate", headers=auth_header(secret),
+                           json={"model": model, "prompt": "hi", "stream": False})
+    assert response.status_code == 403, response.get_data(as_text=True)
+    assert "is a cloud model" in message(response)
+
+
+def test_the_querys_model_of_a_form_is_checked_for_the_cloud(client, make_key, cloud_fake):
+    """Go's FormValue reads the query before a multipart body's fields."""
+    from tests.proxy.test_v1_media import form, transcribe
+
+    secret, _ = make_key()
+    response = transcribe(client, secret, form(("model", "llama3.2")),
+                          path="/v1/audio/transcriptions?model=gpt-oss:120b-cloud")
+    assert response.status_code == 403
+    assert "is a cloud model" in message(response)
+
+
+def test_a_local_model_that_searches_the_web_is_cloud_but_runs_on_the_local_gpu(
+        client, make_key, cloud_fake):
+    """Its searches spend the owner's plan (a cloud request), its model the local GPU."""
+    from app.accounting import gpu
+    from app.config import UpstreamSpec
+    from app.proxy import cloud
+
+    secret, _ = make_key(cloud="allow")
+    response = client.post("/v1/messages", headers=auth_header(secret), json={
+        "model": "llama3.2", "max_tokens": 10,
+        "messages": [{"role": "user", "content": "news?"}],
+        "tools": [{"type": "web_search_20250305", "name": "web_search"}]})
+    assert response.status_code == 200, response.get_data(as_text=True)
+    response.close()  # the request ends, and is recorded, when its answer does
+    assert client.application.extensions["usage"].write_pending()
+    [row] = UsageRecord.select().where(UsageRecord.status == 200)
+    assert row.cloud is True
+    assert row.gpu_seconds is not None and row.gpu_seconds > 0
+    spec = UpstreamSpec("gpu1", "http://gpu1:11434", max_concurrent=1)
+    searching = Record(at=0, endpoint="/v1/messages", status=200, latency_ms=1, cloud=True,
+                       cloud_model=False)
+    assert gpu.gpu_seconds(searching, spec, 2.0) == (2.0, 0.0)
+    remote = Record(at=0, endpoint="/v1/messages", status=200, latency_ms=1, cloud=True,
+                    cloud_model=True)
+    assert gpu.gpu_seconds(remote, spec, 2.0) == (None, None)
+    assert cloud.SEARCHES != cloud.ON_OLLAMA_COM

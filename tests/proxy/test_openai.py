@@ -94,6 +94,43 @@ def test_a_stream_reaches_the_client_exactly_as_ollama_sends_it_without_usage(
         2 if "chat" in path else 1, 5, False)
 
 
+@pytest.mark.parametrize("spelling", [
+    {"Stream": True}, {"ſtream": True}, {"stream": False, "STREAM": True},
+    {"stream": True, "stream_options": {"include_usage": True, "Include_usage": False}},
+    {"stream": True, "Stream_Options": {"include_usage": False}},
+], ids=["Stream", "long-s", "last-wins", "usage-unasked-twice", "options-spelled"])
+def test_a_stream_in_any_spelling_go_reads_is_asked_for_its_usage(app, make_key, fake,
+                                                                   spelling):
+    """Go's decoder matches field names in any case (Unicode folding) and keeps the last:
+    a stream the gateway did not recognise would run without usage, and charge nothing."""
+    secret, _ = make_key()
+    body = json.dumps({"model": "llama3.2", "messages": CHAT, **spelling})  # in this order
+    app.test_client().post("/v1/chat/completions", buffered=True, data=body,
+                           content_type="application/json",
+                           headers={"Authorization": f"Bearer {secret}"}).close()
+    sent = fake.requests[-1].json()
+    assert [v for k, v in sent.items() if k.casefold() == "stream_options"] == [
+        {"include_usage": True}]
+
+
+def test_a_whole_stream_without_ollamas_counts_is_charged_its_estimate(app, make_key, fake,
+                                                                      monkeypatch):
+    """Were a spelling ever to slip past the gateway, Ollama would stream without usage:
+    the answer is then charged as a cut-off one (estimated prompt, a token an event), so
+    a quota key never gets a request for nothing."""
+    from app.proxy import sse
+
+    monkeypatch.setattr(sse, "ask_for_usage", lambda body: None)
+    secret, _ = make_key(token_quota="1000/day")
+    app.test_client().post("/v1/chat/completions", buffered=True,
+                           json={"model": "llama3.2", "messages": CHAT, "stream": True},
+                           headers={"Authorization": f"Bearer {secret}"}).close()
+    [row] = recorded(app)
+    assert row.prompt_estimated is True
+    assert row.prompt_tokens and row.prompt_tokens > 0
+    assert row.completion_tokens and row.completion_tokens >= 5
+
+
 def test_a_client_that_asks_for_usage_gets_ollamas_usage_chunk(user, app, fake):
     parts = list(user.chat.completions.create(model="llama3.2", messages=CHAT, stream=True,
                                               stream_options={"include_usage": True}))
