@@ -121,7 +121,8 @@ def test_a_request_pinned_to_a_busy_upstream_waits_for_it(pair, fakes):
         before = [generations(f) for f in fakes]
         answer = generate(two, key, query="?upstream=gpu1")
         assert answer.status_code == 200
-        assert busy.done()  # it ran after the busy one, on gpu1
+        assert busy.result().status_code == 200
+        # It waited for the busy one's slot and ran on gpu1, though gpu2 was free.
         assert [generations(f) for f in fakes] == [before[0] + 1, before[1]]
         assert float(answer.headers["X-Queue-Wait"]) > 1
     assert fakes[0].most_running == 1
