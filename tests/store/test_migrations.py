@@ -3,6 +3,7 @@ import datetime
 import json
 import multiprocessing
 import os
+import select
 import subprocess
 import sys
 import time
@@ -336,7 +337,15 @@ def test_queue_grants_migration_adds_a_leave_that_names_its_grants_beside_the_ol
     try:
         listener.cursor().execute("LISTEN ollama_gw_queue")
 
-        def notified():
+        def notified(expected=True):
+            """The payloads NOTIFYed since the last call: those of one commit arrive
+            together, but not at once (on a busy machine, later than the statement's
+            return): waits up to 10 s for them where some are expected."""
+            deadline = time.monotonic() + (10 if expected else 0.5)
+            while not listener.notifies and time.monotonic() < deadline:
+                select.select([listener], [], [], 0.1)
+                listener.poll()
+            select.select([listener], [], [], 0.2)  # the rest of the commit's, if split
             listener.poll()
             payloads = [n.payload for n in listener.notifies]
             listener.notifies.clear()
@@ -362,7 +371,7 @@ def test_queue_grants_migration_adds_a_leave_that_names_its_grants_beside_the_ol
         # Nothing left to grant: nothing sent, nothing returned.
         assert empty.execute_sql(call.format("ollama_gw_queue_leave_grants"),
                                  (4, 98, now)).fetchone()[0] == ""
-        assert notified() == []
+        assert notified(expected=False) == []
     finally:
         listener.close()
     assert database.downgrade(empty, "0015_queue_grants")[-1] == "0015_queue_grants"

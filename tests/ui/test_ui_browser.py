@@ -152,7 +152,7 @@ def test_an_admin_signs_in_sees_charts_manages_a_key_and_signs_out(browser, fake
         page.find("#key").send_keys(admin)
         page.submit("#signin")
         assert page.path() == "/ui/", browser.page_source
-        assert wait_for(lambda: len(drawn_charts(page)) == 4, WAIT)
+        assert wait_for(lambda: len(drawn_charts(page)) == 5, WAIT)
         charts = drawn_charts(page)
         assert all(chart["painted"] > 0 for chart in charts.values()), charts
         assert charts["requests"]["points"] > 0 and charts["tokens"]["points"] > 0, charts
