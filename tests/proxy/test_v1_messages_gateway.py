@@ -96,6 +96,7 @@ def test_images_and_audio_wait_for_the_upstreams_slot(gateway, fake, path, form)
                                                                 "prompt": "a cat"})
             assert wait_for(lambda: waiting(gateway) == 1, 60)
             assert path not in [r.path for r in fake.requests]
+            fake.token_delay = 0.0  # the fake's image steps are tokens: not 1000 x 50 ms
             running.close()  # its slot is given back: the waiting one goes
             # Relayed: the fake's own answer (no model "whisper"; edits take JSON there).
             assert waiter.result().status_code == {"/v1/images/generations": 200,
