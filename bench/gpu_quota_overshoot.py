@@ -17,53 +17,19 @@ admitted request may run past it by its error). All traffic stays on 127.0.0.1; 
 process started is stopped at the end.
 """
 import argparse
-import concurrent.futures
-import json
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import requests
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run as bench  # noqa: E402  (the bench's process and gateway helpers)
+from quota_overshoot import burst, charged, cli, one  # noqa: E402  (the same harness)
 
 LONG = {"prompt": "Why is the sky blue?", "options": {"num_predict": 40}}  # 40 x 10 ms
 SHORT = {"prompt": "Why is the sky blue?", "options": {"num_predict": 10}}
 CASES = [("new key: the default estimate", None), ("warmed up by 5 like it", LONG),
          ("warmed up by 5 four times shorter", SHORT)]
-
-
-def cli(env, *args):
-    return json.loads(subprocess.run([*bench.ollama_gw_command(), *args, "--json"], env=env,
-                                     capture_output=True, text=True, check=True,
-                                     timeout=120).stdout)
-
-
-def one(gateway, key, body):
-    with requests.post(gateway + "/api/generate", stream=True, timeout=300,
-                       json={"model": "llama3.2", "bench_interval": 0.01, **body},
-                       headers={"Authorization": f"Bearer {key}"}) as answer:
-        for _ in answer.iter_content(None):
-            pass
-        return answer.status_code
-
-
-def burst(gateway, key, body, count):
-    with concurrent.futures.ThreadPoolExecutor(count) as pool:
-        return list(pool.map(lambda _: one(gateway, key, body), range(count)))
-
-
-def settled(env, prefix):
-    """The key's usage row once nothing is reserved any more (every request settled)."""
-    deadline = time.monotonic() + 120
-    while True:
-        rows = cli(env, "usage", "--key", prefix, "--since", "1d")
-        if rows and rows[0]["gpu_quota"]["reserved"] == 0 or time.monotonic() > deadline:
-            return rows[0]
-        time.sleep(0.5)
 
 
 def main(argv=None):
@@ -92,13 +58,13 @@ def main(argv=None):
             if warm is not None:  # history to estimate from, then the quota it is judged by
                 for _ in range(5):
                     one(gateway, key["key"], warm)
-                before = settled(env, key["prefix"])["gpu_quota"]["used"]
+                before = charged(env, key["prefix"], "gpu_quota")["gpu_quota"]["used"]
             cli(env, "keys", "update", key["prefix"], "--gpu-quota", f"{args.quota}s/day")
             time.sleep(1.5)  # key_cache_seconds: every worker sees the new quota
             if before >= args.quota:
                 raise SystemExit(f"warming up used {before} s, past the quota: raise --quota")
             statuses = burst(gateway, key["key"], LONG, args.burst)
-            row = settled(env, key["prefix"])
+            row = charged(env, key["prefix"], "gpu_quota")
             served = statuses.count(200)
             used = row["gpu_quota"]["used"]
             each = (used - before) / served if served else 0.0

@@ -45,26 +45,29 @@ def cli(env, *args):
                                      timeout=120).stdout)
 
 
+def one(gateway, key, body):
+    """One streamed /api/generate read to its end; its status."""
+    with requests.post(gateway + "/api/generate", stream=True, timeout=300,
+                       json={"model": "llama3.2", "bench_interval": 0.01, **body},
+                       headers={"Authorization": f"Bearer {key}"}) as answer:
+        for _ in answer.iter_content(None):
+            pass
+        return answer.status_code
+
+
 def burst(gateway, key, body, count):
     """`count` streamed requests at once; their statuses."""
-    def one(_):
-        with requests.post(gateway + "/api/generate", stream=True, timeout=300,
-                           json={"model": "llama3.2", "bench_interval": 0.01, **body},
-                           headers={"Authorization": f"Bearer {key}"}) as answer:
-            for _ in answer.iter_content(None):
-                pass
-            return answer.status_code
-
     with concurrent.futures.ThreadPoolExecutor(count) as pool:
-        return list(pool.map(one, range(count)))
+        return list(pool.map(lambda _: one(gateway, key, body), range(count)))
 
 
-def charged(env, prefix):
-    """The key's usage row once nothing is reserved any more (every request settled)."""
+def charged(env, prefix, quota="token_quota"):
+    """The key's usage row once nothing of `quota` is reserved any more (every request
+    settled): token_quota, or gpu_quota (bench/gpu_quota_overshoot.py)."""
     deadline = time.monotonic() + 120
     while True:
         rows = cli(env, "usage", "--key", prefix, "--since", "1d")
-        if rows and rows[0]["token_quota"]["reserved"] == 0 or time.monotonic() > deadline:
+        if rows and rows[0][quota]["reserved"] == 0 or time.monotonic() > deadline:
             return rows[0]
         time.sleep(0.5)
 
