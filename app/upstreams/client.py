@@ -14,6 +14,7 @@ import urllib3
 from requests.adapters import HTTPAdapter
 from requests.utils import requote_uri
 
+from app.cooperative import poll_now
 from app.errors import UpstreamTimeout, UpstreamUnavailable
 
 log = logging.getLogger(__name__)
@@ -66,11 +67,21 @@ class _SmallBuffered:
         return self._sock.makefile(mode, buffering=READ_BUFFER)
 
 
-class OllamaHTTPConnection(urllib3.connection.HTTPConnection):
+class _NoYieldCheck:
+    """urllib3 asks an idle connection whether Ollama closed it before reusing it; asked
+    without going through gevent's hub (app/cooperative.py), which let every ready
+    greenlet run first: up to milliseconds before the request left."""
+
+    @property
+    def is_connected(self):
+        return self.sock is not None and not poll_now(self.sock)
+
+
+class OllamaHTTPConnection(_NoYieldCheck, urllib3.connection.HTTPConnection):
     response_class = _AnswerReader
 
 
-class OllamaHTTPSConnection(urllib3.connection.HTTPSConnection):
+class OllamaHTTPSConnection(_NoYieldCheck, urllib3.connection.HTTPSConnection):
     response_class = _AnswerReader
 
 

@@ -8,6 +8,8 @@ import collections
 import dataclasses
 import hashlib
 import json
+import subprocess
+import sys
 import time
 
 import pytest
@@ -264,3 +266,36 @@ def test_a_model_one_upstream_lists_as_remote_is_cloud_on_every_upstream(gateway
     listed = {m["name"] for m in client.get("/api/tags", headers=allowed).get_json()["models"]}
     assert "team-coder:latest" in listed
     assert sum(len(f.probes) for f in fakes) == 0  # the monitor's view sufficed
+
+
+# Under gevent (as in a gunicorn worker): does asking whether a pooled connection is still
+# open let other greenlets run first? It must not: the request would wait behind them.
+_YIELD_CHECK = """
+from gevent import monkey
+monkey.patch_all()
+import json, socket, gevent, urllib3
+from app.upstreams.client import OllamaHTTPConnection
+
+def check(connection_class):
+    ours, ollama = socket.socketpair()
+    connection = connection_class("127.0.0.1", 9)
+    connection.sock = ours
+    others = []
+    gevent.spawn(others.append, "ran")  # ready: runs at this greenlet's next yield
+    idle = connection.is_connected
+    yielded = bool(others)
+    ollama.close()  # Ollama closed the idle connection
+    closed = connection.is_connected
+    return {"idle": idle, "yielded": yielded, "closed": closed}
+
+print(json.dumps([check(OllamaHTTPConnection), check(urllib3.connection.HTTPConnection)]))
+"""
+
+
+def test_a_pooled_connection_is_checked_without_yielding_to_other_greenlets():
+    ours, urllib3s = json.loads(subprocess.run(
+        [sys.executable, "-c", _YIELD_CHECK], capture_output=True, text=True, check=True,
+        timeout=120).stdout)
+    assert ours == {"idle": True, "yielded": False, "closed": False}
+    # What urllib3 does itself (why ours is needed): the same answers, after a yield.
+    assert urllib3s == {"idle": True, "yielded": True, "closed": False}
