@@ -278,8 +278,11 @@ def forward(key, path, body, query=b"", transform=None, rewrite=None, model=None
                 response.close()
                 finish()
         # From here the body owns the cleanup: the WSGI server calls its close().
+        relay = RelayBody(response, watch, outcome, finish, path, rewrite, free_slots)
+        if slots:
+            relay.read_ahead()  # a whole short answer frees its slot now
         relayed = Response(
-            RelayBody(response, watch, outcome, finish, path, rewrite, free_slots),
+            relay,
             status=response.status_code,
             headers=response_headers(response, {**admission.headers(), **timing}),
             direct_passthrough=True,

@@ -1,15 +1,25 @@
 """What the gateway sends Ollama and what it relays back, with Ollama faked by `responses`."""
+import contextlib
 import dataclasses
 import json
+import time
 from urllib.parse import parse_qsl, urlsplit
 
 import pytest
 import requests
 import responses
+import urllib3
 from requests.structures import CaseInsensitiveDict
 
 from app import create_app
-from app.proxy.relay import response_headers
+from app.proxy.relay import (
+    CHUNK_SIZE,
+    ClientDisconnected,
+    RelayBody,
+    RelayOutcome,
+    response_headers,
+)
+from app.store.models import QueueEntry
 from app.upstreams.client import forwardable_request_headers
 from app.upstreams.pool import CLOUD_READER
 from tests.conftest import auth_header
@@ -156,6 +166,57 @@ def test_ndjson_stream_is_relayed_as_is_without_a_length(client, ollama, secret)
     assert "Content-Length" not in response.headers
 
 
+@pytest.fixture
+def capped_client(settings, migrated):
+    """The gateway with one slot at the upstream, and `held`: the slots taken (queue
+    entries) as each answer left the view, before the WSGI server began on its body."""
+    app = create_app(dataclasses.replace(settings, upstreams=(UPSTREAM,),
+                                         upstream_max_concurrent=1))
+    app.config["TESTING"] = True
+    client = app.test_client()
+    client.held = []
+
+    @app.after_request
+    def count(response):
+        client.held.append(slots_held())
+        return response
+
+    return client
+
+
+def slots_held():
+    return QueueEntry.select().count()
+
+
+def test_a_whole_short_answer_frees_its_slot_before_it_is_sent_on(capped_client, ollama,
+                                                                  secret):
+    """Ollama is done with a request whose whole answer it sent: the next one may start
+    while this one's answer is still on its way to the client (bench/queue_handoff.py)."""
+    ollama.post(UPSTREAM + "/api/generate", body=DONE, content_type="application/json",
+                headers={"Content-Length": str(len(DONE))})  # as Ollama's always has
+    response = capped_client.post("/api/generate", json=GENERATE, headers=auth_header(secret))
+    assert response.status_code == 200
+    assert capped_client.held == [0]
+    assert response.data == DONE
+
+
+@pytest.mark.parametrize("body, content_type", [
+    (b'{"response":"a","done":false}\n', "application/x-ndjson"),  # a stream: no length
+    (b'{"embeddings":[' + b"0.5," * 20_000 + b'0.5]}', "application/json"),  # over a chunk
+])
+def test_an_answer_not_read_ahead_holds_its_slot_until_it_is_read(capped_client, ollama,
+                                                                   secret, body, content_type):
+    headers = {} if content_type == "application/x-ndjson" else {
+        "Content-Length": str(len(body))}
+    ollama.post(UPSTREAM + "/api/generate", body=body, content_type=content_type,
+                headers=headers)
+    response = capped_client.post("/api/generate", json=GENERATE, headers=auth_header(secret))
+    assert capped_client.held == [1]
+    assert response.data == body
+    response.close()  # as the WSGI server does once the body is sent
+    assert slots_held() == 0
+
+
 @pytest.mark.parametrize("status, body", [
     (500, b'{"error":"llama runner process has terminated: exit status 2"}'),
     (400, b'{"error":"invalid options: num_gpu"}'),
@@ -287,3 +348,95 @@ def test_a_full_upstream_pool_closes_connections_without_a_warning_each(caplog):
             pool._put_conn(pool.ConnectionCls("127.0.0.1", 9))
         logging.getLogger("urllib3.connectionpool").warning("Retrying after a reset")
     assert [r.getMessage() for r in caplog.records] == ["Retrying after a reset"]
+
+
+# --- read_ahead(): a whole short answer, read before the body is relayed -----------------
+
+class _Raw:
+    """What RelayBody asks of urllib3's response: stream() and length_remaining."""
+
+    def __init__(self, chunks, length):
+        self.length_remaining, self._chunks = length, chunks
+
+    def stream(self, amount, decode_content=True):
+        for chunk in self._chunks:
+            if isinstance(chunk, BaseException):
+                raise chunk
+            self.length_remaining -= len(chunk)
+            yield chunk
+
+
+class _Answer:
+    def __init__(self, chunks, length):
+        self.raw = _Raw(chunks, length)
+        self.headers = {"Content-Type": "application/json"}
+        self.closed = False
+
+    def close(self):
+        self.closed = True
+
+
+class _Watch:
+    def __init__(self, gone=False):
+        self.gone = gone
+
+    def waiting(self):
+        if self.gone:
+            raise ClientDisconnected()
+        return contextlib.nullcontext()
+
+    def sending(self):
+        return contextlib.nullcontext()
+
+    def stop(self):
+        pass
+
+
+def relay_body(chunks, length, watch=None):
+    events, outcome = [], RelayOutcome(status=200, started=time.monotonic())
+    body = RelayBody(_Answer(chunks, length), watch or _Watch(), outcome,
+                     lambda _o: events.append("finished"), "/api/generate",
+                     on_upstream_done=lambda: events.append("slot freed"))
+    return body, outcome, events
+
+
+def test_read_ahead_frees_the_slot_and_relays_the_answer_as_read_then():
+    body, outcome, events = relay_body([DONE], len(DONE))
+    body.read_ahead()
+    read_at = time.monotonic()
+    assert events == ["slot freed"]
+    time.sleep(0.05)  # Flask and the WSGI server at work: not Ollama's time
+    assert b"".join(body) == DONE
+    body.close()
+    assert events == ["slot freed", "finished"]
+    assert outcome.complete and not outcome.client_aborted
+    assert outcome.last_byte_at <= read_at  # GPU time ends at Ollama's last byte
+    assert outcome.tail == DONE and outcome.bytes == len(DONE)
+
+
+def test_an_answer_cut_short_during_read_ahead_is_met_as_when_relaying():
+    cut = urllib3.exceptions.ProtocolError("Connection broken: IncompleteRead")
+    body, outcome, events = relay_body([cut], 100)
+    body.read_ahead()
+    assert events == []  # not done: the slot is freed when the body closes
+    assert b"".join(body) == b""
+    body.close()
+    assert events == ["finished"]
+    assert "IncompleteRead" in outcome.upstream_error and not outcome.client_aborted
+
+
+def test_a_hang_up_during_read_ahead_ends_the_body_as_aborted():
+    body, outcome, events = relay_body([DONE], len(DONE), _Watch(gone=True))
+    body.read_ahead()
+    assert b"".join(body) == b""
+    body.close()
+    assert events == ["finished"] and outcome.client_aborted
+
+
+def test_an_answer_longer_than_a_chunk_is_not_read_ahead():
+    big = [b"x" * CHUNK_SIZE, b"y"]
+    body, outcome, events = relay_body(big, CHUNK_SIZE + 1)
+    body.read_ahead()
+    assert events == [] and body._response.raw.length_remaining == CHUNK_SIZE + 1
+    assert b"".join(body) == b"".join(big)
+    assert events == ["slot freed"]
