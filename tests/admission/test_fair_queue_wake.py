@@ -222,3 +222,27 @@ def test_without_migration_0015_the_queue_works_as_before(migrated, workers, key
     assert seconds < 2.0  # SQLite: its socket; PostgreSQL: the old NOTIFY, then a look
     assert QueueEntry.select().count() == 0
     database.upgrade(migrated)
+
+
+def test_a_release_that_woke_a_request_here_lets_it_go_first(workers, key, monkeypatch):
+    """Under gevent, the granted request of this worker starts before the releasing one
+    goes on (to record its usage, send its answer): release() yields once, and only
+    then. In these threads pause() does nothing; it is counted."""
+    paused = []
+    monkeypatch.setattr(fair_queue, "pause", lambda: paused.append("yield"))
+    here, other = workers(2)
+    running = here.acquire(UPSTREAM, 1, key)
+    mine = Waiter(here, key)
+    assert wait_for(lambda: waiting() == 1, 30)
+    here.release(running)
+    mine.join(30)
+    assert mine.ticket is not None and paused == ["yield"]
+
+    # The slot goes to another worker's request: nothing here to let go first.
+    theirs = Waiter(other, key)
+    assert wait_for(lambda: waiting() == 1, 30)
+    here.release(mine.ticket)
+    theirs.join(30)
+    assert theirs.ticket is not None and paused == ["yield"]
+    other.release(theirs.ticket)
+    assert paused == ["yield"]  # nothing waited
