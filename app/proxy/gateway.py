@@ -304,9 +304,14 @@ def _send_to_first(members, chosen, pending, watch, take_slot, *request_args):
     back); a slot at an upstream that failed is given back before the next is tried.
     """
     remaining = list(members)
+    ready = None  # (member, the request prepared for it): made before the wait for a slot
     while True:
         if pending is not None:
             pending.upstream = remaining[0].name
+        if ready is None or ready[0] is not remaining[0]:
+            # Once a slot is granted, only the send is left: a freed slot idles 0.2 ms
+            # less (bench/queue_handoff.py).
+            ready = (remaining[0], remaining[0].client.prepare(*request_args))
         member, slot = take_slot(remaining)
         remaining.remove(member)
         if pending is not None:
@@ -318,7 +323,8 @@ def _send_to_first(members, chosen, pending, watch, take_slot, *request_args):
         if pending is not None and pending.outcome is not None:
             pending.outcome.sent_at = started  # GPU time runs from here (app/accounting/gpu.py)
         try:
-            response = open_upstream(member.client, watch, *request_args)
+            response = open_upstream(member.client, watch, *request_args,
+                                     prepared=ready[1] if ready[0] is member else None)
         except GatewayError as exc:
             chosen.pop().in_flight -= 1
             if not getattr(exc, "retryable", False):

@@ -159,16 +159,17 @@ class Upstream:
         prepared.prepare_body(body, None)  # Content-Length, or chunked for a stream
         return prepared
 
-    def send(self, method, path, query=b"", headers=None, body=None):
+    def send(self, method, path, query=b"", headers=None, body=None, prepared=None):
         """Open a streamed request to Ollama; raise 502/504 errors the client can act on.
 
         Straight to the session's adapter (its connection pool): Session.send() would
         add hooks, cookie extraction and a redirect check, none of which a relay uses
-        (about 0.1 ms a request with Request.prepare(); bench/hotpath.py).
+        (about 0.1 ms a request with Request.prepare(); bench/hotpath.py). `prepared`:
+        this request as prepare() made it already (while it waited for a slot).
         """
         try:
             return self.adapter.send(
-                self.prepare(method, path, query, headers, body), stream=True,
+                prepared or self.prepare(method, path, query, headers, body), stream=True,
                 timeout=(self.connect_timeout, self.read_timeout), proxies={},
             )
         except requests.ConnectTimeout:
