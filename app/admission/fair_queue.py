@@ -215,7 +215,8 @@ class FairQueue:
         self._listen_failed = False  # said once per outage
         self._warned_at = -math.inf
         self._entering = Gather(self._enter_batch)  # groups: (upstream, cap)
-        self._leaving = Gather(self._leave_batch)
+        # A freed slot idles until its release runs: no pause to gather others first.
+        self._leaving = Gather(self._leave_batch, eager=True)
 
     # -- the request's side
 

@@ -539,3 +539,17 @@ def test_request_fairness_gives_the_long_key_most_of_the_time(make_queue, make_k
     share = share_of_time(make_queue(fair="requests"), make_key,
                           {"long": 0.2, "short": 0.02}, seconds=3)
     assert share["long"] >= 0.85, share  # equal requests: 0.2 / 0.22 of the time
+
+
+def test_freeing_a_slot_does_not_pause_first_entering_does(queue, make_key, monkeypatch):
+    """A freed slot idles until the statement that hands it on runs: that one starts at
+    once. Entering pauses once, so that requests arriving together enter in one go."""
+    from app.store import batching
+
+    paused = []
+    monkeypatch.setattr(batching, "pause", lambda: paused.append("pause"))
+    key = KeyInfo.from_row(make_key("a")[1])
+    ticket = queue.acquire("gpu", 1, key)
+    assert paused == ["pause"]
+    queue.release(ticket)
+    assert paused == ["pause"]
