@@ -116,7 +116,7 @@ _PG_HAS_GRANTS = ("SELECT to_regprocedure('ollama_gw_queue_leave_grants(bigint, 
 # under the write lock; PostgreSQL's functions grant for themselves).
 _GRANT = ("UPDATE queue_entry SET granted_at = {p} WHERE id IN (SELECT id FROM queue_entry "
           "WHERE upstream = {p} AND granted_at IS NULL AND expires_at > {p} "
-          "ORDER BY start_tag, id LIMIT {p}) RETURNING id, holder")
+          "ORDER BY start_tag, id LIMIT {p}) RETURNING id, holder, start_tag")
 _GRANTED = "SELECT granted_at FROM queue_entry WHERE id = {p}"
 _STATE = ("SELECT COALESCE(SUM(CASE WHEN granted_at IS NOT NULL THEN 1 ELSE 0 END), 0), "
           "COALESCE(SUM(CASE WHEN granted_at IS NULL THEN 1 ELSE 0 END), 0) "
@@ -376,7 +376,8 @@ class FairQueue:
     def release(self, ticket):
         """Free the ticket's slot and grant it to the next waiting request.
 
-        Never raises, and does nothing the second time for one ticket. If the slot went
+        Raises nothing but what interrupts this greenlet (a kill, during its yield), and
+        does nothing the second time for one ticket. If the slot went
         to a request of this worker, that one is let go first (under gevent): otherwise
         it would wait, its slot idle, while this one records its usage and sends its
         answer (0.8 ms a hand-off, bench/queue_handoff.py).
@@ -513,8 +514,11 @@ class FairQueue:
         self._leave([], upstream, cap, now)
 
     def _grant(self, upstream, n, now):
-        """Grant the n waiting entries with the smallest start tags; [(id, holder)] (SQLite)."""
-        return [tuple(row) for row in _run(_GRANT, (now, upstream, now, n)).fetchall()]
+        """Grant the n waiting entries with the smallest start tags; [(id, holder)] in that
+        order, the order they are woken in (SQLite returns the rows in its own)."""
+        rows = sorted(_run(_GRANT, (now, upstream, now, n)).fetchall(),
+                      key=lambda row: (row[2], row[0]))
+        return [(entry_id, holder) for entry_id, holder, _ in rows]
 
     def _has_grants_function(self):
         """Whether migration 0015's function is there (asked once; a database not yet

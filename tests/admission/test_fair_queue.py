@@ -553,3 +553,24 @@ def test_freeing_a_slot_does_not_pause_first_entering_does(queue, make_key, monk
     assert paused == ["pause"]
     queue.release(ticket)
     assert paused == ["pause"]
+
+
+def test_slots_granted_together_are_announced_in_fair_order(queue, make_key, monkeypatch):
+    """Three slots free at once: the waiting requests are woken smallest tag first (the
+    database hands back the rows it updated in an order of its own)."""
+    from app.store.db import is_postgres
+
+    if is_postgres():
+        pytest.skip("PostgreSQL's function names its grants itself (migration 0015)")
+    key = KeyInfo.from_row(make_key("a")[1])
+    now = time.time()
+    # Ids against the tags' order, so that a table scan would give the reverse.
+    for entry_id, tag in [(300, 1.0), (200, 2.0), (100, 3.0), (50, 4.0)]:
+        QueueEntry.create(id=entry_id, upstream="gpu", key_id=key.id, holder="elsewhere/1",
+                          start_tag=tag, finish_tag=tag + 1, enqueued_at=now,
+                          expires_at=now + 60)
+    announced = []
+    monkeypatch.setattr(queue, "_announce", announced.extend)
+    queue.dispatch_all([("gpu", 3)])
+    assert [entry_id for entry_id, _ in announced] == [300, 200, 100]
+    assert QueueEntry.get_by_id(50).granted_at is None
