@@ -233,14 +233,14 @@ def test_a_release_that_woke_a_request_here_lets_it_go_first(workers, key, monke
     here, other = workers(2)
     running = here.acquire(UPSTREAM, 1, key)
     mine = Waiter(here, key)
-    assert wait_for(lambda: waiting() == 1, 30)
+    assert wait_for(lambda: waiting() == 1 and here._waits, 30)  # it waits, not only entered
     here.release(running)
     mine.join(30)
     assert mine.ticket is not None and paused == ["yield"]
 
     # The slot goes to another worker's request: nothing here to let go first.
     theirs = Waiter(other, key)
-    assert wait_for(lambda: waiting() == 1, 30)
+    assert wait_for(lambda: waiting() == 1 and other._waits, 30)
     here.release(mine.ticket)
     theirs.join(30)
     assert theirs.ticket is not None and paused == ["yield"]

@@ -356,9 +356,11 @@ class _Raw:
     """What RelayBody asks of urllib3's response: stream() and length_remaining."""
 
     def __init__(self, chunks, length):
-        self.length_remaining, self._chunks = length, chunks
+        self.length_remaining, self._chunks = length, iter(chunks)
 
     def stream(self, amount, decode_content=True):
+        # One pass, as urllib3's: after a failure its connection is closed, and a second
+        # stream() yields nothing (read_ahead must keep what it met).
         for chunk in self._chunks:
             if isinstance(chunk, BaseException):
                 raise chunk
