@@ -229,7 +229,8 @@ def test_a_model_name_no_database_stores_is_refused_and_accounting_goes_on(
             assert "not a model name" in answer.json()["error"]["message"]
         assert [r for r in fake.requests if r.method == "POST"] == []  # not its health checks
         ten_requests_are_counted_and_the_quota_holds(gw, created, 4, 60)
-        assert usage_of(gw, created["prefix"])["refused"] == 5  # the 4 poisoned, the last
+        # The 4 poisoned and the last: its record is written after its answer is sent.
+        assert wait_for(lambda: usage_of(gw, created["prefix"])["refused"] == 5, 60)
 
 
 def test_a_record_the_database_refuses_is_written_made_safe_and_accounting_goes_on(
