@@ -25,6 +25,8 @@ from app.upstreams.client import forwardable_response_headers
 log = logging.getLogger(__name__)
 
 CHUNK_SIZE = 64 * 1024
+# What reading Ollama's answer raises when the connection breaks.
+_UPSTREAM_ERRORS = (urllib3.exceptions.HTTPError, requests.RequestException, OSError)
 # What is kept of an answer while it streams: its end carries the token counts (Ollama's
 # final NDJSON object; the usage event and `data: [DONE]` of a /v1 stream, blank lines
 # included). Every open stream holds it, so only its last lines, and at most TAIL bytes:
@@ -244,15 +246,19 @@ class RelayBody:
         try:
             with self._watch.waiting():
                 chunk = next(chunks, None)
-        except (ClientDisconnected, urllib3.exceptions.HTTPError, requests.RequestException,
-                OSError) as exc:
+        except (ClientDisconnected, *_UPSTREAM_ERRORS) as exc:
             self._ahead = (_raising(exc), None)
             return
         at = time.monotonic()
-        if self._on_upstream_done is not None and self._response.raw.length_remaining == 0:
+        self._upstream_done_if_read()
+        self._ahead = (itertools.chain(() if chunk is None else (chunk,), chunks), at)
+
+    def _upstream_done_if_read(self):
+        """Once Ollama's whole answer of a known length is read, its slot goes (once)."""
+        if (self._on_upstream_done is not None
+                and getattr(self._response.raw, "length_remaining", None) == 0):
             self._on_upstream_done()
             self._on_upstream_done = None
-        self._ahead = (itertools.chain(() if chunk is None else (chunk,), chunks), at)
 
     def call_on_close(self, callback):
         """Run `callback` once this body is closed, after its own cleanup.
@@ -277,7 +283,7 @@ class RelayBody:
                     chunk = next(chunks, None)
             except ClientDisconnected:
                 return
-            except (urllib3.exceptions.HTTPError, requests.RequestException, OSError) as exc:
+            except _UPSTREAM_ERRORS as exc:
                 self._complete = True
                 outcome.upstream_error = f"{type(exc).__name__}: {exc}"
                 log.warning("upstream failed mid-answer after %d bytes: %s", outcome.bytes, exc)
@@ -295,10 +301,7 @@ class RelayBody:
             read_at = None
             if outcome.first_byte_at is None:
                 outcome.first_byte_at = outcome.last_byte_at
-            if (self._on_upstream_done is not None
-                    and getattr(self._response.raw, "length_remaining", None) == 0):
-                self._on_upstream_done()
-                self._on_upstream_done = None
+            self._upstream_done_if_read()
             if separator:
                 outcome.lines += chunk.count(separator)
             outcome.tail = last_lines(outcome.tail + chunk, keep)  # Ollama's own: its counts
