@@ -20,16 +20,25 @@ from app.store import db as database
 from tests import leak_check
 from tests.fake_ollama import FakeOllama
 
-# One database per test session, so that concurrent runs on one server do not collide.
+# One database per test process (each pytest-xdist worker is one), so that concurrent
+# runs on one server do not collide. A database given by name gets the worker's name
+# appended under xdist, for the same reason.
 POSTGRES_URL = os.environ.get(
     "OLLAMA_GW_TEST_POSTGRES_URL",
     f"postgresql://postgres@127.0.0.1:5432/ollama_gw_test_{os.getpid()}",
 )
+if "OLLAMA_GW_TEST_POSTGRES_URL" in os.environ and os.environ.get("PYTEST_XDIST_WORKER"):
+    POSTGRES_URL += "_" + os.environ["PYTEST_XDIST_WORKER"]
 
 
 @pytest.fixture(scope="session", autouse=True)
 def log_recorder():
-    """Record every key the suite creates and every line it logs (tests/leak_check.py)."""
+    """Record every key the suite creates and every line it logs; at the end, check no log has one.
+
+    The check runs as this fixture is torn down, after every test of this process (of each
+    pytest-xdist worker) and its gateways: a leak is an error at the last test's teardown.
+    See tests/leak_check.py.
+    """
     make_secret = keystore.new_secret
 
     def recorded_secret():
@@ -45,6 +54,8 @@ def log_recorder():
     root.addHandler(recorder)
     try:
         yield recorder
+        found = leak_check.leaks(recorder.lines)
+        assert not found, f"keys this test session created are in logs it wrote: {found}"
     finally:
         root.removeHandler(recorder)
         root.setLevel(level)
@@ -55,24 +66,27 @@ SLOW_PREPARATION = {"test_packaging.py", "test_container.py"}
 
 
 def pytest_collection_modifyitems(items):
-    """Packaging and container tests run late, and the check that no log holds a key last.
+    """Packaging and container tests run late.
 
     The packaging tests' .deb builds and Debian root file system are made in the
     background while the rest of the suite runs (tests/packaging_tools.py).
     """
-    final = [item for item in items if item.name == leak_check.FINAL_TEST]
     late = [item for item in items if item.path.name in SLOW_PREPARATION]
-    items[:] = [item for item in items
-                if item not in final and item not in late] + late + final
+    items[:] = [item for item in items if item not in late] + late
 
 
 @pytest.fixture(scope="session", autouse=True)
 def prepare_packaging(request, tmp_path_factory):
-    """Start building what the packaging and container tests need, if they will run."""
+    """Start building what the packaging and container tests need, if they will run.
+
+    Under pytest-xdist one worker builds and the others wait for its results; the
+    builder waits for its builds before it ends.
+    """
     from tests import packaging_tools as tools
 
     selected = {item.path.name for item in request.session.items}
     if os.geteuid() != 0 or not selected & SLOW_PREPARATION:
+        yield
         return
     if tools.have(tools.BUILD_TOOLS):
         tools.start_current_deb(tmp_path_factory)
@@ -80,6 +94,8 @@ def prepare_packaging(request, tmp_path_factory):
             tools.start_later_deb(tmp_path_factory)
     if "test_container.py" in selected and tools.have(tools.CONTAINER_TOOLS):
         tools.start_debian_rootfs(tmp_path_factory)
+    yield
+    tools.finish_builds()
 
 
 def _postgres_admin(url, statement):

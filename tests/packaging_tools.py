@@ -3,6 +3,7 @@
 Everything here runs real system tools as root; tests/test_packaging.py says when.
 """
 import concurrent.futures
+import json
 import os
 import shlex
 import shutil
@@ -86,20 +87,85 @@ def build_deb(tree):
 # session in the background as soon as the tests that need them are collected
 # (tests/conftest.py): they are mostly waiting on pip, dpkg and the mirror, and the
 # rest of the suite runs meanwhile. Their tests run last and wait for the results.
+# Under pytest-xdist every worker is a process of its own and starts them too: the first
+# to claim the session's shared directory builds, and the others wait for its results.
 _pool = concurrent.futures.ThreadPoolExecutor(3, thread_name_prefix="packaging-prep")
 _started = {}
+_builder = None  # whether this process builds; decided at the first preparation
 DEBIAN_MIRROR = "http://deb.debian.org/debian"
+RESULT_DEADLINE = 3600  # seconds a worker waits for another worker's build
 
 
-def _once(name, work):
+def _shared_dir(tmp_path_factory):
+    """A directory of this session that all its xdist workers see (each has its own basetemp)."""
+    base = tmp_path_factory.getbasetemp()
+    shared = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "packaging-prep"
+    shared.mkdir(exist_ok=True)
+    return shared
+
+
+def _claim(shared):
+    try:
+        os.close(os.open(shared / "builder", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        return True
+    except FileExistsError:
+        return False
+
+
+def _publish(path, future):
+    """Write a finished build's result where the other workers wait for it."""
+    error = future.exception()
+    record = ({"error": f"{type(error).__name__}: {error}"} if error
+              else {"path": str(future.result())})
+    partial = path.with_suffix(".partial")
+    partial.write_text(json.dumps(record))
+    partial.replace(path)
+
+
+class _Elsewhere:
+    """A preparation another worker of this session runs: `result()` waits for it."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def result(self):
+        deadline = time.monotonic() + RESULT_DEADLINE
+        while not self.path.exists():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {self.path.name} from the building worker "
+                                     f"in {RESULT_DEADLINE} s")
+            time.sleep(1)
+        record = json.loads(self.path.read_text())
+        if "error" in record:
+            raise AssertionError(f"the build in another worker failed: {record['error']}")
+        return Path(record["path"])
+
+
+def _once(name, tmp_path_factory, work):
+    """Start `work(tmp_path_factory)` once per session, in whichever process claims it."""
+    global _builder
     if name not in _started:
-        _started[name] = _pool.submit(work)
+        shared = _shared_dir(tmp_path_factory)
+        if _builder is None:
+            _builder = _claim(shared)
+        if _builder:
+            future = _pool.submit(work, tmp_path_factory)
+            future.add_done_callback(lambda done: _publish(shared / f"{name}.json", done))
+            _started[name] = future
+        else:
+            _started[name] = _Elsewhere(shared / f"{name}.json")
     return _started[name]
 
 
+def finish_builds(timeout=RESULT_DEADLINE):
+    """Wait for this process's builds: other workers may be waiting for their results."""
+    concurrent.futures.wait(
+        [f for f in _started.values() if isinstance(f, concurrent.futures.Future)], timeout)
+
+
 def start_current_deb(tmp_path_factory):
-    tree = tmp_path_factory.mktemp("deb") / "ollama-gw"
-    return _once("current", lambda: build_deb(stage_source(tree)))
+    return _once("current", tmp_path_factory,
+                 lambda tmp: build_deb(stage_source(tmp.mktemp("deb") / "ollama-gw")))
 
 
 def current_deb(tmp_path_factory):
@@ -109,10 +175,9 @@ def current_deb(tmp_path_factory):
 
 def start_later_deb(tmp_path_factory):
     """The same tree one release later, with one more migration: for the upgrade test."""
-    tree = tmp_path_factory.mktemp("deb-later") / "ollama-gw"
 
-    def build():
-        later = stage_source(tree)
+    def build(tmp):
+        later = stage_source(tmp.mktemp("deb-later") / "ollama-gw")
         version = run(["dpkg-parsechangelog", "-S", "Version"], cwd=later).stdout.strip()
         bump_version(later, f"{version}+upgrade1", "Packaging test: an upgrade with a migration.")
         (later / "migrations" / "9999_upgrade_probe.py").write_text(
@@ -120,16 +185,16 @@ def start_later_deb(tmp_path_factory):
             "\n\n\ndef down(migrator, db):\n    db.execute_sql('DROP TABLE upgrade_probe')\n")
         return build_deb(later)
 
-    return _once("later", build)
+    return _once("later", tmp_path_factory, build)
 
 
 def start_debian_rootfs(tmp_path_factory):
     """A minimal Debian 12 as a tar archive, made by debootstrap from Debian's packages."""
-    # A directory debootstrap creates: mktemp's is 0700, and as the image's / it would
-    # shut every non-root user (dbus, the gateway) out of the whole file system.
-    root = tmp_path_factory.mktemp("rootfs") / "debian"
 
-    def make():
+    def make(tmp):
+        # A directory debootstrap creates: mktemp's is 0700, and as the image's / it would
+        # shut every non-root user (dbus, the gateway) out of the whole file system.
+        root = tmp.mktemp("rootfs") / "debian"
         run(["debootstrap", "--variant=minbase", "bookworm", str(root), DEBIAN_MIRROR],
             timeout=900)
         archive = root.parent / "rootfs.tar"
@@ -137,7 +202,7 @@ def start_debian_rootfs(tmp_path_factory):
         shutil.rmtree(root)  # 400 MB that the archive now holds
         return archive
 
-    return _once("rootfs", make)
+    return _once("rootfs", tmp_path_factory, make)
 
 
 def apt(*args):
