@@ -11,6 +11,8 @@ handed on. Gateways: one `ollama-gw serve --workers 2`, and two of them on one d
 of `--rounds` runs, the targets alternating within each round. The fake also says how
 long each slot sat idle per hand-off (the last byte of one answer to the arrival of
 the next request), and the most requests it had at once, which must never pass 4.
+The gateways' CPU per request is their processes' (workers' and master's) user and system
+time during a run, from /proc, over the requests answered.
 
     bench/queue_handoff.py [--seconds 4] [--rounds 3] [--no-postgres] [--services 0.02,0.2]
 
@@ -20,6 +22,7 @@ the bench's PostgreSQL database dropped.
 import argparse
 import http.client
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -98,9 +101,28 @@ def load(urls, clients, key, service, seconds):
     return sum(rates), errors
 
 
-def measure(upstream, name, urls, key, clients, service, seconds):
+def cpu_seconds(procs):
+    """User and system CPU seconds of `procs` and their children (gunicorn's workers)."""
+    pids = [str(proc.pid) for proc in procs]
+    pids += subprocess.run(["pgrep", "-P", ",".join(pids)], capture_output=True,
+                           text=True).stdout.split() if pids else []
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def measure(upstream, name, urls, key, clients, service, seconds, procs=()):
     bench.http("POST", upstream + "/bench/reset")
+    cpu_before, started = cpu_seconds(procs), time.monotonic()
     rate, errors = load(urls, clients, key, service, seconds)
+    answered = rate * (time.monotonic() - started)
+    cpu_ms = (cpu_seconds(procs) - cpu_before) * 1000 / answered if procs and answered else None
     stats = json.loads(bench.http("GET", upstream + "/bench/stats")[2])
     if stats["max_in_flight"] > CAP:
         raise SystemExit(f"{name}: the upstream had {stats['max_in_flight']} requests at once, "
@@ -110,7 +132,7 @@ def measure(upstream, name, urls, key, clients, service, seconds):
               f"p50 {statistics.median(idle) if idle else float('nan'):.2f} ms, "
               f"max in flight {stats['max_in_flight']}, errors {len(errors)}")
     return {"rate": rate, "idle": idle, "max_in_flight": stats["max_in_flight"],
-            "errors": len(errors)}
+            "errors": len(errors), "cpu_ms": cpu_ms}
 
 
 def pct(values, q):
@@ -144,21 +166,22 @@ def main(argv=None):
         if not args.no_postgres and run.setup_postgres("_probe"):
             databases.append(("PostgreSQL", lambda suffix: run.setup_postgres(f"_handoff{suffix}")))
         for label, make_url in databases:
-            targets = [("direct", [upstream], "", CAP)]
+            targets = [("direct", [upstream], "", CAP, [])]
             running = []
             for suffix, src in [("", None)] + ([("_base", baseline)] if baseline else []):
                 gateways, key = start_gateways(run, make_url(suffix), label.lower() + suffix, src)
                 running += gateways
                 tag = " (baseline)" if src else ""
-                targets += [(NAMES[0] + tag, [gateways[0][0]], key, 4 * CAP),
-                            (NAMES[1] + tag, [g for g, _ in gateways], key, 4 * CAP)]
+                targets += [(NAMES[0] + tag, [gateways[0][0]], key, 4 * CAP, [gateways[0][1]]),
+                            (NAMES[1] + tag, [g for g, _ in gateways], key, 4 * CAP,
+                             [proc for _, proc in gateways])]
             for service in services:
                 for n in range(args.rounds):
                     order = targets if n % 2 == 0 else targets[::-1]
-                    for name, urls, k, clients in order:
+                    for name, urls, k, clients, procs in order:
                         results.setdefault((label, name, service), []).append(
                             measure(upstream, f"{label} {name}", urls, k, clients, service,
-                                    args.seconds))
+                                    args.seconds, procs))
             for _, proc in running:
                 run.procs.stop(proc)
     finally:
@@ -168,8 +191,8 @@ def main(argv=None):
           f"clients; gateway: {4 * CAP} clients, one key; median of {args.rounds} "
           f"alternating runs of {args.seconds:g} s\n")
     print("| database | service | direct req/s | gateway | req/s | × direct | "
-          "idle per hand-off p50 / p90 ms | most at once |")
-    print("|---|---:|---:|---|---:|---:|---:|---:|")
+          "idle per hand-off p50 / p90 ms | gateway CPU per request | most at once |")
+    print("|---|---:|---:|---|---:|---:|---:|---:|---:|")
     for label, _ in databases:
         for service in services:
             direct = statistics.median(r["rate"] for r in results[(label, "direct", service)])
@@ -180,8 +203,10 @@ def main(argv=None):
                 rate = statistics.median(r["rate"] for r in runs)
                 idle = [ms for r in runs for ms in r["idle"]]
                 errors = sum(r["errors"] for r in runs)
+                cpu = statistics.median(r["cpu_ms"] for r in runs)
                 print(f"| {label} | {service * 1000:g} ms | {direct:.1f} | {name} | {rate:.1f} | "
                       f"{rate / direct:.3f} | {pct(idle, 0.5):.2f} / {pct(idle, 0.9):.2f} | "
+                      f"{cpu:.2f} ms | "
                       f"{max(r['max_in_flight'] for r in runs)}"
                       + (f" ({errors} errors)" if errors else "") + " |")
     return 0
