@@ -68,6 +68,8 @@ def test_reservations_count_until_they_lapse_and_another_keys_time_never(migrate
     key, other = keystore.KeyInfo.from_row(row), keystore.KeyInfo.from_row(other_row)
     now = time.time()
     _charged(other, 50.0, now)  # another key's: not this one's
+    GpuReservation.create(key_id=other.id, period_start=quota_period("day", now)[0],
+                          seconds=9.0, holder="test:2", expires_at=now + 60)  # nor this
     _charged(key, 6.0, now)
     first = gpu_quota.reserve(key, 3.999, "test:1", 60, now)
     assert first.standing.used == 6.0 and first.standing.reserved == pytest.approx(3.999)
@@ -75,7 +77,8 @@ def test_reservations_count_until_they_lapse_and_another_keys_time_never(migrate
     assert second.standing.reserved == pytest.approx(8.999)
     with pytest.raises(RateLimited):
         gpu_quota.check(key, now)  # 6 + 8.999 >= 10
-    GpuReservation.update(expires_at=now - 1).where(GpuReservation.id == second.id).execute()
+    # A lease that ends now has lapsed (as reserve() deletes it): it counts no more.
+    GpuReservation.update(expires_at=now).where(GpuReservation.id == second.id).execute()
     assert gpu_quota.check(key, now).reserved == pytest.approx(3.999)
 
 
@@ -95,6 +98,9 @@ def test_the_estimate_is_the_keys_recent_gpu_time_for_that_model_else_the_defaul
     writer.add(Record(at=time.time(), endpoint="/api/chat", status=200, latency_ms=5,
                       key_id=key.id + 1, model="llama3.2:latest", upstream="gpu1",
                       gpu_seconds=100.0))  # another key's
+    writer.add(Record(at=time.time(), endpoint="/api/chat", status=200, latency_ms=5,
+                      key_id=key.id, model="llama3.2:latest", upstream="gpu2",
+                      gpu_seconds=100.0))  # another upstream's (a slower GPU)
     writer.stop()
     assert gpu_quota.estimate(key, "llama3.2:latest", spec, 60.0) == 3.0  # the longest
     assert gpu_quota.estimate(key, "qwen2.5:0.5b", spec, 60.0) == 7.5
@@ -121,6 +127,74 @@ def test_requests_refused_or_cut_short_do_not_make_the_estimate_cheap(migrated, 
         record(0.002, aborted=True)
     writer.stop()
     assert gpu_quota.estimate(key, "llama3.2:latest", spec, 60.0) == 3.0
+
+
+def test_a_key_at_its_quota_by_charged_time_is_refused_at_once_not_after_settling(
+        migrated, make_key):
+    """Only a refusal owed to reservations may pass once they settle (reserve() waits up to
+    SETTLE_SECONDS for those); a key whose charged time alone reached its quota will not."""
+    _, row = make_key(gpu_quota="10s/day")
+    key = keystore.KeyInfo.from_row(row)
+    now = time.time()
+    _charged(key, 10.0, now)
+    with pytest.raises(RateLimited) as at_quota:
+        gpu_quota.check(key, now)
+    assert at_quota.value.reserved_only is False
+    _, row = make_key(gpu_quota="10s/day")
+    reserved = keystore.KeyInfo.from_row(row)
+    _charged(reserved, 9.0, now)
+    gpu_quota.reserve(reserved, 1.0, "test:1", 60, now)
+    with pytest.raises(RateLimited) as by_reservation:
+        gpu_quota.check(reserved, now)
+    assert by_reservation.value.reserved_only is True
+
+
+def test_last_periods_gpu_time_is_not_counted_once_the_period_ends(migrated, make_key):
+    """Used up yesterday (and on the last day of last month): at midnight UTC, the
+    period's first second, the key runs again with its whole quota."""
+    for quota, period in (("10s/day", "day"), ("10s/month", "month")):
+        _, row = make_key(gpu_quota=quota)
+        key = keystore.KeyInfo.from_row(row)
+        start = quota_period(period, time.time())[0]
+        GpuUsage.create(key_id=key.id, period_start=quota_period(period, start - 1)[0],
+                        seconds=50.0)
+        current = gpu_quota.check(key, start)
+        assert (current.used, current.remaining) == (0.0, 10.0), period
+        with pytest.raises(RateLimited):
+            gpu_quota.check(key, start - 1)  # the second before: still last period's
+
+
+def test_a_monthly_quotas_reservations_count_all_month(migrated, make_key):
+    """Reservations are made for the key's own period: a month's, not the day's (which a
+    monthly standing would not see after the month's first day)."""
+    _, row = make_key(gpu_quota="10s/month")
+    key = keystore.KeyInfo.from_row(row)
+    now = quota_period("month", time.time())[0] + 10 * 86400 + 3600  # the 11th, 01:00
+    first = gpu_quota.reserve(key, 6.0, "test:1", 60, now)
+    assert gpu_quota.standing(key, now).reserved == pytest.approx(6.0)
+    gpu_quota.reserve(key, 5.0, "test:1", 60, now)  # 6 < 10: admitted
+    with pytest.raises(RateLimited):
+        gpu_quota.check(key, now)  # 11 >= 10
+    assert first.standing.remaining == pytest.approx(4.0)
+
+
+def test_the_estimate_is_the_longest_of_the_last_requests_not_the_first(migrated, make_key):
+    """A long request more than RECENT_REQUESTS requests ago no longer sets the estimate:
+    the newest ones do."""
+    from app.accounting.usage import UsageWriter
+
+    _, row = make_key(gpu_quota="1h/day")
+    key = keystore.KeyInfo.from_row(row)
+    spec = UpstreamSpec("gpu1", "http://gpu1:11434", max_concurrent=1)
+    writer = UsageWriter()
+    start = time.time() - 3600
+    seconds = [50.0] + [2.0] * gpu_quota.RECENT_REQUESTS
+    for i, gpu_time in enumerate(seconds):
+        writer.add(Record(at=start + i, endpoint="/api/chat", status=200, latency_ms=5,
+                          key_id=key.id, model="llama3.2:latest", upstream="gpu1",
+                          gpu_seconds=gpu_time))
+    writer.stop()
+    assert gpu_quota.estimate(key, "llama3.2:latest", spec, 60.0) == 2.0
 
 
 @pytest.mark.parametrize("refusal, kind", [("quota", "tokens"), ("gpu_quota", "gpu_time"),
