@@ -67,8 +67,10 @@ def gpu_seconds(record, spec, held_seconds, load_seconds=0.0, spreader=None):
 
 def shown(seconds):
     """GPU seconds as people read them: 0.84s, 12.5s, 4m05s, 2h03m."""
-    if seconds < 60:
-        return f"{seconds:.2f}s" if seconds < 10 else f"{seconds:.1f}s"
+    if round(seconds, 2) < 10:  # the unit by the figure shown: 9.996 is 10.0s, not 10.00s
+        return f"{seconds:.2f}s"
+    if round(seconds, 1) < 60:
+        return f"{seconds:.1f}s"
     whole = round(seconds)
     if whole < 3600:
         return f"{whole // 60}m{whole % 60:02d}s"

@@ -63,7 +63,8 @@ def test_a_spread_load_is_shared_by_the_next_requests_of_that_model_on_that_upst
 
 
 @pytest.mark.parametrize("seconds, text", [
-    (0.84, "0.84s"), (9.99, "9.99s"), (10.0, "10.0s"), (59.9, "59.9s"), (60.0, "1m00s"),
+    (0.84, "0.84s"), (9.99, "9.99s"), (9.996, "10.0s"), (10.0, "10.0s"), (59.9, "59.9s"),
+    (59.96, "1m00s"), (60.0, "1m00s"),
     (245.0, "4m05s"), (3599.0, "59m59s"), (3600.0, "1h00m"), (7380.0, "2h03m")])
 def test_gpu_seconds_show_in_the_unit_people_read_at_each_boundary(seconds, text):
     assert gpu.shown(seconds) == text
