@@ -19,6 +19,13 @@ def zstd(data):
     return zstandard.ZstdCompressor(level=3).compress(data)
 
 
+def zstd_window(log, data):
+    """`data` in a zstd frame of unknown size whose header asks for a 2**log byte window."""
+    params = zstandard.ZstdCompressionParameters.from_level(3, window_log=log)
+    writer = zstandard.ZstdCompressor(compression_params=params).compressobj()
+    return writer.compress(data) + writer.flush()
+
+
 def zstd_zeros(mib):
     """A zstd stream of `mib` MiB of zeros (frames of 1 GiB at most, joined)."""
     writer = zstandard.ZstdCompressor(level=19).compressobj()
@@ -145,6 +152,12 @@ def test_the_unauthenticated_bound_applies_to_the_decompressed_size(make_client,
     ("zstd", zstd(b'{"model": "llama3.2"}' + b" " * 200)[:8], "truncated"),
     ("gzip", gzip.compress(b'{"model": "llama3.2"}', mtime=0)[:-3], "truncated"),
     ("gzip", gzip.compress(b'{"model": "llama3.2"}', mtime=0) + b"junk", "not valid gzip data"),
+    # cut where the frame tracker waits for no bytes of a header or a block: right after a
+    # frame's header (magic, descriptor, content size), and after the next frame's magic
+    ("zstd", zstd(b'{"model": "llama3.2"}')[:6], "truncated"),
+    ("zstd", zstd(b'{"model": "llama3.2"}') + zstd(b" ")[:4], "truncated"),
+    # a frame asking for a 16 MiB window: Ollama's decoder allows 8 MiB, and so does this one
+    ("zstd", zstd_window(24, b'{"model": "llama3.2"}'), "too much memory"),
 ])
 def test_malformed_compressed_data_gets_400(client, make_key, fake, coding, data, problem):
     secret, _ = make_key()
@@ -180,6 +193,21 @@ def test_joined_gzip_members_and_zstd_frames_are_one_body(client, make_key, fake
             **auth_header(secret), "Content-Encoding": coding})
         assert answer.status_code == 200
         assert sent(fake, "/api/generate").body == body
+
+
+@pytest.mark.parametrize("coding, header", [("gzip", "gzip, identity"),
+                                            ("zstd", "identity, zstd"),
+                                            ("zstd", "identity,zstd,identity")])
+def test_identity_beside_one_coding_is_that_coding(client, make_key, fake, coding, header):
+    secret, _ = make_key()
+    body = b'{"model": "llama3.2", "prompt": "hi", "stream": false}'
+    data = zstd(body) if coding == "zstd" else gzip.compress(body)
+    answer = client.post("/api/generate", data=data, headers={
+        **auth_header(secret), "Content-Encoding": header})
+    assert answer.status_code == 200, answer.get_data()
+    received = sent(fake, "/api/generate")
+    assert received.body == body
+    assert "content-encoding" not in received.headers
 
 
 def test_identity_and_an_empty_body_are_left_alone(client, make_key, fake):
