@@ -5,6 +5,8 @@ import gzip
 
 import pytest
 
+from app.errors import BadRequest
+from app.proxy.form import STEP, VALUE_LIMIT, field_values
 from app.store.models import UsageRecord
 from tests.accounting.test_usage import label
 from tests.conftest import auth_header
@@ -70,6 +72,7 @@ def test_a_forms_model_is_checked_and_the_form_relayed_unchanged(client, fake, l
     (form(("model", "llama3.2"), file=("model", "", b"qwen2.5")),
      "a part with an empty filename: Go's form value"),
     (form(("model", "llama3.2"), file=("model", "m.txt", b"qwen2.5")), "a file called model"),
+    (form(("model", "qwen2.5"), ("model", "llama3.2")), "the first of two: Go's FormValue"),
 ])
 def test_every_model_part_is_checked(client, fake, limited, body, why):
     answer = transcribe(client, limited, body)
@@ -97,6 +100,17 @@ def test_the_querys_model_is_checked_too(client, fake, limited):
      "RFC 2231"),
     (form(("model", "llama3.2")).replace(b'name="model"', b'name="x"; name="model"'),
      "names a parameter twice"),
+    (form(("model", "llama3.2")).replace(b'name="model"', b'name="x"; NAME="model"'),
+     "names a parameter twice"),  # parameter names are case-insensitive, to Go too
+    (form(("model", "llama3.2")).replace(b'name="model"', b'name*0="model"'), "RFC 2231"),
+    # a file part is a form value to Go (empty filename): its name must be as clear
+    (form(("model", "llama3.2"), file=("model", "", b"qwen2.5")).replace(
+        b'name="model"; filename=""', b"name*=UTF-8''model; filename=\"\""), "RFC 2231"),
+    (form(("model", "llama3.2"), file=("model", "", b"qwen2.5")).replace(
+        b'name="model"; filename=""', b'name="x"; filename=""; name="model"'),
+     "names a parameter twice"),
+    (form(("model", ""), ("model", "llama3.2")), "'model' is required"),  # Go takes the first
+    (form(("model", "llama3.2")).replace(b"llama3.2", b"llama\xff3.2"), "not UTF-8"),
 ])
 def test_a_form_without_a_clear_model_gets_400_in_openais_shape(client, fake, limited, body,
                                                                   problem):
@@ -106,6 +120,36 @@ def test_a_form_without_a_clear_model_gets_400_in_openais_shape(client, fake, li
     assert error["type"] == "invalid_request_error"
     assert problem in error["message"]
     assert fake.requests == []
+
+
+def test_a_model_field_is_read_up_to_exactly_its_limit():
+    at = "a" * VALUE_LIMIT
+    assert field_values(form(("model", at)), FORM_TYPE) == [at]
+    with pytest.raises(BadRequest, match=f"longer than {VALUE_LIMIT} bytes"):
+        field_values(form(("model", at + "a")), FORM_TYPE)
+
+
+def test_a_model_split_across_the_parsers_steps_is_read_whole():
+    """The body reaches the parser STEP bytes at a time: a value it sees in two pieces
+    (wherever about the seam the parser cuts it) is one value."""
+    start = form(("language", ""), ("model", "llama3.2")).rindex(b"llama3.2")
+    for at in range(STEP - 24, STEP + 1):
+        body = form(("language", "x" * (at - start)), ("model", "llama3.2"))
+        assert body.index(b"llama3.2", at - 1) == at
+        assert field_values(body, FORM_TYPE) == ["llama3.2"], at
+
+
+@pytest.mark.parametrize("content_type", ['multipart/form-data; boundary="XyZ"',
+                                          "multipart/form-data; boundary=XyZ; charset=utf-8",
+                                          "Multipart/Form-Data; Boundary=XyZ"])
+def test_the_boundary_is_read_as_a_media_type_parameter(client, fake, limited, content_type):
+    body = form(("model", "llama3.2"))
+    answer = transcribe(client, limited, body, **{"Content-Type": content_type})
+    assert answer.status_code == 200, answer.get_data(as_text=True)
+    assert reached(fake, "/v1/audio/transcriptions")[-1].body == body
+    refused = transcribe(client, limited, form(("model", "qwen2.5")),
+                         **{"Content-Type": content_type})
+    assert refused.status_code == 403
 
 
 def test_a_transcription_must_be_a_form(client, fake, limited):
