@@ -228,6 +228,36 @@ def test_model_lists_hide_the_cloud_models_a_key_may_not_use(client, make_key, c
     assert {"llama3.2:latest", "cloudy:latest", "my-cloud-model:latest"} <= seen[user]
 
 
+def test_a_cloud_model_pulled_after_the_remote_list_was_read_is_hidden_too(client, make_key,
+                                                                          cloud_fake):
+    """Until the next refresh the gateway's remote list is older than the upstream's model
+    list: a listed entry's own remote_host, and a cloud tag, still hide the model."""
+    user, _ = make_key()
+    assert client.get("/api/tags", headers=auth_header(user)).status_code == 200
+    cloud_fake.models += ["late-coder:latest", "late:cloud"]
+    cloud_fake.remote["late-coder"] = "qwen3-coder:480b"
+    tags = {m["name"] for m in client.get("/api/tags", headers=auth_header(user))
+            .get_json()["models"]}
+    ids = {m["id"] for m in client.get("/v1/models", headers=auth_header(user))
+           .get_json()["data"]}
+    assert [p.path for p in cloud_fake.probes] == ["/api/tags"]  # the list read before
+    assert "llama3.2:latest" in tags and "llama3.2:latest" in ids
+    assert not {"late-coder:latest", "late:cloud"} & tags
+    assert "late:cloud" not in ids
+
+
+@pytest.mark.parametrize("cloud", ["allow", None])
+def test_a_key_that_may_use_the_cloud_still_sees_only_its_allow_list(client, make_key,
+                                                                     cloud_fake, cloud):
+    role = "user" if cloud else "admin"
+    secret, _ = make_key(models="llama3.2,gpt-oss:120b-cloud", role=role, cloud=cloud)
+    tags = {m["name"] for m in client.get("/api/tags", headers=auth_header(secret))
+            .get_json()["models"]}
+    ids = {m["id"] for m in client.get("/v1/models", headers=auth_header(secret))
+           .get_json()["data"]}
+    assert tags == ids == {"llama3.2:latest", "gpt-oss:120b-cloud"}
+
+
 def test_the_remote_list_is_read_once_per_refresh_not_per_request(client, make_key,
                                                                  cloud_fake):
     user, _ = make_key()
@@ -318,6 +348,18 @@ def test_a_cloud_model_named_in_a_form_needs_the_permission(client, make_key, cl
     assert len(reached(cloud_fake, path)) == 1  # relayed (the fake reads edits as JSON)
 
 
+def test_a_cloud_model_before_a_local_one_in_a_form_is_seen(client, make_key, cloud_fake):
+    """Go's FormValue takes the first `model` part: the one Ollama runs here."""
+    from tests.proxy.test_v1_media import form, transcribe
+
+    secret, _ = make_key()
+    response = transcribe(client, secret, form(("model", "gpt-oss:120b-cloud"),
+                                               ("model", "llama3.2")))
+    assert response.status_code == 403
+    assert "model 'gpt-oss:120b-cloud' is a cloud model" in message(response)
+    assert reached(cloud_fake, "/v1/audio/transcriptions") == []
+
+
 def test_a_cloud_model_for_images_needs_the_permission(client, make_key, cloud_fake):
     secret, _ = make_key()
     response = client.post("/v1/images/generations", headers=auth_header(secret),
@@ -338,6 +380,19 @@ def test_a_web_search_tool_under_any_spelling_go_folds_is_seen(client, make_key,
     assert response.status_code == 403
     assert "web search tool" in message(response)
     assert reached(cloud_fake, "/v1/messages") == []
+
+
+@pytest.mark.parametrize("path, body, kind", [
+    ("/v1/messages", TOOLS[0][1], "WEB_SEARCH_20250305"),
+    ("/v1/responses", TOOLS[1][1], "Web_Search_Preview")])
+def test_a_web_search_tools_type_is_seen_in_any_letter_case(client, make_key, cloud_fake,
+                                                            path, body, kind):
+    secret, _ = make_key()
+    response = client.post(path, headers=auth_header(secret),
+                           json={**body, "tools": [{"type": kind, "name": "web_search"}]})
+    assert response.status_code == 403
+    assert f"offers the built-in web search tool ({kind!r})" in message(response)
+    assert reached(cloud_fake, path) == []
 
 
 @pytest.mark.parametrize("model", ["registry.ollama.ai/library/team-coder",
