@@ -6,9 +6,12 @@ from tests.conftest import auth_header
 ACCOUNT = [("POST", "/api/signout"), ("POST", "/api/signin"), ("POST", "/api/me"),
            ("DELETE", "/api/user/keys/c3NoLWVkMjU1MTkgQUFBQQ"), ("GET", "/api/user"),
            ("POST", "/api/SignOut"),
-           # In this spelling; /api/experimental/web_search itself is a known endpoint the
-           # key's cloud setting governs (tests/proxy/test_cloud.py).
-           ("POST", "/api/Experimental/Web_Search")]
+           # The families, below any path Ollama may add to them, in any letter case.
+           ("GET", "/api/me/plan"), ("POST", "/api/signin/device"), ("POST", "/api/signout/all"),
+           ("DELETE", "/api/User/Keys/c3NoLWVkMjU1MTkgQUFBQQ"),
+           # In this spelling; /api/experimental/web_search and web_fetch themselves are known
+           # endpoints the key's cloud setting governs (tests/proxy/test_cloud.py).
+           ("POST", "/api/Experimental/Web_Search"), ("POST", "/api/Experimental/Web_Fetch")]
 
 
 def reached(fake, path):
