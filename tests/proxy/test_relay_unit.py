@@ -357,6 +357,7 @@ class _Raw:
 
     def __init__(self, chunks, length):
         self.length_remaining, self._chunks = length, iter(chunks)
+        self.chunks_read = 0
 
     def stream(self, amount, decode_content=True):
         # One pass, as urllib3's: after a failure its connection is closed, and a second
@@ -364,7 +365,9 @@ class _Raw:
         for chunk in self._chunks:
             if isinstance(chunk, BaseException):
                 raise chunk
-            self.length_remaining -= len(chunk)
+            if self.length_remaining is not None:  # None: no Content-Length (a stream)
+                self.length_remaining -= len(chunk)
+            self.chunks_read += 1
             yield chunk
 
 
@@ -442,3 +445,44 @@ def test_an_answer_longer_than_a_chunk_is_not_read_ahead():
     assert events == [] and body._response.raw.length_remaining == CHUNK_SIZE + 1
     assert b"".join(body) == b"".join(big)
     assert events == ["slot freed"]
+
+
+def test_a_short_answer_only_partly_read_ahead_keeps_its_slot_until_the_rest_is_read():
+    """The first read brought only part of a short answer (it came in pieces): Ollama is
+    not done with the request yet, so its slot stays taken until the last byte is read."""
+    body, outcome, events = relay_body([DONE[:10], DONE[10:]], len(DONE))
+    body.read_ahead()
+    assert events == []
+    assert b"".join(body) == DONE
+    assert events == ["slot freed"]
+    body.close()
+    assert events == ["slot freed", "finished"] and outcome.complete
+
+
+def test_an_answer_without_a_length_is_not_read_ahead():
+    """A stream (no Content-Length) is never whole in one chunk: the view does not wait
+    for its first chunk, and its slot stays taken until Ollama ends it."""
+    stream = [b'{"response":"a","done":false}\n', b'{"response":"","done":true}\n']
+    body, outcome, events = relay_body(stream, None)
+    body._response.headers["Content-Type"] = "application/x-ndjson"
+    body.read_ahead()
+    assert body._response.raw.chunks_read == 0 and events == []
+    assert b"".join(body) == b"".join(stream)
+    body.close()
+    assert events == ["finished"] and outcome.complete and outcome.lines == 2
+
+
+def test_a_chunk_before_the_last_frees_nothing_the_last_frees_the_slot_before_it_is_sent():
+    """Ollama is done with a request once its whole answer (of a known length) is read:
+    not at an earlier chunk, and not only once the client has taken the last one."""
+    big = [b"x" * CHUNK_SIZE, b"y"]
+    body, _, events = relay_body(big, CHUNK_SIZE + 1)
+    body.read_ahead()
+    chunks = iter(body)
+    assert next(chunks) == big[0]
+    assert events == []  # one byte still to come from Ollama
+    assert next(chunks) == big[1]
+    assert events == ["slot freed"]  # while the last chunk is on its way to the client
+    assert next(chunks, None) is None
+    body.close()
+    assert events == ["slot freed", "finished"]
