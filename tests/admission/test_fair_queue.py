@@ -12,6 +12,7 @@ from unittest.mock import ANY
 import pytest
 
 from app import metrics
+from app.admission import fair_queue
 from app.admission.fair_queue import FIRST_ESTIMATE_SECONDS, FairQueue, GpuTimeTags, QueueTimeout
 from app.errors import RateLimited
 from app.keys.registry import KeyInfo
@@ -574,3 +575,69 @@ def test_slots_granted_together_are_announced_in_fair_order(queue, make_key, mon
     queue.dispatch_all([("gpu", 3)])
     assert [entry_id for entry_id, _ in announced] == [300, 200, 100]
     assert QueueEntry.get_by_id(50).granted_at is None
+
+
+def test_a_second_release_of_a_ticket_asks_nothing_of_the_database(queue, make_key,
+                                                                    monkeypatch):
+    key = key_info(make_key, "a")
+    ticket = queue.acquire(UPSTREAM, 1, key)
+    queue.release(ticket)
+    left = []
+    monkeypatch.setattr(queue, "_leaving", lambda group, entry_id: left.append(entry_id))
+    queue.release(ticket)
+    assert left == [] and ticket.entry_id is None
+
+
+def test_a_running_request_keeps_its_slot_past_its_lease_while_its_worker_renews_it(
+        make_queue, make_key):
+    """The lease only bounds what a crashed worker holds: a live one renews it, and a
+    request running longer than the lease still counts against the cap."""
+    queue, other = make_queue(lease_seconds=3), make_queue(max_wait=0.5)
+    key = key_info(make_key, "a")
+    ticket = queue.acquire(UPSTREAM, 1, key)
+    leased_until = QueueEntry.get_by_id(ticket.entry_id).expires_at
+    assert wait_for(lambda: time.time() > leased_until + 3, 30)  # lapsed, unless renewed
+    with pytest.raises(QueueTimeout):  # the slot is still taken: another request waits
+        other.acquire(UPSTREAM, 1, key)
+    queue.release(ticket)
+    assert QueueEntry.select().count() == 0
+
+
+def test_a_release_hands_on_a_slot_whatever_lapsed_entries_remain(make_queue, make_key,
+                                                                    monkeypatch):
+    """A crashed worker's entry, lapsed but not yet cleared away, holds no slot: the one a
+    release frees goes to the next request at once, not at the keeper's next look for
+    lapsed slots (DISPATCH_SECONDS, set far off here)."""
+    monkeypatch.setattr(fair_queue, "DISPATCH_SECONDS", 600)
+    key = key_info(make_key, "a")
+    now = time.time()
+    QueueEntry.create(upstream=UPSTREAM, key_id=key.id, holder="gone:1", start_tag=0,
+                      finish_tag=1, enqueued_at=now - 120, granted_at=now - 120,
+                      expires_at=now - 1)
+    queue = make_queue(max_wait=30)
+    running = queue.acquire(UPSTREAM, 1, key)
+    waiter = Waiter(queue, key)
+    wait_until_waiting(1)
+    queue.release(running)
+    waiter.join(60)  # past max_wait: the thread has ended either way
+    assert waiter.ticket is not None, waiter.error
+    assert waiter.ticket.waited < 15
+    queue.release(waiter.ticket)
+
+
+def test_a_waiting_request_whose_entry_vanished_gives_up_at_the_next_look(make_queue,
+                                                                           make_key):
+    """Its entry lapsed (its worker stalled past the lease) and another worker cleared it
+    away: no slot will come, and the request hears so at the keeper's next look rather
+    than after queue_max_wait_seconds."""
+    queue = make_queue(max_wait=30)
+    key = key_info(make_key, "a")
+    running = queue.acquire(UPSTREAM, 1, key)
+    waiter = Waiter(queue, key)
+    assert wait_for(lambda: waiting_count() == 1 and queue._waits, 30)  # waits, not entering
+    started = time.monotonic()
+    QueueEntry.delete().where(QueueEntry.granted_at.is_null()).execute()
+    waiter.join(60)  # past max_wait: the thread has ended either way
+    assert isinstance(waiter.error, QueueTimeout), waiter.error
+    assert time.monotonic() - started < 15
+    queue.release(running)

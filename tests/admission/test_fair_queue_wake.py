@@ -149,6 +149,7 @@ def test_a_grant_heard_of_before_its_request_waits_for_it_is_not_lost(workers):
     wait = _Wait()
     queue._expect(7, wait)
     assert wait.event.is_set() and wait.granted_ids == {7}
+    assert 7 not in queue._early  # used up: kept, it would crowd out later ones
     queue._waits.pop(7)
 
 
