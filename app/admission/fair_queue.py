@@ -436,8 +436,10 @@ class FairQueue:
         # slot freed meanwhile was granted to it).
         with db.connection_context():
             self._dispatch(upstream, cap, time.time())
-            granted = _run(_GRANTED, (entry_id,)).fetchone()[0] is not None
-        return RUNS_AFTER_A_WAIT if granted else WAITS
+            row = _run(_GRANTED, (entry_id,)).fetchone()
+        # No row: the entry is gone already (lapsed and swept); it waits, and the keeper's
+        # next look finds it lost and ends the wait with a 503.
+        return RUNS_AFTER_A_WAIT if row is not None and row[0] is not None else WAITS
 
     def _enter_batch(self, group, entries):
         """Enter [(entry id, key id, step, arrived)] in order: 1 runs now, 0 waits, -1 full.

@@ -625,6 +625,26 @@ def test_a_release_hands_on_a_slot_whatever_lapsed_entries_remain(make_queue, ma
     queue.release(waiter.ticket)
 
 
+def test_an_entry_swept_away_as_it_enters_ends_in_a_503_not_an_error(make_queue, make_key,
+                                                                     monkeypatch):
+    """Cleared away between its insert and the look whether it was granted: it waits, and
+    the keeper's next look ends the wait (a TypeError, a 500, before)."""
+    queue = make_queue(max_wait=30)
+    key = key_info(make_key, "a")
+    running = queue.acquire(UPSTREAM, 1, key)
+    dispatch = queue._dispatch
+
+    def swept_first(*args):
+        QueueEntry.delete().where(QueueEntry.granted_at.is_null()).execute()
+        dispatch(*args)
+
+    monkeypatch.setattr(queue, "_dispatch", swept_first)
+    waiter = Waiter(queue, key)
+    waiter.join(60)  # past max_wait: the thread has ended either way
+    assert isinstance(waiter.error, QueueTimeout), waiter.error
+    queue.release(running)
+
+
 def test_a_waiting_request_whose_entry_vanished_gives_up_at_the_next_look(make_queue,
                                                                            make_key):
     """Its entry lapsed (its worker stalled past the lease) and another worker cleared it
