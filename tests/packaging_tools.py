@@ -9,6 +9,7 @@ import shlex
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -339,8 +340,11 @@ class Podman:
 
     def __init__(self, root):
         self.root = Path(root)
+        # podman refuses a run root longer than 50 characters, which a pytest basetemp
+        # under xdist (/tmp/pytest-of-root/pytest-200/popen-gw0/...) soon is.
+        self.runroot = Path(tempfile.mkdtemp(prefix="ogw-podman-"))
         self.base = ["podman", "--root", str(self.root / "storage"),
-                     "--runroot", str(self.root / "run"), "--storage-driver", "vfs",
+                     "--runroot", str(self.runroot), "--storage-driver", "vfs",
                      "--runtime", "runc", "--cgroup-manager", "cgroupfs",
                      "--events-backend", "file"]
         nofile = 65536
@@ -361,3 +365,4 @@ class Podman:
         self("rm", "--all", "--force", "--time", "5", check=False, timeout=120)
         self("rmi", "--all", "--force", check=False, timeout=120)
         shutil.rmtree(self.root, ignore_errors=True)
+        shutil.rmtree(self.runroot, ignore_errors=True)
