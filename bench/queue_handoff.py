@@ -22,7 +22,6 @@ the bench's PostgreSQL database dropped.
 import argparse
 import http.client
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -32,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run as bench  # noqa: E402  (the bench's process and gateway helpers)
-from processes import REPO  # noqa: E402
+from processes import REPO, cpu_seconds, tree  # noqa: E402
 
 CAP = 4
 NAMES = ("2 workers", "2 instances x 2 workers")
@@ -101,28 +100,17 @@ def load(urls, clients, key, service, seconds):
     return sum(rates), errors
 
 
-def cpu_seconds(procs):
-    """User and system CPU seconds of `procs` and their children (gunicorn's workers)."""
-    pids = [str(proc.pid) for proc in procs]
-    pids += subprocess.run(["pgrep", "-P", ",".join(pids)], capture_output=True,
-                           text=True).stdout.split() if pids else []
-    total = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as fh:
-                fields = fh.read().rsplit(")", 1)[1].split()
-        except FileNotFoundError:
-            continue
-        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
-    return total / os.sysconf("SC_CLK_TCK")
+def gateway_cpu(procs):
+    """User and system CPU seconds so far of `procs` and their children (gunicorn's workers)."""
+    return cpu_seconds([pid for proc in procs for pid in tree(proc.pid)])
 
 
 def measure(upstream, name, urls, key, clients, service, seconds, procs=()):
     bench.http("POST", upstream + "/bench/reset")
-    cpu_before, started = cpu_seconds(procs), time.monotonic()
+    cpu_before, started = gateway_cpu(procs), time.monotonic()
     rate, errors = load(urls, clients, key, service, seconds)
     answered = rate * (time.monotonic() - started)
-    cpu_ms = (cpu_seconds(procs) - cpu_before) * 1000 / answered if procs and answered else None
+    cpu_ms = (gateway_cpu(procs) - cpu_before) * 1000 / answered if procs and answered else None
     stats = json.loads(bench.http("GET", upstream + "/bench/stats")[2])
     if stats["max_in_flight"] > CAP:
         raise SystemExit(f"{name}: the upstream had {stats['max_in_flight']} requests at once, "
