@@ -130,12 +130,8 @@ class _Elsewhere:
         self.path = path
 
     def result(self):
-        deadline = time.monotonic() + RESULT_DEADLINE
-        while not self.path.exists():
-            if time.monotonic() > deadline:
-                raise AssertionError(f"no {self.path.name} from the building worker "
-                                     f"in {RESULT_DEADLINE} s")
-            time.sleep(1)
+        wait_for(self.path.exists, RESULT_DEADLINE, f"{self.path.name} from the building worker",
+                 interval=1)
         record = json.loads(self.path.read_text())
         if "error" in record:
             raise AssertionError(f"the build in another worker failed: {record['error']}")
