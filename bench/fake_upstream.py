@@ -15,6 +15,8 @@ keeps the cap never sends more), and per slot, the idle time of each hand-off: f
 the last byte of one answer to the arrival of the next request on the same slot.
 GET /bench/stats reads them (`{"max_in_flight", "served", "idle_ms": [...]}`);
 POST /bench/reset starts them anew (slots idle since count from the next answer).
+--trace FILE writes when each of those requests arrived and was answered, with the
+client's port (bench/handoff_trace.py).
 
 Answers:
   GET  /, /api/version, /api/tags          small fixed answers
@@ -40,6 +42,7 @@ import argparse
 import collections
 import contextlib
 import json
+import os
 import socket
 import time
 
@@ -201,6 +204,16 @@ def _stream(sock, chat, payload, started):
     sock.sendall(tail if sent_head else _STREAM_HEAD + tail)
 
 
+TRACE = []  # --trace: the file
+
+
+def _trace(step, sock):
+    """A request arrived, or its answer's last byte was sent: `<monotonic ns> <pid> <step>
+    <the client's port> 0` (bench/handoff_trace.py joins it with the gateway's steps)."""
+    if TRACE:
+        TRACE[0].write(f"{time.monotonic_ns()} {os.getpid()} {step} {sock.getpeername()[1]} 0\n")
+
+
 def handle(sock, _address):
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     buf = b""
@@ -247,10 +260,12 @@ def handle(sock, _address):
                 if not isinstance(payload, dict):
                     sock.sendall(_json_response(400, b'{"error":"invalid request body"}'))
                 elif payload.get("stream", True) is False:
+                    _trace("arrive", sock)
                     with SLOTS.slot():
                         if payload.get("bench_service"):
                             gevent.sleep(float(payload["bench_service"]))
                         sock.sendall(_answer_once(path == "/api/chat", payload, started))
+                        _trace("done", sock)
                 else:
                     _stream(sock, path == "/api/chat", payload, started)
             elif path == "/bench/stats":
@@ -291,8 +306,12 @@ def main(argv=None):
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--cap", type=int, default=0,
                         help="generate/chat answers served at once; the rest queue [no cap]")
+    parser.add_argument("--trace", metavar="FILE",
+                        help="write when each non-streamed request arrives and is answered")
     args = parser.parse_args(argv)
     SLOTS.__init__(args.cap)
+    if args.trace:
+        TRACE.append(open(args.trace, "a", buffering=1))
     server = StreamServer(listener(args.port), handle, spawn=20000)
     try:
         server.serve_forever()
