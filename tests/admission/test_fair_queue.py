@@ -298,6 +298,25 @@ def test_a_key_with_priority_2_gets_twice_the_slots_of_a_key_with_1(queue, make_
     assert order[:6].count("high") == 4, f"served in the order {order}"
 
 
+def test_a_key_with_priority_3_is_served_three_requests_to_one_of_a_key_with_1(queue, make_key):
+    """Steps 1/priority, chosen so that no two tags tie (a tie goes by the random entry id):
+    "low" (priority 1) runs at 0 with 1 and 2 waiting; "high" (priority 3) then waits with
+    0, 0.33 and 0.67, all three ahead of low's next. Unweighted, high's 1 and 2 would tie
+    with low's, and no order of the ties is this one."""
+    _, low_row = make_key("low")
+    _, high_row = make_key("high", priority=3)
+    low, high = KeyInfo.from_row(low_row), KeyInfo.from_row(high_row)
+    running = queue.acquire(UPSTREAM, 1, low)
+    order, waiters = [], []
+    for n, key in enumerate([low] * 2 + [high] * 3):
+        waiters.append(Waiter(queue, key, order=order))
+        wait_until_waiting(n + 1)
+    queue.release(running)
+    serve_one_at_a_time(queue, waiters)
+    assert order == ["high", "high", "high", "low", "low"], f"served in the order {order}"
+    assert QueueEntry.select().count() == 0
+
+
 def test_the_queue_command_shows_running_and_waiting_requests_by_key(make_key, runner):
     """What two gateways' workers hold, as the rows they write (no worker runs here: the
     in-process CLI rebinds the database a running queue keeper would be using)."""
