@@ -98,6 +98,22 @@ def test_a_completed_answer_records_ollamas_token_counts(client, make_key, fake,
     assert label(row.upstream_id) == fake.url.split("//")[1]  # its name: host:port
 
 
+
+def test_a_record_is_dated_when_its_request_arrived_not_when_its_answer_ended(
+        client, make_key, fake):
+    """Its hour, day and quota period are those it arrived in: an answer that ends after
+    midnight charges the day it was asked on."""
+    secret, _ = make_key()
+    fake.tokens, fake.token_delay = 7, 0.05  # the answer ends 350 ms after it began
+    sent = time.time()
+    assert client.post("/api/generate", json=GENERATE, headers=auth_header(secret)).status_code \
+        == 200
+    answered = time.time()
+    [row] = flush(client)
+    assert sent <= row.at <= answered - 0.3
+    assert row.latency_ms >= 350
+
+
 def test_embeddings_record_their_prompt_tokens(client, make_key, fake):
     secret, _ = make_key()
     body = {"model": "nomic-embed-text", "input": ["one two", "three"]}
@@ -170,6 +186,9 @@ def test_the_hourly_roll_up_adds_up_the_rows(client, make_key, fake):
     assert sum(h.prompt_tokens for h in hourly) == sum(r.prompt_tokens for r in rows) == 17
     assert sum(h.completion_tokens for h in hourly) == 16
     assert {h.key_id for h in hourly} == {key.id}
+
+
+
 
 
 def test_statistics_by_key_model_and_day(client, make_key, fake):
@@ -266,6 +285,8 @@ def test_quota_warning_is_sent_once_when_used_tokens_reach_the_share(client, mak
                            "warning_at": 80}]
     embed()
     assert len(warnings()) == 1  # 81: past it already, no second warning this period
+
+
 
 
 def test_a_record_made_before_midnight_but_written_after_charges_the_day_it_was_made(
@@ -524,6 +545,11 @@ def test_while_the_database_is_away_a_batch_waits_whole_and_nothing_is_dead_lett
     assert writer.write_pending() and writer.depth == 0
     assert [r.at for r in UsageRecord.select().order_by(UsageRecord.id)] == [
         now + i for i in range(5)]
+
+
+
+
+
 
 
 def test_a_spill_file_loads_around_lines_that_are_not_records(migrated, data_dir, no_umask,
