@@ -189,6 +189,19 @@ def test_the_hourly_roll_up_adds_up_the_rows(client, make_key, fake):
 
 
 
+def test_the_hourly_roll_up_sums_first_byte_times_apart_from_whole_answers(migrated, make_key):
+    _, alice = make_key(name="alice")
+    _, bob = make_key(name="bob")
+    hour = (int(time.time()) // 3600 - 1) * 3600  # the last hour, wholly past
+    writer = idle_writer()
+    for key, latency, ttfb in ((alice, 900, 120), (alice, 400, None), (bob, 7000, 6000),
+                               (alice, 500, 80)):  # None: refused before any first byte
+        writer.add(ended(hour + 60, key_id=key.id, latency_ms=latency, ttfb_ms=ttfb))
+    assert writer.write_pending()
+    hourly = {h.key_id: (h.requests, h.latency_ms_sum, h.ttfb_ms_sum, h.ttfb_count)
+              for h in UsageHourly.select().where(UsageHourly.hour == hour)}
+    assert hourly == {alice.id: (3, 1800, 200, 2), bob.id: (1, 7000, 6000, 1)}
+
 
 
 def test_statistics_by_key_model_and_day(client, make_key, fake):
