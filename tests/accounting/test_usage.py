@@ -203,6 +203,23 @@ def test_the_hourly_roll_up_sums_first_byte_times_apart_from_whole_answers(migra
     assert hourly == {alice.id: (3, 1800, 200, 2), bob.id: (1, 7000, 6000, 1)}
 
 
+def test_tokens_per_second_are_completion_tokens_over_ollamas_eval_time(migrated, make_key):
+    """Only answers Ollama timed count (eval_ms): a cut-off stream's tokens have no time."""
+    _, alice = make_key(name="alice")
+    _, bob = make_key(name="bob")
+    hour = (int(time.time()) // 3600 - 1) * 3600
+    writer = idle_writer()
+    for key, prompt, completion, eval_ms in ((alice, 10, 30, 600), (alice, 7, 12, None),
+                                             (bob, 1000, 1, 100), (alice, 5, 20, 400)):
+        writer.add(ended(hour + 60, key_id=key.id, prompt_tokens=prompt,
+                         completion_tokens=completion, eval_ms=eval_ms))
+    assert writer.write_pending()
+    hourly = {h.key_id: (h.prompt_tokens, h.completion_tokens, h.eval_ms_sum, h.eval_tokens)
+              for h in UsageHourly.select().where(UsageHourly.hour == hour)}
+    assert hourly == {alice.id: (22, 62, 1000, 50), bob.id: (1000, 1, 100, 1)}
+    by_key = {row["key_name"]: row["tokens_per_second"] for row in stats.usage(None, "key")}
+    assert by_key == {"alice": 50.0, "bob": 10.0}  # 50 tokens in 1 s; 1 in 0.1 s
+
 
 def test_statistics_by_key_model_and_day(client, make_key, fake):
     alice, alice_row = make_key(name="alice")
