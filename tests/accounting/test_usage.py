@@ -318,6 +318,26 @@ def test_quota_warning_is_sent_once_when_used_tokens_reach_the_share(client, mak
 
 
 
+def test_quota_warning_is_due_at_the_share_where_its_product_is_inexact(make_client, make_key,
+                                                                        fake):
+    """0.55 x 100 is 55.00000000000001 in floating point: the warning is due at 55, not 56."""
+    client = make_client(quota_warning_share=0.55)
+    secret, key = make_key(token_quota="100/day")
+    webhooks.add_webhook("http://127.0.0.1:9/hook", "quota.warning")
+
+    def warnings():
+        flush(client)
+        return [json.loads(d.payload)["data"] for d in WebhookDelivery.select()
+                .where(WebhookDelivery.event == "quota.warning").order_by(WebhookDelivery.id)]
+
+    assert client.post("/api/generate", headers=auth_header(secret), json={
+        "model": "llama3.2", "prompt": "hi", "stream": False,
+        "options": {"num_predict": 53}}).status_code == 200
+    assert warnings() == []  # 54 used
+    assert client.post("/api/embed", headers=auth_header(secret), json={
+        "model": "nomic-embed-text", "input": "one"}).status_code == 200
+    assert [(w["tokens_used"], w["warning_at"]) for w in warnings()] == [(55, 55)]
+
 
 def test_a_record_made_before_midnight_but_written_after_charges_the_day_it_was_made(
         migrated, make_key, tmp_path):
