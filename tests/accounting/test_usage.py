@@ -598,7 +598,48 @@ def test_while_the_database_is_away_a_batch_waits_whole_and_nothing_is_dead_lett
 
 
 
+def losing_the_database(writer, migrated, when):
+    """Make the database go away just as the writer is about to write a batch `when` picks."""
+    write = writer._write
 
+    def write_or_lose(records):
+        if when(records):
+            database.db.initialize(database.open_database("postgresql://x@127.0.0.1:1/gone"))
+        return write(records)
+
+    writer._write = write_or_lose
+    return write
+
+
+def charged_records(key, count):
+    now = time.time()
+    return [ended(now + i / 1000, key_id=key.id, quota_period="day", completion_tokens=i + 1)
+            for i in range(count)]
+
+
+def test_a_database_lost_while_a_record_is_written_made_safe_keeps_it_for_the_next_turn(
+        migrated, make_key, dead_lettered):
+    _, key = make_key(token_quota="1000/day")
+    records = charged_records(key, 7)
+    records[3] = dataclasses.replace(records[3], model=POISONS["model"])
+    writer = idle_writer()
+    # Its made-safe copy: the same moment, another record.
+    write = losing_the_database(writer, migrated, lambda batch: len(batch) == 1 and (
+        batch[0].at == records[3].at and batch[0] is not records[3]))
+    for record in records:
+        writer.add(record)
+    try:
+        assert not writer.write_pending()
+    finally:
+        database.db.initialize(migrated)
+    assert [r.completion_tokens for r in writer._buffer] == [4, 5, 6, 7]  # 1-3 were written
+    writer._write = write
+    assert writer.write_pending() and writer.depth == 0
+    rows = list(UsageRecord.select().order_by(UsageRecord.id))
+    assert [(r.completion_tokens, label(r.model_id)) for r in rows] == [
+        (i + 1, "ab\ufffd" if i == 3 else "llama3.2:latest") for i in range(7)]
+    assert [t.tokens for t in TokenUsage.select()] == [7 + 28]
+    assert dead_lettered() == 0
 
 
 
