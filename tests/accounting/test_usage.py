@@ -642,6 +642,34 @@ def test_a_database_lost_while_a_record_is_written_made_safe_keeps_it_for_the_ne
     assert dead_lettered() == 0
 
 
+def test_a_database_lost_partway_through_a_split_batch_writes_no_record_twice(
+        migrated, make_key, dead_lettered):
+    """The batch fails on its 6th record and is split: its first half is written, then the
+    database goes away. That half is not the next turn's to write again."""
+    _, key = make_key(token_quota="1000/day")
+    records = charged_records(key, 7)
+    records[5] = dataclasses.replace(records[5], model=POISONS["model"])
+    writer = idle_writer()
+    write = losing_the_database(writer, migrated, lambda batch: batch[0] is records[3])
+    for record in records:
+        writer.add(record)
+    try:
+        assert not writer.write_pending()
+    finally:
+        database.db.initialize(migrated)
+    assert [r.completion_tokens for r in UsageRecord.select().order_by(UsageRecord.id)] == [
+        1, 2, 3]
+    assert [r.completion_tokens for r in writer._buffer] == [4, 5, 6, 7]
+    writer._write = write
+    assert writer.write_pending() and writer.depth == 0
+    rows = list(UsageRecord.select().order_by(UsageRecord.id))
+    assert [r.completion_tokens for r in rows] == [1, 2, 3, 4, 5, 6, 7]
+    assert sorted((label(h.model_id), h.requests, h.completion_tokens)
+                  for h in UsageHourly.select()) == [
+        ("ab\ufffd", 1, 6), ("llama3.2:latest", 6, 22)]  # the 6th made safe
+    assert [t.tokens for t in TokenUsage.select()] == [7 + 28]
+    assert dead_lettered() == 0
+
 
 def test_a_spill_file_loads_around_lines_that_are_not_records(migrated, data_dir, no_umask,
                                                               dead_lettered):
