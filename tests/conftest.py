@@ -13,6 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from app import create_app
+from app.accounting.request_record import ACCESS_LOG
 from app.accounting.usage import UsageWriter
 from app.config import Settings
 from app.keys import registry as keystore
@@ -259,6 +260,10 @@ def runner(settings, monkeypatch):
 
     class Runner(CliRunner):
         def __call__(self, *args, input=None):
+            # Access-log lines of the test's requests go out now: written by the usage
+            # writer's next turn, they would land in the command's captured output
+            # (CliRunner swaps sys.stderr) and break a test that reads its JSON.
+            ACCESS_LOG.flush()
             return self.invoke(cli, list(args), input=input, catch_exceptions=False)
 
     return Runner()
