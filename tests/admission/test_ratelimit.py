@@ -145,6 +145,22 @@ def test_a_key_cannot_exceed_its_concurrent_requests(limiter, make_key):
     assert {second.slot_id, third.slot_id} == {s.id for s in ConcurrencySlot.select()}
 
 
+def test_another_keys_slots_are_absent_from_this_keys_concurrency(limiter, make_key):
+    """Slots are counted per key: another key holding two leaves this key its one, and
+    this key at its one is refused while the other's stay as they are."""
+    mine = key_info(make_key, max_concurrent=1)
+    other = key_info(make_key, max_concurrent=2)
+    theirs = [limiter.admit(other, now=T0), limiter.admit(other, now=T0)]
+    held = limiter.admit(mine, now=T0)
+    with pytest.raises(RateLimited, match="too many concurrent requests"):
+        limiter.admit(mine, now=T0)  # exactly at its limit of 1
+    slots = {(s.key_id, s.id) for s in ConcurrencySlot.select()}
+    assert slots == {(other.id, a.slot_id) for a in theirs} | {(mine.id, held.slot_id)}
+    limiter.release(theirs[0])
+    with pytest.raises(RateLimited, match="too many concurrent requests"):
+        limiter.admit(mine, now=T0)  # the other key's freed slot is not this key's
+
+
 def test_a_concurrency_refusal_does_not_consume_the_rate_limit(limiter, make_key):
     key = key_info(make_key, rate_limit="3/minute", max_concurrent=1)
     held = limiter.admit(key, now=T0)
