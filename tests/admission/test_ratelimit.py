@@ -53,6 +53,20 @@ def test_a_key_gets_exactly_its_limit_per_window_then_429(limiter, make_key):
     assert refused[0].headers["X-RateLimit-Reset"] == str(int(T0 + 60))
 
 
+def test_retry_after_is_rounded_up_to_the_windows_end(limiter, make_key):
+    """49.75 s left: Retry-After says 50, so a client that waits it is in the next window
+    (49 would bring it back 0.75 s early, to another 429)."""
+    key = key_info(make_key, rate_limit="1/minute")
+    limiter.admit(key, now=T0 + 10.25)
+    with pytest.raises(RateLimited) as refused:
+        limiter.admit(key, now=T0 + 10.25)
+    assert refused.value.headers["Retry-After"] == "50"
+    assert refused.value.headers["X-RateLimit-Reset"] == str(int(T0 + 60))
+    with pytest.raises(RateLimited) as refused:
+        limiter.admit(key, now=T0 + 59.5)
+    assert refused.value.headers["Retry-After"] == "1"
+
+
 def test_the_next_window_starts_afresh(limiter, make_key):
     key = key_info(make_key, rate_limit="2/minute")
     admitted(limiter, key, 3, now=T0 + 59)
