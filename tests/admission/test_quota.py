@@ -1,4 +1,5 @@
 """Token quota reservations, the prompt estimate they start from, and quota.warning."""
+import datetime
 import threading
 import time
 
@@ -70,6 +71,20 @@ def test_a_lapsed_reservation_no_longer_counts(migrated, make_key):
     QuotaReservation.create(key_id=key.id + 1, period_start=start, tokens=50,
                             holder="other:1", expires_at=now + 60)  # another key's
     assert quota.standing(key, now) == Standing(100, 0, 7, end)
+
+
+def test_a_monthly_quotas_reservations_count_all_month(migrated, make_key):
+    """Reserved for the key's own period, the month's: a monthly standing sees them on the
+    15th too, not only on the month's first day (when the day's start is the month's)."""
+    _, key = make_key(token_quota="100/month")
+    now = datetime.datetime(2030, 1, 15, 12, tzinfo=datetime.timezone.utc).timestamp()
+    start, end = quota_period("month", now)
+    first, _ = quota.reserve(key, 1, 5, "test:1", 60, now=now)
+    assert QuotaReservation.get_by_id(first.id).period_start == start
+    assert quota.standing(key, now) == Standing(100, 0, 6, end)
+    second, send = quota.reserve(key, 1, None, "test:2", 60, now=now)  # what is left: 94
+    assert (second.tokens, send) == (94, 93)
+    assert quota.standing(key, now) == Standing(100, 0, 100, end)
 
 
 def test_a_quota_key_without_a_cap_on_v1_gets_max_tokens_of_what_is_left(client, make_key,
