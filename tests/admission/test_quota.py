@@ -87,6 +87,21 @@ def test_a_monthly_quotas_reservations_count_all_month(migrated, make_key):
     assert quota.standing(key, now) == Standing(100, 0, 100, end)
 
 
+@pytest.mark.parametrize("cap, clamp", [(None, False), (32000, True)])
+def test_an_uncapped_request_is_capped_at_what_neither_charges_nor_reservations_hold(
+        migrated, make_key, cap, clamp):
+    """100 - 30 charged - 10 reserved by a running request - a 2-token prompt: 58 (for a
+    request with no cap, and a clamped one asking more)."""
+    _, key = make_key(token_quota="100/day")
+    now = time.time()
+    TokenUsage.create(key_id=key.id, period_start=quota_period("day", now)[0], tokens=30)
+    quota.reserve(key, 1, 9, "test:1", 60, now=now)
+    reservation, send = quota.reserve(key, 2, cap, "test:2", 60, now=now, clamp=clamp)
+    assert (reservation.tokens, send) == (60, 58)
+    assert reservation.standing == Standing(100, 30, 70, quota_period("day", now)[1])
+    assert reservation.standing.remaining == 0
+
+
 def test_a_quota_key_without_a_cap_on_v1_gets_max_tokens_of_what_is_left(client, make_key,
                                                                             fake):
     secret, _ = make_key(token_quota="50/day")
