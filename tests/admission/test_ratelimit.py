@@ -185,6 +185,18 @@ def test_a_concurrency_refusal_does_not_consume_the_rate_limit(limiter, make_key
     assert limiter.admit(key, now=T0).remaining == 1  # only 2 of 3 used, not 7
 
 
+def test_a_rate_refusal_takes_no_concurrency_slot(limiter, make_key):
+    """Refused at its rate limit, a request holds no slot: the next window's is free."""
+    key = key_info(make_key, rate_limit="1/minute", max_concurrent=1)
+    limiter.release(limiter.admit(key, now=T0))
+    with pytest.raises(RateLimited, match="rate limit exceeded"):
+        limiter.admit(key, now=T0 + 30)
+    assert ConcurrencySlot.select().count() == 0
+    admission = limiter.admit(key, now=T0 + 60)
+    assert [s.id for s in ConcurrencySlot.select()] == [admission.slot_id]
+    limiter.release(admission)
+
+
 def test_release_is_idempotent(limiter, make_key):
     key = key_info(make_key, max_concurrent=1)
     admission = limiter.admit(key, now=T0)
