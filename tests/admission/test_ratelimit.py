@@ -149,6 +149,42 @@ def test_a_burst_on_one_key_is_counted_in_few_statements_and_exactly(
     assert limiter._counting.idle()
 
 
+def test_a_burst_on_two_keys_counts_each_keys_requests_against_its_own_limit(
+        limiter, make_key, monkeypatch):
+    """Requests of two keys gather while a count runs (a slow database here): each key's
+    are counted in its own window, so each gets exactly its limit, whichever came first."""
+    mine = key_info(make_key, rate_limit="4/hour")
+    other = key_info(make_key, rate_limit="6/hour")
+    add = limiter._add
+
+    def slow_add(key, window, n):
+        time.sleep(0.05)
+        with db.connection_context():
+            return add(key, window, n)
+
+    monkeypatch.setattr(limiter, "_add", slow_add)
+    wins = {mine.id: [], other.id: []}
+    barrier = threading.Barrier(20)
+
+    def request(key):
+        barrier.wait(30)
+        result = admitted(limiter, key, 1, now=T0)[0]
+        if not isinstance(result, RateLimited):
+            wins[key.id].append(result)
+
+    threads = [threading.Thread(target=request, args=(key,))
+               for key in [mine, other] * 10]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert sorted(a.remaining for a in wins[mine.id]) == [0, 1, 2, 3]
+    assert sorted(a.remaining for a in wins[other.id]) == [0, 1, 2, 3, 4, 5]
+    assert (limiter.peek(mine, now=T0).remaining, limiter.peek(other, now=T0).remaining) == (
+        0, 0)
+    assert limiter._counting.idle()
+
+
 def test_a_key_cannot_exceed_its_concurrent_requests(limiter, make_key):
     key = key_info(make_key, rate_limit="100/minute", max_concurrent=2)
     first, second = limiter.admit(key, now=T0), limiter.admit(key, now=T0)
