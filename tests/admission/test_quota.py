@@ -151,3 +151,19 @@ def test_a_quota_used_up_by_charged_tokens_is_refused_without_waiting(migrated, 
     with pytest.raises(quota.RateLimited):
         quota.reserve(key, 1, 5, "test:1", 60)
     assert time.monotonic() - started < quota.SETTLE_SECONDS / 2
+
+
+def test_a_used_up_quotas_retry_after_is_rounded_up_to_the_periods_end(migrated, make_key):
+    """49.75 s before midnight UTC: Retry-After says 50 (49 would bring the client back
+    before the day's quota is renewed), and the headers say where the key stands."""
+    _, key = make_key(token_quota="100/day")
+    midnight = datetime.datetime(2030, 1, 16, tzinfo=datetime.timezone.utc).timestamp()
+    now = midnight - 49.75
+    TokenUsage.create(key_id=key.id, period_start=quota_period("day", now)[0], tokens=100)
+    with pytest.raises(quota.RateLimited) as refused:
+        quota.check(key, now)
+    assert refused.value.headers == {"Retry-After": "50", "X-Quota-Limit": "100",
+                                     "X-Quota-Remaining": "0",
+                                     "X-Quota-Reset": str(int(midnight))}
+    assert "retry in 50 s" in refused.value.message
+    assert refused.value.reserved_only is False
