@@ -8,7 +8,7 @@ from app.admission.ratelimit import Limiter
 from app.errors import RateLimited
 from app.keys.registry import KeyInfo
 from app.store.db import db
-from app.store.models import ConcurrencySlot, RateCounter
+from app.store.models import ConcurrencySlot, GpuReservation, QuotaReservation, RateCounter
 from tests.gateway_process import wait_for
 
 T0 = 1_800_000_000.0  # a minute boundary: 1_800_000_000 % 60 == 0
@@ -255,3 +255,19 @@ def test_renewing_a_lease_keeps_a_long_request_counted(limiter, make_key):
     limiter.renew([admission.slot_id])
     with pytest.raises(RateLimited):
         limiter.admit(key, now=time.time() + 30)  # without the renewal this would pass
+
+
+def test_renewing_a_reservation_renews_its_own_tables_row_only(limiter, make_key):
+    """A GPU reservation and another key's token reservation with the same id: renewing
+    the first leaves the second (a crashed worker's) to lapse at its time."""
+    mine = key_info(make_key, gpu_quota="1h/day")
+    other = key_info(make_key, token_quota="100/day")
+    now = time.time()
+    gpu = GpuReservation.create(key_id=mine.id, period_start=0, seconds=1.0,
+                                holder=limiter.holder, expires_at=now + 5)
+    tokens = QuotaReservation.create(key_id=other.id, period_start=0, tokens=6,
+                                     holder="gone:1", expires_at=now + 5)
+    assert gpu.id == tokens.id  # each table's first row
+    limiter.renew([], [(GpuReservation, gpu.id)])
+    assert GpuReservation.get_by_id(gpu.id).expires_at >= now + limiter.lease_seconds
+    assert QuotaReservation.get_by_id(tokens.id).expires_at == now + 5
