@@ -104,8 +104,11 @@ def codex(openai_client, model="llama3.2"):
 
 def test_codexs_request_runs_within_the_allow_list_and_is_charged_the_final_counts(gateway,
                                                                                    fake):
+    # Codex sets no max_output_tokens: the gateway caps the answer at what is left of the
+    # quota, and the fake writes that many tokens. A small quota keeps the stream short
+    # (100,000 tokens took over a minute on a busy machine, past the client's timeout).
     created = gateway.add_key("--name", "codex", "--models", "llama3.2",
-                              "--token-quota", "100000/day")
+                              "--token-quota", "2000/day")
     events = list(codex(client(gateway, created["key"])))
     assert [e.type for e in events][-1] == "response.completed"
     done = events[-1].response
