@@ -98,7 +98,6 @@ def test_a_completed_answer_records_ollamas_token_counts(client, make_key, fake,
     assert label(row.upstream_id) == fake.url.split("//")[1]  # its name: host:port
 
 
-
 def test_a_record_is_dated_when_its_request_arrived_not_when_its_answer_ended(
         client, make_key, fake):
     """Its hour, day and quota period are those it arrived in: an answer that ends after
@@ -186,7 +185,6 @@ def test_the_hourly_roll_up_adds_up_the_rows(client, make_key, fake):
     assert sum(h.prompt_tokens for h in hourly) == sum(r.prompt_tokens for r in rows) == 17
     assert sum(h.completion_tokens for h in hourly) == 16
     assert {h.key_id for h in hourly} == {key.id}
-
 
 
 def test_the_hourly_roll_up_sums_first_byte_times_apart_from_whole_answers(migrated, make_key):
@@ -292,14 +290,16 @@ def test_a_quota_key_without_an_answer_cap_is_capped_at_what_is_left(client, mak
     assert fake.requests[-1].json()["options"] == {"num_predict": 12 - 5}
 
 
+def quota_warnings(client):
+    """The quota.warning webhooks' data so far, oldest first (after the usage writer's turn)."""
+    flush(client)
+    return [json.loads(d.payload)["data"] for d in WebhookDelivery.select()
+            .where(WebhookDelivery.event == "quota.warning").order_by(WebhookDelivery.id)]
+
+
 def test_quota_warning_is_sent_once_when_used_tokens_reach_the_share(client, make_key, fake):
     secret, key = make_key(token_quota="100/day")
     webhooks.add_webhook("http://127.0.0.1:9/hook", "quota.warning")
-
-    def warnings():
-        flush(client)
-        return [json.loads(d.payload)["data"] for d in WebhookDelivery.select()
-                .where(WebhookDelivery.event == "quota.warning").order_by(WebhookDelivery.id)]
 
     def embed():  # one token
         assert client.post("/api/embed", headers=auth_header(secret), json={
@@ -308,14 +308,13 @@ def test_quota_warning_is_sent_once_when_used_tokens_reach_the_share(client, mak
     assert client.post("/api/generate", headers=auth_header(secret), json={
         "model": "llama3.2", "prompt": "hi", "stream": False,
         "options": {"num_predict": 78}}).status_code == 200
-    assert warnings() == []  # 79 used: below 80 % of 100
+    assert quota_warnings(client) == []  # 79 used: below 80 % of 100
     embed()
-    assert warnings() == [{"key_id": key.id, "key_prefix": key.prefix, "key_name": key.name,
-                           "token_quota": 100, "period": "day", "tokens_used": 80,
-                           "warning_at": 80}]
+    assert quota_warnings(client) == [{
+        "key_id": key.id, "key_prefix": key.prefix, "key_name": key.name, "token_quota": 100,
+        "period": "day", "tokens_used": 80, "warning_at": 80}]
     embed()
-    assert len(warnings()) == 1  # 81: past it already, no second warning this period
-
+    assert len(quota_warnings(client)) == 1  # 81: past it already, no second warning this period
 
 
 def test_quota_warning_is_due_at_the_share_where_its_product_is_inexact(make_client, make_key,
@@ -325,18 +324,13 @@ def test_quota_warning_is_due_at_the_share_where_its_product_is_inexact(make_cli
     secret, key = make_key(token_quota="100/day")
     webhooks.add_webhook("http://127.0.0.1:9/hook", "quota.warning")
 
-    def warnings():
-        flush(client)
-        return [json.loads(d.payload)["data"] for d in WebhookDelivery.select()
-                .where(WebhookDelivery.event == "quota.warning").order_by(WebhookDelivery.id)]
-
     assert client.post("/api/generate", headers=auth_header(secret), json={
         "model": "llama3.2", "prompt": "hi", "stream": False,
         "options": {"num_predict": 53}}).status_code == 200
-    assert warnings() == []  # 54 used
+    assert quota_warnings(client) == []  # 54 used
     assert client.post("/api/embed", headers=auth_header(secret), json={
         "model": "nomic-embed-text", "input": "one"}).status_code == 200
-    assert [(w["tokens_used"], w["warning_at"]) for w in warnings()] == [(55, 55)]
+    assert [(w["tokens_used"], w["warning_at"]) for w in quota_warnings(client)] == [(55, 55)]
 
 
 def test_a_record_made_before_midnight_but_written_after_charges_the_day_it_was_made(
@@ -597,7 +591,6 @@ def test_while_the_database_is_away_a_batch_waits_whole_and_nothing_is_dead_lett
         now + i for i in range(5)]
 
 
-
 def losing_the_database(writer, migrated, when):
     """Make the database go away just as the writer is about to write a batch `when` picks."""
     write = writer._write
@@ -611,6 +604,20 @@ def losing_the_database(writer, migrated, when):
     return write
 
 
+def a_turn_that_loses_the_database(migrated, records, when):
+    """An idle writer given `records`, whose turn loses the database at the first batch
+    `when(batch)` says: (the writer, its own _write), the database back afterwards."""
+    writer = idle_writer()
+    write = losing_the_database(writer, migrated, when)
+    for record in records:
+        writer.add(record)
+    try:
+        assert not writer.write_pending()
+    finally:
+        database.db.initialize(migrated)
+    return writer, write
+
+
 def charged_records(key, count):
     now = time.time()
     return [ended(now + i / 1000, key_id=key.id, quota_period="day", completion_tokens=i + 1)
@@ -622,16 +629,9 @@ def test_a_database_lost_while_a_record_is_written_made_safe_keeps_it_for_the_ne
     _, key = make_key(token_quota="1000/day")
     records = charged_records(key, 7)
     records[3] = dataclasses.replace(records[3], model=POISONS["model"])
-    writer = idle_writer()
     # Its made-safe copy: the same moment, another record.
-    write = losing_the_database(writer, migrated, lambda batch: len(batch) == 1 and (
-        batch[0].at == records[3].at and batch[0] is not records[3]))
-    for record in records:
-        writer.add(record)
-    try:
-        assert not writer.write_pending()
-    finally:
-        database.db.initialize(migrated)
+    writer, write = a_turn_that_loses_the_database(migrated, records, lambda batch: len(
+        batch) == 1 and batch[0].at == records[3].at and batch[0] is not records[3])
     assert [r.completion_tokens for r in writer._buffer] == [4, 5, 6, 7]  # 1-3 were written
     writer._write = write
     assert writer.write_pending() and writer.depth == 0
@@ -649,14 +649,8 @@ def test_a_database_lost_partway_through_a_split_batch_writes_no_record_twice(
     _, key = make_key(token_quota="1000/day")
     records = charged_records(key, 7)
     records[5] = dataclasses.replace(records[5], model=POISONS["model"])
-    writer = idle_writer()
-    write = losing_the_database(writer, migrated, lambda batch: batch[0] is records[3])
-    for record in records:
-        writer.add(record)
-    try:
-        assert not writer.write_pending()
-    finally:
-        database.db.initialize(migrated)
+    writer, write = a_turn_that_loses_the_database(
+        migrated, records, lambda batch: batch[0] is records[3])
     assert [r.completion_tokens for r in UsageRecord.select().order_by(UsageRecord.id)] == [
         1, 2, 3]
     assert [r.completion_tokens for r in writer._buffer] == [4, 5, 6, 7]

@@ -284,17 +284,24 @@ def test_without_fairness_requests_entering_together_are_served_in_arrival_order
     assert order == arrived
 
 
-def test_a_key_with_priority_2_gets_twice_the_slots_of_a_key_with_1(queue, make_key):
+def served_by_priority(queue, make_key, priority, lows, highs):
+    """Key "low" (priority 1) runs one request, then waits with `lows` more; key "high"
+    (`priority`) then waits with `highs`: the order they are served in, one at a time."""
     _, low_row = make_key("low")
-    _, high_row = make_key("high", priority=2)
+    _, high_row = make_key("high", priority=priority)
     low, high = KeyInfo.from_row(low_row), KeyInfo.from_row(high_row)
     running = queue.acquire(UPSTREAM, 1, low)
     order, waiters = [], []
-    for n, key in enumerate([low] * 4 + [high] * 4):
+    for n, key in enumerate([low] * lows + [high] * highs):
         waiters.append(Waiter(queue, key, order=order))
         wait_until_waiting(n + 1)
     queue.release(running)
     serve_one_at_a_time(queue, waiters)
+    return order
+
+
+def test_a_key_with_priority_2_gets_twice_the_slots_of_a_key_with_1(queue, make_key):
+    order = served_by_priority(queue, make_key, 2, lows=4, highs=4)
     assert order[:6].count("high") == 4, f"served in the order {order}"
 
 
@@ -303,16 +310,7 @@ def test_a_key_with_priority_3_is_served_three_requests_to_one_of_a_key_with_1(q
     "low" (priority 1) runs at 0 with 1 and 2 waiting; "high" (priority 3) then waits with
     0, 0.33 and 0.67, all three ahead of low's next. Unweighted, high's 1 and 2 would tie
     with low's, and no order of the ties is this one."""
-    _, low_row = make_key("low")
-    _, high_row = make_key("high", priority=3)
-    low, high = KeyInfo.from_row(low_row), KeyInfo.from_row(high_row)
-    running = queue.acquire(UPSTREAM, 1, low)
-    order, waiters = [], []
-    for n, key in enumerate([low] * 2 + [high] * 3):
-        waiters.append(Waiter(queue, key, order=order))
-        wait_until_waiting(n + 1)
-    queue.release(running)
-    serve_one_at_a_time(queue, waiters)
+    order = served_by_priority(queue, make_key, 3, lows=2, highs=3)
     assert order == ["high", "high", "high", "low", "low"], f"served in the order {order}"
     assert QueueEntry.select().count() == 0
 
