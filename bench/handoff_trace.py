@@ -130,12 +130,19 @@ def main(argv=None):
             "--trace", os.path.join(traces, "fake.txt")], run.out / "fake_upstream.log")
         bench.wait_http(upstream + "/api/version", proc, "fake upstream")
         run.upstream_url = upstream
-        os.environ.update({"PYTHONPATH": str(HOOKS), "BENCH_TRACE_DIR": traces})
+        hooked = {"PYTHONPATH": os.pathsep.join(
+            filter(None, [str(HOOKS), os.environ.get("PYTHONPATH")])), "BENCH_TRACE_DIR": traces}
+        saved = {name: os.environ.get(name) for name in hooked}
+        os.environ.update(hooked)  # the gateways' environment is taken from this one
         try:
             gateways, key = queue_handoff.start_gateways(
                 run, f"sqlite:///{run.work / 'gw.db'}", "trace")
         finally:
-            del os.environ["PYTHONPATH"], os.environ["BENCH_TRACE_DIR"]
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
         gateways = gateways[:args.instances]
         direct = queue_handoff.measure(upstream, "direct", [upstream], "", queue_handoff.CAP,
                                        args.service, args.seconds)
