@@ -12,8 +12,8 @@ between two. The gateway's time also includes the hooks' own (a few µs a step).
 
     bench/handoff_trace.py [--seconds 6] [--service 0.02] [--instances 1]
 
-Then the same clients' turn-around straight at the fake, for comparison (`direct`: the
-fake's idle time per hand-off with 4 clients and no gateway). 127.0.0.1 only; every
+Before that, the clients' turn-around straight at the fake, for comparison (`direct`:
+the fake's idle time per hand-off with 4 clients and no gateway). 127.0.0.1 only; every
 process started is stopped.
 """
 import argparse
@@ -23,6 +23,7 @@ import statistics
 import sys
 import tempfile
 from pathlib import Path
+from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import queue_handoff  # noqa: E402
@@ -132,17 +133,9 @@ def main(argv=None):
         run.upstream_url = upstream
         hooked = {"PYTHONPATH": os.pathsep.join(
             filter(None, [str(HOOKS), os.environ.get("PYTHONPATH")])), "BENCH_TRACE_DIR": traces}
-        saved = {name: os.environ.get(name) for name in hooked}
-        os.environ.update(hooked)  # the gateways' environment is taken from this one
-        try:
+        with mock.patch.dict(os.environ, hooked):  # the gateways' environment comes from it
             gateways, key = queue_handoff.start_gateways(
                 run, f"sqlite:///{run.work / 'gw.db'}", "trace")
-        finally:
-            for name, value in saved.items():
-                if value is None:
-                    os.environ.pop(name, None)
-                else:
-                    os.environ[name] = value
         gateways = gateways[:args.instances]
         direct = queue_handoff.measure(upstream, "direct", [upstream], "", queue_handoff.CAP,
                                        args.service, args.seconds)
